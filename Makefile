@@ -1,0 +1,36 @@
+# The two commands a user needs: `make demo` and `make test`. Both install what is missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test unit integration lint deps venv clean
+
+deps:
+	bash scripts/install-deps.sh
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV) || { bash scripts/install-deps.sh && $(PY) -m venv $(VENV); }
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: deps venv
+	$(BIN)/python scripts/demo.py
+
+test: deps venv
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+	$(BIN)/pytest
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""bootstrap: Consul servers find each other through etcd and form one cluster."""

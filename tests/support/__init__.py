@@ -1,0 +1,1 @@
+"""Helpers the integration tests share: free loopback ports, waiting, and real processes."""
