@@ -1,0 +1,178 @@
+"""`haproxy-consul edge [routes] [options]`: wiring of settings, watcher, loop and HAProxy.
+
+This is the only module of the edge that decides exit codes: 0 done, 1 runtime failure
+(Consul or HAProxy unusable for a one-shot command), 2 bad input (options or templates).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+
+from edge import templates_source
+from edge.control import Edge
+from edge.haproxy import HAProxy, HAProxyError, Paths
+from edge.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render
+from edge.settings import Settings, parse
+from edge.table import RouteTable, build_table
+from edge.watch import CONSUL_ERRORS, ConsulWatcher, Snapshot
+from haproxy_consul import __version__, logs
+
+log = logging.getLogger("edge")
+
+
+def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    settings = parse(argv, environ)
+    logs.setup(settings.log_level)
+    template_dir = settings.templates or templates_source.bundled()
+    try:
+        templates = templates_source.load(template_dir)
+    except OSError as exc:
+        log.error("cannot read templates in %s: %s", template_dir, exc)
+        return 2
+    missing = [t for t in REQUIRED_TEMPLATES if t not in templates]
+    if missing:
+        log.error("template directory %s lacks %s", template_dir, ", ".join(missing))
+        return 2
+    paths = Paths(settings.state_dir)
+    listeners = Listeners(settings.bind, settings.admin_bind, str(paths.runtime_socket), settings.domains)
+    stop = threading.Event()
+
+    if settings.command == "routes":
+        return _routes(settings, stop)
+    if settings.dry_run:
+        return _dry_run(settings, listeners, templates, stop)
+    try:
+        paths.check_socket_lengths()
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        settings.state_dir.chmod(0o750)
+    except (ValueError, OSError) as exc:
+        log.error("state dir: %s", exc)
+        return 2
+    haproxy = HAProxy(settings.haproxy, paths)
+    if settings.once:
+        return _once(settings, haproxy, listeners, templates, stop)
+    return _serve(settings, haproxy, listeners, templates, template_dir, stop)
+
+
+def _watcher(settings: Settings, stop: threading.Event, publish=lambda s: None) -> ConsulWatcher:
+    return ConsulWatcher(settings.consul, settings.token, settings.datacenter, publish, stop,
+                         wait=settings.consul_wait)
+
+
+def _snapshot_now(settings: Settings, stop: threading.Event) -> Snapshot | None:
+    try:
+        return _watcher(settings, stop).sync_once()
+    except CONSUL_ERRORS as exc:
+        log.error("consul at %s: %s", settings.consul, exc)
+        return None
+
+
+def _routes(settings: Settings, stop: threading.Event) -> int:
+    snapshot = _snapshot_now(settings, stop)
+    if snapshot is None:
+        return 1
+    table, problems = build_table(snapshot.services)
+    for problem in snapshot.problems + problems:
+        log.warning("skipped %s", problem)
+    sys.stdout.write(format_routes(table, settings.domains))
+    return 0
+
+
+def format_routes(table: RouteTable, domains: tuple[str, ...]) -> str:
+    rows = [("VHOST", "HEALTHY", "SERVERS")]
+    for route in table.routes:
+        hosts = [f"{route.name}.{d}" for d in domains] or [f"{route.name}.*"]
+        servers = ", ".join(f"{s.address}:{s.port}" for s in route.servers) or "-"
+        for host in hosts + list(route.hosts):
+            rows.append((host, f"{route.healthy}/{route.instances}", servers))
+    width = [max(len(r[i]) for r in rows) for i in range(2)]
+    lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]}".rstrip() for r in rows]
+    return "\n".join(lines) + f"\n{len(table.routes)} route(s)\n"
+
+
+def _dry_run(settings: Settings, listeners: Listeners, templates, stop) -> int:
+    table = RouteTable()
+    if settings.once:
+        snapshot = _snapshot_now(settings, stop)
+        if snapshot is None:
+            return 1
+        table, _ = build_table(snapshot.services, None, settings.min_slots)
+    try:
+        sys.stdout.write(render(table, listeners, templates)["haproxy.cfg"])
+    except TemplateError as exc:
+        log.error("templates: %s", exc)
+        return 2
+    return 0
+
+
+def _once(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates, stop) -> int:
+    snapshot = _snapshot_now(settings, stop)
+    if snapshot is None:
+        return 1
+    table, problems = build_table(snapshot.services, None, settings.min_slots)
+    for problem in snapshot.problems + problems:
+        log.warning("skipped %s", problem)
+    try:
+        haproxy.install(render(table, listeners, templates))
+    except (TemplateError, HAProxyError) as exc:
+        log.error("configuration refused, nothing written: %s", exc)
+        return 1
+    log.info("wrote %s: %d routes", haproxy.paths.config, len(table.routes))
+    if haproxy.current_worker() is None:
+        log.info("no HAProxy master answers on %s; not reloading", haproxy.paths.master_socket)
+        return 0
+    try:
+        worker = haproxy.reload()
+    except HAProxyError as exc:
+        log.error("reload failed: %s", exc)
+        return 1
+    log.info("reloaded HAProxy (worker %s) because --once", worker)
+    return 0
+
+
+def _haproxy_version(binary: str) -> str:
+    try:
+        out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10).stdout
+        return out.splitlines()[0] if out else "unknown"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"not runnable ({exc})"
+
+
+def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates, template_dir, stop) -> int:
+    log.info("haproxy-consul edge %s; %s; consul %s%s; domains %s; http %s; admin %s; state %s; templates %s",
+             __version__, _haproxy_version(settings.haproxy), settings.consul,
+             f" dc={settings.datacenter}" if settings.datacenter else "",
+             ",".join(settings.domains) or "(any)", settings.bind, settings.admin_bind,
+             settings.state_dir, template_dir)
+    edge = Edge(haproxy, listeners, templates, stop, settings.min_slots)
+    watcher = _watcher(settings, stop, edge.on_snapshot)
+
+    def on_signal(signum, _frame):
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+        edge._wake.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    observer = None
+    if settings.templates is not None:
+        observer = templates_source.watch(template_dir, lambda: edge.on_templates(templates_source.load(template_dir)))
+    thread = threading.Thread(target=watcher.run, name="consul-watch", daemon=True)
+    try:
+        thread.start()
+        edge.run()
+    except HAProxyError as exc:
+        log.error("HAProxy: %s", exc)
+        return 1
+    finally:
+        stop.set()
+        if observer is not None:
+            observer.stop()
+        haproxy.stop()
+        log.info("stopped after %d reload(s)", edge.reloads)
+    return 0

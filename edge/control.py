@@ -1,0 +1,208 @@
+"""The edge's control loop: newest snapshot (+ templates) → table → plan → apply, one at a time.
+
+Inputs arrive from other threads (the Consul watcher, the template watcher) and only replace a
+"latest" value and wake the loop, so bursts coalesce: latest wins. Runtime-only plans are
+applied at once; a plan that needs a reload waits for a short quiet period (bounded) so a burst
+of new vhosts costs one reload. Each reload is logged with its reasons; a refused configuration
+or a failed reload leaves the running HAProxy as it was, and the files on disk as it runs them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
+from edge.haproxy import ConfigInvalid, HAProxy, HAProxyError, NotRunning, ReloadFailed, RuntimeFailed
+from edge.model import Problem
+from edge.plan import Plan, make_plan
+from edge.render import Listeners, Rendered, TemplateError, render
+from edge.table import RouteTable, build_table
+from edge.watch import Snapshot
+
+log = logging.getLogger("edge")
+
+QUIET = 0.05        # a reload waits until inputs have been quiet this long...
+MAX_DELAY = 1.0     # ...but never longer than this after the first change that needs it
+SUPERVISE_EVERY = 1.0
+
+
+class Edge:
+    def __init__(self, haproxy: HAProxy, listeners: Listeners, templates: Mapping[str, str],
+                 stop: threading.Event, min_slots: int = 4):
+        self.haproxy = haproxy
+        self.listeners = listeners
+        self.templates = templates
+        self.stop = stop
+        self.min_slots = min_slots
+        self.live: RouteTable | None = None       # what HAProxy runs now (None: not known yet)
+        self.live_render: Rendered | None = None
+        self.reloads = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._snapshot: Snapshot | None = None
+        self._new_templates: Mapping[str, str] | None = None
+        self._last_input = 0.0
+        self._reload_pending_since: float | None = None
+        self._logged_problems: frozenset[Problem] = frozenset()
+
+    # --- inputs, from other threads ----------------------------------------------------------
+    def on_snapshot(self, snapshot: Snapshot) -> None:
+        with self._lock:
+            self._snapshot = snapshot
+            self._last_input = time.monotonic()
+        self._wake.set()
+
+    def on_templates(self, templates: Mapping[str, str]) -> None:
+        with self._lock:
+            self._new_templates = templates
+        self._wake.set()
+
+    # --- start-up ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bring HAProxy up before the first sync: the previous configuration if it is still
+        valid (a restart keeps serving what it served), else an empty table."""
+        paths = self.haproxy.paths
+        if paths.config.is_file():
+            try:
+                self.haproxy.check(paths.state_dir)
+                self.haproxy.start()
+                log.info("HAProxy serves the previous %s until Consul answers", paths.config)
+                return
+            except HAProxyError as exc:
+                log.warning("previous %s not usable (%s); starting with no routes", paths.config, exc)
+                self.haproxy.stop()
+        rendered = render(RouteTable(), self.listeners, self.templates)
+        self.haproxy.install(rendered)
+        self.haproxy.start()
+        log.info("HAProxy started with no routes; waiting for Consul")
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.start()
+        next_supervise = time.monotonic() + SUPERVISE_EVERY
+        while not self.stop.is_set():
+            timeout = QUIET if self._reload_pending_since is not None else SUPERVISE_EVERY
+            self._wake.wait(timeout)
+            self._wake.clear()
+            if self.stop.is_set():
+                break
+            if time.monotonic() >= next_supervise:
+                self.supervise()
+                next_supervise = time.monotonic() + SUPERVISE_EVERY
+            self.step()
+
+    def step(self) -> None:
+        with self._lock:
+            snapshot, templates, last_input = self._snapshot, self._new_templates, self._last_input
+            self._new_templates = None
+        if templates is not None:
+            self._try_templates(templates)
+        if snapshot is None:
+            return
+        table, problems = build_table(snapshot.services, self.live, self.min_slots)
+        self._log_problems(snapshot.problems + problems)
+        plan = make_plan(self.live, table)
+        if plan.empty:
+            self.live = table
+            self._reload_pending_since = None
+            return
+        if not plan.reload:
+            self._runtime(table, plan)
+            return
+        now = time.monotonic()
+        first = self._reload_pending_since = self._reload_pending_since or now
+        if now - last_input < QUIET and now - first < MAX_DELAY:
+            return  # let a burst settle; the loop comes back after QUIET
+        self._reload_pending_since = None
+        self._reload(table, plan.reasons, plan.changes, self.templates)
+
+    def supervise(self) -> None:
+        """HAProxy must be up with a current worker; the file on disk is what it ran."""
+        if not self.haproxy.running():
+            status = self.haproxy.proc.returncode if self.haproxy.proc else None
+            log.error("HAProxy exited (status %s); restarting it from %s", status, self.haproxy.paths.config)
+            try:
+                self.haproxy.start()
+                log.info("HAProxy restarted with the last applied configuration")
+            except HAProxyError as exc:
+                log.error("HAProxy does not start: %s", exc)
+            return
+        if self.haproxy.current_worker() is None:
+            log.error("HAProxy has no current worker; reloading")
+            try:
+                self.haproxy.reload()
+            except HAProxyError as exc:
+                log.error("reload to replace the lost worker failed: %s", exc)
+
+    # --- applying ----------------------------------------------------------------------------
+    def _runtime(self, table: RouteTable, plan: Plan) -> None:
+        t0 = time.perf_counter()
+        try:
+            self.haproxy.runtime(plan.commands)
+        except RuntimeFailed as exc:
+            log.warning("runtime API failed (%s); applying by reload instead", exc)
+            self._reload(table, (f"runtime API failed: {exc}",), plan.changes, self.templates)
+            return
+        applied_ms = (time.perf_counter() - t0) * 1000
+        self.live = table
+        try:
+            self.live_render = render(table, self.listeners, self.templates)
+            self.haproxy.write_config(self.live_render)
+        except (TemplateError, OSError) as exc:
+            log.error("applied live, but could not write %s: %s", self.haproxy.paths.config, exc)
+        log.info("applied %d server change(s) live in %.1f ms, no reload: %s",
+                 len(plan.changes), applied_ms, "; ".join(plan.changes) or "slots only")
+
+    def _reload(self, table: RouteTable, reasons: tuple[str, ...], changes: tuple[str, ...],
+                templates: Mapping[str, str]) -> bool:
+        t0 = time.perf_counter()
+        try:
+            rendered = render(table, self.listeners, templates)
+            self.haproxy.install(rendered)
+        except (TemplateError, ConfigInvalid) as exc:
+            log.error("new configuration refused (%s): %s; HAProxy keeps serving the current one",
+                      "; ".join(reasons), exc)
+            return False
+        try:
+            if self.haproxy.running():
+                worker = self.haproxy.reload()
+            else:
+                self.haproxy.start()
+                worker = self.haproxy.current_worker()
+        except (ReloadFailed, NotRunning) as exc:
+            log.error("reload failed (%s): %s; the previous worker keeps serving", "; ".join(reasons), exc)
+            if self.live_render is not None:
+                self._restore_files()
+            return False
+        self.live, self.live_render = table, rendered
+        self.reloads += 1
+        servers = sum(r.healthy for r in table.routes)
+        log.info("reloaded HAProxy in %.0f ms (worker %s) because %s: %d routes, %d servers%s",
+                 (time.perf_counter() - t0) * 1000, worker, "; ".join(reasons), len(table.routes), servers,
+                 (": " + "; ".join(changes)) if changes and len(changes) <= 20 else "")
+        return True
+
+    def _restore_files(self) -> None:
+        try:
+            self.haproxy.install(self.live_render)
+        except (ConfigInvalid, OSError) as exc:
+            log.error("could not restore the running configuration's files: %s", exc)
+
+    def _try_templates(self, templates: Mapping[str, str]) -> None:
+        if templates == self.templates:
+            return
+        if self.live is None:
+            self.templates = templates
+            return
+        if self._reload(self.live, ("templates changed",), (), templates):
+            self.templates = templates
+        else:
+            log.error("template change not applied; the previous templates stay in use until the next edit")
+
+    def _log_problems(self, problems: tuple[Problem, ...]) -> None:
+        current = frozenset(problems)
+        for problem in sorted(current - self._logged_problems):
+            log.warning("skipped %s", problem)
+        self._logged_problems = current

@@ -1,0 +1,89 @@
+"""Plan: the live route table and the desired one → runtime-API commands, or a reload and why.
+
+Instance churn inside existing backends (a server added, removed, moved, flipped healthy)
+becomes `set server` commands. Anything the runtime API cannot express—a vhost added or
+removed, an exact host changed, a backend's slots grown—needs a reload, and the plan names
+every reason so the reload is logged with them. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge.table import Route, RouteTable
+
+
+@dataclass(frozen=True)
+class Plan:
+    reasons: tuple[str, ...] = ()   # non-empty: reload (the commands are then moot)
+    commands: tuple[str, ...] = ()  # runtime API commands, in order
+    changes: tuple[str, ...] = ()   # one readable line per server change, for the log
+
+    @property
+    def reload(self) -> bool:
+        return bool(self.reasons)
+
+    @property
+    def empty(self) -> bool:
+        return not self.reasons and not self.commands
+
+
+def slot_name(index: int) -> str:
+    return f"s{index + 1}"
+
+
+def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
+    if live is None:
+        return Plan(reasons=("initial sync",), changes=_all_servers(desired))
+    reasons: list[str] = []
+    added = sorted(set(desired.names) - set(live.names))
+    removed = sorted(set(live.names) - set(desired.names))
+    if added:
+        reasons.append("vhost added: " + ", ".join(added))
+    if removed:
+        reasons.append("vhost removed: " + ", ".join(removed))
+    commands: list[str] = []
+    changes: list[str] = []
+    for route in desired.routes:
+        old = live.get(route.name)
+        if old is None:
+            changes.extend(f"+ {route.name} {s}" for s in route.servers)
+            continue
+        if old.hosts != route.hosts:
+            reasons.append(f"hosts of {route.name} changed: {list(old.hosts)} -> {list(route.hosts)}")
+        if len(old.slots) != len(route.slots):
+            reasons.append(f"{route.name} grew from {len(old.slots)} to {len(route.slots)} slots")
+        route_cmds, route_changes = _slot_commands(old, route)
+        commands.extend(route_cmds)
+        changes.extend(route_changes)
+    for name in removed:
+        changes.extend(f"- {name} {s}" for s in live.get(name).servers)
+    if reasons:
+        return Plan(reasons=tuple(reasons), changes=tuple(changes))
+    return Plan(commands=tuple(commands), changes=tuple(changes))
+
+
+def _slot_commands(old: Route, new: Route) -> tuple[list[str], list[str]]:
+    commands, changes = [], []
+    for i in range(min(len(old.slots), len(new.slots))):
+        before, after = old.slots[i], new.slots[i]
+        if before == after:
+            continue
+        target = f"{new.backend}/{slot_name(i)}"
+        if after is None:
+            commands.append(f"set server {target} state maint")
+            changes.append(f"- {new.name} {before}")
+            continue
+        # Address first: a slot is never made ready while it still points at its placeholder.
+        commands.append(f"set server {target} addr {after.address} port {after.port}")
+        if before is None or before.key != after.key:
+            commands.append(f"set server {target} state ready")
+        if before is not None and before.key != after.key:
+            changes.append(f"- {new.name} {before}")
+        changes.append(f"{'~' if before is not None and before.key == after.key else '+'} {new.name} {after}")
+    return commands, changes
+
+
+def _all_servers(table: RouteTable) -> tuple[str, ...]:
+    return tuple(f"+ {r.name} {s}" for r in table.routes for s in r.servers)
+

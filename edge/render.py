@@ -1,0 +1,129 @@
+"""Render: route table + listener settings → the files HAProxy loads, as text, never to disk.
+
+Templates come in as a name → source mapping (read from disk by `edge.templates_source`), so
+rendering is pure and a template can only see the finished table: it cannot query Consul or
+the file system. Host maps are data, not configuration, and are generated here directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import jinja2
+from markupsafe import Markup
+
+from edge.plan import slot_name
+from edge.table import Route, RouteTable
+
+CONFIG_TEMPLATE = "haproxy.cfg.j2"
+LANDING_TEMPLATE = "landing.html.j2"
+REQUIRED_TEMPLATES = (CONFIG_TEMPLATE, LANDING_TEMPLATE)
+
+# File names as the configuration refers to them: HAProxy runs with `-C <state dir>` (and is
+# checked with `-C <staging dir>`), so relative names point at the set being loaded.
+CONFIG_FILE = "haproxy.cfg"
+HOSTS_MAP = "hosts.map"
+ROUTES_MAP = "routes.map"
+LANDING_FILE = "landing.lf"
+
+
+class TemplateError(Exception):
+    """A template is missing, does not parse, or fails while rendering."""
+
+
+@dataclass(frozen=True)
+class Listeners:
+    """What the rendered configuration needs to know of the settings."""
+
+    bind: str               # `ADDR:PORT` as HAProxy reads it (`:80` = every address)
+    admin_bind: str
+    runtime_socket: str     # absolute path of the runtime API socket
+    domains: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """The rendered file set, by file name. Equal renders mean equal configurations."""
+
+    files: tuple[tuple[str, str], ...]
+
+    def __getitem__(self, name: str) -> str:
+        return dict(self.files)[name]
+
+
+@dataclass(frozen=True)
+class SlotView:
+    name: str
+    address: str    # `IP:PORT` for HAProxy; the parked placeholder for a free slot
+    free: bool
+
+
+def _slots(route: Route) -> list[SlotView]:
+    return [SlotView(slot_name(i), "0.0.0.0:0", True) if s is None
+            else SlotView(slot_name(i), f"{s.address}:{s.port}", False)
+            for i, s in enumerate(route.slots)]
+
+
+def healthy_count(route: Route) -> Markup:
+    """For the landing page: HAProxy fills in the live count of usable servers per request."""
+    return Markup(f"%[nbsrv({route.backend})]")
+
+
+def environment(templates: Mapping[str, str]) -> jinja2.Environment:
+    missing = [name for name in REQUIRED_TEMPLATES if name not in templates]
+    if missing:
+        raise TemplateError(f"missing template(s): {', '.join(missing)}")
+    env = jinja2.Environment(
+        loader=jinja2.DictLoader(dict(templates)),
+        undefined=jinja2.StrictUndefined,
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default_for_string=False),
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals.update(slots=_slots, healthy_count=healthy_count,
+                       request_host=Markup("%[var(txn.host)]"), port_suffix=Markup("%[var(txn.port_suffix)]"))
+    return env
+
+
+def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
+    """(hosts.map, routes.map): exact host → backend, and (without domains) route → backend.
+
+    Exact hosts from `edge.host` tags come first and win over a generated name.
+    """
+    seen: dict[str, str] = {}
+    for route in table.routes:
+        for host in route.hosts:
+            seen.setdefault(host, route.backend)
+    for route in table.routes:
+        for domain in domains:
+            seen.setdefault(f"{route.name}.{domain}", route.backend)
+    hosts = "".join(f"{k} {v}\n" for k, v in seen.items())
+    routes = "" if domains else "".join(f"{r.name} {r.backend}\n" for r in table.routes)
+    return hosts, routes
+
+
+def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]) -> Rendered:
+    env = environment(templates)
+    context = {
+        "routes": table.routes,
+        "listeners": listeners,
+        "domains": listeners.domains,
+        "hosts_map": HOSTS_MAP,
+        "routes_map": ROUTES_MAP,
+        "landing_file": LANDING_FILE,
+    }
+    try:
+        config = env.get_template(CONFIG_TEMPLATE).render(context)
+        landing = env.get_template(LANDING_TEMPLATE).render(context)
+    except jinja2.TemplateError as exc:
+        where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
+        raise TemplateError(f"{type(exc).__name__}{where}: {exc}") from exc
+    hosts, routes = host_maps(table, listeners.domains)
+    return Rendered(files=(
+        (CONFIG_FILE, config),
+        (HOSTS_MAP, hosts),
+        (LANDING_FILE, landing),
+        (ROUTES_MAP, routes),
+    ))

@@ -1,0 +1,105 @@
+"""The edge's settings: one frozen value built from (argv, environ). Flags win over environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge.model import valid_host
+from haproxy_consul.consul_api import ConsulAddress, parse_address
+from haproxy_consul.options import EnvParser, host_port
+
+
+@dataclass(frozen=True)
+class Settings:
+    consul: ConsulAddress
+    token: str | None = field(default=None, repr=False)  # an ACL secret: never in logs
+    datacenter: str | None = None
+    domains: tuple[str, ...] = ()
+    bind: str = ":80"
+    admin_bind: str = "127.0.0.1:8404"
+    state_dir: Path = Path("/run/haproxy-consul")
+    templates: Path | None = None
+    haproxy: str = "haproxy"
+    once: bool = False
+    dry_run: bool = False
+    command: str = "run"          # "run" or "routes"
+    min_slots: int = 4
+    consul_wait: float = 30.0
+    log_level: str = "INFO"
+
+
+def haproxy_bind(value: str) -> str:
+    """Validate `ADDR:PORT` / `:PORT` and return it as HAProxy's `bind` reads it."""
+    host, port = host_port(value)
+    return f"{host}:{port}"
+
+
+def domain(value: str) -> str:
+    host = valid_host(value.lstrip("."))
+    if host is None:
+        raise ValueError(f"{value!r} is not a domain name")
+    return host
+
+
+def parser(environ: Mapping[str, str]) -> EnvParser:
+    p = EnvParser(prog="haproxy-consul edge", environ=environ,
+                  description="Route <service>-<port>.<domain> to every healthy Consul instance through "
+                              "HAProxy. `haproxy-consul edge routes` prints the route table.")
+    p.option("--consul", env="CONSUL_HTTP_ADDR", default="http://127.0.0.1:8500", help="Consul HTTP address")
+    p.option("--token", env="CONSUL_HTTP_TOKEN", help="Consul ACL token (never logged)")
+    p.option("--datacenter", env="CONSUL_DATACENTER", help="Consul datacenter (default: the agent's)")
+    p.listing("--domain", env="EDGE_DOMAIN", help="serve <route>.<domain>; none: <route>.<anything>")
+    p.option("--bind", env="EDGE_BIND", default=":80", help="HTTP listener ADDR:PORT")
+    p.option("--admin-bind", env="EDGE_ADMIN_BIND", default="127.0.0.1:8404",
+             help="stats page, /metrics (Prometheus) and /healthz listener")
+    p.option("--state-dir", env="EDGE_STATE_DIR", default="/run/haproxy-consul",
+             help="haproxy.cfg, maps, sockets (mode 0600) and pid file")
+    p.option("--templates", env="EDGE_TEMPLATES", help="directory of Jinja2 templates replacing the bundled ones")
+    p.option("--haproxy", env="EDGE_HAPROXY", default="haproxy", help="HAProxy binary")
+    p.option("--min-slots", env="EDGE_MIN_SLOTS", default=4, type=int,
+             help="server slots per backend before it has to grow (a reload)")
+    p.option("--consul-wait", env="EDGE_CONSUL_WAIT", default=30.0, type=float,
+             help="seconds a blocking query waits for a change")
+    p.option("--log-level", env="EDGE_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.add_argument("--once", action="store_true", help="sync once, apply, exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
+    return p
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    args_in = list(argv)
+    command = "run"
+    if args_in and args_in[0] == "routes":
+        command, args_in = "routes", args_in[1:]
+    p = parser(environ)
+    args = p.parse_args(args_in)
+    try:
+        consul = parse_address(args.consul)
+        domains = tuple(sorted({domain(d) for d in p.resolve_listing(args.domain, "EDGE_DOMAIN")}))
+        bind, admin_bind = haproxy_bind(args.bind), haproxy_bind(args.admin_bind)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.min_slots < 1:
+        p.error("--min-slots must be at least 1")
+    if args.consul_wait <= 0:
+        p.error("--consul-wait must be positive")
+    return Settings(
+        consul=consul,
+        token=args.token or None,
+        datacenter=args.datacenter or None,
+        domains=domains,
+        bind=bind,
+        admin_bind=admin_bind,
+        state_dir=Path(args.state_dir).absolute(),
+        templates=Path(args.templates).absolute() if args.templates else None,
+        haproxy=args.haproxy,
+        once=args.once,
+        dry_run=args.dry_run,
+        command=command,
+        min_slots=args.min_slots,
+        consul_wait=args.consul_wait,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,213 @@
+"""The Consul shell: one long-poll for the whole catalog, one fetch per changed service.
+
+`/v1/internal/ui/services` (what Consul's own UI lists) answers a blocking query with a summary
+of every service: tags, nodes, instance and check counts. A service whose summary changed is
+refetched with `/v1/health/service/<name>`; the others are not. So one long-poll serves any
+number of services and a change costs one small request, not a refetch of the catalog. The one
+change a summary cannot show (an instance re-registered in place with a new address or port,
+no count or check changing) is detected by the index moving with nothing to attribute it to,
+and answered by refetching everything, logged as such.
+
+Index rules as consul-template's `watch/view.go`: the same index means nothing new, a lower one
+(a restarted agent) resets to 0; errors back off exponentially (capped) and reset on success.
+A failed fetch keeps the last good data for that service and is retried; nothing here ever
+publishes an empty catalog because of an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import consul
+import requests
+from consul.callback import CB
+
+from edge.model import (
+    EXCLUDED_SERVICES,
+    Instance,
+    Problem,
+    ServiceSummary,
+    instances_from_health,
+    routable_service,
+    summaries_from_ui,
+)
+from haproxy_consul.consul_api import ConsulAddress, client
+
+log = logging.getLogger("edge.watch")
+
+UI_SERVICES = "/v1/internal/ui/services"
+CONSUL_ERRORS = (consul.ConsulException, requests.RequestException, ValueError)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every routable service's instances at one Consul index, plus what was skipped."""
+
+    services: Mapping[str, tuple[Instance, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    problems: tuple[Problem, ...] = ()
+    index: int = 0
+
+
+class Backoff:
+    """Capped exponential delays; `reset()` after a success."""
+
+    def __init__(self, first: float = 0.25, cap: float = 10.0):
+        self.first, self.cap, self.current = first, cap, 0.0
+
+    def next(self) -> float:
+        self.current = min(self.cap, self.current * 2 if self.current else self.first)
+        return self.current
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
+@dataclass
+class Stats:
+    """Counters for logs and benchmarks: how much we asked Consul."""
+
+    long_polls: int = 0
+    fetches: int = 0
+    full_refreshes: int = 0
+    errors: int = 0
+
+
+class ConsulWatcher:
+    def __init__(self, address: ConsulAddress, token: str | None, datacenter: str | None,
+                 publish: Callable[[Snapshot], None], stop: threading.Event,
+                 wait: float = 30.0, workers: int = 8):
+        self.address, self.token, self.datacenter = address, token, datacenter
+        self.publish = publish
+        self.stop = stop
+        self.wait = wait
+        self.stats = Stats()
+        self._local = threading.local()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="consul-fetch")
+        self._summaries: dict[str, ServiceSummary] = {}
+        self._services: dict[str, tuple[Instance, ...]] = {}
+        self._problems: dict[str, tuple[Problem, ...]] = {}
+        self._retry: set[str] = set()
+        self._skipped: set[str] = set()
+
+    def _client(self) -> consul.Consul:
+        if not hasattr(self._local, "client"):
+            self._local.client = client(self.address, self.token, self.datacenter, timeout=10.0)
+        return self._local.client
+
+    # --- Consul calls ------------------------------------------------------------------------
+    def _summaries_at(self, index: int, wait: float) -> tuple[int, dict[str, ServiceSummary]]:
+        params = [("index", str(index)), ("wait", f"{wait:g}s")] if index else []
+        if self.datacenter:
+            params.append(("dc", self.datacenter))
+        headers = {"X-Consul-Token": self.token} if self.token else None
+        self.stats.long_polls += 1
+        raw_index, rows = self._client().http.get(CB.json(index=True), UI_SERVICES, params=params, headers=headers)
+        return int(raw_index), summaries_from_ui(rows)
+
+    def _fetch(self, name: str) -> tuple[tuple[Instance, ...], tuple[Problem, ...]]:
+        self.stats.fetches += 1
+        _, entries = self._client().health.service(name)
+        return instances_from_health(name, entries)
+
+    # --- one round ---------------------------------------------------------------------------
+    def sync_once(self) -> Snapshot:
+        """Full fetch of everything now (cold start, `--once`, `routes`); raises on any error."""
+        index, summaries = self._summaries_at(0, self.wait)
+        self._apply(summaries, set(summaries), strict=True)
+        return self.snapshot(index)
+
+    def _apply(self, summaries: dict[str, ServiceSummary], changed: set[str], strict: bool) -> bool:
+        """Fetch `changed` routable services and fold them in; False if any fetch failed."""
+        routable = {n for n in summaries if routable_service(n)}
+        for name in sorted(set(summaries) - routable - self._skipped):
+            log.warning("skipping service %r: its name cannot be a route (allowed: a-z 0-9 - _, "
+                        "at most 63 characters; %s is never routed)", name, "/".join(sorted(EXCLUDED_SERVICES)))
+        self._skipped = set(summaries) - routable
+        todo = sorted((changed | self._retry) & routable)
+        results = dict(zip(todo, self._pool.map(self._fetch_safely, todo), strict=True))
+        failed = {name for name, result in results.items() if isinstance(result, Exception)}
+        if failed and strict:
+            raise next(r for r in results.values() if isinstance(r, Exception))
+        for name in failed:
+            log.warning("could not fetch service %r, keeping its last known instances: %s", name, results[name])
+        for name, result in results.items():
+            if name not in failed:
+                self._services[name], self._problems[name] = result
+        for name in set(self._services) - routable:
+            del self._services[name]
+            self._problems.pop(name, None)
+        self._retry = failed
+        self._summaries = summaries
+        return not failed
+
+    def _fetch_safely(self, name: str):
+        try:
+            return self._fetch(name)
+        except CONSUL_ERRORS as exc:
+            return exc
+
+    def snapshot(self, index: int) -> Snapshot:
+        problems = tuple(sorted(p for ps in self._problems.values() for p in ps))
+        return Snapshot(MappingProxyType(dict(self._services)), problems, index)
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        """Thread body: cold start, then long-poll until `stop` is set."""
+        backoff = Backoff()
+        index = 0
+        failing = False
+        while not self.stop.is_set():
+            try:
+                if index == 0:
+                    snapshot = self.sync_once()
+                    index = snapshot.index
+                    log.info("consul: %d routable services at index %d", len(snapshot.services), index)
+                    self.publish(snapshot)
+                else:
+                    index = self._poll(index, backoff)
+                if failing:
+                    log.info("consul at %s answers again", self.address)
+                failing = False
+                if not self._retry:
+                    backoff.reset()
+            except CONSUL_ERRORS as exc:
+                self.stats.errors += 1
+                delay = backoff.next()
+                if not failing:
+                    log.error("consul at %s failed: %s; serving the last known state, retrying", self.address, exc)
+                else:
+                    log.debug("consul still failing (%s); next try in %.2fs", exc, delay)
+                failing = True
+                self.stop.wait(delay)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _poll(self, index: int, backoff: Backoff) -> int:
+        # With fetches to retry, do not block long: come back after the backoff delay.
+        wait = backoff.next() if self._retry else self.wait
+        new_index, summaries = self._summaries_at(index, wait)
+        if new_index <= 0:
+            new_index = 1
+        if new_index < index:
+            log.info("consul index went back from %d to %d (agent restarted?): full refresh", index, new_index)
+            self._apply(summaries, set(summaries), strict=False)
+            self.publish(self.snapshot(new_index))
+            return new_index
+        if new_index == index and not self._retry:
+            return index
+        changed = {n for n, s in summaries.items() if self._summaries.get(n) != s}
+        removed = set(self._summaries) - set(summaries)
+        if new_index != index and not changed and not removed:
+            self.stats.full_refreshes += 1
+            log.info("catalog changed at index %d with no service summary changed "
+                     "(an instance re-registered in place?): refreshing all services", new_index)
+            changed = set(summaries)
+        if changed or removed or self._retry:
+            self._apply(summaries, changed, strict=False)
+            self.publish(self.snapshot(new_index))
+        return new_index
+

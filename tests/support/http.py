@@ -1,0 +1,55 @@
+"""HTTP backends and a Host-header client for tests, all on 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Backend:
+    """A real HTTP server on a free loopback port answering `<name>` with status 200."""
+
+    def __init__(self, name: str, host: str = "127.0.0.1"):
+        self.name = name
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802 - http.server's naming
+                body = backend.name.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                pass  # a proxy closing idle keep-alive connections is not a test failure
+
+        self.server = Server((host, 0), Handler)
+        self.server.daemon_threads = True
+        self.host, self.port = self.server.server_address[:2]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def get(port: int, host_header: str, path: str = "/", timeout: float = 5.0,
+        address: str = "127.0.0.1") -> tuple[int, str]:
+    """GET through the edge with a given Host header: (status, body)."""
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host_header, "Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    finally:
+        conn.close()
