@@ -214,6 +214,8 @@ class HAProxy:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             time.sleep(0.01)
+            if self.proc is not None and self.proc.poll() is not None:
+                raise NotRunning(f"HAProxy exited with status {self.proc.returncode} during the reload")
             try:
                 failed, worker = self.processes()
             except OSError:

@@ -9,7 +9,9 @@ no count or check changing) is detected by the index moving with nothing to attr
 and answered by refetching everything, logged as such.
 
 Index rules as consul-template's `watch/view.go`: the same index means nothing new, a lower one
-(a restarted agent) resets to 0; errors back off exponentially (capped) and reset on success.
+(a restarted agent) resets to 0; errors back off exponentially (capped at 2 s: the agent is
+normally local) and reset on success. After an outage everything is resynced, since a
+restarted agent can come back at the very index we last saw.
 A failed fetch keeps the last good data for that service and is retried; nothing here ever
 publishes an empty catalog because of an error.
 """
@@ -56,7 +58,7 @@ class Snapshot:
 class Backoff:
     """Capped exponential delays; `reset()` after a success."""
 
-    def __init__(self, first: float = 0.25, cap: float = 10.0):
+    def __init__(self, first: float = 0.25, cap: float = 2.0):
         self.first, self.cap, self.current = first, cap, 0.0
 
     def next(self) -> float:
@@ -163,15 +165,16 @@ class ConsulWatcher:
         failing = False
         while not self.stop.is_set():
             try:
-                if index == 0:
+                if index == 0 or failing:
+                    # Cold start, or back from an outage: a restarted agent may even be at the
+                    # very index we saw last, so trust nothing and fetch every service.
                     snapshot = self.sync_once()
                     index = snapshot.index
-                    log.info("consul: %d routable services at index %d", len(snapshot.services), index)
+                    log.info("consul%s: %d routable services at index %d", " answers again" if failing else "",
+                             len(snapshot.services), index)
                     self.publish(snapshot)
                 else:
                     index = self._poll(index, backoff)
-                if failing:
-                    log.info("consul at %s answers again", self.address)
                 failing = False
                 if not self._retry:
                     backoff.reset()

@@ -1,0 +1,67 @@
+"""Consul registration helpers and log probes for the edge integration tests."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tests.support.http import Backend
+from tests.support.procs import ConsulAgent, wait_until
+
+
+def register(consul: ConsulAgent, name: str, sid: str, backend: Backend, cport: int | None = 80,
+             tags: tuple[str, ...] = (), ttl: bool = False) -> None:
+    body = {"Name": name, "ID": sid, "Address": backend.host, "Port": backend.port, "Tags": list(tags)}
+    if cport is not None:
+        body["Meta"] = {"container_port": str(cport)}
+    if ttl:
+        body["Check"] = {"CheckID": f"ttl-{sid}", "TTL": "600s", "Status": "passing"}
+    consul.api("PUT", "/v1/agent/service/register", body)
+
+
+def register_on_node(consul: ConsulAgent, node: str, name: str, sid: str, backend: Backend, cport: int = 80) -> None:
+    """An instance on another node, through the catalog API (as another agent would)."""
+    consul.api("PUT", "/v1/catalog/register", {
+        "Node": node, "Address": "127.0.0.1",
+        "Service": {"ID": sid, "Service": name, "Address": backend.host, "Port": backend.port,
+                    "Meta": {"container_port": str(cport)}},
+    })
+
+
+def deregister(consul: ConsulAgent, sid: str) -> None:
+    consul.api("PUT", f"/v1/agent/service/deregister/{sid}")
+
+
+def set_ttl(consul: ConsulAgent, sid: str, status: str) -> None:
+    consul.api("PUT", f"/v1/agent/check/{'pass' if status == 'passing' else 'fail'}/ttl-{sid}")
+
+
+def reloads(log: str) -> int:
+    return len(re.findall(r"reloaded HAProxy in", log))
+
+
+def logged(edge, text: str, timeout: float = 5.0) -> None:
+    wait_until(lambda: text in edge.log(), timeout, what=f"log line {text!r}")
+
+
+def bodies(edge, host: str, n: int = 12) -> set[str]:
+    out = set()
+    for _ in range(n):
+        status, body = edge.get(host)
+        if status == 200:
+            out.add(body)
+    return out
+
+
+def answers(edge, host: str, expected: set[str], timeout: float = 10.0) -> None:
+    """Wait until round-robin over `host` yields exactly `expected` bodies."""
+    wait_until(lambda: bodies(edge, host, 3 * max(1, len(expected))) == expected, timeout,
+               what=f"{host} answering with {sorted(expected)}")
+
+
+def status_of(edge, host: str, status: int, timeout: float = 10.0) -> None:
+    wait_until(lambda: edge.get(host)[0] == status, timeout, what=f"{host} answering {status}")
+
+
+def config_text(edge) -> str:
+    return Path(edge.state_dir, "haproxy.cfg").read_text()

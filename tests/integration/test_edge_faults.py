@@ -1,0 +1,246 @@
+"""The edge under faults: Consul outage, bad templates, HAProxy killed, restarts, reload load."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge import templates_source
+from edge.model import instances_from_health
+from edge.render import Listeners, render
+from edge.table import build_table
+from tests.integration.edge_helpers import answers, deregister, logged, register, reloads
+from tests.support.edge import REPO, EdgeProcess
+from tests.support.http import Backend
+from tests.support.procs import ConsulAgent, free_ports, require
+from tests.unit.test_edge_render import raw_entry
+
+pytestmark = pytest.mark.integration
+DOMAIN = "fault.example"
+
+
+@pytest.fixture
+def backend():
+    b = Backend("alpha")
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def edge_factory(consul):
+    made = []
+
+    def make(**kwargs):
+        made.append(EdgeProcess(consul.url, domains=(DOMAIN,), **kwargs).start())
+        return made[-1]
+    yield make
+    for e in made:
+        e.stop()
+
+
+def test_consul_outage_keeps_serving_and_converges_after(tmp_path, backend):
+    agent = ConsulAgent(tmp_path / "c", http_port=free_ports(1)[0]).start()
+    edge = EdgeProcess(agent.url, domains=(DOMAIN,)).start()
+    try:
+        register(agent, "steady", "steady-1", backend)
+        answers(edge, f"steady-80.{DOMAIN}", {"alpha"})
+        logged(edge, "+ steady-80")
+        before = reloads(edge.log())
+        agent.kill()
+        deadline = time.monotonic() + 4
+        failures = 0
+        while time.monotonic() < deadline:            # bounded: ~4 s of requests
+            failures += edge.get(f"steady-80.{DOMAIN}")[0] != 200
+            time.sleep(0.02)
+        assert failures == 0
+        logged(edge, "serving the last known state")
+        assert reloads(edge.log()) == before, "no empty (or any) configuration applied during the outage"
+
+        agent.start()                                  # a fresh dev agent: services come back registered
+        back = time.monotonic()
+        register(agent, "steady", "steady-1", backend)
+        second = Backend("beta")
+        try:
+            register(agent, "steady", "steady-2", second)
+            answers(edge, f"steady-80.{DOMAIN}", {"alpha", "beta"}, timeout=15)
+            assert time.monotonic() - back < 3, "the table converges within ~2 s of Consul's return"
+            logged(edge, "consul answers again")
+        finally:
+            second.close()
+    finally:
+        edge.stop()
+        agent.stop()
+
+
+def test_unreachable_consul_at_start_serves_the_landing_page(tmp_path):
+    edge = EdgeProcess(f"http://127.0.0.1:{free_ports(1)[0]}", domains=(DOMAIN,)).start()
+    try:
+        assert edge.get(f"x-80.{DOMAIN}")[0] == 404
+        logged(edge, "failed")
+        assert edge.proc.poll() is None
+    finally:
+        edge.stop()
+
+
+def test_template_edit_refused_then_fixed(consul, backend, tmp_path):
+    templates = tmp_path / "templates"
+    shutil.copytree(templates_source.bundled(), templates)
+    register(consul, "tpl", "tpl-1", backend)
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--templates", str(templates))).start()
+    try:
+        answers(edge, f"tpl-80.{DOMAIN}", {"alpha"})
+        cfg = templates / "haproxy.cfg.j2"
+        original = cfg.read_text()
+        cfg.write_text(original.replace("    hard-stop-after 30s", "    hard-stop-after 30s\n    no-such-keyword 1"))
+        logged(edge, "new configuration refused (templates changed)")
+        assert edge.get(f"tpl-80.{DOMAIN}") == (200, "alpha")
+        assert "no-such-keyword" not in (edge.state_dir / "haproxy.cfg").read_text()
+
+        cfg.write_text(original.replace("    balance roundrobin",
+                                        "    balance roundrobin\n    http-response set-header X-Edge-Template v2"))
+        logged(edge, "because templates changed")
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", edge.port, timeout=5)
+        conn.request("GET", "/", headers={"Host": f"tpl-80.{DOMAIN}"})
+        assert conn.getresponse().getheader("X-Edge-Template") == "v2"
+        conn.close()
+
+        cfg.write_text("{% if %}")                   # a template that does not even parse
+        logged(edge, "TemplateSyntaxError")
+        assert edge.get(f"tpl-80.{DOMAIN}") == (200, "alpha")
+    finally:
+        edge.stop()
+        deregister(consul, "tpl-1")
+
+
+@pytest.mark.parametrize("victim", ["master", "worker"])
+def test_killed_haproxy_is_restarted_with_the_live_state(edge_factory, consul, backend, victim):
+    edge = edge_factory()
+    register(consul, "phoenix", "phoenix-1", backend)
+    answers(edge, f"phoenix-80.{DOMAIN}", {"alpha"})
+    master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
+    if victim == "master":
+        os.kill(master, signal.SIGKILL)
+    else:
+        workers = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+        assert workers
+        os.kill(int(workers[0]), signal.SIGKILL)
+    logged(edge, "HAProxy exited", timeout=5)
+    answers(edge, f"phoenix-80.{DOMAIN}", {"alpha"}, timeout=10)
+    deregister(consul, "phoenix-1")
+
+
+def test_restart_serves_the_previous_state_before_consul_answers(tmp_path, backend):
+    agent = ConsulAgent(tmp_path / "c", http_port=free_ports(1)[0]).start()
+    edge = EdgeProcess(agent.url, domains=(DOMAIN,)).start()
+    register(agent, "kept", "kept-1", backend)
+    answers(edge, f"kept-80.{DOMAIN}", {"alpha"})
+    edge.stop()
+    agent.stop()
+    again = EdgeProcess(agent.url, domains=(DOMAIN,), state_dir=edge.state_dir, port=edge.port,
+                        admin_port=edge.admin_port)
+    again.log_path = tmp_path / "again.log"
+    again.start()
+    try:
+        assert again.get(f"kept-80.{DOMAIN}") == (200, "alpha")
+        logged(again, "serves the previous")
+    finally:
+        again.stop()
+
+
+def test_keepalive_load_sees_no_error_across_reloads(edge_factory, consul, backend):
+    wrk = require("wrk")
+    edge = edge_factory()
+    register(consul, "load", "load-1", backend)
+    answers(edge, f"load-80.{DOMAIN}", {"alpha"})
+    logged(edge, "+ load-80")
+    before = reloads(edge.log())
+    spare = Backend("spare")
+    stop = threading.Event()
+
+    def churn_vhosts():                        # each add or remove of a vhost is a reload
+        i = 0
+        while not stop.is_set() and i < 10:
+            register(consul, f"extra{i}", f"extra-{i}", spare)
+            stop.wait(0.5)
+            i += 1
+
+    churner = threading.Thread(target=churn_vhosts)
+    try:
+        churner.start()
+        out = subprocess.run([wrk, "-t", "2", "-c", "16", "-d", "7s", "--timeout", "5s",
+                              "-H", f"Host: load-80.{DOMAIN}", f"http://127.0.0.1:{edge.port}/"],
+                             capture_output=True, text=True, timeout=30).stdout
+    finally:
+        stop.set()
+        churner.join()
+        spare.close()
+    done = reloads(edge.log()) - before
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    assert done >= 5, f"only {done} reloads happened under load"
+    assert requests > 1000
+    assert "Socket errors" not in out, out
+    assert "Non-2xx" not in out, out
+    for i in range(10):
+        deregister(consul, f"extra-{i}")
+
+
+def run_cli(*args, env=None, timeout=30):
+    return subprocess.run([sys.executable, "-m", "haproxy_consul", "edge", *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_routes_once_and_dry_run(consul, backend, tmp_path):
+    register(consul, "cli", "cli-1", backend)
+    routes = run_cli("routes", "--consul", consul.url, "--domain", DOMAIN)
+    assert routes.returncode == 0, routes.stderr
+    assert re.search(rf"cli-80\.{DOMAIN}\s+1/1\s+127\.0\.0\.1:{backend.port}", routes.stdout)
+
+    dry = run_cli("--dry-run", "--once", "--consul", consul.url, "--state-dir", str(tmp_path / "s"))
+    assert dry.returncode == 0, dry.stderr
+    assert f"server s1 127.0.0.1:{backend.port}" in dry.stdout
+    assert not (tmp_path / "s").exists(), "--dry-run starts and writes nothing"
+    assert "backend be_cli-80" not in run_cli("--dry-run", "--consul", consul.url).stdout
+
+    state = Path(f"/tmp/once-{os.getpid()}")
+    once = run_cli("--once", "--consul", consul.url, "--state-dir", str(state))
+    try:
+        assert once.returncode == 0, once.stderr
+        assert "backend be_cli-80" in (state / "haproxy.cfg").read_text()
+        assert "not reloading" in once.stderr
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+    down = run_cli("routes", "--consul", f"http://127.0.0.1:{free_ports(1)[0]}")
+    assert down.returncode == 1 and "consul at" in down.stderr
+    bad = run_cli("--bind", "nonsense")
+    assert bad.returncode == 2 and "ADDR:PORT" in bad.stderr
+    deregister(consul, "cli-1")
+
+
+HAPROXY_CHECK_DIR = Path(f"/tmp/hostile-check-{os.getpid()}")
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.text(max_size=40), st.lists(raw_entry, max_size=3), max_size=4))
+def test_hostile_renders_pass_haproxy_check(data):
+    services = {name: instances_from_health(name, entries)[0] for name, entries in data.items()}
+    table, _ = build_table(services)
+    rendered = render(table, Listeners("127.0.0.1:1", "127.0.0.1:2", "/tmp/x.sock", (DOMAIN,)),
+                      templates_source.load(templates_source.bundled()))
+    HAPROXY_CHECK_DIR.mkdir(exist_ok=True)
+    for name, text in rendered.files:
+        (HAPROXY_CHECK_DIR / name).write_text(text)
+    result = subprocess.run([require("haproxy"), "-c", "-q", "-C", str(HAPROXY_CHECK_DIR),
+                             "-f", str(HAPROXY_CHECK_DIR / "haproxy.cfg")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr + rendered["haproxy.cfg"]

@@ -1,0 +1,125 @@
+"""Rendering: golden files for the bundled templates, template errors, and hostile input."""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge import templates_source
+from edge.model import Instance, instances_from_health
+from edge.render import Listeners, TemplateError, render
+from edge.table import RouteTable, build_table
+
+GOLDEN = Path(__file__).parent / "golden"
+TEMPLATES = templates_source.load(templates_source.bundled())
+LISTENERS = Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", ("t2.example.com",))
+
+
+def sample_table() -> RouteTable:
+    def i(sid, service, port, cport, healthy=True, tags=()):
+        return Instance(service, "node1", sid, "10.0.0.7", port, cport, healthy, tags)
+    services = {
+        "nginx": (i("t2:web1:80", "nginx", 32768, 80), i("t2:web2:80", "nginx", 32769, 80, healthy=False),
+                  i("t2:web3:80", "nginx", 32770, 80, tags=("edge.host=www.example.org",))),
+        "whoami": (i("who", "whoami", 8080, 8080),),
+    }
+    return build_table(services)[0]
+
+
+@pytest.mark.parametrize("name, listeners", [
+    ("domains", LISTENERS),
+    ("no-domain", Listeners("127.0.0.1:8080", "127.0.0.1:8404", "/tmp/s/haproxy.sock", ())),
+])
+def test_golden(name, listeners):
+    rendered = render(sample_table(), listeners, TEMPLATES)
+    for file_name, text in rendered.files:
+        golden = GOLDEN / f"{name}.{file_name}"
+        if os.environ.get("UPDATE_GOLDEN"):
+            golden.write_text(text)
+        assert text == golden.read_text(), f"{golden} differs (UPDATE_GOLDEN=1 rewrites it after review)"
+
+
+def test_maps_route_exact_hosts_and_every_domain():
+    listeners = Listeners(":80", ":8404", "/s", ("a.example", "b.example"))
+    rendered = render(sample_table(), listeners, TEMPLATES)
+    assert rendered["hosts.map"].splitlines() == [
+        "www.example.org be_nginx-80",
+        "nginx-80.a.example be_nginx-80",
+        "nginx-80.b.example be_nginx-80",
+        "whoami-8080.a.example be_whoami-8080",
+        "whoami-8080.b.example be_whoami-8080",
+    ]
+    assert rendered["routes.map"] == ""
+
+
+def test_landing_page_counts_are_live_haproxy_expressions():
+    landing = render(sample_table(), LISTENERS, TEMPLATES)["landing.lf"]
+    assert 'href="http://nginx-80.t2.example.com%[var(txn.port_suffix)]/"' in landing
+    assert "%[nbsrv(be_nginx-80)]" in landing
+    assert "%[nbsrv(be_whoami-8080)]" in landing
+
+
+@pytest.mark.parametrize("templates, message", [
+    ({"haproxy.cfg.j2": "x"}, "missing template"),
+    ({**TEMPLATES, "haproxy.cfg.j2": "{{ no_such_variable }}"}, "UndefinedError"),
+    ({**TEMPLATES, "haproxy.cfg.j2": "{% for %}"}, "TemplateSyntaxError"),
+])
+def test_template_errors_are_typed(templates, message):
+    with pytest.raises(TemplateError, match=message):
+        render(sample_table(), LISTENERS, templates)
+
+
+# --- hostile Consul data ----------------------------------------------------------------------
+nasty_text = st.one_of(
+    st.text(max_size=300),
+    st.sampled_from(["web", "web\nbackend evil", "a b", 'q"uote', "#hash", "ünï", "x" * 300, "-x", "web-80",
+                     "  ", "\r\n", "%[env(HOME)]", "${HOME}"]),
+)
+raw_port = st.one_of(st.integers(-5, 70000), st.sampled_from([0, 70000, "80", "x", None, True]))
+raw_entry = st.fixed_dictionaries({
+    "Node": st.fixed_dictionaries({"Node": nasty_text, "Address": st.sampled_from(["10.0.0.1", "", "::1", "bad\n"])}),
+    "Service": st.fixed_dictionaries({
+        "ID": nasty_text,
+        "Service": nasty_text,
+        "Address": st.one_of(st.sampled_from(["", "10.1.2.3", "0.0.0.0", "host.example", "1.2.3.4 backup"]),
+                             nasty_text),
+        "Port": raw_port,
+        "Tags": st.lists(st.one_of(nasty_text, nasty_text.map(lambda t: "edge.host=" + t)), max_size=4),
+        "Meta": st.dictionaries(st.sampled_from(["container_port", "x"]), st.one_of(nasty_text, raw_port.map(str))),
+    }),
+    "Checks": st.lists(st.fixed_dictionaries({"Status": st.sampled_from(["passing", "warning", "critical"])}),
+                       max_size=2),
+})
+
+SAFE_LINE = re.compile(r"^[\x20-\x7e]*$")
+SERVER_LINE = re.compile(r"^    server s\d+ (\d+\.\d+\.\d+\.\d+|[0-9a-f:]+):\d+( disabled)?$")
+BACKEND_LINE = re.compile(r"^backend be_[a-z0-9_-]+$")
+
+
+def hostile_table(data) -> tuple[RouteTable, dict]:
+    services = {}
+    for name, entries in data.items():
+        instances, _ = instances_from_health(name, entries)
+        services[name] = instances
+    return build_table(services)[0], services
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(nasty_text, st.lists(raw_entry, max_size=3), max_size=4))
+def test_hostile_data_never_injects_configuration(data):
+    table, _ = hostile_table(data)
+    rendered = render(table, LISTENERS, TEMPLATES)
+    config = rendered["haproxy.cfg"]
+    for line in config.splitlines():
+        assert SAFE_LINE.match(line), repr(line)
+        if line.startswith("    server "):
+            assert SERVER_LINE.match(line), repr(line)
+        if line.startswith("backend ") and line != "backend landing":
+            assert BACKEND_LINE.match(line), repr(line)
+    for line in rendered["hosts.map"].splitlines():
+        key, value = line.split(" ")
+        assert re.fullmatch(r"[a-z0-9_.-]+", key) and re.fullmatch(r"be_[a-z0-9_-]+", value)
+    assert config.count("\nbackend be_") == len(table.routes)

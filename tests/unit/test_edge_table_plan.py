@@ -1,0 +1,127 @@
+"""Route table (grouping, health, stable slots, host claims) and plans (runtime vs reload)."""
+
+import pytest
+
+from edge.model import Instance
+from edge.plan import make_plan
+from edge.table import RouteTable, build_table
+
+
+def inst(sid, port=8000, service="web", cport=80, healthy=True, node="n1", address="10.0.0.1", tags=()):
+    return Instance(service=service, node=node, service_id=sid, address=address, port=port,
+                    container_port=cport, healthy=healthy, tags=tuple(sorted(tags)))
+
+
+def table(*instances, previous=None, min_slots=4):
+    services = {}
+    for i in instances:
+        services.setdefault(i.service, []).append(i)
+    t, problems = build_table({k: tuple(sorted(v)) for k, v in services.items()}, previous, min_slots)
+    return t, problems
+
+
+def slots(t, name="web-80"):
+    return [None if s is None else s.service_id for s in t.get(name).slots]
+
+
+def test_routes_group_by_route_name_and_merge_services_with_the_same_name():
+    t, _ = table(inst("a"), inst("b", service="web-80", cport=80), inst("c", cport=443))
+    assert t.names == ("web-443", "web-80")
+    assert sorted(s.service_id for s in t.get("web-80").servers) == ["a", "b"]
+
+
+def test_unhealthy_instances_count_but_get_no_slot():
+    t, _ = table(inst("a"), inst("b", healthy=False))
+    route = t.get("web-80")
+    assert (route.healthy, route.instances) == (1, 2)
+    assert slots(t) == ["a", None, None, None]
+
+
+def test_route_with_no_healthy_instance_still_exists():
+    t, _ = table(inst("a", healthy=False))
+    assert t.get("web-80").healthy == 0
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    (["a", "b", "c"], ["a", "c"], ["a", None, "c", None]),          # removal frees its slot only
+    (["a", "c"], ["a", "b", "c"], ["a", "c", "b", None]),           # newcomer takes the lowest free
+    (["a", "b", "c", "d"], ["b", "c", "d", "e"], ["e", "b", "c", "d"]),
+    (["a", "b", "c", "d"], ["a", "b", "c", "d", "e"], ["a", "b", "c", "d", "e", None, None, None]),  # doubles
+    (["a"] + list("bcdefgh"), ["a"], ["a"] + [None] * 7),           # never shrinks while the route lives
+])
+def test_slots_are_stable(before, after, expected):
+    old, _ = table(*(inst(s) for s in before))
+    new, _ = table(*(inst(s) for s in after), previous=old)
+    assert slots(new) == expected
+
+
+def test_moved_instance_keeps_its_slot_with_the_new_address():
+    old, _ = table(inst("a"), inst("b"))
+    new, _ = table(inst("a"), inst("b", port=9999), previous=old)
+    assert new.get("web-80").slots[1].port == 9999
+
+
+def test_host_tag_conflict_goes_to_the_lowest_route_and_is_reported():
+    t, problems = table(inst("a", tags=("edge.host=www.x.org",)),
+                        inst("b", service="api", tags=("edge.host=www.x.org", "edge.host=bad host")))
+    assert t.get("api-80").hosts == ("www.x.org",)
+    assert t.get("web-80").hosts == ()
+    reasons = " ".join(p.reason for p in problems)
+    assert "claimed by routes" in reasons and "not a host name" in reasons
+
+
+def test_unroutable_port_combination_is_reported():
+    t, problems = table(inst("a", service="a" * 60, cport=8080))
+    assert t.routes == () and problems
+
+
+# --- plans ------------------------------------------------------------------------------------
+def plan_between(before, after, **kw):
+    old, _ = table(*before, **kw)
+    new, _ = table(*after, previous=old, **kw)
+    return make_plan(old, new)
+
+
+def test_first_plan_is_a_reload():
+    t, _ = table(inst("a"))
+    plan = make_plan(None, t)
+    assert plan.reload and plan.reasons == ("initial sync",)
+
+
+def test_identical_tables_plan_nothing():
+    plan = plan_between([inst("a")], [inst("a")])
+    assert plan.empty
+
+
+@pytest.mark.parametrize("before, after, commands", [
+    ([inst("a")], [inst("a"), inst("b", port=8001)],
+     ["set server be_web-80/s2 addr 10.0.0.1 port 8001", "set server be_web-80/s2 state ready"]),
+    ([inst("a"), inst("b")], [inst("a")], ["set server be_web-80/s2 state maint"]),
+    ([inst("a"), inst("b")], [inst("a"), inst("b", healthy=False)], ["set server be_web-80/s2 state maint"]),
+    ([inst("a")], [inst("a", port=9000)], ["set server be_web-80/s1 addr 10.0.0.1 port 9000"]),
+    ([inst("a"), inst("b")], [inst("c", port=7000), inst("b")],    # a leaves and c arrives: same slot
+     ["set server be_web-80/s1 addr 10.0.0.1 port 7000", "set server be_web-80/s1 state ready"]),
+])
+def test_churn_is_runtime_commands(before, after, commands):
+    plan = plan_between(before, after)
+    assert not plan.reload
+    assert list(plan.commands) == commands
+    assert plan.changes
+
+
+@pytest.mark.parametrize("before, after, reason", [
+    ([inst("a")], [inst("a"), inst("x", service="api")], "vhost added: api-80"),
+    ([inst("a"), inst("x", service="api")], [inst("a")], "vhost removed: api-80"),
+    ([inst("a")], [inst("a", tags=("edge.host=w.org",))], "hosts of web-80 changed"),
+    ([inst(s) for s in "abcd"], [inst(s) for s in "abcde"], "web-80 grew from 4 to 8 slots"),
+])
+def test_structure_changes_reload_with_a_reason(before, after, reason):
+    plan = plan_between(before, after)
+    assert plan.reload
+    assert any(r.startswith(reason) for r in plan.reasons), plan.reasons
+    assert plan.commands == ()
+
+
+def test_empty_table_is_a_valid_table():
+    assert RouteTable().names == ()
+    assert make_plan(RouteTable(), RouteTable()).empty
