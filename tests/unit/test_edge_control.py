@@ -1,0 +1,126 @@
+"""The control loop's decisions, against a recording fake HAProxy."""
+
+import threading
+from pathlib import Path
+from types import MappingProxyType
+
+import pytest
+
+from edge import control, templates_source
+from edge.haproxy import ConfigInvalid, Paths, RuntimeFailed
+from edge.model import Instance
+from edge.render import Listeners
+from edge.watch import Snapshot
+
+TEMPLATES = dict(templates_source.load(templates_source.bundled()))
+
+
+class FakeHAProxy:
+    def __init__(self):
+        self.paths = Paths(Path("/nonexistent"))
+        self.calls = []
+        self.fail_install = None
+        self.fail_runtime = None
+
+    def install(self, rendered):
+        if self.fail_install:
+            raise ConfigInvalid(self.fail_install)
+        self.calls.append(("install", rendered["haproxy.cfg"]))
+
+    def write_config(self, rendered):
+        self.calls.append(("write", rendered["haproxy.cfg"]))
+
+    def runtime(self, commands):
+        if self.fail_runtime:
+            raise RuntimeFailed(self.fail_runtime)
+        self.calls.append(("runtime", commands))
+
+    def running(self):
+        return True
+
+    def reload(self):
+        self.calls.append(("reload",))
+        return 1234
+
+    def kinds(self):
+        return [c[0] for c in self.calls]
+
+
+def snap(*ports_by_service):
+    services = {}
+    for service, ports in ports_by_service:
+        services[service] = tuple(Instance(service, "n1", f"{service}-{p}", "10.0.0.1", p, 80, True) for p in ports)
+    return Snapshot(MappingProxyType(services), (), 1)
+
+
+@pytest.fixture
+def edge(monkeypatch):
+    monkeypatch.setattr(control, "QUIET", 0.0)
+    fake = FakeHAProxy()
+    e = control.Edge(fake, Listeners(":80", ":8404", "/s", ("x.org",)), TEMPLATES, threading.Event())
+    e.on_snapshot(snap(("web", [8001])))
+    e.step()
+    assert fake.kinds() == ["install", "reload"]
+    fake.calls.clear()
+    return e
+
+
+def test_instance_churn_is_runtime_then_the_file(edge):
+    edge.on_snapshot(snap(("web", [8001, 8002])))
+    edge.step()
+    assert edge.haproxy.kinds() == ["runtime", "write"]
+    assert edge.haproxy.calls[0][1] == ("set server be_web-80/s2 addr 10.0.0.1 port 8002",
+                                        "set server be_web-80/s2 state ready")
+    assert "server s2 10.0.0.1:8002" in edge.haproxy.calls[1][1]
+
+
+def test_unchanged_snapshot_does_nothing(edge):
+    edge.on_snapshot(snap(("web", [8001])))
+    edge.step()
+    assert edge.haproxy.calls == []
+
+
+def test_new_vhost_reloads(edge):
+    edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"]
+    assert edge.reloads == 2
+    assert edge.live.names == ("api-80", "web-80")
+
+
+def test_refused_configuration_keeps_the_live_table(edge):
+    live = edge.live
+    edge.haproxy.fail_install = "no"
+    edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    edge.step()
+    assert edge.haproxy.calls == [] and edge.live is live
+
+
+def test_runtime_failure_falls_back_to_a_reload(edge):
+    edge.haproxy.fail_runtime = "No such server."
+    edge.on_snapshot(snap(("web", [8001, 8002])))
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"]
+    assert edge.live.get("web-80").healthy == 2
+
+
+def test_template_change_applies_only_when_valid(edge):
+    bad = {**TEMPLATES, "haproxy.cfg.j2": "{{ nope }}"}
+    edge.on_templates(bad)
+    edge.step()
+    assert edge.haproxy.calls == [] and edge.templates == TEMPLATES
+    good = {**TEMPLATES, "haproxy.cfg.j2": TEMPLATES["haproxy.cfg.j2"] + "\n# v2\n"}
+    edge.on_templates(good)
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"]
+    assert edge.templates == good and edge.haproxy.calls[0][1].endswith("# v2\n")
+
+
+def test_reload_waits_for_a_burst_to_settle(monkeypatch, edge):
+    monkeypatch.setattr(control, "QUIET", 10.0)          # inputs keep "arriving"
+    edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    edge.step()
+    assert edge.haproxy.calls == []                       # held back while the burst goes on...
+    monkeypatch.setattr(control, "MAX_DELAY", 0.0)
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"]  # ...but never longer than MAX_DELAY
