@@ -31,6 +31,17 @@ def until(predicate, timeout=10.0) -> float:
     raise TimeoutError
 
 
+def missed_in_a_row(port: int, name: str, n: int):
+    """A predicate that holds once `n` requests in a row were not answered by `name`."""
+    streak = 0
+
+    def check() -> bool:
+        nonlocal streak
+        streak = streak + 1 if get(port, HOST)[1] != name else 0
+        return streak >= n
+    return check
+
+
 def pct(values, p):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -47,14 +58,9 @@ def main(rounds: int = 50) -> None:
             for i in range(rounds):
                 fresh = Backend(f"new-{i}")
                 register(consul, "bench", f"bench-{i}", fresh)
-                added.append(until(lambda: get(edge.port, HOST)[1] == fresh.name))
+                added.append(until(lambda name=fresh.name: get(edge.port, HOST)[1] == name))
                 deregister(consul, f"bench-{i}")
-                streak = [0]
-
-                def gone():
-                    streak[0] = streak[0] + 1 if get(edge.port, HOST)[1] != fresh.name else 0
-                    return streak[0] >= 5
-                removed.append(until(gone))
+                removed.append(until(missed_in_a_row(edge.port, fresh.name, 5)))
                 fresh.close()
         finally:
             reloads = edge.log().count("reloaded HAProxy in")
