@@ -144,12 +144,13 @@ def _haproxy_version(binary: str) -> str:
 
 
 def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates, template_dir, stop) -> int:
-    log.info("haproxy-consul edge %s; %s; consul %s%s; domains %s; http %s; admin %s; state %s; templates %s",
+    log.info("haproxy-consul edge %s; %s; consul %s%s; domains %s; http %s; admin %s; state %s; templates %s; "
+             "apply %s",
              __version__, _haproxy_version(settings.haproxy), settings.consul,
              f" dc={settings.datacenter}" if settings.datacenter else "",
              ",".join(settings.domains) or "(any)", settings.bind, settings.admin_bind,
-             settings.state_dir, template_dir)
-    edge = Edge(haproxy, listeners, templates, stop, settings.min_slots)
+             settings.state_dir, template_dir, settings.apply)
+    edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply)
     watcher = _watcher(settings, stop, edge.on_snapshot)
 
     def on_signal(signum, _frame):

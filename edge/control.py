@@ -30,12 +30,13 @@ SUPERVISE_EVERY = 1.0
 
 class Edge:
     def __init__(self, haproxy: HAProxy, listeners: Listeners, templates: Mapping[str, str],
-                 stop: threading.Event, min_slots: int = 4):
+                 stop: threading.Event, min_slots: int = 4, apply: str = "runtime"):
         self.haproxy = haproxy
         self.listeners = listeners
         self.templates = templates
         self.stop = stop
         self.min_slots = min_slots
+        self.reload_always = apply == "reload"   # the baseline: no runtime API at all
         self.live: RouteTable | None = None       # what HAProxy runs now (None: not known yet)
         self.live_render: Rendered | None = None
         self.reloads = 0
@@ -108,15 +109,18 @@ class Edge:
             self.live = table
             self._reload_pending_since = None
             return
-        if not plan.reload:
+        reasons = plan.reasons
+        if not plan.reload and not self.reload_always:
             self._runtime(table, plan)
             return
+        if not plan.reload:
+            reasons = (f"--apply reload: {len(plan.changes)} server change(s)",)
         now = time.monotonic()
         first = self._reload_pending_since = self._reload_pending_since or now
         if now - last_input < QUIET and now - first < MAX_DELAY:
             return  # let a burst settle; the loop comes back after QUIET
         self._reload_pending_since = None
-        self._reload(table, plan.reasons, plan.changes, self.templates)
+        self._reload(table, reasons, plan.changes, self.templates)
 
     def supervise(self) -> None:
         """HAProxy must be up with a current worker; the file on disk is what it ran."""

@@ -28,6 +28,7 @@ class Settings:
     min_slots: int = 4
     consul_wait: float = 30.0
     log_level: str = "INFO"
+    apply: str = "runtime"        # "runtime" (default) or "reload" (the consul-template baseline)
 
 
 def haproxy_bind(value: str) -> str:
@@ -63,6 +64,9 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.option("--consul-wait", env="EDGE_CONSUL_WAIT", default=30.0, type=float,
              help="seconds a blocking query waits for a change")
     p.option("--log-level", env="EDGE_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    p.option("--apply", env="EDGE_APPLY", default="runtime", choices=("runtime", "reload"),
+             help="runtime: instance changes through the runtime API, reloads only for new/removed vhosts; "
+                  "reload: every change is a validated reload (a consul-template setup, for comparison)")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -84,6 +88,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         p.error(str(exc))
     if args.min_slots < 1:
         p.error("--min-slots must be at least 1")
+    if args.apply not in ("runtime", "reload"):  # argparse does not check env-provided defaults
+        p.error(f"--apply/EDGE_APPLY must be runtime or reload, not {args.apply!r}")
     if args.consul_wait <= 0:
         p.error("--consul-wait must be positive")
     return Settings(
@@ -102,4 +108,5 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         min_slots=args.min_slots,
         consul_wait=args.consul_wait,
         log_level=args.log_level,
+        apply=args.apply,
     )

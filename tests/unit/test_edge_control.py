@@ -124,3 +124,15 @@ def test_reload_waits_for_a_burst_to_settle(monkeypatch, edge):
     monkeypatch.setattr(control, "MAX_DELAY", 0.0)
     edge.step()
     assert edge.haproxy.kinds() == ["install", "reload"]  # ...but never longer than MAX_DELAY
+
+
+def test_apply_reload_mode_reloads_on_every_change(monkeypatch):
+    monkeypatch.setattr(control, "QUIET", 0.0)
+    fake = FakeHAProxy()
+    e = control.Edge(fake, Listeners(":80", ":8404", "/s", ("x.org",)), TEMPLATES, threading.Event(), apply="reload")
+    e.on_snapshot(snap(("web", [8001])))
+    e.step()
+    e.on_snapshot(snap(("web", [8001, 8002])))
+    e.step()
+    assert fake.kinds() == ["install", "reload", "install", "reload"]
+    assert "runtime" not in fake.kinds()

@@ -32,6 +32,9 @@ ENV = {
     (["routes"], {}, "command", "routes"),
     (["--once", "--dry-run"], {}, "once", True),
     ([], {"EDGE_MIN_SLOTS": "8"}, "min_slots", 8),
+    ([], {}, "apply", "runtime"),
+    ([], {"EDGE_APPLY": "reload"}, "apply", "reload"),
+    (["--apply", "runtime"], {"EDGE_APPLY": "reload"}, "apply", "runtime"),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -46,6 +49,8 @@ def test_precedence(argv, env, attr, expected):
     (["--consul", "ftp://x"], {}),
     (["--min-slots", "0"], {}),
     ([], {"EDGE_MIN_SLOTS": "many"}),
+    ([], {"EDGE_APPLY": "sometimes"}),
+    (["--apply", "sometimes"], {}),
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:
