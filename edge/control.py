@@ -47,6 +47,7 @@ class Edge:
         self._last_input = 0.0
         self._reload_pending_since: float | None = None
         self._logged_problems: frozenset[Problem] = frozenset()
+        self._refused: tuple[RouteTable, Mapping[str, str]] | None = None  # retried only once changed
 
     # --- inputs, from other threads ----------------------------------------------------------
     def on_snapshot(self, snapshot: Snapshot) -> None:
@@ -115,6 +116,8 @@ class Edge:
             return
         if not plan.reload:
             reasons = (f"--apply reload: {len(plan.changes)} server change(s)",)
+        if self._refused == (table, self.templates):
+            return  # already refused and logged; wait for Consul or the templates to change
         now = time.monotonic()
         first = self._reload_pending_since = self._reload_pending_since or now
         if now - last_input < QUIET and now - first < MAX_DELAY:
@@ -168,6 +171,7 @@ class Edge:
         except (TemplateError, ConfigInvalid) as exc:
             log.error("new configuration refused (%s): %s; HAProxy keeps serving the current one",
                       "; ".join(reasons), exc)
+            self._refused = (table, templates)
             return False
         try:
             if self.haproxy.running():
@@ -181,6 +185,7 @@ class Edge:
                 self._restore_files()
             return False
         self.live, self.live_render = table, rendered
+        self._refused = None
         self.reloads += 1
         servers = sum(r.healthy for r in table.routes)
         log.info("reloaded HAProxy in %.0f ms (worker %s) because %s: %d routes, %d servers%s",

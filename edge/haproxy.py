@@ -115,13 +115,14 @@ class HAProxy:
     def check(self, directory: Path) -> None:
         try:
             result = subprocess.run(
-                [self.binary, "-c", "-q", "-C", str(directory), "-f", str(directory / CONFIG_FILE)],
+                [self.binary, "-c", "-C", str(directory), "-f", str(directory / CONFIG_FILE)],
                 capture_output=True, text=True, timeout=self.check_timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ConfigInvalid(f"haproxy -c did not run: {exc}") from exc
         if result.returncode != 0:
-            errors = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-            raise ConfigInvalid("; ".join(errors[-8:]) or f"haproxy -c exited {result.returncode}")
+            lines = [line.strip() for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+            alerts = [line for line in lines if "[ALERT]" in line] or lines[-4:]
+            raise ConfigInvalid("; ".join(alerts[:8]) or f"haproxy -c exited {result.returncode}")
 
     def install(self, rendered: Rendered) -> None:
         """Validate the whole file set, then move it into place (configuration last)."""

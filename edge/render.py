@@ -28,6 +28,12 @@ ROUTES_MAP = "routes.map"
 LANDING_FILE = "landing.lf"
 
 
+# HAProxy loads the landing page into one buffer (tune.bufsize, 16 kB) with the response
+# headers: a larger page is refused by `haproxy -c`. Past this size, the page lists as many
+# routes as fit and says how many more there are.
+LANDING_MAX_BYTES = 12000
+
+
 class TemplateError(Exception):
     """A template is missing, does not parse, or fails while rendering."""
 
@@ -104,6 +110,23 @@ def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
     return hosts, routes
 
 
+def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...]) -> str:
+    """The landing page with as many routes as fit in LANDING_MAX_BYTES (binary search)."""
+
+    def page(shown: int) -> str:
+        return template.render({**context, "routes": routes[:shown], "total_routes": len(routes),
+                                "hidden_routes": len(routes) - shown})
+
+    full = page(len(routes))
+    if len(full.encode()) <= LANDING_MAX_BYTES:
+        return full
+    low, high = 0, len(routes)  # page(low) fits, page(high) does not
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if len(page(mid).encode()) <= LANDING_MAX_BYTES else (low, mid)
+    return page(low)
+
+
 def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]) -> Rendered:
     env = environment(templates)
     context = {
@@ -116,7 +139,7 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
     }
     try:
         config = env.get_template(CONFIG_TEMPLATE).render(context)
-        landing = env.get_template(LANDING_TEMPLATE).render(context)
+        landing = _landing(env.get_template(LANDING_TEMPLATE), context, table.routes)
     except jinja2.TemplateError as exc:
         where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
         raise TemplateError(f"{type(exc).__name__}{where}: {exc}") from exc

@@ -71,12 +71,16 @@ class Backoff:
 
 @dataclass
 class Stats:
-    """Counters for logs and benchmarks: how much we asked Consul."""
+    """Counters for logs and benchmarks: how much we asked Consul (printed as `key=value`)."""
 
     long_polls: int = 0
     fetches: int = 0
     full_refreshes: int = 0
     errors: int = 0
+
+    def __str__(self) -> str:
+        return (f"long_polls={self.long_polls} fetches={self.fetches} full_refreshes={self.full_refreshes} "
+                f"errors={self.errors}")
 
 
 class ConsulWatcher:
@@ -170,8 +174,8 @@ class ConsulWatcher:
                     # very index we saw last, so trust nothing and fetch every service.
                     snapshot = self.sync_once()
                     index = snapshot.index
-                    log.info("consul%s: %d routable services at index %d", " answers again" if failing else "",
-                             len(snapshot.services), index)
+                    log.info("consul%s: %d routable services at index %d (%s)", " answers again" if failing else "",
+                             len(snapshot.services), index, self.stats)
                     self.publish(snapshot)
                 else:
                     index = self._poll(index, backoff)
@@ -212,5 +216,6 @@ class ConsulWatcher:
         if changed or removed or self._retry:
             self._apply(summaries, changed, strict=False)
             self.publish(self.snapshot(new_index))
+            log.debug("index %d: %d changed, %d removed (%s)", new_index, len(changed), len(removed), self.stats)
         return new_index
 

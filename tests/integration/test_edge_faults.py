@@ -102,6 +102,7 @@ def test_template_edit_refused_then_fixed(consul, backend, tmp_path):
         original = cfg.read_text()
         cfg.write_text(original.replace("    hard-stop-after 30s", "    hard-stop-after 30s\n    no-such-keyword 1"))
         logged(edge, "new configuration refused (templates changed)")
+        logged(edge, "unknown keyword 'no-such-keyword'")   # HAProxy's own reason is in the log
         assert edge.get(f"tpl-80.{DOMAIN}") == (200, "alpha")
         assert "no-such-keyword" not in (edge.state_dir / "haproxy.cfg").read_text()
 

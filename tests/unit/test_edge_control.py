@@ -88,12 +88,19 @@ def test_new_vhost_reloads(edge):
     assert edge.live.names == ("api-80", "web-80")
 
 
-def test_refused_configuration_keeps_the_live_table(edge):
+def test_refused_configuration_keeps_the_live_table_and_is_not_retried_until_something_changes(edge):
     live = edge.live
     edge.haproxy.fail_install = "no"
+    attempts = []
+    edge.haproxy.install = lambda rendered: (attempts.append(1), FakeHAProxy.install(edge.haproxy, rendered))
     edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
     edge.step()
-    assert edge.haproxy.calls == [] and edge.live is live
+    edge.step()
+    assert edge.haproxy.calls == [] and edge.live is live and len(attempts) == 1
+    edge.haproxy.fail_install = None
+    edge.on_snapshot(snap(("web", [8001]), ("api", [9001, 9002])))
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"] and len(attempts) == 2
 
 
 def test_runtime_failure_falls_back_to_a_reload(edge):

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from edge import templates_source
 from edge.model import Instance, instances_from_health
-from edge.render import Listeners, TemplateError, render
+from edge.render import LANDING_MAX_BYTES, Listeners, TemplateError, render
 from edge.table import RouteTable, build_table
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -60,6 +60,17 @@ def test_landing_page_counts_are_live_haproxy_expressions():
     assert 'href="http://nginx-80.t2.example.com%[var(txn.port_suffix)]/"' in landing
     assert "%[nbsrv(be_nginx-80)]" in landing
     assert "%[nbsrv(be_whoami-8080)]" in landing
+
+
+def test_landing_page_fits_haproxy_buffer_with_many_routes():
+    services = {f"svc{i}": (Instance(f"svc{i}", "n", f"s{i}", "10.0.0.1", 8000, 80, True),) for i in range(3000)}
+    table = build_table(services)[0]
+    landing = render(table, LISTENERS, TEMPLATES)["landing.lf"]
+    assert len(landing.encode()) <= LANDING_MAX_BYTES
+    shown = landing.count("data-route=")
+    assert 10 < shown < 3000
+    assert f"and {3000 - shown} more" in landing
+    assert "This edge routes 3000 route(s)" in landing
 
 
 @pytest.mark.parametrize("templates, message", [

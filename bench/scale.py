@@ -1,0 +1,133 @@
+"""Benchmark 3: scale. N services × 3 instances over 3 nodes, registered through the catalog API.
+
+Per N: cold start of the edge to a complete, routable table; haproxy.cfg size, `haproxy -c`
+time and reload time; the edge's and HAProxy's RSS; Consul requests at cold start and per single
+change; connections to Consul; and, per apply mode, the time for one instance change to be
+routed. Writes bench/out/scale.csv.
+
+Usage: .venv/bin/python bench/scale.py [N ...]   (default: 1000 5000 10000)
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from harness import MODES, rss_mb, stack, until, write_csv
+
+from tests.integration.edge_helpers import register
+from tests.support.http import Backend, get
+
+DOMAIN = "bench.example"
+NODES = ("node-0", "node-1", "node-2")
+
+
+def populate(consul, n: int, backends: list[Backend]) -> float:
+    def one(i: int) -> None:
+        for j, node in enumerate(NODES):
+            consul.api("PUT", "/v1/catalog/register", {
+                "Node": node, "Address": "127.0.0.1",
+                "Service": {"ID": f"svc{i}-{j}", "Service": f"svc{i}", "Address": "127.0.0.1",
+                            "Port": backends[j].port, "Meta": {"container_port": "80"}},
+            }, timeout=30)
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(one, range(n)))
+    return time.perf_counter() - t0
+
+
+def stats(log: str) -> tuple[int, int]:
+    found = re.findall(r"long_polls=(\d+) fetches=(\d+)", log)
+    return tuple(int(x) for x in found[-1]) if found else (0, 0)
+
+
+def consul_connections(edge_pid: int, consul_port: int) -> int:
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"dport = :{consul_port}"],
+                         capture_output=True, text=True).stdout
+    return sum(f"pid={edge_pid}," in line for line in out.splitlines())
+
+
+def haproxy_pids(edge) -> list[int]:
+    master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
+    workers = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    return [master, *map(int, workers)]
+
+
+def run(n: int, mode: str, backends: list[Backend]) -> dict:
+    r = {"services": n, "mode": mode}
+    with stack(mode, DOMAIN, extra=("--log-level", "DEBUG")) as (consul, edge):
+        r["register_s"] = round(populate(consul, n, backends), 1)
+        # Cold start: a second edge on the populated catalog (the first one saw it grow).
+        edge.stop()
+        from tests.support.edge import EdgeProcess
+        cold = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--apply", mode, "--log-level", "DEBUG"))
+        t0 = time.perf_counter()
+        cold.start(timeout=120)
+        sample = random.Random(n).sample(range(n), 20)
+        until(lambda: all(get(cold.port, f"svc{i}-80.{DOMAIN}")[0] == 200 for i in sample), timeout=300)
+        r["cold_start_s"] = round(time.perf_counter() - t0, 2)
+        try:
+            log = cold.log()
+            r["cold_requests"] = sum(stats(log))
+            cfg = cold.state_dir / "haproxy.cfg"
+            r["config_mb"] = round(cfg.stat().st_size / 1e6, 2)
+            t0 = time.perf_counter()
+            subprocess.run(["haproxy", "-c", "-q", "-C", str(cold.state_dir), "-f", str(cfg)], check=True)
+            r["check_s"] = round(time.perf_counter() - t0, 2)
+            time.sleep(1)
+            r["edge_rss_mb"] = round(rss_mb(cold.proc.pid), 1)
+            r["haproxy_rss_mb"] = round(sum(rss_mb(p) for p in haproxy_pids(cold)), 1)
+            r["consul_connections"] = consul_connections(cold.proc.pid, int(consul.url.rsplit(":", 1)[1]))
+            # One instance change of an existing service.
+            before = stats(cold.log())
+            extra = Backend("changed")
+            try:
+                target = sample[0]
+                register(consul, f"svc{target}", f"svc{target}-new", extra)
+                r["change_ms"] = round(until(lambda: get(cold.port, f"svc{target}-80.{DOMAIN}")[1] == "changed",
+                                             timeout=120) * 1000, 1)
+                time.sleep(0.5)
+                after = stats(cold.log())
+                r["requests_per_change"] = sum(after) - sum(before)
+                # A new vhost: a reload in either mode.
+                register(consul, "brandnew", "brandnew-1", extra)
+                until(lambda: get(cold.port, f"brandnew-80.{DOMAIN}")[1] == "changed", timeout=120)
+                time.sleep(0.5)
+                reload_ms = re.findall(r"reloaded HAProxy in (\d+) ms", cold.log())
+                r["reload_ms"] = int(reload_ms[-1]) if reload_ms else None
+            finally:
+                extra.close()
+        finally:
+            cold.stop()
+    print(r, flush=True)
+    return r
+
+
+def main(sizes: list[int]) -> None:
+    backends = [Backend(f"b{j}") for j in range(3)]
+    results = []
+    try:
+        for n in sizes:
+            for mode in MODES:
+                results.append(run(n, mode, backends))
+    finally:
+        for b in backends:
+            b.close()
+    keys = ["services", "mode", "register_s", "cold_start_s", "cold_requests", "config_mb", "check_s", "reload_ms",
+            "edge_rss_mb", "haproxy_rss_mb", "consul_connections", "change_ms", "requests_per_change"]
+    print("\n" + " | ".join(keys))
+    for r in results:
+        print(" | ".join(str(r.get(k)) for k in keys))
+    for n in sizes:
+        rt, rl = (next(r for r in results if r["services"] == n and r["mode"] == m) for m in MODES)
+        print(f"{n} services: one instance change routed in {rt['change_ms']} ms (runtime) vs {rl['change_ms']} ms "
+              f"(reload): {rl['change_ms'] / rt['change_ms']:.1f}x")
+    print(f"csv: {write_csv('scale.csv', keys, [[r.get(k) for k in keys] for r in results])}")
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]] or [1000, 5000, 10000])
