@@ -76,8 +76,8 @@ def _routes(settings: Settings, stop: threading.Event) -> int:
     snapshot = _snapshot_now(settings, stop)
     if snapshot is None:
         return 1
-    table, problems = build_table(snapshot.services)
-    for problem in snapshot.problems + problems:
+    table = build_table(snapshot.services)
+    for problem in snapshot.problems + table.problems:
         log.warning("skipped %s", problem)
     sys.stdout.write(format_routes(table, settings.domains))
     return 0
@@ -101,7 +101,7 @@ def _dry_run(settings: Settings, listeners: Listeners, templates, stop) -> int:
         snapshot = _snapshot_now(settings, stop)
         if snapshot is None:
             return 1
-        table, _ = build_table(snapshot.services, None, settings.min_slots)
+        table = build_table(snapshot.services, None, settings.min_slots)
     try:
         sys.stdout.write(render(table, listeners, templates)["haproxy.cfg"])
     except TemplateError as exc:
@@ -114,8 +114,8 @@ def _once(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates,
     snapshot = _snapshot_now(settings, stop)
     if snapshot is None:
         return 1
-    table, problems = build_table(snapshot.services, None, settings.min_slots)
-    for problem in snapshot.problems + problems:
+    table = build_table(snapshot.services, None, settings.min_slots)
+    for problem in snapshot.problems + table.problems:
         log.warning("skipped %s", problem)
     try:
         haproxy.install(render(table, listeners, templates))

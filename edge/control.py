@@ -18,7 +18,7 @@ from edge.haproxy import ConfigInvalid, HAProxy, HAProxyError, NotRunning, Reloa
 from edge.model import Problem
 from edge.plan import Plan, make_plan
 from edge.render import Listeners, Rendered, TemplateError, render
-from edge.table import RouteTable, build_table
+from edge.table import RouteTable, build_table, update_table
 from edge.watch import Snapshot
 
 log = logging.getLogger("edge")
@@ -48,6 +48,8 @@ class Edge:
         self._reload_pending_since: float | None = None
         self._logged_problems: frozenset[Problem] = frozenset()
         self._refused: tuple[RouteTable, Mapping[str, str]] | None = None  # retried only once changed
+        self._base: Snapshot | None = None        # the snapshot `live` was built from
+        self._dirty_since: float | None = None    # live changed at runtime; haproxy.cfg not yet written
 
     # --- inputs, from other threads ----------------------------------------------------------
     def on_snapshot(self, snapshot: Snapshot) -> None:
@@ -85,8 +87,8 @@ class Edge:
         self.start()
         next_supervise = time.monotonic() + SUPERVISE_EVERY
         while not self.stop.is_set():
-            timeout = QUIET if self._reload_pending_since is not None else SUPERVISE_EVERY
-            self._wake.wait(timeout)
+            pending = self._reload_pending_since is not None or self._dirty_since is not None
+            self._wake.wait(QUIET if pending else SUPERVISE_EVERY)
             self._wake.clear()
             if self.stop.is_set():
                 break
@@ -94,22 +96,52 @@ class Edge:
                 self.supervise()
                 next_supervise = time.monotonic() + SUPERVISE_EVERY
             self.step()
+            self.flush()
+        self.flush(force=True)
 
     def step(self) -> None:
         with self._lock:
-            snapshot, templates, last_input = self._snapshot, self._new_templates, self._last_input
+            snapshot, templates = self._snapshot, self._new_templates
             self._new_templates = None
         if templates is not None:
             self._try_templates(templates)
         if snapshot is None:
             return
-        table, problems = build_table(snapshot.services, self.live, self.min_slots)
-        self._log_problems(snapshot.problems + problems)
+        table = self._table(snapshot)
+        self._log_problems(snapshot.problems + table.problems)
         plan = make_plan(self.live, table)
         if plan.empty:
-            self.live = table
+            self.live, self._base = table, snapshot
             self._reload_pending_since = None
             return
+        self._apply(table, plan)
+        if self.live is table:
+            self._base = snapshot
+
+    def _table(self, snapshot: Snapshot) -> RouteTable:
+        """The desired table: only the routes of services that changed since `live` was built."""
+        if self.live is None or self._base is None:
+            return build_table(snapshot.services, self.live, self.min_slots)
+        old, new = self._base.services, snapshot.services
+        changed = {n for n in old.keys() | new.keys() if old.get(n) is not new.get(n) and old.get(n) != new.get(n)}
+        return update_table(self.live, new, changed, self.min_slots)
+
+    def flush(self, force: bool = False) -> None:
+        """Write haproxy.cfg after runtime changes, once inputs are quiet (at most MAX_DELAY late):
+        on a large table a render costs more than the runtime commands it records."""
+        if self._dirty_since is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_input < QUIET and now - self._dirty_since < MAX_DELAY:
+            return
+        self._dirty_since = None
+        try:
+            self.live_render = render(self.live, self.listeners, self.templates)
+            self.haproxy.write_config(self.live_render)
+        except (TemplateError, OSError) as exc:
+            log.error("could not write %s: %s", self.haproxy.paths.config, exc)
+
+    def _apply(self, table: RouteTable, plan: Plan) -> None:
         reasons = plan.reasons
         if not plan.reload and not self.reload_always:
             self._runtime(table, plan)
@@ -120,7 +152,7 @@ class Edge:
             return  # already refused and logged; wait for Consul or the templates to change
         now = time.monotonic()
         first = self._reload_pending_since = self._reload_pending_since or now
-        if now - last_input < QUIET and now - first < MAX_DELAY:
+        if now - self._last_input < QUIET and now - first < MAX_DELAY:
             return  # let a burst settle; the loop comes back after QUIET
         self._reload_pending_since = None
         self._reload(table, reasons, plan.changes, self.templates)
@@ -130,6 +162,7 @@ class Edge:
         if not self.haproxy.running():
             status = self.haproxy.proc.returncode if self.haproxy.proc else None
             log.error("HAProxy exited (status %s); restarting it from %s", status, self.haproxy.paths.config)
+            self.flush(force=True)  # the file must hold the live state before HAProxy reads it
             try:
                 self.haproxy.start()
                 log.info("HAProxy restarted with the last applied configuration")
@@ -154,11 +187,7 @@ class Edge:
             return
         applied_ms = (time.perf_counter() - t0) * 1000
         self.live = table
-        try:
-            self.live_render = render(table, self.listeners, self.templates)
-            self.haproxy.write_config(self.live_render)
-        except (TemplateError, OSError) as exc:
-            log.error("applied live, but could not write %s: %s", self.haproxy.paths.config, exc)
+        self._dirty_since = self._dirty_since or time.monotonic()
         log.info("applied %d server change(s) live in %.1f ms, no reload: %s",
                  len(plan.changes), applied_ms, "; ".join(plan.changes) or "slots only")
 
@@ -185,6 +214,7 @@ class Edge:
                 self._restore_files()
             return False
         self.live, self.live_render = table, rendered
+        self._dirty_since = None
         self._refused = None
         self.reloads += 1
         servers = sum(r.healthy for r in table.routes)

@@ -159,7 +159,12 @@ def instances_from_health(service: str, entries: object) -> tuple[tuple[Instance
             problems.append(Problem(where, "address is not a usable IP address"))
             continue
         meta = svc.get("Meta") if isinstance(svc.get("Meta"), dict) else {}
-        tags = svc.get("Tags") if isinstance(svc.get("Tags"), list) else []
+        cport = container_port(sid, meta, port)
+        if route_name(service, cport) is None:
+            problems.append(Problem(where, f"route name for port {cport} is not a safe host label"))
+            continue
+        tags = tuple(sorted({t for t in svc.get("Tags") or () if isinstance(t, str)}))
+        problems.extend(Problem(where, f"edge.host tag {b!r} is not a host name") for b in edge_hosts(tags)[1])
         checks = entry.get("Checks") if isinstance(entry.get("Checks"), list) else []
         healthy = all(isinstance(c, dict) and c.get("Status") == "passing" for c in checks)
         instances.append(Instance(
@@ -168,11 +173,36 @@ def instances_from_health(service: str, entries: object) -> tuple[tuple[Instance
             service_id=sid,
             address=address,
             port=port,
-            container_port=container_port(sid, meta, port),
+            container_port=cport,
             healthy=healthy,
-            tags=tuple(sorted({t for t in tags if isinstance(t, str)})),
+            tags=tags,
         ))
     return tuple(sorted(instances)), tuple(problems)
+
+
+def instances_from_node_dump(nodes: object) -> dict[str, list[dict]]:
+    """`/v1/internal/ui/nodes` (every node with its services and checks, in one answer) →
+    health entries per service name, shaped as `/v1/health/service/<name>` returns them.
+
+    Used for full syncs: one request instead of one per service. Each instance gets its node's
+    checks and its own, as Consul's health endpoint would give it.
+    """
+    entries: dict[str, list[dict]] = {}
+    for node in nodes if isinstance(nodes, list) else []:
+        if not isinstance(node, dict):
+            continue
+        checks = [c for c in node.get("Checks") or () if isinstance(c, dict)]
+        node_checks = [c for c in checks if not c.get("ServiceID")]
+        for svc in node.get("Services") or ():
+            if not isinstance(svc, dict) or svc.get("Kind") or not isinstance(svc.get("Service"), str):
+                continue
+            own = [c for c in checks if c.get("ServiceID") and c.get("ServiceID") == svc.get("ID")]
+            entries.setdefault(svc["Service"], []).append({
+                "Node": {"Node": node.get("Node"), "Address": node.get("Address")},
+                "Service": svc,
+                "Checks": node_checks + own,
+            })
+    return entries
 
 
 def _count(row: Mapping[str, object], key: str) -> int:

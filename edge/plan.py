@@ -46,6 +46,8 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
     changes: list[str] = []
     for route in desired.routes:
         old = live.get(route.name)
+        if old is route:
+            continue  # untouched by this change (update_table reuses the object)
         if old is None:
             changes.extend(f"+ {route.name} {s}" for s in route.servers)
             continue

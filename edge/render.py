@@ -117,10 +117,12 @@ def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...]
         return template.render({**context, "routes": routes[:shown], "total_routes": len(routes),
                                 "hidden_routes": len(routes) - shown})
 
-    full = page(len(routes))
-    if len(full.encode()) <= LANDING_MAX_BYTES:
-        return full
-    low, high = 0, len(routes)  # page(low) fits, page(high) does not
+    # A route's row takes well over 40 bytes, so no more than this many can fit.
+    high = min(len(routes), LANDING_MAX_BYTES // 40)
+    text = page(high)
+    if len(text.encode()) <= LANDING_MAX_BYTES:
+        return text
+    low = 0  # page(low) fits, page(high) does not
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if len(page(mid).encode()) <= LANDING_MAX_BYTES else (low, mid)

@@ -3,13 +3,18 @@
 `build_table(services, previous)` groups instances into routes by their route name, filters
 the healthy ones and places each in a server slot. An instance keeps its slot for as long as it
 stays healthy, so a change moves as few slots as possible and can be applied through HAProxy's
-runtime API; a backend's slot count only grows (doubling) when it is full. Pure: no I/O.
+runtime API; a backend's slot count only grows (doubling) when it is full.
+
+`update_table(previous, services, changed)` gives the same result when only the services named
+in `changed` differ, touching only their routes: the work per change does not grow with the
+number of services. Exact hosts (`edge.host` tags) are resolved across all routes, so a change
+that involves them takes the full path. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from edge.model import Instance, Problem, edge_hosts, route_name
@@ -42,6 +47,7 @@ class Route:
     hosts: tuple[str, ...]
     slots: tuple[Server | None, ...]
     instances: int
+    services: tuple[str, ...] = ()   # the Consul services whose instances make up this route
 
     @property
     def backend(self) -> str:
@@ -59,6 +65,7 @@ class Route:
 @dataclass(frozen=True)
 class RouteTable:
     routes: tuple[Route, ...] = ()
+    problems: tuple[Problem, ...] = field(default=(), compare=False)  # host claims in conflict
     _by_name: dict[str, Route] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -72,43 +79,67 @@ class RouteTable:
         return tuple(r.name for r in self.routes)
 
 
-def build_table(services: Mapping[str, tuple[Instance, ...]], previous: RouteTable | None = None,
-                min_slots: int = MIN_SLOTS) -> tuple[RouteTable, tuple[Problem, ...]]:
-    previous = previous or RouteTable()
-    problems: list[Problem] = []
+def _group(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str],
+           only: set[str] | None = None) -> dict[str, list[Instance]]:
     members: dict[str, list[Instance]] = defaultdict(list)
-    for service in sorted(services):
-        for inst in services[service]:
+    for service in names:
+        for inst in services.get(service, ()):
             name = route_name(inst.service, inst.container_port)
-            if name is None:
-                problems.append(Problem(f"{inst.service}/{inst.service_id}",
-                                        f"route name for port {inst.container_port} is not a safe host label"))
-                continue
-            members[name].append(inst)
+            if name is not None and (only is None or name in only):
+                members[name].append(inst)
+    return members
 
+
+def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route | None, min_slots: int) -> Route:
+    healthy = {i.key: Server(i.address, i.port, i.node, i.service_id) for i in insts if i.healthy}
+    return Route(name=name, hosts=hosts, slots=place(healthy, old.slots if old else (), min_slots),
+                 instances=len(insts), services=tuple(sorted({i.service for i in insts})))
+
+
+def build_table(services: Mapping[str, tuple[Instance, ...]], previous: RouteTable | None = None,
+                min_slots: int = MIN_SLOTS) -> RouteTable:
+    previous = previous or RouteTable()
+    members = _group(services, sorted(services))
     claims: dict[str, set[str]] = defaultdict(set)
     for name, insts in members.items():
         for inst in insts:
-            hosts, bad = edge_hosts(inst.tags)
-            for host in hosts:
+            for host in edge_hosts(inst.tags)[0]:
                 claims[host].add(name)
-            problems.extend(Problem(f"{inst.service}/{inst.service_id}", f"edge.host tag {b!r} is not a host name")
-                            for b in bad)
     owner: dict[str, list[str]] = defaultdict(list)
+    problems = []
     for host, names in sorted(claims.items()):
         winner = min(names)
         owner[winner].append(host)
         if len(names) > 1:
             problems.append(Problem(host, f"claimed by routes {sorted(names)}; {winner} keeps it"))
+    routes = tuple(_route(name, members[name], tuple(sorted(owner.get(name, ()))), previous.get(name), min_slots)
+                   for name in sorted(members))
+    return RouteTable(routes, tuple(problems))
 
-    routes = []
-    for name in sorted(members):
-        insts = members[name]
-        healthy = {i.key: Server(i.address, i.port, i.node, i.service_id) for i in insts if i.healthy}
-        old = previous.get(name)
-        slots = place(healthy, old.slots if old else (), min_slots)
-        routes.append(Route(name=name, hosts=tuple(sorted(owner.get(name, ()))), slots=slots, instances=len(insts)))
-    return RouteTable(tuple(routes)), tuple(sorted(set(problems)))
+
+def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ...]], changed: set[str],
+                 min_slots: int = MIN_SLOTS) -> RouteTable:
+    """`build_table(services, previous)`, computed from the routes of the `changed` services only."""
+    if not changed:
+        return previous
+    affected = {r.name for r in previous.routes if not changed.isdisjoint(r.services)}
+    fresh = _group(services, changed)
+    affected |= set(fresh)
+    contributors = {s for name in affected if (r := previous.get(name)) for s in r.services} - changed
+    members = _group(services, sorted(contributors), only=affected)
+    for name, insts in fresh.items():
+        members[name].extend(insts)
+    old_hosts = any(previous.get(name) and previous.get(name).hosts for name in affected)
+    new_hosts = any(edge_hosts(i.tags)[0] for insts in members.values() for i in insts)
+    if old_hosts or new_hosts:
+        return build_table(services, previous, min_slots)  # host claims are resolved across routes
+    by_name = dict(previous._by_name)
+    for name in affected:
+        if members.get(name):
+            by_name[name] = _route(name, members[name], (), previous.get(name), min_slots)
+        else:
+            by_name.pop(name, None)
+    return RouteTable(tuple(by_name[n] for n in sorted(by_name)), previous.problems)
 
 
 def place(servers: Mapping[tuple[str, str], Server], old: tuple[Server | None, ...],

@@ -35,6 +35,7 @@ from edge.model import (
     Problem,
     ServiceSummary,
     instances_from_health,
+    instances_from_node_dump,
     routable_service,
     summaries_from_ui,
 )
@@ -43,6 +44,7 @@ from haproxy_consul.consul_api import ConsulAddress, client
 log = logging.getLogger("edge.watch")
 
 UI_SERVICES = "/v1/internal/ui/services"
+UI_NODES = "/v1/internal/ui/nodes"
 CONSUL_ERRORS = (consul.ConsulException, requests.RequestException, ValueError)
 
 
@@ -75,12 +77,13 @@ class Stats:
 
     long_polls: int = 0
     fetches: int = 0
+    dumps: int = 0
     full_refreshes: int = 0
     errors: int = 0
 
     def __str__(self) -> str:
-        return (f"long_polls={self.long_polls} fetches={self.fetches} full_refreshes={self.full_refreshes} "
-                f"errors={self.errors}")
+        return (f"long_polls={self.long_polls} fetches={self.fetches} dumps={self.dumps} "
+                f"full_refreshes={self.full_refreshes} errors={self.errors}")
 
 
 class ConsulWatcher:
@@ -106,14 +109,22 @@ class ConsulWatcher:
         return self._local.client
 
     # --- Consul calls ------------------------------------------------------------------------
-    def _summaries_at(self, index: int, wait: float) -> tuple[int, dict[str, ServiceSummary]]:
-        params = [("index", str(index)), ("wait", f"{wait:g}s")] if index else []
+    def _get(self, path: str, params: list[tuple[str, str]]):
         if self.datacenter:
-            params.append(("dc", self.datacenter))
+            params = [*params, ("dc", self.datacenter)]
         headers = {"X-Consul-Token": self.token} if self.token else None
+        return self._client().http.get(CB.json(index=True), path, params=params, headers=headers)
+
+    def _summaries_at(self, index: int, wait: float) -> tuple[int, dict[str, ServiceSummary]]:
         self.stats.long_polls += 1
-        raw_index, rows = self._client().http.get(CB.json(index=True), UI_SERVICES, params=params, headers=headers)
+        raw_index, rows = self._get(UI_SERVICES, [("index", str(index)), ("wait", f"{wait:g}s")] if index else [])
         return int(raw_index), summaries_from_ui(rows)
+
+    def _dump(self) -> dict[str, list[dict]]:
+        """Every node with its services and checks in one answer, grouped as health entries."""
+        self.stats.dumps += 1
+        _, nodes = self._get(UI_NODES, [])
+        return instances_from_node_dump(nodes)
 
     def _fetch(self, name: str) -> tuple[tuple[Instance, ...], tuple[Problem, ...]]:
         self.stats.fetches += 1
@@ -124,32 +135,52 @@ class ConsulWatcher:
     def sync_once(self) -> Snapshot:
         """Full fetch of everything now (cold start, `--once`, `routes`); raises on any error."""
         index, summaries = self._summaries_at(0, self.wait)
-        self._apply(summaries, set(summaries), strict=True)
+        self._apply(summaries, set(summaries), strict=True, full=True)
         return self.snapshot(index)
 
-    def _apply(self, summaries: dict[str, ServiceSummary], changed: set[str], strict: bool) -> bool:
-        """Fetch `changed` routable services and fold them in; False if any fetch failed."""
+    def _apply(self, summaries: dict[str, ServiceSummary], changed: set[str], strict: bool,
+               full: bool = False) -> bool:
+        """Fetch `changed` routable services and fold them in; False if any fetch failed.
+        `full`: every service, from one node dump instead of one request per service."""
         routable = {n for n in summaries if routable_service(n)}
         for name in sorted(set(summaries) - routable - self._skipped):
             log.warning("skipping service %r: its name cannot be a route (allowed: a-z 0-9 - _, "
                         "at most 63 characters; %s is never routed)", name, "/".join(sorted(EXCLUDED_SERVICES)))
         self._skipped = set(summaries) - routable
         todo = sorted((changed | self._retry) & routable)
+        if full:
+            try:
+                dump = self._dump()
+            except CONSUL_ERRORS:
+                if strict:
+                    raise
+                dump = None
+            if dump is not None:
+                # A service registered after the summaries were read is fetched on its own next round.
+                results = {name: instances_from_health(name, dump[name]) for name in todo if name in dump}
+                self._retry = {name for name in todo if name not in dump}
+                self._store(results, routable, summaries)
+                return True
         results = dict(zip(todo, self._pool.map(self._fetch_safely, todo), strict=True))
         failed = {name for name, result in results.items() if isinstance(result, Exception)}
         if failed and strict:
             raise next(r for r in results.values() if isinstance(r, Exception))
         for name in failed:
             log.warning("could not fetch service %r, keeping its last known instances: %s", name, results[name])
-        for name, result in results.items():
-            if name not in failed:
-                self._services[name], self._problems[name] = result
+        self._store({n: r for n, r in results.items() if n not in failed}, routable, summaries)
+        self._retry = failed
+        return not failed
+
+    def _store(self, results: dict, routable: set[str], summaries: dict[str, ServiceSummary]) -> None:
+        for name, (instances, problems) in results.items():
+            # Keep the very same tuple when nothing changed: the control loop compares by identity first.
+            if self._services.get(name) != instances:
+                self._services[name] = instances
+            self._problems[name] = problems
         for name in set(self._services) - routable:
             del self._services[name]
             self._problems.pop(name, None)
-        self._retry = failed
         self._summaries = summaries
-        return not failed
 
     def _fetch_safely(self, name: str):
         try:
@@ -201,7 +232,7 @@ class ConsulWatcher:
             new_index = 1
         if new_index < index:
             log.info("consul index went back from %d to %d (agent restarted?): full refresh", index, new_index)
-            self._apply(summaries, set(summaries), strict=False)
+            self._apply(summaries, set(summaries), strict=False, full=True)
             self.publish(self.snapshot(new_index))
             return new_index
         if new_index == index and not self._retry:
@@ -214,7 +245,7 @@ class ConsulWatcher:
                      "(an instance re-registered in place?): refreshing all services", new_index)
             changed = set(summaries)
         if changed or removed or self._retry:
-            self._apply(summaries, changed, strict=False)
+            self._apply(summaries, changed, strict=False, full=changed == set(summaries) and len(changed) > 1)
             self.publish(self.snapshot(new_index))
             log.debug("index %d: %d changed, %d removed (%s)", new_index, len(changed), len(removed), self.stats)
         return new_index

@@ -236,7 +236,7 @@ HAPROXY_CHECK_DIR = Path(f"/tmp/hostile-check-{os.getpid()}")
 @given(st.dictionaries(st.text(max_size=40), st.lists(raw_entry, max_size=3), max_size=4))
 def test_hostile_renders_pass_haproxy_check(data):
     services = {name: instances_from_health(name, entries)[0] for name, entries in data.items()}
-    table, _ = build_table(services)
+    table = build_table(services)
     rendered = render(table, Listeners("127.0.0.1:1", "127.0.0.1:2", "/tmp/x.sock", (DOMAIN,)),
                       templates_source.load(templates_source.bundled()))
     HAPROXY_CHECK_DIR.mkdir(exist_ok=True)

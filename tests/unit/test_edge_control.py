@@ -68,10 +68,23 @@ def edge(monkeypatch):
 def test_instance_churn_is_runtime_then_the_file(edge):
     edge.on_snapshot(snap(("web", [8001, 8002])))
     edge.step()
+    assert edge.haproxy.kinds() == ["runtime"]
+    edge.flush(force=True)                                # the file follows once inputs are quiet
     assert edge.haproxy.kinds() == ["runtime", "write"]
     assert edge.haproxy.calls[0][1] == ("set server be_web-80/s2 addr 10.0.0.1 port 8002",
                                         "set server be_web-80/s2 state ready")
     assert "server s2 10.0.0.1:8002" in edge.haproxy.calls[1][1]
+
+
+def test_file_write_waits_for_quiet_inputs(monkeypatch, edge):
+    monkeypatch.setattr(control, "QUIET", 10.0)
+    edge.on_snapshot(snap(("web", [8001, 8002])))
+    edge.step()
+    edge.flush()
+    assert edge.haproxy.kinds() == ["runtime"]            # a burst is still arriving
+    monkeypatch.setattr(control, "MAX_DELAY", 0.0)
+    edge.flush()
+    assert edge.haproxy.kinds() == ["runtime", "write"]   # but never later than MAX_DELAY
 
 
 def test_unchanged_snapshot_does_nothing(edge):

@@ -6,6 +6,7 @@ from edge.model import (
     container_port,
     edge_hosts,
     instances_from_health,
+    instances_from_node_dump,
     routable_service,
     route_name,
     summaries_from_ui,
@@ -112,6 +113,43 @@ def test_instances_from_health(raw, healthy, address, problem):
     else:
         assert instances == ()
         assert problem in problems[0].reason or problem in str(problems[0])
+
+
+def test_unroutable_name_and_port_combination_is_skipped_and_reported():
+    raw = entry(port=8080)
+    instances, problems = instances_from_health("a" * 60, [raw])
+    assert instances == ()
+    assert "route name for port 8080" in problems[0].reason
+
+
+def test_bad_edge_host_tag_is_reported_and_the_instance_kept():
+    instances, problems = instances_from_health("web", [entry(tags=("edge.host=bad host", "edge.host=ok.org"))])
+    assert len(instances) == 1
+    assert [p.reason for p in problems] == ["edge.host tag 'bad host' is not a host name"]
+
+
+def test_node_dump_gives_what_the_health_endpoint_gives():
+    nodes = [{
+        "Node": "n1", "Address": "10.0.0.1",
+        "Services": [{"ID": "w1", "Service": "web", "Address": "", "Port": 81, "Tags": ["t"],
+                      "Meta": {"container_port": "80"}},
+                     {"ID": "p", "Service": "web-proxy", "Kind": "connect-proxy", "Port": 1},
+                     "junk"],
+        "Checks": [{"CheckID": "serfHealth", "ServiceID": "", "Status": "passing"},
+                   {"CheckID": "c1", "ServiceID": "w1", "Status": "critical"},
+                   {"CheckID": "c2", "ServiceID": "other", "Status": "passing"}],
+    }, "junk"]
+    grouped = instances_from_node_dump(nodes)
+    assert list(grouped) == ["web"]
+    from_dump, _ = instances_from_health("web", grouped["web"])
+    from_health, _ = instances_from_health("web", [{
+        "Node": {"Node": "n1", "Address": "10.0.0.1"},
+        "Service": {"ID": "w1", "Service": "web", "Address": "", "Port": 81, "Tags": ["t"],
+                    "Meta": {"container_port": "80"}},
+        "Checks": [{"Status": "passing"}, {"Status": "critical"}],
+    }])
+    assert from_dump == from_health
+    assert from_dump[0].healthy is False and from_dump[0].address == "10.0.0.1"
 
 
 def test_instances_are_sorted_with_sorted_tags():

@@ -26,7 +26,7 @@ def sample_table() -> RouteTable:
                   i("t2:web3:80", "nginx", 32770, 80, tags=("edge.host=www.example.org",))),
         "whoami": (i("who", "whoami", 8080, 8080),),
     }
-    return build_table(services)[0]
+    return build_table(services)
 
 
 @pytest.mark.parametrize("name, listeners", [
@@ -64,7 +64,7 @@ def test_landing_page_counts_are_live_haproxy_expressions():
 
 def test_landing_page_fits_haproxy_buffer_with_many_routes():
     services = {f"svc{i}": (Instance(f"svc{i}", "n", f"s{i}", "10.0.0.1", 8000, 80, True),) for i in range(3000)}
-    table = build_table(services)[0]
+    table = build_table(services)
     landing = render(table, LISTENERS, TEMPLATES)["landing.lf"]
     assert len(landing.encode()) <= LANDING_MAX_BYTES
     shown = landing.count("data-route=")
@@ -115,7 +115,7 @@ def hostile_table(data) -> tuple[RouteTable, dict]:
     for name, entries in data.items():
         instances, _ = instances_from_health(name, entries)
         services[name] = instances
-    return build_table(services)[0], services
+    return build_table(services), services
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -30,9 +30,16 @@ class FakeWatcher(ConsulWatcher):
         self.data = {}
         self.fetched = []
         self.failing = set()
+        self.dump_fails = False
 
     def _summaries_at(self, index, wait):
         return self.catalog
+
+    def _dump(self):
+        self.stats.dumps += 1
+        if self.dump_fails:
+            raise requests.ConnectionError("boom")
+        return {name: health(name, port) for name, port in self.data.items()}
 
     def _fetch(self, name):
         self.fetched.append(name)
@@ -53,9 +60,8 @@ def w():
     watcher.catalog = (10, {"web": summary("web"), "api": summary("api"), "consul": summary("consul"),
                             "bad name": summary("bad name")})
     snap = watcher.sync_once()
-    assert ports(snap) == {"web": [80], "api": [81]}       # consul and bad names are never fetched
-    assert sorted(watcher.fetched) == ["api", "web"]
-    watcher.fetched.clear()
+    assert ports(snap) == {"web": [80], "api": [81]}       # consul and bad names are never routed
+    assert watcher.fetched == [] and watcher.stats.dumps == 1   # a full sync is one node dump
     return watcher
 
 
@@ -76,7 +82,7 @@ def test_index_moved_with_nothing_to_attribute_refreshes_everything(w):
     w.data["api"] = 99                                    # re-registered in place: same counts
     w.catalog = (12, w.catalog[1])
     w._poll(10, backoff_stub())
-    assert sorted(w.fetched) == ["api", "web"]
+    assert w.fetched == [] and w.stats.dumps == 2
     assert w.stats.full_refreshes == 1
     assert ports(w.published[-1])["api"] == [99]
 
@@ -84,7 +90,7 @@ def test_index_moved_with_nothing_to_attribute_refreshes_everything(w):
 def test_index_going_back_resets_with_a_full_refresh(w):
     w.catalog = (3, w.catalog[1])
     assert w._poll(10, backoff_stub()) == 3
-    assert sorted(w.fetched) == ["api", "web"]
+    assert w.stats.dumps == 2
 
 
 def test_removed_service_is_dropped(w):
@@ -107,10 +113,24 @@ def test_failed_fetch_keeps_last_known_instances_and_retries(w):
     assert ports(w.published[-1])["web"] == [90]
 
 
+def test_unchanged_services_keep_their_tuples_across_a_full_refresh(w):
+    before = dict(w._services)
+    w.catalog = (12, w.catalog[1])
+    w._poll(10, backoff_stub())
+    assert all(w._services[n] is before[n] for n in before)   # identity: the control loop's cheap diff
+
+
+def test_failed_dump_in_a_refresh_falls_back_to_fetches(w):
+    w.dump_fails = True
+    w.catalog = (3, w.catalog[1])
+    w._poll(10, backoff_stub())
+    assert sorted(w.fetched) == ["api", "web"]
+
+
 def test_cold_start_failure_publishes_nothing():
     watcher = FakeWatcher()
     watcher.data = {"web": 80}
-    watcher.failing = {"web"}
+    watcher.dump_fails = True
     watcher.catalog = (5, {"web": summary("web")})
     with pytest.raises(requests.ConnectionError):
         watcher.sync_once()
