@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint deps venv clean
+.PHONY: demo test unit integration lint deps venv clean bench
 
 deps:
 	bash scripts/install-deps.sh
@@ -24,6 +24,14 @@ test: deps venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest
+
+# Benchmarks (not part of the tests): each prints its figures and writes bench/out/.
+bench: deps venv
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python bench/propagation.py 200
+	$(BIN)/python bench/churn_errors.py 200 20
+	$(BIN)/python bench/scale.py 1000 5000 10000
+	$(BIN)/python bench/idle.py 60
 
 unit: venv
 	$(BIN)/pytest tests/unit

@@ -40,9 +40,10 @@ def populate(consul, n: int, backends: list[Backend]) -> float:
     return time.perf_counter() - t0
 
 
-def stats(log: str) -> tuple[int, int]:
-    found = re.findall(r"long_polls=(\d+) fetches=(\d+)", log)
-    return tuple(int(x) for x in found[-1]) if found else (0, 0)
+def stats(log: str) -> tuple[int, int, int]:
+    """The edge's latest count of Consul requests: (long-polls, per-service fetches, node dumps)."""
+    found = re.findall(r"long_polls=(\d+) fetches=(\d+) dumps=(\d+)", log)
+    return tuple(int(x) for x in found[-1]) if found else (0, 0, 0)
 
 
 def consul_connections(edge_pid: int, consul_port: int) -> int:

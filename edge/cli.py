@@ -175,5 +175,5 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
         if observer is not None:
             observer.stop()
         haproxy.stop()
-        log.info("stopped after %d reload(s)", edge.reloads)
+        log.info("stopped after %d reload(s); consul requests: %s", edge.reloads, watcher.stats)
     return 0
