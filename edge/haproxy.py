@@ -139,7 +139,18 @@ class HAProxy:
         atomic_write(self.paths.config, rendered[CONFIG_FILE])
 
     # --- process -----------------------------------------------------------------------------
+    def _orphan(self) -> int | None:
+        """The master of an HAProxy a previous edge left running (it was killed), if any."""
+        try:
+            pid = int(self.paths.pidfile.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            return None
+        mine = self.proc is not None and self.proc.pid == pid
+        return pid if not mine and b"haproxy" in cmdline and str(self.paths.config).encode() in cmdline else None
+
     def start(self, timeout: float = 30.0) -> None:
+        orphan = self._orphan()
         for sock in (self.paths.runtime_socket, self.paths.master_socket):
             sock.unlink(missing_ok=True)
         argv = [self.binary, "-W", "-S", f"{self.paths.master_socket},mode,600",
@@ -151,6 +162,11 @@ class HAProxy:
             if self.proc.poll() is not None:
                 raise NotRunning(f"HAProxy exited with status {self.proc.returncode} while starting")
             if self.current_worker() is not None and self._runtime_answers():
+                if orphan is not None:
+                    # Both listen (SO_REUSEPORT) until the old one, soft-stopped, has drained.
+                    log.warning("an HAProxy left by a previous edge (pid %d) was still serving; "
+                                "soft-stopping it now that ours answers", orphan)
+                    os.kill(orphan, signal.SIGUSR1)
                 return
             time.sleep(0.02)
         raise NotRunning(f"HAProxy did not answer on {self.paths.runtime_socket} within {timeout}s")

@@ -21,7 +21,7 @@ from edge.table import build_table
 from tests.integration.edge_helpers import answers, deregister, logged, register, reloads
 from tests.support.edge import REPO, EdgeProcess
 from tests.support.http import Backend
-from tests.support.procs import ConsulAgent, free_ports, require
+from tests.support.procs import ConsulAgent, free_ports, require, wait_until
 from tests.unit.test_edge_render import raw_entry
 
 pytestmark = pytest.mark.integration
@@ -156,6 +156,27 @@ def test_restart_serves_the_previous_state_before_consul_answers(tmp_path, backe
         logged(again, "serves the previous")
     finally:
         again.stop()
+
+
+def test_a_killed_edge_leaves_haproxy_serving_and_its_successor_takes_over(consul, backend, tmp_path):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,)).start()
+    register(consul, "orphan", "orphan-1", backend)
+    answers(edge, f"orphan-80.{DOMAIN}", {"alpha"})
+    old_master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
+    edge.proc.kill()                                   # the edge dies; its HAProxy keeps serving
+    edge.proc.wait()
+    assert edge.get(f"orphan-80.{DOMAIN}") == (200, "alpha")
+    again = EdgeProcess(consul.url, domains=(DOMAIN,), state_dir=edge.state_dir, port=edge.port,
+                        admin_port=edge.admin_port)
+    again.log_path = tmp_path / "again.log"
+    again.start()
+    try:
+        logged(again, f"(pid {old_master}) was still serving")
+        wait_until(lambda: not os.path.exists(f"/proc/{old_master}"), 10, what="the orphaned HAProxy to exit")
+        assert again.get(f"orphan-80.{DOMAIN}") == (200, "alpha")
+    finally:
+        again.stop()
+        deregister(consul, "orphan-1")
 
 
 def test_keepalive_load_sees_no_error_across_reloads(edge_factory, consul, backend):
