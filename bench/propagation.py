@@ -60,7 +60,7 @@ def chart(results: dict[str, dict[str, list[float]]]) -> None:
         return
     fig, axes = plt.subplots(1, len(KINDS), figsize=(14, 4), sharey=True)
     for ax, kind in zip(axes, KINDS, strict=True):
-        ax.boxplot([[t * 1000 for t in results[m][kind]] for m in MODES], labels=list(MODES), showfliers=True)
+        ax.boxplot([[t * 1000 for t in results[m][kind]] for m in MODES], tick_labels=list(MODES), showfliers=True)
         ax.set_title(kind)
         ax.set_yscale("log")
         ax.grid(True, axis="y", alpha=0.3)
