@@ -1,0 +1,67 @@
+"""The registrator's settings: one frozen value from (argv, environ). Flags win over environment."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from haproxy_consul.consul_api import ConsulAddress, parse_address
+from haproxy_consul.options import EnvParser
+
+
+@dataclass(frozen=True)
+class Settings:
+    docker: str
+    consul: ConsulAddress
+    token: str | None = field(default=None, repr=False)
+    hostname: str = ""
+    ip: str | None = None
+    internal: bool = False
+    resync: float = 60.0
+    tags: tuple[str, ...] = ()
+    ttl: int | None = None
+    ttl_refresh: float | None = None
+    cleanup: bool = False
+    log_level: str = "INFO"
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    p = EnvParser(prog="haproxy-consul registrator", environ=environ,
+                  description="Register the published ports of this host's containers in the local Consul agent.")
+    p.option("--docker", env="DOCKER_HOST", default="unix:///var/run/docker.sock", help="Docker Engine API")
+    p.option("--consul", env="CONSUL_HTTP_ADDR", default="http://127.0.0.1:8500", help="local Consul agent")
+    p.option("--token", env="CONSUL_HTTP_TOKEN", help="Consul ACL token (never logged)")
+    p.option("--hostname", env="REGISTRATOR_HOSTNAME", default=socket.getfqdn(),
+             help="this host's name: the first field of every service ID it registers")
+    p.option("--ip", env="REGISTRATOR_IP", help="address to register for published ports "
+             "(default: the binding's host IP if specific, else the agent's address)")
+    p.flag("--internal", env="REGISTRATOR_INTERNAL", help="register container IPs and private ports")
+    p.option("--resync", env="REGISTRATOR_RESYNC", default=60.0, type=float, help="full reconciliation period, s")
+    p.listing("--tags", env="REGISTRATOR_TAGS", help="tags added to every service")
+    p.option("--ttl", env="REGISTRATOR_TTL", type=int, help="add a TTL check of this many seconds to each service")
+    p.option("--ttl-refresh", env="REGISTRATOR_TTL_REFRESH", type=float, help="seconds between TTL passes")
+    p.flag("--cleanup", env="REGISTRATOR_CLEANUP",
+           help="on start, also remove this host's services whose container no longer exists at all")
+    p.option("--log-level", env="REGISTRATOR_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    args = p.parse_args(list(argv))
+    try:
+        consul = parse_address(args.consul)
+        ip = str(ipaddress.ip_address(args.ip)) if args.ip else None
+    except ValueError as exc:
+        p.error(str(exc))
+    hostname = args.hostname.strip()
+    if not hostname or any(not ch.isprintable() or ch in ": " for ch in hostname):
+        p.error(f"--hostname {args.hostname!r}: must be non-empty, printable, without ':' or spaces")
+    if args.resync <= 0:
+        p.error("--resync must be positive")
+    if args.ttl is not None and args.ttl <= 0:
+        p.error("--ttl must be positive")
+    ttl_refresh = args.ttl_refresh or (args.ttl / 3 if args.ttl else None)
+    if args.ttl and ttl_refresh >= args.ttl:
+        p.error("--ttl-refresh must be shorter than --ttl")
+    return Settings(docker=args.docker, consul=consul, token=args.token or None, hostname=hostname, ip=ip,
+                    internal=args.internal, resync=args.resync,
+                    tags=tuple(sorted(set(p.resolve_listing(args.tags, "REGISTRATOR_TAGS")))),
+                    ttl=args.ttl, ttl_refresh=ttl_refresh, cleanup=args.cleanup, log_level=args.log_level)

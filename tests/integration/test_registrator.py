@@ -1,0 +1,223 @@
+"""The registrator against a real Docker Engine and a real Consul agent, on loopback.
+
+One dockerd and one Consul agent serve the module; each test starts its own registrator and
+containers and asserts on what the agent's service list holds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.support.docker_engine import IMAGE, build_image, cleanup, engine
+from tests.support.edge import REPO, EdgeProcess
+from tests.support.procs import consul_agent, stop_process, wait_until
+
+pytestmark = pytest.mark.integration
+HOST = "t9"
+
+
+@pytest.fixture(scope="module")
+def dockerd():
+    eng = engine().start()
+    build_image(eng.client())
+    yield eng
+    for c in eng.client().containers.list(all=True):
+        c.remove(force=True)
+    eng.stop()
+    cleanup(eng.root)
+
+
+@pytest.fixture(scope="module")
+def consul(tmp_path_factory):
+    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
+        yield agent
+
+
+class Registrator:
+    def __init__(self, dockerd, consul, log_path, *extra):
+        self.argv = [sys.executable, "-m", "haproxy_consul", "registrator", "--docker", dockerd.url,
+                     "--consul", consul.url, "--hostname", HOST, "--resync", "2", "--log-level", "DEBUG", *extra]
+        self.log_path = log_path
+        self.proc = None
+
+    def start(self):
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        stop_process(self.proc)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def registrator(dockerd, consul, tmp_path):
+    made = []
+
+    def make(*extra):
+        made.append(Registrator(dockerd, consul, tmp_path / f"registrator{len(made)}.log", *extra).start())
+        return made[-1]
+    yield make
+    for r in made:
+        r.stop()
+        print(r.log()[-3000:])
+
+
+@pytest.fixture
+def run(dockerd):
+    started = []
+
+    def start(name, env=None, labels=None, ports=None, publish_all=True, **kw):
+        c = dockerd.client().containers.run(IMAGE, detach=True, name=name, environment=env or {}, labels=labels or {},
+                                            publish_all_ports=publish_all, ports=ports or {}, **kw)
+        started.append(c)
+        return c
+    yield start
+    for c in started:
+        try:
+            c.remove(force=True)
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+
+
+def ours(consul):
+    return {sid: s for sid, s in consul.api("GET", "/v1/agent/services").items() if sid.startswith(f"{HOST}:")}
+
+
+def host_port(container, port="80/tcp"):
+    container.reload()
+    return int(container.attrs["NetworkSettings"]["Ports"][port][0]["HostPort"])
+
+
+def test_published_port_is_registered_fast_and_leaves_with_the_container(registrator, run, consul):
+    registrator()
+    time.sleep(1)
+    t0 = time.monotonic()
+    c = run("web1")
+    wait_until(lambda: f"{HOST}:web1:80" in ours(consul), 5, what="registration")
+    assert time.monotonic() - t0 < 2.0
+    s = ours(consul)[f"{HOST}:web1:80"]
+    assert (s["Service"], s["Address"], s["Port"]) == ("nginx", "127.0.0.1", host_port(c))
+    assert s["Meta"]["container_port"] == "80" and s["Meta"]["image"] == IMAGE and s["Meta"]["host"] == HOST
+    with urllib.request.urlopen(f"http://127.0.0.1:{s['Port']}/", timeout=5) as r:
+        assert b"busybox httpd" in r.read()
+    c.stop(timeout=1)
+    wait_until(lambda: f"{HOST}:web1:80" not in ours(consul), 5, what="deregistration after stop")
+
+
+@pytest.mark.parametrize("how", ["kill", "rm"])
+def test_kill_and_rm_deregister(registrator, run, consul, how):
+    registrator()
+    c = run(f"gone-{how}")
+    wait_until(lambda: f"{HOST}:gone-{how}:80" in ours(consul), 5, what="registration")
+    c.kill() if how == "kill" else c.remove(force=True)
+    wait_until(lambda: f"{HOST}:gone-{how}:80" not in ours(consul), 5, what=f"deregistration after {how}")
+
+
+def test_pause_deregisters_and_unpause_registers(registrator, run, consul):
+    registrator()
+    c = run("pausable")
+    wait_until(lambda: f"{HOST}:pausable:80" in ours(consul), 5, what="registration")
+    c.pause()
+    wait_until(lambda: f"{HOST}:pausable:80" not in ours(consul), 5, what="gone while paused")
+    c.unpause()
+    wait_until(lambda: f"{HOST}:pausable:80" in ours(consul), 5, what="back after unpause")
+
+
+def test_service_settings(registrator, run, consul):
+    registrator("--tags", "edge,fleet")
+    run("multi", ports={"80/tcp": ("127.0.0.1", None), "8080/tcp": ("127.0.0.1", None)}, publish_all=False,
+        env={"SERVICE_8080_NAME": "admin", "SERVICE_TAGS": "a,b", "SERVICE_META_TEAM": "core"})
+    run("ignored", env={"SERVICE_IGNORE": "1"})
+    run("named", labels={"SERVICE_NAME": "Front End", "SERVICE_80_TAGS": "x"}, env={"SERVICE_NAME": "loser"})
+    wait_until(lambda: {f"{HOST}:multi:80", f"{HOST}:multi:8080", f"{HOST}:named:80"} <= set(ours(consul)), 5,
+               what="registrations")
+    s = ours(consul)
+    assert s[f"{HOST}:multi:80"]["Service"] == "nginx-80" and s[f"{HOST}:multi:8080"]["Service"] == "admin"
+    assert s[f"{HOST}:multi:80"]["Tags"] == ["a", "b", "edge", "fleet"]
+    assert s[f"{HOST}:multi:80"]["Meta"]["team"] == "core"
+    assert s[f"{HOST}:named:80"]["Service"] == "front-end" and "x" in s[f"{HOST}:named:80"]["Tags"]
+    time.sleep(0.5)
+    assert not any(":ignored:" in sid for sid in ours(consul))
+
+
+def test_checks_pass_and_fail(registrator, run, consul):
+    registrator()
+    run("checked-ok", env={"SERVICE_CHECK_HTTP": "/index.html", "SERVICE_CHECK_INTERVAL": "1s"})
+    run("checked-bad", env={"SERVICE_CHECK_HTTP": "/missing", "SERVICE_CHECK_INTERVAL": "1s"})
+    run("checked-tcp", env={"SERVICE_CHECK_TCP": "true", "SERVICE_CHECK_INTERVAL": "1s",
+                            "SERVICE_CHECK_TIMEOUT": "not-a-duration"})
+
+    def status(sid):
+        checks = consul.api("GET", "/v1/agent/checks")
+        return checks.get(f"service:{sid}", {}).get("Status")
+    wait_until(lambda: status(f"{HOST}:checked-ok:80") == "passing", 10, what="HTTP check passing")
+    wait_until(lambda: status(f"{HOST}:checked-bad:80") == "critical", 10, what="HTTP check failing")
+    wait_until(lambda: status(f"{HOST}:checked-tcp:80") == "passing", 10, what="TCP check passing")
+
+
+def test_hostile_container_settings_are_ignored_and_logged(registrator, run, consul):
+    r = registrator()
+    run("hostile", labels={"SERVICE_NAME": "\n\n", "SERVICE_TAGS": "ok,\u0000bad,", "SERVICE_META_bad key": "1",
+                           "SERVICE_CHECK_HTTP": "no slash"})
+    wait_until(lambda: f"{HOST}:hostile:80" in ours(consul), 5, what="registration despite bad settings")
+    s = ours(consul)[f"{HOST}:hostile:80"]
+    assert s["Service"] == "nginx" and all("\u0000" not in t for t in s["Tags"])
+    wait_until(lambda: "not a path starting with /" in r.log(), 5, what="bad setting logged")
+    assert r.proc.poll() is None
+
+
+def test_restart_while_containers_change_loses_nothing_and_leaves_nothing_stale(registrator, run, consul):
+    r = registrator()
+    keep, drop = run("keep"), run("drop")
+    wait_until(lambda: {f"{HOST}:keep:80", f"{HOST}:drop:80"} <= set(ours(consul)), 5, what="registrations")
+    other = {"ID": "t3:elsewhere:80", "Name": "nginx", "Port": 1}
+    consul.api("PUT", "/v1/agent/service/register", other)        # another host's: never touched
+    r.kill()
+    drop.remove(force=True)
+    new = run("new")
+    moved_port = host_port(keep)
+    registrator("--cleanup")
+    wait_until(lambda: set(ours(consul)) == {f"{HOST}:keep:80", f"{HOST}:new:80"}, 5,
+               what="exactly the running containers")
+    assert ours(consul)[f"{HOST}:keep:80"]["Port"] == moved_port and new.status in ("created", "running")
+    assert "t3:elsewhere:80" in consul.api("GET", "/v1/agent/services")
+    consul.api("PUT", "/v1/agent/service/deregister/t3:elsewhere:80")
+
+
+def test_dockerd_restart_is_survived(dockerd, registrator, run, consul):
+    r = registrator()
+    run("before")
+    wait_until(lambda: f"{HOST}:before:80" in ours(consul), 5, what="registration")
+    dockerd.stop()                                                  # stops its containers too
+    wait_until(lambda: "reconnecting" in r.log(), 10, what="event stream loss noticed")
+    dockerd.start()
+    wait_until(lambda: "reconnected" in r.log(), 15, what="event stream back")
+    wait_until(lambda: f"{HOST}:before:80" not in ours(consul), 10, what="stopped container deregistered")
+    run("after")
+    wait_until(lambda: f"{HOST}:after:80" in ours(consul), 5, what="registration after the restart")
+    assert r.proc.poll() is None
+
+
+def test_container_answers_through_the_edge(registrator, run, consul):
+    registrator()
+    edge = EdgeProcess(consul.url, domains=("t9.example",)).start()
+    try:
+        run("e2e")
+        wait_until(lambda: edge.get("nginx-80.t9.example") == (200, "hello from busybox httpd\n"), 10,
+                   what="nginx-80 through the edge")
+    finally:
+        edge.stop()
