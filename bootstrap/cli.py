@@ -1,0 +1,40 @@
+"""`haproxy-consul bootstrap [options] [-- consul agent args]`: wiring and exit codes.
+
+0: stopped on request; 2: bad options or servers disagreeing on --expect; otherwise the Consul
+agent's own exit status, so a unit's restart policy applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Mapping, Sequence
+
+from bootstrap.etcd import Etcd
+from bootstrap.settings import parse
+from bootstrap.supervise import Supervisor
+from haproxy_consul import __version__, logs
+
+log = logging.getLogger("bootstrap")
+
+
+def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
+    settings = parse(argv, environ)
+    logs.setup(settings.log_level)
+    log.info("haproxy-consul bootstrap %s; etcd %s; prefix %s; machine %s; advertise %s; expect %d; data %s",
+             __version__, ",".join(settings.etcd), settings.prefix, settings.machine_id, settings.advertise,
+             settings.expect, settings.data_dir)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return Supervisor(settings, Etcd(settings.etcd), stop).run()
+    except ValueError as exc:       # servers disagree on --expect
+        log.error("%s", exc)
+        return 2

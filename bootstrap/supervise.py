@@ -1,0 +1,143 @@
+"""Announce, wait, run the agent, keep the lease alive; leave and revoke on the way out.
+
+The lease is kept alive every ttl/3 seconds while the agent runs; if etcd lost it (an outage
+longer than the TTL) a new one is granted and the announcement written again. SIGTERM makes
+the agent leave the cluster gracefully (`consul leave`); Consul's own exit status becomes ours,
+so a unit's restart policy applies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import threading
+import time
+
+from bootstrap import resolved
+from bootstrap.etcd import Etcd, EtcdError, EtcdUnavailable
+from bootstrap.plan import Member, agent_argv, announcement, decide, http_address, machines_key, members_from_kv
+from bootstrap.settings import Settings
+
+log = logging.getLogger("bootstrap")
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if bootstrap itself dies, so no agent outlives its supervisor."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Supervisor:
+    def __init__(self, s: Settings, etcd: Etcd, stop: threading.Event):
+        self.s, self.etcd, self.stop = s, etcd, stop
+        self.me = Member(s.machine_id, s.advertise, s.expect)
+        self.key = machines_key(s.prefix, s.machine_id)
+        self.lease: str | None = None
+
+    def _retrying(self, what: str, fn):
+        """Call fn until etcd answers (capped backoff), or None once we are asked to stop."""
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                return fn()
+            except EtcdUnavailable as exc:
+                log.error("etcd %s unreachable (%s): %s; retrying in %.1fs", ",".join(self.s.etcd), what, exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 10.0)
+        return None
+
+    def announce(self) -> bool:
+        def do() -> bool:
+            self.lease = self.etcd.grant(self.s.ttl)
+            self.etcd.put(self.key, announcement(self.s.advertise, self.s.expect), self.lease)
+            return True
+        ok = self._retrying("announce", do)
+        if ok:
+            log.info("announced %s -> %s under %s (lease %s, ttl %ds)", self.s.machine_id, self.s.advertise,
+                     self.key, self.lease, self.s.ttl)
+        return bool(ok)
+
+    def members(self) -> tuple[Member, ...] | None:
+        kvs = self._retrying("read members", lambda: self.etcd.get_prefix(machines_key(self.s.prefix)))
+        if kvs is None:
+            return None
+        members, problems = members_from_kv(kvs, self.s.prefix)
+        for problem in problems:
+            log.warning("%s", problem)
+        return members
+
+    def keepalive(self) -> None:
+        while not self.stop.wait(max(1.0, self.s.ttl / 3)):
+            try:
+                if self.etcd.keepalive(self.lease) == 0:
+                    log.warning("lease %s expired in etcd; announcing again", self.lease)
+                    self.lease = self.etcd.grant(self.s.ttl)
+                    self.etcd.put(self.key, announcement(self.s.advertise, self.s.expect), self.lease)
+            except (EtcdUnavailable, EtcdError) as exc:
+                log.warning("lease keepalive failed: %s", exc)
+
+    def wait_for_peers(self) -> tuple[Member, ...] | None:
+        has_data = (self.s.data_dir / "raft").is_dir()
+        t0, last = time.monotonic(), ""
+        while not self.stop.is_set():
+            members = self.members()
+            if members is None:
+                return None
+            decision = decide(self.me, members, self.s.expect, has_data, time.monotonic() - t0, self.s.wait_timeout)
+            if decision.reason != last:
+                log.info("%s", decision.reason)
+                last = decision.reason
+            if decision.start:
+                return members
+            self.stop.wait(1.0)
+        return None
+
+    def run(self) -> int:
+        if self.s.dry_run:
+            members = self.members() or ()
+            print(" ".join(agent_argv(self.s.consul, self.me, members, self.s.expect, str(self.s.data_dir),
+                                      self.s.datacenter, self.s.agent_args)))
+            return 0
+        if not self.announce():
+            return 0
+        keeper = threading.Thread(target=self.keepalive, name="etcd-keepalive", daemon=True)
+        keeper.start()
+        dropin = None
+        try:
+            members = self.wait_for_peers()
+            if members is None:
+                return 0
+            self.s.data_dir.mkdir(parents=True, exist_ok=True)
+            argv = agent_argv(self.s.consul, self.me, members, self.s.expect, str(self.s.data_dir),
+                              self.s.datacenter, self.s.agent_args)
+            log.info("starting: %s", " ".join(argv))
+            proc = subprocess.Popen(argv, preexec_fn=_die_with_parent)
+            if self.s.dns_resolved:
+                dropin = resolved.install(self.s.resolved_dir, self.s.advertise, self.s.dns_port)
+            while proc.poll() is None:
+                if self.stop.wait(0.2):
+                    self.leave(proc)
+                    break
+            status = proc.wait()
+            log.info("consul agent exited with status %d", status)
+            return 0 if self.stop.is_set() else status
+        finally:
+            if dropin is not None:
+                resolved.remove(dropin)
+            if self.lease is not None:
+                try:
+                    self.etcd.revoke(self.lease)
+                    log.info("revoked lease %s: %s is no longer announced", self.lease, self.s.machine_id)
+                except EtcdUnavailable as exc:
+                    log.warning("could not revoke lease %s (it expires in %ds): %s", self.lease, self.s.ttl, exc)
+
+    def leave(self, proc: subprocess.Popen) -> None:
+        address = http_address(self.s.agent_args)
+        log.info("leaving the cluster gracefully (consul leave -http-addr=%s)", address)
+        try:
+            subprocess.run([self.s.consul, "leave", f"-http-addr={address}"], capture_output=True, timeout=20)
+            proc.wait(20)
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            log.warning("graceful leave did not finish (%s); stopping the agent", exc)
+            proc.terminate()
