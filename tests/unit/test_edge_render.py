@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge import templates_source
-from edge.model import Instance, instances_from_health
+from edge.model import Instance, instances_from_health, route_name
 from edge.render import LANDING_MAX_BYTES, Listeners, TemplateError, render
 from edge.table import RouteTable, build_table
 
@@ -134,3 +134,13 @@ def test_hostile_data_never_injects_configuration(data):
         key, value = line.split(" ")
         assert re.fullmatch(r"[a-z0-9_.-]+", key) and re.fullmatch(r"be_[a-z0-9_-]+", value)
     assert config.count("\nbackend be_") == len(table.routes)
+    # Everything that survived validation still routes: each healthy instance holds a slot of its
+    # route (one per node and ID), and each slot is a server line of that backend.
+    for instances in hostile_table(data)[1].values():
+        for inst in (i for i in instances if i.healthy):
+            route = table.get(route_name(inst.service, inst.container_port))
+            assert inst.key in {s.key for s in route.servers}, inst
+    for route in table.routes:
+        section = config.split(f"\nbackend {route.backend}\n")[1].split("\nbackend ")[0]
+        for server in route.servers:
+            assert re.search(rf"^    server s\d+ {re.escape(server.address)}:{server.port}$", section, re.M), server
