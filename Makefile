@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint deps venv clean bench
+.PHONY: demo test unit integration lint deps venv clean bench image
 
 deps:
 	bash scripts/install-deps.sh
@@ -32,6 +32,10 @@ bench: deps venv
 	$(BIN)/python bench/churn_errors.py 200 20
 	$(BIN)/python bench/scale.py 1000 5000 10000
 	$(BIN)/python bench/idle.py 60
+
+# The container image (DOCKER_HOST picks the engine; IMAGE_ARGS=--debootstrap where no registry answers).
+image: deps venv
+	$(BIN)/python scripts/build_image.py $(IMAGE_ARGS)
 
 unit: venv
 	$(BIN)/pytest tests/unit

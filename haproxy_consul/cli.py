@@ -15,6 +15,7 @@ PROGRAMS = {
     "edge": "edge.cli",
     "registrator": "registrator.cli",
     "bootstrap": "bootstrap.cli",
+    "health": "haproxy_consul.health",
 }
 
 USAGE = f"""usage: haproxy-consul {{{",".join(PROGRAMS)}}} [options]
@@ -22,6 +23,7 @@ USAGE = f"""usage: haproxy-consul {{{",".join(PROGRAMS)}}} [options]
   edge         route <service>-<port>.<domain> to healthy Consul instances through HAProxy
   registrator  register the published ports of this host's containers in Consul
   bootstrap    form the Consul server cluster through etcd and run the agent
+  health       the container's health check for whichever of the three it runs
 
 haproxy-consul {__version__}; `haproxy-consul PROGRAM --help` for options.
 """
