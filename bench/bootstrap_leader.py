@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness import write_csv
 
-from tests.integration.test_bootstrap import Bootstrap, one_cluster
+from tests.integration.test_bootstrap_cluster import Bootstrap, one_cluster
 from tests.support.etcd import EtcdServer
 from tests.support.procs import wait_until
 

@@ -1,7 +1,7 @@
 """`haproxy-consul bootstrap [options] [-- consul agent args]`: wiring and exit codes.
 
-0: stopped on request; 2: bad options or servers disagreeing on --expect; otherwise the Consul
-agent's own exit status, so a unit's restart policy applies.
+0: stopped on request; 2: bad options or servers disagreeing on --expect; 1: etcd refused a
+request; otherwise the Consul agent's own exit status, so a unit's restart policy applies.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import signal
 import threading
 from collections.abc import Mapping, Sequence
 
-from bootstrap.etcd import Etcd
+from bootstrap.etcd import Etcd, EtcdError
+from bootstrap.plan import ExpectMismatch
 from bootstrap.settings import parse
 from bootstrap.supervise import Supervisor
 from haproxy_consul import __version__, logs
@@ -33,8 +34,14 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    etcd = Etcd(settings.etcd)
     try:
-        return Supervisor(settings, Etcd(settings.etcd), stop).run()
-    except ValueError as exc:       # servers disagree on --expect
+        return Supervisor(settings, etcd, stop).run()
+    except ExpectMismatch as exc:
         log.error("%s", exc)
         return 2
+    except EtcdError as exc:
+        log.error("etcd refused a request: %s", exc)
+        return 1
+    finally:
+        etcd.close()

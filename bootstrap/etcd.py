@@ -41,9 +41,12 @@ def prefix_end(prefix: str) -> str:
 
 
 class Etcd:
-    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0):
+    def __init__(self, endpoints: Sequence[str], timeout: float = 5.0, transport: httpx.BaseTransport | None = None):
         self.endpoints = [e.rstrip("/") for e in endpoints]
-        self.http = httpx.Client(timeout=timeout)
+        self.http = httpx.Client(timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
 
     @retry(retry=retry_if_exception_type(EtcdUnavailable), stop=stop_after_attempt(3),
            wait=wait_exponential(multiplier=0.2, max=1), reraise=True)
@@ -56,6 +59,9 @@ class Etcd:
             except (httpx.HTTPError, ValueError) as exc:
                 errors.append(f"{endpoint}: {exc}")
                 continue
+            if not isinstance(data, dict):
+                errors.append(f"{endpoint}: not an etcd answer")
+                continue
             if "error" in data:
                 raise EtcdError(data.get("message") or data["error"])
             if response.status_code >= 400:
@@ -65,7 +71,10 @@ class Etcd:
         raise EtcdUnavailable("; ".join(errors))
 
     def grant(self, ttl: int) -> str:
-        return str(self._post("/v3/lease/grant", {"TTL": ttl})["ID"])
+        lease = self._post("/v3/lease/grant", {"TTL": ttl}).get("ID")
+        if not lease:
+            raise EtcdError("lease grant answered without a lease ID")
+        return str(lease)
 
     def keepalive(self, lease: str) -> int:
         """The lease's remaining TTL; 0 when it is gone."""
@@ -83,6 +92,11 @@ class Etcd:
         if lease:
             body["lease"] = lease
         self._post("/v3/kv/put", body)
+
+    def get(self, key: str) -> str | None:
+        data = self._post("/v3/kv/range", {"key": _b64(key)})
+        kvs = data.get("kvs") or ()
+        return _text(kvs[0].get("value", "")) if kvs else None
 
     def get_prefix(self, prefix: str) -> dict[str, str]:
         data = self._post("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(prefix_end(prefix))})

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
+class ExpectMismatch(Exception):
+    """Announced servers disagree on how many servers the cluster has: a misconfiguration."""
+
+
 @dataclass(frozen=True, order=True)
 class Member:
     machine_id: str
@@ -77,8 +81,8 @@ def decide(me: Member, members: Sequence[Member], expect: int, has_data: bool, w
     """
     disagree = sorted({m.expect for m in members if m.expect is not None and m.expect != expect})
     if disagree:
-        raise ValueError(f"--expect {expect} disagrees with other announced servers ({disagree}); "
-                         "every server of one cluster must expect the same number")
+        raise ExpectMismatch(f"--expect {expect} disagrees with other announced servers ({disagree}); "
+                             "every server of one cluster must expect the same number")
     known = {m.machine_id for m in members} | {me.machine_id}
     if has_data:
         return Decision(True, "existing Raft data: rejoining the cluster")

@@ -21,6 +21,7 @@ from bootstrap.plan import Member, agent_argv, announcement, decide, http_addres
 from bootstrap.settings import Settings
 
 log = logging.getLogger("bootstrap")
+POLL_INTERVAL = 0.25     # seconds between reads of the announced servers while waiting for them
 
 
 def _die_with_parent() -> None:
@@ -34,6 +35,7 @@ class Supervisor:
         self.me = Member(s.machine_id, s.advertise, s.expect)
         self.key = machines_key(s.prefix, s.machine_id)
         self.lease: str | None = None
+        self.problems: tuple[str, ...] = ()
 
     def _retrying(self, what: str, fn):
         """Call fn until etcd answers (capped backoff), or None once we are asked to stop."""
@@ -63,17 +65,28 @@ class Supervisor:
         if kvs is None:
             return None
         members, problems = members_from_kv(kvs, self.s.prefix)
-        for problem in problems:
-            log.warning("%s", problem)
+        if problems != self.problems:        # said once, not on every poll
+            for problem in problems:
+                log.warning("%s", problem)
+            self.problems = problems
         return members
 
-    def keepalive(self) -> None:
-        while not self.stop.wait(max(1.0, self.s.ttl / 3)):
+    def keepalive(self, done: threading.Event) -> None:
+        """Every ttl/3 until `done`: renew the lease, and put the key back if it is gone.
+
+        The key can vanish while our lease lives: a second bootstrap run on this machine wrote
+        it under its own lease and revoked that on exit. Writing it again keeps that harmless.
+        """
+        value = announcement(self.s.advertise, self.s.expect)
+        while not done.wait(max(1.0, self.s.ttl / 3)):
             try:
                 if self.etcd.keepalive(self.lease) == 0:
                     log.warning("lease %s expired in etcd; announcing again", self.lease)
                     self.lease = self.etcd.grant(self.s.ttl)
-                    self.etcd.put(self.key, announcement(self.s.advertise, self.s.expect), self.lease)
+                    self.etcd.put(self.key, value, self.lease)
+                elif self.etcd.get(self.key) != value:
+                    log.warning("%s was removed or changed in etcd; announcing again", self.key)
+                    self.etcd.put(self.key, value, self.lease)
             except (EtcdUnavailable, EtcdError) as exc:
                 log.warning("lease keepalive failed: %s", exc)
 
@@ -90,7 +103,9 @@ class Supervisor:
                 last = decision.reason
             if decision.start:
                 return members
-            self.stop.wait(1.0)
+            # A range read of a few keys is cheap for etcd, and only `expect` servers poll, only
+            # while they wait: a short interval keeps the last starter from adding a second.
+            self.stop.wait(POLL_INTERVAL)
         return None
 
     def run(self) -> int:
@@ -101,7 +116,8 @@ class Supervisor:
             return 0
         if not self.announce():
             return 0
-        keeper = threading.Thread(target=self.keepalive, name="etcd-keepalive", daemon=True)
+        done = threading.Event()     # not self.stop: the keeper must not outlive the revoke below
+        keeper = threading.Thread(target=self.keepalive, args=(done,), name="etcd-keepalive", daemon=True)
         keeper.start()
         dropin = None
         try:
@@ -123,6 +139,8 @@ class Supervisor:
             log.info("consul agent exited with status %d", status)
             return 0 if self.stop.is_set() else status
         finally:
+            done.set()
+            keeper.join(10)
             if dropin is not None:
                 resolved.remove(dropin)
             if self.lease is not None:

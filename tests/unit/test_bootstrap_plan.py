@@ -3,7 +3,7 @@
 import pytest
 
 from bootstrap.etcd import prefix_end
-from bootstrap.plan import Member, agent_argv, announcement, decide, http_address, members_from_kv
+from bootstrap.plan import ExpectMismatch, Member, agent_argv, announcement, decide, http_address, members_from_kv
 from bootstrap.settings import parse
 
 P = "/consul.io/bootstrap"
@@ -41,7 +41,7 @@ def test_decide(members, has_data, waited, start, reason):
 
 
 def test_disagreeing_expect_is_an_error():
-    with pytest.raises(ValueError, match="disagrees"):
+    with pytest.raises(ExpectMismatch, match="disagrees"):
         decide(ME, [ME, Member("b", "10.0.0.2", 5)], 3, False, 0, 120)
 
 

@@ -2,6 +2,8 @@
 
 import threading
 
+import pytest
+
 from bootstrap.etcd import EtcdUnavailable
 from bootstrap.settings import parse
 from bootstrap.supervise import Supervisor
@@ -10,6 +12,7 @@ from bootstrap.supervise import Supervisor
 class FakeEtcd:
     def __init__(self):
         self.calls = []
+        self.kv = {}
         self.ttl_left = 5
         self.down = 0           # fail this many calls first
 
@@ -25,6 +28,10 @@ class FakeEtcd:
 
     def put(self, key, value, lease=None):
         self.calls.append(("put", key, lease))
+        self.kv[key] = value
+
+    def get(self, key):
+        return self.kv.get(key)
 
     def keepalive(self, lease):
         self.calls.append(("keepalive", lease))
@@ -56,11 +63,37 @@ def test_expired_lease_is_granted_again_and_the_key_rewritten():
     sup = supervisor(etcd)
     sup.announce()
     etcd.ttl_left = 0                       # etcd lost it (an outage longer than the TTL)
-    waits = iter([False, True])
-    sup.stop.wait = lambda delay: next(waits)
-    sup.keepalive()
+    sup.keepalive(Ticks(1))
     assert [c[0] for c in etcd.calls] == ["grant", "put", "keepalive", "grant", "put"]
     assert sup.lease == "lease4"
+
+
+class Ticks:
+    """A `done` event that lets the keeper loop run n times, without sleeping."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def wait(self, delay):
+        self.n -= 1
+        return self.n < 0
+
+
+@pytest.mark.parametrize("kv, rewritten", [
+    ({"/consul.io/bootstrap/machines/m1": '{"address": "10.0.0.1", "expect": 3}'}, False),   # intact
+    ({}, True),                                     # a second run on this machine revoked its lease on exit
+    ({"/consul.io/bootstrap/machines/m1": "10.9.9.9"}, True),                                # changed by hand
+])
+def test_keeper_puts_the_announcement_back_when_it_is_gone(kv, rewritten):
+    etcd = FakeEtcd()
+    sup = supervisor(etcd)
+    sup.announce()
+    etcd.kv = dict(kv)
+    etcd.calls.clear()
+    sup.keepalive(Ticks(1))
+    puts = [c for c in etcd.calls if c[0] == "put"]
+    assert puts == ([("put", "/consul.io/bootstrap/machines/m1", "lease1")] if rewritten else [])
+    assert etcd.kv["/consul.io/bootstrap/machines/m1"] == '{"address": "10.0.0.1", "expect": 3}' or not rewritten
 
 
 def test_stop_before_etcd_answers_starts_nothing():

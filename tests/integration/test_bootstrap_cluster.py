@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import httpx
 import pytest
@@ -26,6 +27,8 @@ pytestmark = pytest.mark.integration
 PREFIX = "/consul.io/bootstrap"
 ADDRS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 HTTP, SERF_LAN, SERF_WAN, SERVER = free_ports(4)
+# The console script the image runs, next to this interpreter (the venv's).
+PROGRAM = Path(sys.executable).parent / "haproxy-consul"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +53,7 @@ class Bootstrap:
         self.addr = addr
         self.log_path = root / f"bootstrap{n}-{time.monotonic_ns()}.log"
         self.argv = [
-            sys.executable, "-m", "haproxy_consul", "bootstrap", "--etcd", etcd_url, "--machine-id", f"machine{n}",
+            require(str(PROGRAM)), "bootstrap", "--etcd", etcd_url, "--machine-id", f"machine{n}",
             "--advertise", addr, "--expect", str(expect), "--data-dir", str(root / f"data{n}"),
             "--consul", require("consul"), "--ttl", str(ttl), "--wait-timeout", "20", *extra, "--",
             f"-bind={addr}", f"-client={addr}", f"-node=server{n}", f"-http-port={HTTP}", "-dns-port=-1",
@@ -144,6 +147,21 @@ def test_wrong_expect_is_refused_and_no_second_cluster_forms(cluster, etcd, tmp_
     result = subprocess.run(odd.argv, capture_output=True, text=True, timeout=30, cwd=REPO)
     assert result.returncode == 2 and "disagrees" in result.stderr
     assert f"{PREFIX}/machines/machine9" not in etcd_keys(etcd)   # its lease was revoked on the way out
+    assert one_cluster(servers) and voters(servers[0]) == ["server0", "server1", "server2"]
+
+
+def test_running_twice_on_one_machine_is_harmless(cluster, etcd):
+    root, servers = cluster
+    key = f"{PREFIX}/machines/machine0"
+    twin = Bootstrap(etcd.url, 0, root).start()              # same machine id, address and data dir
+    try:
+        assert twin.proc.wait(30) != 0                       # its agent cannot have the ports of the running one
+    finally:
+        stop_process(twin.proc)
+    assert "revoked lease" in twin.log()                     # which took the key with it ...
+    wait_until(lambda: key in etcd_keys(etcd), 10, what="the running server to announce itself again")
+    assert "announcing again" in servers[0].log()            # ... and the running server put it back
+    assert servers[0].proc.poll() is None
     assert one_cluster(servers) and voters(servers[0]) == ["server0", "server1", "server2"]
 
 
