@@ -2,7 +2,7 @@
 # Installs the real programs haproxy-consul drives and tests against, on Debian 12:
 # HAProxy 2.6, Consul 1.8.7 (from Debian 11 "bullseye", which ships it), etcd 3.4,
 # Docker Engine 20.10, busybox-static (test images), wrk and hey (load tools), debootstrap
-# (the image's base when no registry is reachable).
+# (the image's base when no registry is reachable), Chromium (headless browser test).
 # Idempotent: a second run installs nothing and exits quickly.
 set -euo pipefail
 
@@ -16,6 +16,7 @@ command -v dockerd >/dev/null || need+=(docker.io)
 command -v wrk >/dev/null || need+=(wrk)
 command -v hey >/dev/null || need+=(hey)
 command -v debootstrap >/dev/null || need+=(debootstrap)   # the image's base, built offline
+command -v chromium >/dev/null || need+=(chromium)         # the landing page, seen by a real browser
 # `python3 -m venv` needs ensurepip, which Debian ships separately.
 python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv python3-pip)
 [ "${#need[@]}" -eq 0 ] && exit 0
