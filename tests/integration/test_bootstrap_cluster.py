@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 
 from tests.support.edge import REPO
 from tests.support.etcd import EtcdServer
-from tests.support.procs import free_ports, require, stop_process, wait_until
+from tests.support.procs import LoggedProcess, free_ports, require, stop_process, wait_until
 
 pytestmark = pytest.mark.integration
 PREFIX = "/consul.io/bootstrap"
@@ -47,29 +46,18 @@ def etcd_keys(etcd) -> dict[str, str]:
     return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]).decode() for kv in data.get("kvs", [])}
 
 
-class Bootstrap:
+class Bootstrap(LoggedProcess):
     def __init__(self, etcd_url, n, root, *extra, expect=3, ttl=3):
         addr = ADDRS[n]
         self.addr = addr
-        self.log_path = root / f"bootstrap{n}-{time.monotonic_ns()}.log"
-        self.argv = [
+        super().__init__([
             require(str(PROGRAM)), "bootstrap", "--etcd", etcd_url, "--machine-id", f"machine{n}",
             "--advertise", addr, "--expect", str(expect), "--data-dir", str(root / f"data{n}"),
             "--consul", require("consul"), "--ttl", str(ttl), "--wait-timeout", "20", *extra, "--",
             f"-bind={addr}", f"-client={addr}", f"-node=server{n}", f"-http-port={HTTP}", "-dns-port=-1",
             f"-serf-lan-port={SERF_LAN}", f"-serf-wan-port={SERF_WAN}", f"-server-port={SERVER}", "-grpc-port=-1",
             "-retry-interval=1s", "-hcl=disable_update_check = true", "-hcl=performance { raft_multiplier = 1 }",
-            "-hcl=autopilot { server_stabilization_time = \"1s\" }"]
-        self.proc = None
-
-    def start(self):
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return self
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
+            "-hcl=autopilot { server_stabilization_time = \"1s\" }"], root / f"bootstrap{n}-{time.monotonic_ns()}.log")
 
     def api(self, path):
         with urllib.request.urlopen(f"http://{self.addr}:{HTTP}{path}", timeout=2) as r:

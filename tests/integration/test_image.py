@@ -9,8 +9,7 @@ import time
 import pytest
 
 from tests.support.docker_engine import IMAGE as BUSYBOX
-from tests.support.docker_engine import build_image as build_busybox
-from tests.support.docker_engine import cleanup, engine
+from tests.support.docker_engine import running_engine
 from tests.support.edge import REPO
 from tests.support.etcd import EtcdServer
 from tests.support.http import Backend, get
@@ -23,19 +22,17 @@ pytestmark = pytest.mark.integration
 TAG = "haproxy-consul:test"
 
 
-@pytest.fixture(scope="module")
-def dockerd():
-    eng = engine().start()
+def build(eng) -> None:
     t0 = time.monotonic()
     build_image.main(["--docker", eng.url, "--debootstrap", "--tag", TAG])
     size = eng.client().images.get(TAG).attrs["Size"]
     print(f"image built in {time.monotonic() - t0:.0f}s, {size / 1e6:.0f} MB")
-    build_busybox(eng.client())
-    yield eng
-    for c in eng.client().containers.list(all=True):
-        c.remove(force=True)
-    eng.stop()
-    cleanup(eng.root)
+
+
+@pytest.fixture(scope="module")
+def dockerd():
+    with running_engine(build) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")

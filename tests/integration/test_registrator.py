@@ -6,17 +6,15 @@ containers and asserts on what the agent's service list holds.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
 
-from tests.support.docker_engine import IMAGE, build_image, cleanup, engine
-from tests.support.edge import REPO, EdgeProcess
-from tests.support.procs import consul_agent, stop_process, wait_until
+from tests.support.docker_engine import IMAGE, running_engine
+from tests.support.edge import EdgeProcess
+from tests.support.procs import LoggedProcess, consul_agent, wait_until
 
 pytestmark = pytest.mark.integration
 HOST = "t9"
@@ -24,13 +22,8 @@ HOST = "t9"
 
 @pytest.fixture(scope="module")
 def dockerd():
-    eng = engine().start()
-    build_image(eng.client())
-    yield eng
-    for c in eng.client().containers.list(all=True):
-        c.remove(force=True)
-    eng.stop()
-    cleanup(eng.root)
+    with running_engine() as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")
@@ -39,28 +32,11 @@ def consul(tmp_path_factory):
         yield agent
 
 
-class Registrator:
+class Registrator(LoggedProcess):
     def __init__(self, dockerd, consul, log_path, *extra):
-        self.argv = [sys.executable, "-m", "haproxy_consul", "registrator", "--docker", dockerd.url,
-                     "--consul", consul.url, "--hostname", HOST, "--resync", "2", "--log-level", "DEBUG", *extra]
-        self.log_path = log_path
-        self.proc = None
-
-    def start(self):
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        return self
-
-    def log(self):
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self):
-        stop_process(self.proc)
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait()
+        super().__init__([sys.executable, "-m", "haproxy_consul", "registrator", "--docker", dockerd.url,
+                          "--consul", consul.url, "--hostname", HOST, "--resync", "2", "--log-level", "DEBUG",
+                          *extra], log_path)
 
 
 @pytest.fixture

@@ -7,11 +7,13 @@ a rootfs holding Debian's busybox-static (its `httpd` serves HTTP); no registry 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import shutil
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,3 +98,20 @@ def engine(root: Path | None = None) -> DockerEngine:
 
 def cleanup(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_engine(prepare=None) -> Iterator[DockerEngine]:
+    """A started dockerd with the busybox test image (and whatever `prepare(engine)` adds);
+    every container is removed and the daemon stopped afterwards."""
+    eng = engine().start()
+    try:
+        if prepare is not None:
+            prepare(eng)
+        build_image(eng.client())
+        yield eng
+    finally:
+        for c in eng.client().containers.list(all=True):
+            c.remove(force=True)
+        eng.stop()
+        cleanup(eng.root)

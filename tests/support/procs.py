@@ -69,6 +69,33 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
         proc.wait(5)
 
 
+class LoggedProcess:
+    """A program under test run as a subprocess of the repo, its output in a log file."""
+
+    def __init__(self, argv: list[str], log_path: Path):
+        self.argv, self.log_path = argv, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self):
+        repo = Path(__file__).resolve().parents[2]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=repo,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @dataclass
 class ConsulAgent:
     """A `consul agent -dev` on loopback with every port moved to a free one."""
