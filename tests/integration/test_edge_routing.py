@@ -176,3 +176,15 @@ def test_hostile_instance_data_is_skipped_per_instance(consul, edge, backends):
     wait_until(lambda: "mixed/mixed-bad" in edge.log() and "not a usable IP address" in edge.log(), 5,
                what="bad instance logged")
     assert "1.1.1.1" not in config_text(edge)
+
+
+def test_without_a_domain_any_suffix_matches_the_first_label(consul, backends):
+    register(consul, "anydomain", "anydomain-1", backends("any"))
+    edge = EdgeProcess(consul.url, domains=()).start()
+    try:
+        answers(edge, "anydomain-80.t2.example.com", {"any"})
+        answers(edge, f"ANYDOMAIN-80.localhost:{edge.port}", {"any"})
+        assert edge.get("anydomain-80")[0] == 404          # `R.<anything>`: a bare label is not a vhost
+        assert edge.get("other-80.t2.example.com")[0] == 404
+    finally:
+        edge.stop()

@@ -197,3 +197,17 @@ def test_container_answers_through_the_edge(registrator, run, consul):
                    what="nginx-80 through the edge")
     finally:
         edge.stop()
+
+
+def test_ttl_checks_are_kept_passing_while_the_registrator_runs(registrator, run, consul):
+    r = registrator("--ttl", "3", "--ttl-refresh", "1")
+    run("ttl")
+    sid = f"{HOST}:ttl:80"
+
+    def status():
+        return consul.api("GET", "/v1/agent/checks").get(f"service:{sid}", {}).get("Status")
+    wait_until(lambda: status() == "passing", 5, what="TTL check registered passing")
+    time.sleep(5)                                        # longer than the TTL: only the refresh keeps it up
+    assert status() == "passing"
+    r.kill()
+    wait_until(lambda: status() == "critical", 10, what="TTL check critical once nobody passes it")
