@@ -27,6 +27,17 @@ HOST = "nginx-80.bench.example"
 SERVE_OWN_NAME = 'echo "$NAME" > /www/index.html; exec httpd -f -p 80 -h /www'
 
 
+def in_catalog(url: str, sid: str) -> bool:
+    with urllib.request.urlopen(f"{url}/v1/catalog/service/nginx", timeout=5) as r:
+        return any(s["ServiceID"] == sid for s in json.loads(r.read()))
+
+
+def give_up(t0: float, what: str, limit: float = 15.0) -> None:
+    """Every wait is bounded: a broken registrator ends the run instead of hanging it."""
+    if time.perf_counter() - t0 > limit:
+        raise TimeoutError(f"no {what} after {limit:g}s")
+
+
 def main(n: int) -> None:
     dockerd = engine().start()
     client = dockerd.client()
@@ -46,13 +57,11 @@ def main(n: int) -> None:
                                       command=["sh", "-c", SERVE_OWN_NAME])
                 t0 = time.perf_counter()
                 sid = f"bench:{name}:80"
-                while True:
-                    with urllib.request.urlopen(f"{consul.url}/v1/catalog/service/nginx", timeout=5) as r:
-                        if any(s["ServiceID"] == sid for s in json.loads(r.read())):
-                            break
+                while not in_catalog(consul.url, sid):
+                    give_up(t0, f"{sid} in the catalog")
                 catalog.append(time.perf_counter() - t0)
                 while get(edge.port, HOST)[1].strip() != name:
-                    pass
+                    give_up(t0, f"{name} answering through the edge")
                 routed.append(time.perf_counter() - t0)
         finally:
             edge.stop()

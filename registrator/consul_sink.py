@@ -1,7 +1,9 @@
 """The Consul shell: the local agent's service list, register, deregister, TTL pass.
 
 Transient failures (connection refused, timeouts, 5xx) are retried with tenacity; what still
-fails raises `ConsulUnavailable` and the next reconciliation repairs it.
+fails raises `ConsulUnavailable` and the next reconciliation repairs it. A 4xx answer is not
+transient: it is never retried and raises `ConsulRejected`, so one registration the agent refuses
+does not hold up the others.
 """
 
 from __future__ import annotations
@@ -9,8 +11,15 @@ from __future__ import annotations
 import logging
 
 import consul
+import consul.exceptions
 import requests
-from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    retry,
+    retry_if_exception_type,
+    retry_if_not_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from haproxy_consul.consul_api import ConsulAddress, client
 from registrator.mapping import Check, Registration
@@ -18,12 +27,19 @@ from registrator.mapping import Check, Registration
 log = logging.getLogger("registrator.consul")
 
 TRANSIENT = (requests.ConnectionError, requests.Timeout, consul.ConsulException)
-retrying = retry(retry=retry_if_exception_type(TRANSIENT), stop=stop_after_attempt(4),
-                 wait=wait_exponential(multiplier=0.1, max=2), reraise=True)
+# py-consul raises these subclasses of ConsulException for 4xx answers; the plain class means 5xx.
+REFUSED = (consul.exceptions.BadRequest, consul.exceptions.ClientError, consul.exceptions.ACLDisabled,
+           consul.exceptions.ACLPermissionDenied, consul.exceptions.NotFound)
+retrying = retry(retry=retry_if_exception_type(TRANSIENT) & retry_if_not_exception_type(REFUSED),
+                 stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.1, max=2), reraise=True)
 
 
 class ConsulUnavailable(Exception):
     """The agent did not take a request after retries."""
+
+
+class ConsulRejected(Exception):
+    """The agent answered 4xx: this request is wrong (or not allowed), retrying will not help."""
 
 
 def _check_body(reg: Registration) -> dict | None:
@@ -47,6 +63,8 @@ class ConsulSink:
     def _call(self, what: str, fn, *args):
         try:
             return retrying(fn)(*args)
+        except REFUSED as exc:
+            raise ConsulRejected(f"{what}: {exc}") from exc
         except (*TRANSIENT, ValueError) as exc:
             raise ConsulUnavailable(f"{what}: {exc}") from exc
 

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 
-from registrator.consul_sink import ConsulSink, ConsulUnavailable
+from registrator.consul_sink import ConsulRejected, ConsulSink, ConsulUnavailable
 from registrator.docker_source import DockerSource, DockerUnavailable
 from registrator.mapping import Params, Registration, registrations
 from registrator.reconcile import Changes, diff
@@ -24,6 +24,7 @@ from registrator.settings import Settings
 log = logging.getLogger("registrator")
 
 RESYNC = "*resync*"   # queued by the event thread after a reconnect
+STOP = "*stop*"       # queued when the stop event is set, so a long wait for events ends at once
 
 
 class Registrator:
@@ -58,10 +59,17 @@ class Registrator:
                 self.stop.wait(delay)
 
     # --- main loop ---------------------------------------------------------------------------
+    def wake_on_stop(self) -> None:
+        self.stop.wait()
+        self.events.put(STOP)
+
     def run(self) -> None:
         threading.Thread(target=self.watch_events, name="docker-events", daemon=True).start()
+        threading.Thread(target=self.wake_on_stop, name="stop-waker", daemon=True).start()
         while not self.stop.is_set() and not (self.connected.wait(0.5) and self._reconcile(first=True)):
             self.stop.wait(1.0)
+        if not self.stop.is_set():
+            log.info("in sync; watching Docker events")
         next_resync = time.monotonic() + self.s.resync
         next_ttl = time.monotonic() + (self.s.ttl_refresh or 1e9)
         while not self.stop.is_set():
@@ -73,6 +81,8 @@ class Registrator:
             pending = {first} if first else set()
             while not self.events.empty():          # coalesce a burst of events
                 pending.add(self.events.get_nowait())
+            if STOP in pending:
+                break
             if RESYNC in pending or time.monotonic() >= next_resync:
                 if self._reconcile():
                     next_resync = time.monotonic() + self.s.resync
@@ -134,17 +144,24 @@ class Registrator:
             log.error("container %s: %s; the next reconciliation retries", cid[:12], exc)
 
     def _apply(self, changes: Changes, why: str) -> None:
+        """A refused request (4xx) skips that one service; an unavailable agent stops the batch."""
         for reg in changes.register:
-            self.consul.register(reg)
-            log.info("%s: registered %s as %s at %s:%d", why, reg.id, reg.name, reg.address, reg.port)
+            try:
+                self.consul.register(reg)
+                log.info("%s: registered %s as %s at %s:%d", why, reg.id, reg.name, reg.address, reg.port)
+            except ConsulRejected as exc:
+                log.warning("%s: Consul refused %s; skipped: %s", why, reg.id, exc)
         for sid in changes.deregister:
-            self.consul.deregister(sid)
+            try:
+                self.consul.deregister(sid)
+                log.info("%s: deregistered %s", why, sid)
+            except ConsulRejected as exc:
+                log.warning("%s: Consul refused to deregister %s: %s", why, sid, exc)
             self.ttl_ids.discard(sid)
-            log.info("%s: deregistered %s", why, sid)
 
     def _pass_ttls(self) -> None:
         for sid in sorted(self.ttl_ids):
             try:
                 self.consul.ttl_pass(sid)
-            except ConsulUnavailable as exc:
+            except (ConsulUnavailable, ConsulRejected) as exc:
                 log.warning("TTL pass for %s: %s", sid, exc)

@@ -12,6 +12,9 @@ import urllib.request
 
 import pytest
 
+from haproxy_consul.consul_api import parse_address
+from registrator.consul_sink import ConsulRejected, ConsulSink, ConsulUnavailable
+from registrator.mapping import Check, Registration
 from tests.support.docker_engine import IMAGE, running_engine
 from tests.support.edge import EdgeProcess
 from tests.support.procs import LoggedProcess, consul_agent, wait_until
@@ -145,6 +148,37 @@ def test_checks_pass_and_fail(registrator, run, consul):
     wait_until(lambda: status(f"{HOST}:checked-tcp:80") == "passing", 10, what="TCP check passing")
 
 
+def test_internal_registers_the_container_ip_and_private_port(registrator, run, consul):
+    registrator("--internal")
+    c = run("inside")
+    wait_until(lambda: f"{HOST}:inside:80" in ours(consul), 5, what="registration")
+    c.reload()
+    s = ours(consul)[f"{HOST}:inside:80"]
+    # Asserted on, never connected to: the bridge address is off limits for the tests.
+    assert (s["Address"], s["Port"]) == (c.attrs["NetworkSettings"]["IPAddress"], 80)
+    assert s["Address"] and not s["Address"].startswith("127.")
+
+
+def test_docker_health_status_gates_the_registration(registrator, run, consul):
+    registrator("--resync", "60")                  # only the health_status events can move it
+    c = run("healthy", healthcheck={"test": ["CMD-SHELL", "test -s /tmp/ok"], "interval": 200_000_000,
+                                    "timeout": 1_000_000_000, "retries": 1})
+    time.sleep(1)
+    assert f"{HOST}:healthy:80" not in ours(consul)   # starting, then unhealthy: not routable
+    c.exec_run(["sh", "-c", "echo ok > /tmp/ok"])     # shell builtins only
+    wait_until(lambda: f"{HOST}:healthy:80" in ours(consul), 5, what="registered once healthy")
+    c.exec_run(["sh", "-c", ": > /tmp/ok"])
+    wait_until(lambda: f"{HOST}:healthy:80" not in ours(consul), 5, what="deregistered once unhealthy")
+
+
+def test_sigterm_stops_it_promptly_even_with_a_long_resync(registrator, consul):
+    r = registrator("--resync", "60")
+    wait_until(lambda: "in sync; watching Docker events" in r.log(), 10, what="first reconciliation")
+    t0 = time.monotonic()
+    r.stop()
+    assert r.proc.returncode == 0 and time.monotonic() - t0 < 3.0
+
+
 def test_hostile_container_settings_are_ignored_and_logged(registrator, run, consul):
     r = registrator()
     run("hostile", labels={"SERVICE_NAME": "\n\n", "SERVICE_TAGS": "ok,\u0000bad,", "SERVICE_META_bad key": "1",
@@ -211,3 +245,15 @@ def test_ttl_checks_are_kept_passing_while_the_registrator_runs(registrator, run
     assert status() == "passing"
     r.kill()
     wait_until(lambda: status() == "critical", 10, what="TTL check critical once nobody passes it")
+
+
+def test_consul_sink_does_not_retry_a_refused_registration(consul):
+    sink = ConsulSink(parse_address(consul.url), None)
+    bad = Registration(f"{HOST}:refused:80", "nginx", "127.0.0.1", 80, check=Check("http", "http://x/", "bogus"))
+    t0 = time.monotonic()
+    with pytest.raises(ConsulRejected):
+        sink.register(bad)
+    assert time.monotonic() - t0 < 0.5                             # no backoff spent on a 4xx
+    assert f"{HOST}:refused:80" not in ours(consul)
+    with pytest.raises(ConsulUnavailable):                         # nothing listening: retried, then typed
+        ConsulSink(parse_address("127.0.0.1:1"), None).registered()
