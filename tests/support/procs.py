@@ -162,7 +162,3 @@ def consul_agent(workdir: Path, **kwargs) -> Iterator[ConsulAgent]:
         yield agent
     finally:
         agent.stop()
-
-
-def env_without(*names: str) -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in names}
