@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +85,19 @@ def write_csv(name: str, header: list[str], rows: list[list]) -> Path:
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def consul_requests(log: str) -> int:
+    """Consul requests the edge had made by its latest counter line (long-polls, fetches, dumps)."""
+    found = re.findall(r"long_polls=(\d+) fetches=(\d+) dumps=(\d+)", log)
+    return sum(int(x) for x in found[-1]) if found else 0
+
+
+def haproxy_pids(edge: EdgeProcess) -> list[int]:
+    """The edge's HAProxy master and its workers."""
+    master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
+    workers = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    return [master, *map(int, workers)]
 
 
 def rss_mb(pid: int) -> float:

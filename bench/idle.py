@@ -6,20 +6,13 @@ Usage: .venv/bin/python bench/idle.py [seconds, default 60]
 
 from __future__ import annotations
 
-import re
-import subprocess
 import sys
 import time
 
-from harness import MODES, cpu_seconds, stack, write_csv
+from harness import MODES, consul_requests, cpu_seconds, haproxy_pids, stack, write_csv
 
 from tests.integration.edge_helpers import answers, register
 from tests.support.http import Backend
-
-
-def requests_made(log: str) -> int:
-    found = re.findall(r"long_polls=(\d+) fetches=(\d+) dumps=(\d+)", log)
-    return sum(int(x) for x in found[-1]) if found else 0
 
 
 def run(mode: str, seconds: float) -> dict:
@@ -30,16 +23,14 @@ def run(mode: str, seconds: float) -> dict:
                 register(consul, f"idle{i}", f"idle-{i}", backend)
             answers(edge, "idle99-80.bench.example", {"idle"}, timeout=30)
             time.sleep(2)
-            master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
-            pids = [edge.proc.pid, master, *map(int, subprocess.run(["pgrep", "-P", str(master)],
-                                                                    capture_output=True, text=True).stdout.split())]
+            pids = [edge.proc.pid, *haproxy_pids(edge)]
             cpu0 = sum(cpu_seconds(p) for p in pids)
             # The counters as of the last change; the edge logs them again when it stops. The
             # long-poll in flight at the start is counted before it (±1).
-            req0 = requests_made(edge.log())
+            req0 = consul_requests(edge.log())
             time.sleep(seconds)
             cpu = sum(cpu_seconds(p) for p in pids) - cpu0
-        requests = requests_made(edge.log()) - req0
+        requests = consul_requests(edge.log()) - req0
     finally:
         backend.close()
     return {"mode": mode, "seconds": seconds, "cpu_s": round(cpu, 3), "consul_requests": requests}

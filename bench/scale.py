@@ -17,7 +17,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from harness import MODES, rss_mb, stack, until, write_csv
+from harness import MODES, consul_requests, haproxy_pids, rss_mb, stack, until, write_csv
 
 from tests.integration.edge_helpers import register
 from tests.support.http import Backend, get
@@ -40,22 +40,10 @@ def populate(consul, n: int, backends: list[Backend]) -> float:
     return time.perf_counter() - t0
 
 
-def stats(log: str) -> tuple[int, int, int]:
-    """The edge's latest count of Consul requests: (long-polls, per-service fetches, node dumps)."""
-    found = re.findall(r"long_polls=(\d+) fetches=(\d+) dumps=(\d+)", log)
-    return tuple(int(x) for x in found[-1]) if found else (0, 0, 0)
-
-
 def consul_connections(edge_pid: int, consul_port: int) -> int:
     out = subprocess.run(["ss", "-tnpH", "state", "established", f"dport = :{consul_port}"],
                          capture_output=True, text=True).stdout
     return sum(f"pid={edge_pid}," in line for line in out.splitlines())
-
-
-def haproxy_pids(edge) -> list[int]:
-    master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
-    workers = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
-    return [master, *map(int, workers)]
 
 
 def run(n: int, mode: str, backends: list[Backend]) -> dict:
@@ -73,7 +61,7 @@ def run(n: int, mode: str, backends: list[Backend]) -> dict:
             until(lambda: all(get(cold.port, f"svc{i}-80.{DOMAIN}")[0] == 200 for i in sample), timeout=300)
             r["cold_start_s"] = round(time.perf_counter() - t0, 2)
             log = cold.log()
-            r["cold_requests"] = sum(stats(log))
+            r["cold_requests"] = consul_requests(log)
             cfg = cold.state_dir / "haproxy.cfg"
             r["config_mb"] = round(cfg.stat().st_size / 1e6, 2)
             t0 = time.perf_counter()
@@ -84,7 +72,7 @@ def run(n: int, mode: str, backends: list[Backend]) -> dict:
             r["haproxy_rss_mb"] = round(sum(rss_mb(p) for p in haproxy_pids(cold)), 1)
             r["consul_connections"] = consul_connections(cold.proc.pid, int(consul.url.rsplit(":", 1)[1]))
             # One instance change of an existing service.
-            before = stats(cold.log())
+            before = consul_requests(cold.log())
             extra = Backend("changed")
             try:
                 target = sample[0]
@@ -92,8 +80,8 @@ def run(n: int, mode: str, backends: list[Backend]) -> dict:
                 r["change_ms"] = round(until(lambda: get(cold.port, f"svc{target}-80.{DOMAIN}")[1] == "changed",
                                              timeout=120) * 1000, 1)
                 time.sleep(0.5)
-                after = stats(cold.log())
-                r["requests_per_change"] = sum(after) - sum(before)
+                after = consul_requests(cold.log())
+                r["requests_per_change"] = after - before
                 # A new vhost: a reload in either mode.
                 register(consul, "brandnew", "brandnew-1", extra)
                 until(lambda: get(cold.port, f"brandnew-80.{DOMAIN}")[1] == "changed", timeout=120)

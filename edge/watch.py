@@ -139,8 +139,8 @@ class ConsulWatcher:
         return self.snapshot(index)
 
     def _apply(self, summaries: dict[str, ServiceSummary], changed: set[str], strict: bool,
-               full: bool = False) -> bool:
-        """Fetch `changed` routable services and fold them in; False if any fetch failed.
+               full: bool = False) -> None:
+        """Fetch `changed` routable services and fold them in; what failed is retried next round.
         `full`: every service, from one node dump instead of one request per service."""
         routable = {n for n in summaries if routable_service(n)}
         for name in sorted(set(summaries) - routable - self._skipped):
@@ -160,7 +160,7 @@ class ConsulWatcher:
                 results = {name: instances_from_health(name, dump[name]) for name in todo if name in dump}
                 self._retry = {name for name in todo if name not in dump}
                 self._store(results, routable, summaries)
-                return True
+                return
         results = dict(zip(todo, self._pool.map(self._fetch_safely, todo), strict=True))
         failed = {name for name, result in results.items() if isinstance(result, Exception)}
         if failed and strict:
@@ -169,7 +169,6 @@ class ConsulWatcher:
             log.warning("could not fetch service %r, keeping its last known instances: %s", name, results[name])
         self._store({n: r for n, r in results.items() if n not in failed}, routable, summaries)
         self._retry = failed
-        return not failed
 
     def _store(self, results: dict, routable: set[str], summaries: dict[str, ServiceSummary]) -> None:
         for name, (instances, problems) in results.items():
