@@ -1,0 +1,153 @@
+"""Certificates as frozen values: parse a PEM bundle, match names, hold the set the edge serves.
+
+Every certificate source (a directory, Consul KV, the ACME issuer's results in KV) hands its
+bundles to `parse_bundle`, which checks them the way HAProxy would need them (a leaf, its
+chain, one unencrypted RSA or ECDSA key that matches the leaf) and normalises the text to
+leaf, chain, key: the exact text written to disk and sent through the runtime API. A bundle
+that fails raises `CertError` naming the problem; the caller logs it with the bundle's name and
+keeps every other certificate. Expired certificates parse (their dates are visible): serving or
+replacing them is the caller's decision.
+
+`CertSet` is what the edge serves: sorted, frozen, `==` means "same certificates". Names are
+chosen by the source and prefixed by it (`dir/…`, `kv/…`), so two sources never collide.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+MAX_BUNDLE_BYTES = 256 * 1024
+PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
+
+
+class CertError(ValueError):
+    """A PEM bundle HAProxy could not serve."""
+
+
+@dataclass(frozen=True, order=True)
+class Certificate:
+    name: str                                   # source-qualified: "dir/example.com", "kv/nginx-80.a.example"
+    names: tuple[str, ...]                      # lower-cased DNS names it is valid for (SANs, else the CN)
+    not_before: datetime
+    not_after: datetime
+    fingerprint: str                            # sha256 of the leaf, hex
+    pem: str = field(repr=False, compare=True)  # leaf, chain, key: what HAProxy loads
+
+    @property
+    def lifetime(self) -> float:
+        return (self.not_after - self.not_before).total_seconds()
+
+    def covers(self, host: str) -> bool:
+        return any(covers(pattern, host) for pattern in self.names)
+
+    def describe(self) -> str:
+        """For logs: never the key, only what identifies the certificate."""
+        return (f"{self.name} ({', '.join(self.names[:4])}{' …' if len(self.names) > 4 else ''}; "
+                f"valid until {self.not_after:%Y-%m-%d %H:%M} UTC; sha256 {self.fingerprint[:16]})")
+
+
+def covers(pattern: str, host: str) -> bool:
+    """Whether a certificate name matches a host: exactly, or `*.rest` for one more label."""
+    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
+    if pattern == host:
+        return True
+    if pattern.startswith("*."):
+        label, _, rest = host.partition(".")
+        return bool(label) and rest == pattern[2:]
+    return False
+
+
+def _names(cert: x509.Certificate) -> tuple[str, ...]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = [str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return tuple(sorted({n for n in names if n}))
+
+
+def _public(obj) -> bytes:
+    return obj.public_key().public_bytes(serialization.Encoding.DER,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def parse_bundle(name: str, text: str) -> Certificate:
+    """PEM text (certificates and one private key, any order) → a Certificate, or CertError."""
+    if len(text.encode(errors="replace")) > MAX_BUNDLE_BYTES:
+        raise CertError(f"larger than {MAX_BUNDLE_BYTES // 1024} kB")
+    blocks = [(m.group(1), m.group(0)) for m in PEM_BLOCK.finditer(text)]
+    certs, keys = [], []
+    for kind, block in blocks:
+        if kind == "CERTIFICATE":
+            try:
+                certs.append((x509.load_pem_x509_certificate(block.encode()), block))
+            except ValueError as exc:
+                raise CertError(f"a CERTIFICATE block does not parse: {exc}") from None
+        elif kind == "ENCRYPTED PRIVATE KEY" or (kind.endswith("PRIVATE KEY") and "ENCRYPTED" in block):
+            raise CertError("the private key is encrypted; HAProxy needs it unencrypted")
+        elif kind.endswith("PRIVATE KEY"):
+            try:
+                keys.append((serialization.load_pem_private_key(block.encode(), password=None), block))
+            except (ValueError, TypeError) as exc:
+                raise CertError(f"the private key does not parse: {exc}") from None
+    if not certs:
+        raise CertError("no certificate in it")
+    if len(keys) != 1:
+        raise CertError("no private key in it" if not keys else f"{len(keys)} private keys in it; expected one")
+    key, key_pem = keys[0]
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise CertError(f"{type(key).__name__.lstrip('_')} keys are not supported; use RSA or ECDSA")
+    leaf_at = next((i for i, (c, _) in enumerate(certs) if _public(c) == _public(key)), None)
+    if leaf_at is None:
+        raise CertError("the private key does not match any certificate in it")
+    leaf, leaf_pem = certs[leaf_at]
+    names = _names(leaf)
+    if not names:
+        raise CertError("the certificate names no DNS host (no SAN, no CN)")
+    chain = [pem for i, (_, pem) in enumerate(certs) if i != leaf_at]
+    pem = "\n".join([leaf_pem, *chain, key_pem]) + "\n"
+    return Certificate(
+        name=name,
+        names=names,
+        not_before=leaf.not_valid_before_utc,
+        not_after=leaf.not_valid_after_utc,
+        fingerprint=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
+        pem=pem,
+    )
+
+
+@dataclass(frozen=True)
+class CertSet:
+    """The certificates one source (or all of them) offers, sorted by name."""
+
+    certs: tuple[Certificate, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "certs", tuple(sorted(self.certs)))
+
+    def get(self, name: str) -> Certificate | None:
+        return next((c for c in self.certs if c.name == name), None)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.certs)
+
+    def covering(self, host: str, now: datetime | None = None) -> Certificate | None:
+        """The certificate HAProxy should present for `host`: an exact name before a wildcard,
+        then the one valid longest. With `now`, certificates not valid at `now` are left out."""
+        fits = [c for c in self.certs if c.covers(host) and (now is None or c.not_before <= now < c.not_after)]
+        if not fits:
+            return None
+        return max(fits, key=lambda c: (host.lower().rstrip(".") in c.names, c.not_after, c.name))
+
+    def __or__(self, other: CertSet) -> CertSet:
+        return CertSet(self.certs + other.certs)
