@@ -15,6 +15,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/haproxy-consul/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     EDGE_STATE_DIR=/run/haproxy-consul \
+    EDGE_HANDOVER_TIMEOUT=0 \
     BOOTSTRAP_DATA_DIR=/var/lib/consul
 
 # System packages first (they change least): HAProxy 2.6, Python, Consul 1.8.7 from bullseye.

@@ -1,12 +1,18 @@
 """`haproxy-consul edge [routes] [options]`: wiring of settings, watcher, loop and HAProxy.
 
 This is the only module of the edge that decides exit codes: 0 done, 1 runtime failure
-(Consul or HAProxy unusable for a one-shot command), 2 bad input (options or templates).
+(Consul or HAProxy unusable for a one-shot command, the state dir or a listener address taken
+by someone else), 2 bad input (options or templates).
+
+Signals: SIGINT stops the edge and its HAProxy (gracefully). SIGTERM does the same with
+`--handover-timeout 0`; otherwise the edge exits at once and leaves HAProxy serving for a new
+edge to adopt (`edge.ownership`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -16,7 +22,8 @@ from collections.abc import Mapping, Sequence
 from edge import templates_source
 from edge.control import Edge
 from edge.haproxy import HAProxy, HAProxyError, Paths
-from edge.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render
+from edge.ownership import Busy, StateLock, check_free, hand_over
+from edge.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render, validate
 from edge.settings import Settings, parse
 from edge.table import RouteTable, build_table
 from edge.watch import CONSUL_ERRORS, ConsulWatcher, Snapshot
@@ -39,24 +46,53 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         log.error("template directory %s lacks %s", template_dir, ", ".join(missing))
         return 2
     paths = Paths(settings.state_dir)
-    listeners = Listeners(settings.bind, settings.admin_bind, str(paths.runtime_socket), settings.domains)
+    listeners = Listeners(settings.bind, settings.admin_bind, str(paths.runtime_socket), settings.domains,
+                          timeout_tunnel=settings.timeout_tunnel, hard_stop_after=settings.hard_stop_after,
+                          max_reloads=settings.worker_max_reloads)
     stop = threading.Event()
 
     if settings.command == "routes":
         return _routes(settings, stop)
+    try:
+        validate(listeners, templates)
+    except TemplateError as exc:
+        log.error("templates in %s do not render: %s", template_dir, exc)
+        return 2
     if settings.dry_run:
         return _dry_run(settings, listeners, templates, stop)
     try:
         paths.check_socket_lengths()
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
-        settings.state_dir.chmod(0o750)
+        _state_dir(settings.state_dir)
     except (ValueError, OSError) as exc:
         log.error("state dir: %s", exc)
         return 2
+    lock = StateLock(settings.state_dir)
+    try:
+        lock.acquire()
+    except Busy as exc:
+        log.error("%s", exc)
+        return 1
+    except OSError as exc:
+        log.error("state dir %s: cannot take its lock: %s", settings.state_dir, exc)
+        return 1
     haproxy = HAProxy(settings.haproxy, paths)
-    if settings.once:
-        return _once(settings, haproxy, listeners, templates, stop)
-    return _serve(settings, haproxy, listeners, templates, template_dir, stop)
+    try:
+        if settings.once:
+            return _once(settings, haproxy, listeners, templates, stop)
+        return _serve(settings, haproxy, listeners, templates, template_dir, stop, lock)
+    finally:
+        lock.release()
+
+
+def _state_dir(path) -> None:
+    """Create the state dir (0750) if missing; an existing one is used as it is (e.g. a 2770 dir of
+    another owner shared through its group) as long as we can create and remove files in it."""
+    if not path.exists():
+        path.mkdir(mode=0o750, parents=True)
+    if not path.is_dir():
+        raise OSError(f"{path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OSError(f"{path}: this user (uid {os.getuid()}) cannot create files in it")
 
 
 def _watcher(settings: Settings, stop: threading.Event, publish=lambda s: None) -> ConsulWatcher:
@@ -119,7 +155,10 @@ def _once(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates,
         log.warning("skipped %s", problem)
     try:
         haproxy.install(render(table, listeners, templates))
-    except (TemplateError, HAProxyError) as exc:
+    except TemplateError as exc:
+        log.error("templates do not render for the current table, nothing written: %s", exc)
+        return 2
+    except HAProxyError as exc:
         log.error("configuration refused, nothing written: %s", exc)
         return 1
     log.info("wrote %s: %d routes", haproxy.paths.config, len(table.routes))
@@ -143,18 +182,29 @@ def _haproxy_version(binary: str) -> str:
         return f"not runnable ({exc})"
 
 
-def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates, template_dir, stop) -> int:
+def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates, template_dir, stop,
+           lock: StateLock) -> int:
     log.info("haproxy-consul edge %s; %s; consul %s%s; domains %s; http %s; admin %s; state %s; templates %s; "
              "apply %s",
              __version__, _haproxy_version(settings.haproxy), settings.consul,
              f" dc={settings.datacenter}" if settings.datacenter else "",
              ",".join(settings.domains) or "(any)", settings.bind, settings.admin_bind,
              settings.state_dir, template_dir, settings.apply)
+    if haproxy.adopt() is None:
+        try:
+            check_free({"--bind": settings.bind, "--admin-bind": settings.admin_bind})
+        except Busy as exc:
+            log.error("%s", exc)
+            return 1
     edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply)
     watcher = _watcher(settings, stop, edge.on_snapshot)
+    handover = []
 
     def on_signal(signum, _frame):
-        log.info("received %s; stopping", signal.Signals(signum).name)
+        if signum == signal.SIGTERM and settings.handover_timeout > 0:
+            handover.append(True)
+        log.info("received %s; stopping%s", signal.Signals(signum).name,
+                 " and handing HAProxy over" if handover else "")
         stop.set()
         edge._wake.set()
 
@@ -174,6 +224,10 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
         stop.set()
         if observer is not None:
             observer.stop()
-        haproxy.stop()
+        if handover and haproxy.running():
+            lock.release()     # the successor takes the lock, and HAProxy with it
+            hand_over(settings.state_dir, haproxy.pid, haproxy.paths.config, settings.handover_timeout)
+        else:
+            haproxy.stop()
         log.info("stopped after %d reload(s); consul requests: %s", edge.reloads, watcher.stats)
     return 0

@@ -5,6 +5,8 @@ Inputs arrive from other threads (the Consul watcher, the template watcher) and 
 applied at once; a plan that needs a reload waits for a short quiet period (bounded) so a burst
 of new vhosts costs one reload. Each reload is logged with its reasons; a refused configuration
 or a failed reload leaves the running HAProxy as it was, and the files on disk as it runs them.
+A state dir that cannot be written (full, read-only) is the same: HAProxy keeps serving, runtime
+changes still apply, the error is logged once and the write is retried every RETRY seconds.
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ import threading
 import time
 from collections.abc import Mapping
 
-from edge.haproxy import ConfigInvalid, HAProxy, HAProxyError, NotRunning, ReloadFailed, RuntimeFailed
+from edge.haproxy import (
+    ConfigInvalid,
+    HAProxy,
+    HAProxyError,
+    NotRunning,
+    ReloadFailed,
+    RuntimeFailed,
+    StateDirError,
+)
 from edge.model import Problem
 from edge.plan import Plan, make_plan
 from edge.render import Listeners, Rendered, TemplateError, render
@@ -26,6 +36,7 @@ log = logging.getLogger("edge")
 QUIET = 0.05        # a reload waits until inputs have been quiet this long...
 MAX_DELAY = 1.0     # ...but never longer than this after the first change that needs it
 SUPERVISE_EVERY = 1.0
+RETRY = 5.0         # seconds between attempts to write a state dir that refused a write
 
 
 class Edge:
@@ -50,6 +61,8 @@ class Edge:
         self._refused: tuple[RouteTable, Mapping[str, str]] | None = None  # retried only once changed
         self._base: Snapshot | None = None        # the snapshot `live` was built from
         self._dirty_since: float | None = None    # live changed at runtime; haproxy.cfg not yet written
+        self._write_error: str | None = None       # the state dir refused a write; logged once
+        self._retry_at = 0.0                       # ...and is tried again from then on
 
     # --- inputs, from other threads ----------------------------------------------------------
     def on_snapshot(self, snapshot: Snapshot) -> None:
@@ -65,9 +78,15 @@ class Edge:
 
     # --- start-up ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Bring HAProxy up before the first sync: the previous configuration if it is still
-        valid (a restart keeps serving what it served), else an empty table."""
+        """Bring HAProxy up before the first sync: the one a previous edge left serving (adopted
+        by the caller), else the previous configuration if it is still valid (a restart keeps
+        serving what it served), else an empty table."""
         paths = self.haproxy.paths
+        self.haproxy.clean_staging()
+        if self.haproxy.running():
+            log.info("took over the HAProxy (pid %d) a previous edge left serving; it serves %s until "
+                     "Consul answers", self.haproxy.pid, paths.config)
+            return
         if paths.config.is_file():
             try:
                 self.haproxy.check(paths.state_dir)
@@ -78,13 +97,17 @@ class Edge:
                 log.warning("previous %s not usable (%s); starting with no routes", paths.config, exc)
                 self.haproxy.stop()
         rendered = render(RouteTable(), self.listeners, self.templates)
-        self.haproxy.install(rendered)
+        while not self._write(lambda: self.haproxy.install(rendered)):
+            if self.stop.wait(RETRY):
+                return
         self.haproxy.start()
         log.info("HAProxy started with no routes; waiting for Consul")
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         self.start()
+        if self.stop.is_set():
+            return
         next_supervise = time.monotonic() + SUPERVISE_EVERY
         while not self.stop.is_set():
             pending = self._reload_pending_since is not None or self._dirty_since is not None
@@ -132,14 +155,34 @@ class Edge:
         if self._dirty_since is None:
             return
         now = time.monotonic()
-        if not force and now - self._last_input < QUIET and now - self._dirty_since < MAX_DELAY:
+        if not force and (now < self._retry_at or (now - self._last_input < QUIET
+                                                   and now - self._dirty_since < MAX_DELAY)):
             return
-        self._dirty_since = None
         try:
             self.live_render = render(self.live, self.listeners, self.templates)
-            self.haproxy.write_config(self.live_render)
-        except (TemplateError, OSError) as exc:
-            log.error("could not write %s: %s", self.haproxy.paths.config, exc)
+        except TemplateError as exc:
+            log.error("could not render %s: %s", self.haproxy.paths.config, exc)
+            self._dirty_since = None
+            return
+        if self._write(lambda: self.haproxy.write_config(self.live_render)):
+            self._dirty_since = None
+
+    def _write(self, write) -> bool:
+        """Run a write to the state dir; when it refuses (full, read-only), log that once per
+        outage and come back in RETRY seconds. HAProxy is never touched by a failed write."""
+        try:
+            write()
+        except StateDirError as exc:
+            self._retry_at = time.monotonic() + RETRY
+            if self._write_error is None:
+                log.error("%s; HAProxy keeps serving (changes still apply live); retrying every %gs",
+                          exc, RETRY)
+            self._write_error = str(exc)
+            return False
+        if self._write_error is not None:
+            log.info("the state dir %s takes writes again", self.haproxy.paths.state_dir)
+            self._write_error = None
+        return True
 
     def _apply(self, table: RouteTable, plan: Plan) -> None:
         reasons = plan.reasons
@@ -151,6 +194,8 @@ class Edge:
         if self._refused == (table, self.templates):
             return  # already refused and logged; wait for Consul or the templates to change
         now = time.monotonic()
+        if now < self._retry_at:
+            return  # the state dir refused the last write; wait before trying again
         first = self._reload_pending_since = self._reload_pending_since or now
         if now - self._last_input < QUIET and now - first < MAX_DELAY:
             return  # let a burst settle; the loop comes back after QUIET
@@ -160,8 +205,8 @@ class Edge:
     def supervise(self) -> None:
         """HAProxy must be up with a current worker; the file on disk is what it ran."""
         if not self.haproxy.running():
-            status = self.haproxy.proc.returncode if self.haproxy.proc else None
-            log.error("HAProxy exited (status %s); restarting it from %s", status, self.haproxy.paths.config)
+            log.error("HAProxy exited (status %s); restarting it from %s", self.haproxy.exit_status(),
+                      self.haproxy.paths.config)
             self.flush(force=True)  # the file must hold the live state before HAProxy reads it
             try:
                 self.haproxy.start()
@@ -196,7 +241,8 @@ class Edge:
         t0 = time.perf_counter()
         try:
             rendered = render(table, self.listeners, templates)
-            self.haproxy.install(rendered)
+            if not self._write(lambda: self.haproxy.install(rendered)):
+                return False
         except (TemplateError, ConfigInvalid) as exc:
             log.error("new configuration refused (%s): %s; HAProxy keeps serving the current one",
                       "; ".join(reasons), exc)
@@ -226,7 +272,7 @@ class Edge:
     def _restore_files(self) -> None:
         try:
             self.haproxy.install(self.live_render)
-        except (ConfigInvalid, OSError) as exc:
+        except HAProxyError as exc:
             log.error("could not restore the running configuration's files: %s", exc)
 
     def _try_templates(self, templates: Mapping[str, str]) -> None:

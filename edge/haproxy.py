@@ -3,8 +3,14 @@
 - `install()` writes a rendered file set atomically: staged in `next/`, validated with
   `haproxy -c -C next/`, then renamed into the state directory (configuration last). An invalid
   set never replaces the live files.
-- `start()` runs HAProxy in master-worker mode (`-W -S master.sock`) as our child, with `-C
-  <state dir>` so the relative file names in the configuration resolve there.
+  A write that fails (a full or read-only state dir) removes what it staged and raises
+  `StateDirError`: the live files and the running HAProxy are untouched.
+- `start()` runs HAProxy in master-worker mode (`-W -S master.sock`) as our child. The
+  configuration says `default-path config`, so its relative file names resolve beside it,
+  wherever it is run from. HAProxy's own output comes through a pipe and is filtered into our
+  log: alerts and warnings stay, the per-backend start/stop notices of every reload do not.
+- `adopt()` takes over an HAProxy master a previous edge left running (it was killed, or it
+  handed over on SIGTERM): the listening sockets never close, so no request is refused.
 - `reload()` goes through the master CLI and waits until a new worker is current; a failed load
   leaves the old worker serving and raises `ReloadFailed`.
 - `runtime()` sends `set server` batches through the runtime socket (haproxyadmin) and raises
@@ -16,10 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +64,10 @@ class RuntimeFailed(HAProxyError):
 
 class NotRunning(HAProxyError):
     """The HAProxy master process is gone."""
+
+
+class StateDirError(HAProxyError):
+    """The state directory cannot be written (full, read-only, permissions)."""
 
 
 @dataclass(frozen=True)
@@ -103,19 +115,62 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
         raise
 
 
+# HAProxy's output, line by line → (log level, text), or None to drop it. Every reload makes the
+# old worker print one "Proxy X stopped" per backend: thousands of lines at scale that say
+# nothing the edge's own one-line reload log does not.
+_HAPROXY_LINE = re.compile(r"^\[(ALERT|WARNING|NOTICE)\]\s*(?:\(\d+\))?\s*:\s*(.*)$")
+# Server state changes are the edge's own runtime commands, which it logs itself.
+_QUIET = re.compile(r"^(Proxy \S+ (started|stopped)|Former worker \(\d+\) exited with code 0|"
+                    r"Stopping (frontend|backend|proxy) |Server \S+ is (UP|DOWN|going DOWN)\b)")
+
+
+def classify(line: str) -> tuple[int, str] | None:
+    line = line.rstrip()
+    if not line:
+        return None
+    m = _HAPROXY_LINE.match(line)
+    if m is None:
+        syslog = re.match(r"^<([0-7])>(.*)$", line)
+        if syslog:
+            level = int(syslog.group(1))
+            return (logging.ERROR if level <= 3 else logging.WARNING if level == 4 else logging.DEBUG,
+                    syslog.group(2))
+        return logging.INFO, line
+    kind, text = m.groups()
+    if kind == "ALERT":
+        return logging.ERROR, text
+    if kind == "NOTICE" or _QUIET.match(text):
+        return logging.DEBUG, text
+    return logging.WARNING, text
+
+
+def _relay(stream, logger: logging.Logger) -> None:
+    """Thread body: HAProxy's output into our log, filtered by `classify`, until it closes."""
+    with stream:
+        for raw in stream:
+            found = classify(raw.decode(errors="replace"))
+            if found is not None:
+                logger.log(found[0], "haproxy: %s", found[1])
+
+
 class HAProxy:
     def __init__(self, binary: str, paths: Paths, check_timeout: float = 60.0):
         self.binary = binary
         self.paths = paths
         self.check_timeout = check_timeout
         self.proc: subprocess.Popen | None = None
+        self.adopted: int | None = None   # pid of a master we took over instead of starting one
         self._admin: hapadmin.HAProxy | None = None
 
     # --- files -------------------------------------------------------------------------------
+    def clean_staging(self) -> None:
+        """Drop a staged set a crash or a full disk left behind (it holds the space we need)."""
+        shutil.rmtree(self.paths.staging, ignore_errors=True)
+
     def check(self, directory: Path) -> None:
         try:
             result = subprocess.run(
-                [self.binary, "-c", "-C", str(directory), "-f", str(directory / CONFIG_FILE)],
+                [self.binary, "-c", "-f", str(directory / CONFIG_FILE)],
                 capture_output=True, text=True, timeout=self.check_timeout)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise ConfigInvalid(f"haproxy -c did not run: {exc}") from exc
@@ -127,56 +182,93 @@ class HAProxy:
     def install(self, rendered: Rendered) -> None:
         """Validate the whole file set, then move it into place (configuration last)."""
         staging = self.paths.staging
-        staging.mkdir(parents=True, exist_ok=True)
-        for name, text in rendered.files:
-            atomic_write(staging / name, text)
-        self.check(staging)
-        for name, _ in sorted(rendered.files, key=lambda f: f[0] == CONFIG_FILE):
-            os.replace(staging / name, self.paths.state_dir / name)
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            for name, text in rendered.files:
+                atomic_write(staging / name, text)
+        except OSError as exc:
+            self.clean_staging()
+            raise StateDirError(f"cannot stage the configuration in {staging}: {exc}") from exc
+        try:
+            self.check(staging)
+        except ConfigInvalid:
+            self.clean_staging()
+            raise
+        try:
+            for name, _ in sorted(rendered.files, key=lambda f: f[0] == CONFIG_FILE):
+                os.replace(staging / name, self.paths.state_dir / name)
+        except OSError as exc:  # renames in one directory need no space; a read-only remount can still fail
+            self.clean_staging()
+            raise StateDirError(f"cannot move the configuration into {self.paths.state_dir}: {exc}") from exc
 
     def write_config(self, rendered: Rendered) -> None:
         """After runtime updates: only server lines changed, so the file set stays valid."""
-        atomic_write(self.paths.config, rendered[CONFIG_FILE])
+        try:
+            atomic_write(self.paths.config, rendered[CONFIG_FILE])
+        except OSError as exc:
+            raise StateDirError(f"cannot write {self.paths.config}: {exc}") from exc
 
     # --- process -----------------------------------------------------------------------------
     def _orphan(self) -> int | None:
-        """The master of an HAProxy a previous edge left running (it was killed), if any."""
+        """The master of an HAProxy a previous edge left running (killed, or handed over), if any."""
         try:
             pid = int(self.paths.pidfile.read_text().split()[0])
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError, IndexError):
             return None
-        mine = self.proc is not None and self.proc.pid == pid
-        return pid if not mine and b"haproxy" in cmdline and str(self.paths.config).encode() in cmdline else None
+        return pid if pid != self.pid and is_master(pid, str(self.paths.config)) else None
+
+    def adopt(self) -> int | None:
+        """Take over the master a previous edge left serving, if its master CLI answers with a
+        current worker; its pid, or None (then `start()` a new one)."""
+        orphan = self._orphan()
+        if orphan is None or self.current_worker() is None or not self._runtime_answers():
+            return None
+        self.proc, self.adopted = None, orphan
+        return orphan
 
     def start(self, timeout: float = 30.0) -> None:
         orphan = self._orphan()
+        if orphan is not None:
+            # It holds the listening sockets (noreuseport): ours could not bind beside it.
+            log.warning("an HAProxy left by a previous edge (pid %d) does not answer; stopping it", orphan)
+            stop_pid(orphan, grace=5.0)
         for sock in (self.paths.runtime_socket, self.paths.master_socket):
             sock.unlink(missing_ok=True)
         argv = [self.binary, "-W", "-S", f"{self.paths.master_socket},mode,600",
-                "-C", str(self.paths.state_dir), "-f", str(self.paths.config), "-p", str(self.paths.pidfile)]
+                "-f", str(self.paths.config), "-p", str(self.paths.pidfile)]
         log.info("starting HAProxy: %s", " ".join(argv))
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.adopted = None
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        threading.Thread(target=_relay, args=(self.proc.stdout, log), name="haproxy-output", daemon=True).start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise NotRunning(f"HAProxy exited with status {self.proc.returncode} while starting")
             if self.current_worker() is not None and self._runtime_answers():
-                if orphan is not None:
-                    # Both listen (SO_REUSEPORT) until the old one, soft-stopped, has drained.
-                    log.warning("an HAProxy left by a previous edge (pid %d) was still serving; "
-                                "soft-stopping it now that ours answers", orphan)
-                    os.kill(orphan, signal.SIGUSR1)
                 return
             time.sleep(0.02)
         raise NotRunning(f"HAProxy did not answer on {self.paths.runtime_socket} within {timeout}s")
 
+    @property
+    def pid(self) -> int | None:
+        """The master's pid, ours or adopted."""
+        return self.proc.pid if self.proc is not None else self.adopted
+
     def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.adopted is not None and is_master(self.adopted, str(self.paths.config))
+
+    def exit_status(self) -> int | None:
+        return self.proc.returncode if self.proc is not None else None
 
     def stop(self, grace: float = 10.0) -> None:
         """Soft stop (finish in-flight requests), then hard stop after `grace` seconds."""
         if not self.running():
+            return
+        if self.proc is None:
+            stop_pid(self.adopted, grace)
             return
         self.proc.send_signal(signal.SIGUSR1)
         try:
@@ -231,8 +323,8 @@ class HAProxy:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             time.sleep(0.01)
-            if self.proc is not None and self.proc.poll() is not None:
-                raise NotRunning(f"HAProxy exited with status {self.proc.returncode} during the reload")
+            if not self.running():
+                raise NotRunning(f"HAProxy exited (status {self.exit_status()}) during the reload")
             try:
                 failed, worker = self.processes()
             except OSError:
@@ -268,6 +360,29 @@ class HAProxy:
             bad = [line for _, lines in results for line in lines if not RUNTIME_OK.match(line)]
             if bad:
                 raise RuntimeFailed("; ".join(bad[:5]))
+
+
+def is_master(pid: int, config: str) -> bool:
+    """Whether `pid` is an HAProxy master running `config` (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"haproxy" in cmdline and config.encode() in cmdline
+
+
+def stop_pid(pid: int, grace: float) -> None:
+    """Soft-stop a master that is not our child (SIGUSR1), then SIGTERM after `grace` seconds."""
+    try:
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
 
 
 def _batches(commands: tuple[str, ...]) -> list[str]:

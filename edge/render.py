@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import jinja2
 from markupsafe import Markup
 
+from edge.model import Instance
 from edge.plan import slot_name
-from edge.table import Route, RouteTable
+from edge.table import Route, RouteTable, build_table
 
 CONFIG_TEMPLATE = "haproxy.cfg.j2"
 LANDING_TEMPLATE = "landing.html.j2"
@@ -46,6 +47,9 @@ class Listeners:
     admin_bind: str
     runtime_socket: str     # absolute path of the runtime API socket
     domains: tuple[str, ...]
+    timeout_tunnel: int = 3600      # seconds an upgraded (WebSocket) connection may stay idle
+    hard_stop_after: int = 3600     # seconds an old worker may keep long-lived connections
+    max_reloads: int = 25           # reloads an old worker may outlive before it is stopped
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ def environment(templates: Mapping[str, str]) -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.globals.update(slots=_slots, healthy_count=healthy_count,
-                       request_host=Markup("%[var(txn.host)]"), port_suffix=Markup("%[var(txn.port_suffix)]"))
+                       request_host=Markup("%[var(txn.page_host)]"), port_suffix=Markup("%[var(txn.port_suffix)]"))
     return env
 
 
@@ -127,6 +131,18 @@ def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...]
         mid = (low + high) // 2
         low, high = (mid, high) if len(page(mid).encode()) <= LANDING_MAX_BYTES else (low, mid)
     return page(low)
+
+
+def validate(listeners: Listeners, templates: Mapping[str, str]) -> None:
+    """Render an empty table and a representative one (a route with servers, a free slot and an
+    exact host), so a template error shows at start, not at the first route; raises
+    TemplateError."""
+    sample = build_table({"example": (
+        Instance("example", "node", "example-1", "127.0.0.1", 8080, 80, True, ("edge.host=www.example.org",)),
+        Instance("example", "node", "example-2", "127.0.0.1", 8081, 80, False),
+    )})
+    render(RouteTable(), listeners, templates)
+    render(sample, listeners, templates)
 
 
 def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]) -> Rendered:

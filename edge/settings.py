@@ -29,6 +29,10 @@ class Settings:
     consul_wait: float = 30.0
     log_level: str = "INFO"
     apply: str = "runtime"        # "runtime" (default) or "reload" (the consul-template baseline)
+    timeout_tunnel: int = 3600
+    hard_stop_after: int = 3600
+    worker_max_reloads: int = 25
+    handover_timeout: float = 10.0
 
 
 def haproxy_bind(value: str) -> str:
@@ -67,6 +71,16 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.option("--apply", env="EDGE_APPLY", default="runtime", choices=("runtime", "reload"),
              help="runtime: instance changes through the runtime API, reloads only for new/removed vhosts; "
                   "reload: every change is a validated reload (a consul-template setup, for comparison)")
+    p.option("--timeout-tunnel", env="EDGE_TIMEOUT_TUNNEL", default=3600, type=int,
+             help="seconds an upgraded connection (WebSocket) may stay idle")
+    p.option("--hard-stop-after", env="EDGE_HARD_STOP_AFTER", default=3600, type=int,
+             help="seconds an old HAProxy worker keeps long-lived connections (WebSocket, SSE, downloads) "
+                  "after a reload")
+    p.option("--worker-max-reloads", env="EDGE_WORKER_MAX_RELOADS", default=25, type=int,
+             help="an old worker still draining after this many reloads is stopped (bounds their memory)")
+    p.option("--handover-timeout", env="EDGE_HANDOVER_TIMEOUT", default=10.0, type=float,
+             help="on SIGTERM, leave HAProxy serving this long for a new edge on the same state dir to "
+                  "adopt (0: stop HAProxy with the edge, as in a container)")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -92,6 +106,12 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         p.error(f"--apply/EDGE_APPLY must be runtime or reload, not {args.apply!r}")
     if args.consul_wait <= 0:
         p.error("--consul-wait must be positive")
+    for option, value in (("--timeout-tunnel", args.timeout_tunnel), ("--hard-stop-after", args.hard_stop_after),
+                          ("--worker-max-reloads", args.worker_max_reloads)):
+        if value < 1:
+            p.error(f"{option} must be at least 1")
+    if args.handover_timeout < 0:
+        p.error("--handover-timeout must not be negative")
     return Settings(
         consul=consul,
         token=args.token or None,
@@ -109,4 +129,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         consul_wait=args.consul_wait,
         log_level=args.log_level,
         apply=args.apply,
+        timeout_tunnel=args.timeout_tunnel,
+        hard_stop_after=args.hard_stop_after,
+        worker_max_reloads=args.worker_max_reloads,
+        handover_timeout=args.handover_timeout,
     )

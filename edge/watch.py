@@ -144,8 +144,11 @@ class ConsulWatcher:
         `full`: every service, from one node dump instead of one request per service."""
         routable = {n for n in summaries if routable_service(n)}
         for name in sorted(set(summaries) - routable - self._skipped):
-            log.warning("skipping service %r: its name cannot be a route (allowed: a-z 0-9 - _, "
-                        "at most 63 characters; %s is never routed)", name, "/".join(sorted(EXCLUDED_SERVICES)))
+            if name.lower() in EXCLUDED_SERVICES:
+                log.debug("service %r is reserved: never routed", name)
+            else:
+                log.warning("skipping service %r: its name cannot be a route (allowed: a-z 0-9 - _, "
+                            "at most 63 characters)", name)
         self._skipped = set(summaries) - routable
         todo = sorted((changed | self._retry) & routable)
         if full:

@@ -56,7 +56,7 @@ def main() -> int:
         edge = subprocess.Popen(
             [sys.executable, "-m", "haproxy_consul", "edge", "--consul", consul.url, "--domain", DOMAIN,
              "--bind", f"127.0.0.1:{EDGE_PORT}", "--admin-bind", f"127.0.0.1:{ADMIN_PORT}",
-             "--state-dir", str(state / "edge")],
+             "--state-dir", str(state / "edge"), "--handover-timeout", "0"],
             cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         wait_until(lambda: edge.poll() is None and get(EDGE_PORT, f"nginx-80.{DOMAIN}")[0] == 200, 30,
                    what="the edge routing nginx-80")

@@ -100,7 +100,7 @@ def test_template_edit_refused_then_fixed(consul, backend, tmp_path):
         answers(edge, f"tpl-80.{DOMAIN}", {"alpha"})
         cfg = templates / "haproxy.cfg.j2"
         original = cfg.read_text()
-        cfg.write_text(original.replace("    hard-stop-after 30s", "    hard-stop-after 30s\n    no-such-keyword 1"))
+        cfg.write_text(original.replace("    stats timeout 30s", "    stats timeout 30s\n    no-such-keyword 1"))
         logged(edge, "new configuration refused (templates changed)")
         logged(edge, "unknown keyword 'no-such-keyword'")   # HAProxy's own reason is in the log
         assert edge.get(f"tpl-80.{DOMAIN}") == (200, "alpha")
@@ -158,25 +158,85 @@ def test_restart_serves_the_previous_state_before_consul_answers(tmp_path, backe
         again.stop()
 
 
-def test_a_killed_edge_leaves_haproxy_serving_and_its_successor_takes_over(consul, backend, tmp_path):
-    edge = EdgeProcess(consul.url, domains=(DOMAIN,)).start()
+class Prober:
+    """Requests through the edge in a loop on one thread until stopped, counting failures."""
+
+    def __init__(self, port: int, host: str):
+        self.port, self.host = port, host
+        self.ok = self.failed = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        from tests.support.http import get
+        while not self._stop.is_set():
+            try:
+                status, _ = get(self.port, self.host, timeout=5)
+                self.ok += status == 200
+                if status != 200:
+                    self.failed += 1
+                    self.errors.append(str(status))
+            except OSError as exc:
+                self.failed += 1
+                self.errors.append(repr(exc))
+            time.sleep(0.005)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+
+
+@pytest.mark.parametrize("how", ["kill", "sigterm"])
+def test_a_successor_adopts_the_haproxy_its_predecessor_left_and_no_request_fails(consul, backend, tmp_path, how):
+    """kill -9 of the edge, or SIGTERM with a hand-over window: the next edge on the same state
+    dir takes over the same HAProxy master; requests never stop being answered."""
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "30")).start()
     register(consul, "orphan", "orphan-1", backend)
     answers(edge, f"orphan-80.{DOMAIN}", {"alpha"})
-    old_master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
-    edge.proc.kill()                                   # the edge dies; its HAProxy keeps serving
-    edge.proc.wait()
-    assert edge.get(f"orphan-80.{DOMAIN}") == (200, "alpha")
-    again = EdgeProcess(consul.url, domains=(DOMAIN,), state_dir=edge.state_dir, port=edge.port,
-                        admin_port=edge.admin_port)
-    again.log_path = tmp_path / "again.log"
-    again.start()
+    master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
+    probe = Prober(edge.port, f"orphan-80.{DOMAIN}")
+    again = None
     try:
-        logged(again, f"(pid {old_master}) was still serving")
-        wait_until(lambda: not os.path.exists(f"/proc/{old_master}"), 10, what="the orphaned HAProxy to exit")
-        assert again.get(f"orphan-80.{DOMAIN}") == (200, "alpha")
+        time.sleep(0.3)
+        if how == "kill":
+            edge.proc.kill()
+        else:
+            edge.proc.send_signal(signal.SIGTERM)
+        assert edge.proc.wait(10) in (0, -9)
+        again = EdgeProcess(consul.url, domains=(DOMAIN,), state_dir=edge.state_dir, port=edge.port,
+                            admin_port=edge.admin_port, extra=("--handover-timeout", "30"))
+        again.log_path = tmp_path / "again.log"
+        again.start()
+        logged(again, f"took over the HAProxy (pid {master})")
+        logged(again, "because initial sync")                # the new edge's own configuration, by reload
+        time.sleep(0.5)
+        probe.stop()
+        assert probe.failed == 0, probe.errors[:5]
+        assert probe.ok > 20
+        assert int((edge.state_dir / "haproxy.pid").read_text().split()[0]) == master   # the same master
+        register(consul, "orphan", "orphan-2", Backend("beta"))
+        answers(again, f"orphan-80.{DOMAIN}", {"alpha", "beta"})                          # and it is driven
     finally:
-        again.stop()
+        probe.stop()
+        if again is not None and again.proc.poll() is None:
+            again.proc.send_signal(signal.SIGINT)               # Ctrl-C: stop HAProxy too, no hand-over
+            again.proc.wait(15)
         deregister(consul, "orphan-1")
+        deregister(consul, "orphan-2")
+    wait_until(lambda: not os.path.exists(f"/proc/{master}"), 15, what="HAProxy to stop with the last edge")
+
+
+def test_sigterm_with_no_successor_stops_haproxy_after_the_handover_timeout(consul, backend):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "1.5")).start()
+    master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
+    edge.proc.send_signal(signal.SIGTERM)
+    edge.proc.wait(10)
+    assert os.path.exists(f"/proc/{master}")                   # handed over: still serving
+    assert edge.get("nobody.invalid")[0] == 404
+    wait_until(lambda: not os.path.exists(f"/proc/{master}"), 15, what="the caretaker to stop HAProxy")
+    logged(edge, f"no edge took over HAProxy (pid {master}) within 1.5s; stopping it")
 
 
 def test_keepalive_load_sees_no_error_across_reloads(edge_factory, consul, backend):

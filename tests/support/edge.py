@@ -34,7 +34,8 @@ class EdgeProcess:
     def argv(self) -> list[str]:
         args = [sys.executable, "-m", "haproxy_consul", "edge", "--consul", self.consul_url,
                 "--bind", f"127.0.0.1:{self.port}", "--admin-bind", f"127.0.0.1:{self.admin_port}",
-                "--state-dir", str(self.state_dir), "--consul-wait", "5", "--log-level", "DEBUG"]
+                "--state-dir", str(self.state_dir), "--consul-wait", "5", "--log-level", "DEBUG",
+                "--handover-timeout", "0"]
         for d in self.domains:
             args += ["--domain", d]
         return args + list(self.extra)

@@ -7,7 +7,7 @@ from types import MappingProxyType
 import pytest
 
 from edge import control, templates_source
-from edge.haproxy import ConfigInvalid, Paths, RuntimeFailed
+from edge.haproxy import ConfigInvalid, Paths, RuntimeFailed, StateDirError
 from edge.model import Instance
 from edge.render import Listeners
 from edge.watch import Snapshot
@@ -21,13 +21,18 @@ class FakeHAProxy:
         self.calls = []
         self.fail_install = None
         self.fail_runtime = None
+        self.disk_full = False
 
     def install(self, rendered):
+        if self.disk_full:
+            raise StateDirError("cannot stage: [Errno 28] No space left on device")
         if self.fail_install:
             raise ConfigInvalid(self.fail_install)
         self.calls.append(("install", rendered["haproxy.cfg"]))
 
     def write_config(self, rendered):
+        if self.disk_full:
+            raise StateDirError("cannot write: [Errno 28] No space left on device")
         self.calls.append(("write", rendered["haproxy.cfg"]))
 
     def runtime(self, commands):
@@ -156,3 +161,40 @@ def test_apply_reload_mode_reloads_on_every_change(monkeypatch):
     e.step()
     assert fake.kinds() == ["install", "reload", "install", "reload"]
     assert "runtime" not in fake.kinds()
+
+
+def test_a_full_state_dir_keeps_haproxy_serving_runtime_changes_applying_and_retries(monkeypatch, edge, caplog):
+    caplog.set_level("INFO")
+    clock = [1000.0]
+    monkeypatch.setattr(control.time, "monotonic", lambda: clock[0])
+    edge.haproxy.disk_full = True
+    edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))         # needs a reload: the write fails
+    edge.step()
+    edge.step()                                                       # not retried before RETRY
+    assert edge.haproxy.calls == [] and edge.live.names == ("web-80",)
+    edge.on_snapshot(snap(("web", [8001, 8002]), ("api", [9001])))   # more changes: still one pending reload
+    edge.step()
+    assert edge.haproxy.kinds() == [] and edge.live.names == ("web-80",)
+    errors = [r for r in caplog.records if "No space left" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelname == "ERROR"       # said once per outage
+    edge.haproxy.disk_full = False
+    clock[0] += control.RETRY
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"] and edge.live.names == ("api-80", "web-80")
+    assert any("takes writes again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_full_state_dir_during_runtime_changes_keeps_the_file_dirty_until_it_can_write(monkeypatch, edge):
+    clock = [1000.0]
+    monkeypatch.setattr(control.time, "monotonic", lambda: clock[0])
+    edge.haproxy.disk_full = True
+    edge.on_snapshot(snap(("web", [8001, 8002])))
+    edge.step()
+    edge.flush(force=True)
+    assert edge.haproxy.kinds() == ["runtime"]                        # live, the file not yet written
+    edge.haproxy.disk_full = False
+    edge.flush()
+    assert edge.haproxy.kinds() == ["runtime"]                        # waits RETRY before trying again
+    clock[0] += control.RETRY + control.MAX_DELAY
+    edge.flush()
+    assert edge.haproxy.kinds() == ["runtime", "write"]
