@@ -26,7 +26,7 @@ from edge.haproxy import (
     StateDirError,
 )
 from edge.model import Problem
-from edge.plan import Plan, make_plan
+from edge.plan import Plan, make_plan, runtime_part
 from edge.render import Listeners, Rendered, TemplateError, render
 from edge.table import RouteTable, build_table, update_table
 from edge.watch import Snapshot
@@ -63,6 +63,7 @@ class Edge:
         self._dirty_since: float | None = None    # live changed at runtime; haproxy.cfg not yet written
         self._write_error: str | None = None       # the state dir refused a write; logged once
         self._retry_at = 0.0                       # ...and is tried again from then on
+        self._start_error: str | None = None       # why HAProxy last failed to restart; logged once
 
     # --- inputs, from other threads ----------------------------------------------------------
     def on_snapshot(self, snapshot: Snapshot) -> None:
@@ -191,16 +192,28 @@ class Edge:
             return
         if not plan.reload:
             reasons = (f"--apply reload: {len(plan.changes)} server change(s)",)
-        if self._refused == (table, self.templates):
-            return  # already refused and logged; wait for Consul or the templates to change
         now = time.monotonic()
-        if now < self._retry_at:
-            return  # the state dir refused the last write; wait before trying again
+        # Held back: already refused and logged (wait for Consul or the templates to change), or
+        # the state dir refused the last write (wait before trying again)...
+        if self._refused == (table, self.templates) or now < self._retry_at:
+            self._meanwhile(table)
+            return
         first = self._reload_pending_since = self._reload_pending_since or now
         if now - self._last_input < QUIET and now - first < MAX_DELAY:
-            return  # let a burst settle; the loop comes back after QUIET
+            self._meanwhile(table)
+            return  # ...or a burst still settling; the loop comes back after QUIET
         self._reload_pending_since = None
-        self._reload(table, reasons, plan.changes, self.templates)
+        if not self._reload(table, reasons, plan.changes, self.templates):
+            self._meanwhile(table)
+
+    def _meanwhile(self, table: RouteTable) -> None:
+        """While a reload waits, instance changes of the routes HAProxy has still go live."""
+        if self.reload_always or self.live is None:
+            return
+        partial = runtime_part(self.live, table)
+        plan = make_plan(self.live, partial)
+        if plan.commands:
+            self._runtime(partial, plan)
 
     def supervise(self) -> None:
         """HAProxy must be up with a current worker; the file on disk is what it ran."""
@@ -211,8 +224,10 @@ class Edge:
             try:
                 self.haproxy.start()
                 log.info("HAProxy restarted with the last applied configuration")
+                self._start_error = None
             except HAProxyError as exc:
-                log.error("HAProxy does not start: %s", exc)
+                (log.debug if str(exc) == self._start_error else log.error)("HAProxy does not start: %s", exc)
+                self._start_error = str(exc)
             return
         if self.haproxy.current_worker() is None:
             log.error("HAProxy has no current worker; reloading")

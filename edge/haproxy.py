@@ -232,8 +232,11 @@ class HAProxy:
             # It holds the listening sockets (noreuseport): ours could not bind beside it.
             log.warning("an HAProxy left by a previous edge (pid %d) does not answer; stopping it", orphan)
             stop_pid(orphan, grace=5.0)
-        for sock in (self.paths.runtime_socket, self.paths.master_socket):
-            sock.unlink(missing_ok=True)
+        try:
+            for sock in (self.paths.runtime_socket, self.paths.master_socket):
+                sock.unlink(missing_ok=True)
+        except OSError as exc:   # HAProxy could not bind its sockets either
+            raise StateDirError(f"cannot replace HAProxy's sockets in {self.paths.state_dir}: {exc}") from exc
         argv = [self.binary, "-W", "-S", f"{self.paths.master_socket},mode,600",
                 "-f", str(self.paths.config), "-p", str(self.paths.pidfile)]
         log.info("starting HAProxy: %s", " ".join(argv))

@@ -46,7 +46,9 @@ class StateLock:
     def acquire(self, wait_for_caretaker: float = 15.0) -> None:
         """Take the lock or raise Busy naming its holder. A caretaker holds it only while it
         stops the HAProxy nobody adopted; then we wait for it to finish."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # Held read-only: a file open for writing would keep the state dir's file system from
+        # being remounted read-only, and holding a lock needs no write access.
+        fd = os.open(self.path, os.O_RDONLY | os.O_CREAT, 0o644)
         deadline = time.monotonic() + wait_for_caretaker
         while True:
             try:
@@ -60,9 +62,11 @@ class StateLock:
                     raise Busy(f"state dir {self.path.parent} is in use by another edge ({who}); "
                                "run one edge per state dir") from None
                 time.sleep(0.1)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+        try:
+            self.path.write_text(f"{os.getpid()}\n")    # who holds it, for the next one's message
+        except OSError as exc:
+            log.warning("could not record our pid in %s: %s", self.path, exc)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -8,7 +8,7 @@ every reason so the reload is logged with them. Pure: no I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from edge.table import Route, RouteTable
 
@@ -89,3 +89,20 @@ def _slot_commands(old: Route, new: Route) -> tuple[list[str], list[str]]:
 def _all_servers(table: RouteTable) -> tuple[str, ...]:
     return tuple(f"+ {r.name} {s}" for r in table.routes for s in r.servers)
 
+
+
+def runtime_part(live: RouteTable, desired: RouteTable) -> RouteTable:
+    """What of `desired` the runtime API can apply to `live` while a reload is held back (a burst
+    settling, a refused configuration, a state dir that cannot be written): the routes `live`
+    has, with `desired`'s servers where hosts and slot count are unchanged, and every slot in
+    maintenance for a route `desired` no longer has. New routes wait for the reload."""
+    routes = []
+    for route in live.routes:
+        new = desired.get(route.name)
+        if new is None:
+            routes.append(replace(route, slots=(None,) * len(route.slots), instances=0))
+        elif new.hosts == route.hosts and len(new.slots) == len(route.slots):
+            routes.append(new)
+        else:
+            routes.append(route)
+    return RouteTable(tuple(routes), live.problems)

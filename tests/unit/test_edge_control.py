@@ -172,9 +172,11 @@ def test_a_full_state_dir_keeps_haproxy_serving_runtime_changes_applying_and_ret
     edge.step()
     edge.step()                                                       # not retried before RETRY
     assert edge.haproxy.calls == [] and edge.live.names == ("web-80",)
-    edge.on_snapshot(snap(("web", [8001, 8002]), ("api", [9001])))   # more changes: still one pending reload
+    edge.on_snapshot(snap(("web", [8001, 8002]), ("api", [9001])))   # an instance change meanwhile goes live
     edge.step()
-    assert edge.haproxy.kinds() == [] and edge.live.names == ("web-80",)
+    assert edge.haproxy.kinds() == ["runtime"] and edge.live.names == ("web-80",)
+    assert edge.live.get("web-80").healthy == 2
+    edge.haproxy.calls.clear()
     errors = [r for r in caplog.records if "No space left" in r.getMessage()]
     assert len(errors) == 1 and errors[0].levelname == "ERROR"       # said once per outage
     edge.haproxy.disk_full = False
@@ -198,3 +200,19 @@ def test_a_full_state_dir_during_runtime_changes_keeps_the_file_dirty_until_it_c
     clock[0] += control.RETRY + control.MAX_DELAY
     edge.flush()
     assert edge.haproxy.kinds() == ["runtime", "write"]
+
+
+def test_while_a_reload_is_held_back_instance_changes_of_existing_routes_go_live(edge):
+    edge.haproxy.fail_install = "refused"
+    edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))          # refused: api-80 cannot be added
+    edge.step()
+    edge.on_snapshot(snap(("web", [8002]), ("api", [9001])))          # web's instance moves
+    edge.step()
+    assert edge.haproxy.kinds() == ["runtime"]
+    assert edge.haproxy.calls[0][1] == ("set server be_web-80/s1 addr 10.0.0.1 port 8002",
+                                        "set server be_web-80/s1 state ready")
+    assert edge.live.names == ("web-80",)
+    edge.haproxy.calls.clear()
+    edge.on_snapshot(snap(("api", [9001])))                           # web is gone: its slots go to maintenance
+    edge.step()
+    assert edge.haproxy.calls == [("runtime", ("set server be_web-80/s1 state maint",))]

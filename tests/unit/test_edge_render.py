@@ -2,6 +2,7 @@
 
 import os
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,45 @@ def test_hostile_data_never_injects_configuration(data):
         section = config.split(f"\nbackend {route.backend}\n")[1].split("\nbackend ")[0]
         for server in route.servers:
             assert re.search(rf"^    server s\d+ {re.escape(server.address)}:{server.port}$", section, re.M), server
+
+
+# --- pages: nothing from Consul becomes markup ---------------------------------------------------
+class _Markup(HTMLParser):
+    """Every tag and attribute of a page, to compare with what the bundled templates write."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, tuple[tuple[str, str | None], ...]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, tuple(attrs)))
+
+
+PAGE_TAGS = {"html", "head", "meta", "title", "style", "body", "h1", "p", "table", "tr", "th", "td", "a", "code"}
+HREF = re.compile(r"^http://[a-z0-9_.-]+(%\[var\(txn\.page_host\)\])?%\[var\(txn\.port_suffix\)\]/$")
+
+
+def page_markup(html: str) -> list[tuple[str, tuple]]:
+    parser = _Markup()
+    parser.feed(html)
+    return parser.tags
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(nasty_text, st.lists(raw_entry, max_size=3), max_size=4), st.booleans())
+def test_hostile_consul_strings_never_become_markup_on_the_landing_or_503_pages(data, with_domain):
+    table, _ = hostile_table(data)
+    listeners = LISTENERS if with_domain else Listeners(":80", ":8404", "/s", ())
+    rendered = render(table, listeners, TEMPLATES)
+    for tag, attrs in page_markup(rendered["landing.lf"]):
+        assert tag in PAGE_TAGS, tag
+        for name, value in attrs:
+            assert name in {"lang", "charset", "href", "class", "data-route"}, name
+            if name == "href":
+                assert HREF.match(value), value
+            if name == "data-route":
+                assert re.fullmatch(r"[a-z0-9_-]+", value), value
+    for line in rendered["haproxy.cfg"].splitlines():
+        if line.strip().startswith("http-error status 503"):
+            page = line.split(' string "', 1)[1].rsplit('"', 1)[0]
+            assert [t for t, _ in page_markup(page)] == ["title", "h1", "p"], page

@@ -1,0 +1,360 @@
+"""The edge under a careless operator and a hostile client: a full or read-only state dir, a
+second edge, a hostile Host header, a broken template, WebSockets across reloads, and the
+papercuts around them (issue 11). Real HAProxy and Consul on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+from websockets.sync.server import serve
+
+from tests.integration.edge_helpers import answers, deregister, logged, register, reloads
+from tests.integration.test_browser import chromium
+from tests.support.edge import REPO, EdgeProcess
+from tests.support.http import Backend
+from tests.support.procs import consul_agent, require, wait_until
+from tests.unit.test_edge_render import page_markup
+
+pytestmark = pytest.mark.integration
+DOMAIN = "hard.example"
+HOSTILE = 'x:"><img src=x onerror=alert(1)>'
+
+
+@pytest.fixture(scope="module")
+def consul(tmp_path_factory):
+    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
+        yield agent
+
+
+@pytest.fixture(scope="module")
+def backends():
+    made = {name: Backend(name) for name in ("alpha", "beta", "gamma")}
+    yield made
+    for b in made.values():
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def edge(consul, backends):
+    """One shared edge for the request-level checks, with one route."""
+    register(consul, "page", "page-1", backends["alpha"])
+    e = EdgeProcess(consul.url, domains=(DOMAIN,)).start()
+    answers(e, f"page-80.{DOMAIN}", {"alpha"})
+    yield e
+    e.stop()
+    deregister(consul, "page-1")
+
+
+def raw_get(port: int, host: str) -> bytes:
+    """A request with any Host bytes at all (http.client would refuse some)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: " + host.encode("latin-1") + b"\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# --- 1. a full or read-only state dir ---------------------------------------------------------
+@pytest.fixture
+def small_state_dir(tmp_path):
+    mount = tmp_path / "state"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0750", "tmpfs", str(mount)], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free byte of the file system under `directory`."""
+    filler = directory / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=4k"], capture_output=True)
+    return filler
+
+
+def test_a_full_state_dir_keeps_routing_and_catches_up_when_space_returns(consul, backends, small_state_dir):
+    register(consul, "disk", "disk-1", backends["alpha"])
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), state_dir=small_state_dir).start()
+    try:
+        answers(edge, f"disk-80.{DOMAIN}", {"alpha"})
+        filler = fill(small_state_dir)
+        register(consul, "later", "later-1", backends["beta"])          # a new vhost: a reload that cannot be written
+        logged(edge, "No space left on device")
+        register(consul, "disk", "disk-2", backends["gamma"])           # churn still goes live
+        answers(edge, f"disk-80.{DOMAIN}", {"alpha", "gamma"})
+        assert edge.get(f"later-80.{DOMAIN}")[0] == 404
+        assert not (small_state_dir / "next").exists()                 # nothing staged is left behind
+        assert edge.proc.poll() is None
+        assert edge.log().count("No space left on device") == 1         # said once, not on every retry
+        filler.unlink()
+        answers(edge, f"later-80.{DOMAIN}", {"beta"}, timeout=15)      # retried once space is back
+        logged(edge, "takes writes again")
+
+        # A restart on a full disk, with a staged set left behind, still serves (the stage is dropped).
+        edge.proc.send_signal(signal.SIGINT)
+        edge.proc.wait(15)
+        (small_state_dir / "next").mkdir(exist_ok=True)
+        (small_state_dir / "next" / "haproxy.cfg").write_text("x" * 200_000)
+        filler = fill(small_state_dir)
+        again = EdgeProcess(consul.url, domains=(DOMAIN,), state_dir=small_state_dir, port=edge.port,
+                            admin_port=edge.admin_port)
+        again.log_path = edge.log_path.with_suffix(".again.log")
+        again.start()
+        try:
+            answers(again, f"later-80.{DOMAIN}", {"beta"})
+            assert not (small_state_dir / "next").exists()
+        finally:
+            again.stop()
+    finally:
+        edge.stop()
+        for sid in ("disk-1", "disk-2", "later-1"):
+            deregister(consul, sid)
+
+
+def test_a_read_only_state_dir_keeps_routing_and_catches_up_when_writable(consul, backends, small_state_dir):
+    register(consul, "ro", "ro-1", backends["alpha"])
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), state_dir=small_state_dir).start()
+    try:
+        answers(edge, f"ro-80.{DOMAIN}", {"alpha"})
+        # HAProxy's master re-executes once more after a reload's new worker answers, and binds its
+        # socket again: a read-only dir at that very moment would stop it. Remount once it is done.
+        time.sleep(1)
+        subprocess.run(["mount", "-o", "remount,ro", str(small_state_dir)], check=True)
+        register(consul, "rolater", "rolater-1", backends["beta"])
+        logged(edge, "Read-only file system")
+        register(consul, "ro", "ro-2", backends["gamma"])
+        answers(edge, f"ro-80.{DOMAIN}", {"alpha", "gamma"})
+        subprocess.run(["mount", "-o", "remount,rw", str(small_state_dir)], check=True)
+        answers(edge, f"rolater-80.{DOMAIN}", {"beta"}, timeout=15)
+        assert f"server s2 127.0.0.1:{backends['gamma'].port}" in (small_state_dir / "haproxy.cfg").read_text()
+    finally:
+        edge.stop()
+        for sid in ("ro-1", "ro-2", "rolater-1"):
+            deregister(consul, sid)
+
+
+# --- 2. the landing page reflects nothing a client sends as markup -------------------------------
+def test_a_hostile_host_is_not_reflected_in_the_bytes_nor_in_chromium(edge, tmp_path):
+    page = raw_get(edge.port, HOSTILE).decode(errors="replace")
+    assert page.startswith("HTTP/1.1 404")
+    assert "<img" not in page and "onerror" not in page and '"><' not in page
+    assert f'href="http://page-80.{DOMAIN}/"' in page                   # no port: the bogus one is dropped
+    body = page.split("\r\n\r\n", 1)[1]
+    saved = tmp_path / "landing.html"
+    saved.write_text(body)
+    dom = chromium(tmp_path, "--dump-dom", saved.as_uri())
+    assert "page-80.hard.example" in dom and "<img" not in dom
+
+
+def test_a_hostile_host_without_domains_is_not_reflected(consul, backends, tmp_path):
+    register(consul, "nodom", "nodom-1", backends["alpha"])
+    edge = EdgeProcess(consul.url, domains=()).start()
+    try:
+        answers(edge, "nodom-80.anything", {"alpha"})
+        page = raw_get(edge.port, 'evil"<b>.example:80"><script>x</script>').decode(errors="replace")
+        assert "<script" not in page and "<b>" not in page
+        assert re.search(r'href="http://nodom-80\.[a-z0-9.-]*/"', page), page
+    finally:
+        edge.stop()
+        deregister(consul, "nodom-1")
+
+
+HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=80)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(host=HEADER_TEXT)
+def test_random_host_headers_never_add_markup(edge, host):
+    shapes = {(t, tuple(n for n, _ in a)) for t, a in page_markup(
+        raw_get(edge.port, "nobody.invalid").decode().split("\r\n\r\n", 1)[1])}
+    assert ("a", ("href",)) in shapes                                  # the page lists the route
+    response = raw_get(edge.port, host).decode(errors="replace")
+    status = response.split(" ", 2)[1]
+    if status != "404":
+        assert status in ("200", "400", "503"), response[:200]    # routed, refused, or a known vhost
+        return
+    tags = page_markup(response.split("\r\n\r\n", 1)[1])
+    assert {(t, tuple(n for n, _ in a)) for t, a in tags} <= shapes  # no tag or attribute the page lacks
+    for _, attrs in tags:
+        for name, value in attrs:
+            if name == "href":
+                assert re.fullmatch(r"http://[a-z0-9.-]+(:[0-9]+)?/", value), value
+
+
+def test_a_trailing_dot_is_the_same_host(edge):
+    assert edge.get(f"page-80.{DOMAIN}.") == (200, "alpha")
+    assert edge.get(f"PAGE-80.{DOMAIN.upper()}.:80") == (200, "alpha")
+
+
+# --- 3. one edge per port and per state dir ------------------------------------------------------
+def test_a_second_edge_on_the_same_port_is_refused_and_the_first_keeps_all_traffic(consul, edge):
+    second = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port + 0)
+    second.admin_port = EdgeProcess(consul.url).admin_port                 # a free admin port: only --bind clashes
+    result = subprocess.run(second.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    assert f"--bind 127.0.0.1:{edge.port} is already in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert all(edge.get(f"page-80.{DOMAIN}") == (200, "alpha") for _ in range(40))
+
+
+def test_a_second_edge_on_the_same_state_dir_is_refused_with_the_holder(consul, edge):
+    other = EdgeProcess(consul.url, domains=(DOMAIN,), state_dir=edge.state_dir)   # its own ports
+    result = subprocess.run(other.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    assert f"state dir {edge.state_dir} is in use by another edge (pid {edge.proc.pid})" in result.stderr
+    once = subprocess.run([*other.argv(), "--once"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert once.returncode == 1 and "in use by another edge" in once.stderr
+    time.sleep(1.5)                                                         # the first edge is left alone
+    assert edge.proc.poll() is None and edge.get(f"page-80.{DOMAIN}") == (200, "alpha")
+    assert "soft-stop" not in edge.log() and "HAProxy exited" not in edge.log()
+
+
+# --- 4. broken templates at start ----------------------------------------------------------------
+@pytest.mark.parametrize(("source", "what"), [
+    ("{% for %}", "TemplateSyntaxError"),
+    ("{% for route in routes %}{{ route.no_such_field }}{% endfor %}", "UndefinedError"),
+    ("{{ undefined_name }}", "UndefinedError"),
+])
+@pytest.mark.parametrize("mode", [(), ("--once",)])
+def test_a_broken_template_at_start_is_one_clear_line_and_exit_2(consul, tmp_path, source, what, mode):
+    templates = tmp_path / "templates"
+    shutil.copytree(REPO / "templates", templates)
+    (templates / "haproxy.cfg.j2").write_text(source)
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--templates", str(templates), *mode))
+    result = subprocess.run(edge.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "do not render" in errors[0] and what in errors[0], result.stderr
+
+
+# --- papercuts ---------------------------------------------------------------------------------
+def test_haproxy_check_of_the_live_file_works_from_any_directory(edge):
+    result = subprocess.run([require("haproxy"), "-c", "-f", str(edge.state_dir / "haproxy.cfg")],
+                            capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_log_has_one_line_per_reload_and_no_haproxy_chatter(consul, backends):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--log-level", "INFO")).start()
+    try:
+        for i in range(6):
+            for j in range(15):
+                register(consul, f"chat{i}x{j}", f"chat{i}x{j}", backends["alpha"])
+            wait_until(lambda i=i: reloads(edge.log()) >= i + 1, 20, what=f"reload {i + 1}")
+        answers(edge, f"chat5x14-80.{DOMAIN}", {"alpha"})
+        log = edge.log()
+        assert reloads(log) >= 6
+        assert "Proxy be_" not in log and "cumulated conns" not in log and "is UP/READY" not in log
+        assert "edge.haproxy: haproxy: " not in log                        # nothing worth a warning happened
+        assert len(log.splitlines()) < 40, log                             # a few lines per reload, not one per backend
+    finally:
+        edge.stop()
+        for i in range(6):
+            for j in range(15):
+                deregister(consul, f"chat{i}x{j}")
+
+
+def test_the_consul_service_is_reserved_not_a_skipped_name(consul):
+    out = subprocess.run([sys.executable, "-m", "haproxy_consul", "edge", "routes", "--consul", consul.url,
+                          "--domain", DOMAIN], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0
+    assert "consul" not in out.stderr.replace(consul.url, "")
+
+
+def test_an_existing_group_shared_state_dir_is_used_as_it_is(consul, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chown(shared, 65534, 0)
+    shared.chmod(0o2770)
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), state_dir=shared).start()
+    try:
+        assert stat.S_IMODE(shared.stat().st_mode) == 0o2770 and shared.stat().st_uid == 65534
+    finally:
+        edge.stop()
+
+
+# --- WebSockets across reloads -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def echo_server():
+    def echo(ws):
+        for message in ws:
+            ws.send(message)
+    server = serve(echo, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.socket.getsockname()[1]
+    server.shutdown()
+
+
+def ws_connect(edge, host: str):
+    sock = socket.create_connection(("127.0.0.1", edge.port), timeout=5)
+    return connect(f"ws://{host}/", sock=sock, open_timeout=5, close_timeout=1)
+
+
+def register_ws(consul, port: int) -> None:
+    consul.api("PUT", "/v1/agent/service/register", {"Name": "ws", "ID": "ws-1", "Address": "127.0.0.1",
+                                                      "Port": port, "Meta": {"container_port": "80"}})
+
+
+@pytest.mark.parametrize("max_reloads", [25, 2])
+def test_a_websocket_survives_20_reloads_and_old_workers_are_bounded(consul, backends, echo_server, max_reloads):
+    register_ws(consul, echo_server)
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--worker-max-reloads", str(max_reloads))).start()
+    try:
+        wait_until(lambda: edge.get(f"ws-80.{DOMAIN}")[0] in (400, 426, 200), 10, what="the ws vhost")
+        ws = ws_connect(edge, f"ws-80.{DOMAIN}")
+        survived = 0
+        for i in range(20):
+            before = reloads(edge.log())
+            register(consul, f"wsr{i}", f"wsr{i}", backends["alpha"])   # a new vhost: one reload
+            wait_until(lambda b=before: reloads(edge.log()) > b, 20, what=f"reload {i + 1}")
+            try:
+                ws.send(f"ping {i}")
+                assert ws.recv(timeout=5) == f"ping {i}"
+                survived += 1
+            except (ConnectionClosed, TimeoutError):
+                break
+        if max_reloads == 25:
+            assert survived == 20                                          # never cut by a reload
+        else:
+            assert survived <= max_reloads + 1                             # its old worker was stopped
+        ws.close()
+    finally:
+        edge.stop()
+        deregister(consul, "ws-1")
+        for i in range(20):
+            deregister(consul, f"wsr{i}")
+
+
+def test_an_idle_websocket_lives_until_the_tunnel_timeout(consul, echo_server):
+    register_ws(consul, echo_server)
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--timeout-tunnel", "2")).start()
+    try:
+        wait_until(lambda: edge.get(f"ws-80.{DOMAIN}")[0] in (400, 426, 200), 10, what="the ws vhost")
+        ws = ws_connect(edge, f"ws-80.{DOMAIN}")
+        time.sleep(1)
+        ws.send("still here")
+        assert ws.recv(timeout=5) == "still here"
+        time.sleep(3.5)                                                    # idle past --timeout-tunnel
+        with pytest.raises((ConnectionClosed, TimeoutError, OSError)):
+            ws.send("gone")
+            ws.recv(timeout=3)
+    finally:
+        edge.stop()
+        deregister(consul, "ws-1")
