@@ -92,24 +92,28 @@ class Outage:
         self.since: float | None = None
         self.delay = 0.0
         self.until = 0.0
+        self._lock = threading.Lock()    # workers report concurrently; one warning per outage
 
     def failed(self, exc: Exception) -> None:
-        now = time.monotonic()
-        if self.since is None:
-            self.since = now
-            log.warning("ACME: %s unreachable: %s; retrying until it answers (logged once)", self.what, exc)
-        else:
-            log.debug("ACME: %s still unreachable: %s", self.what, exc)
-        self.delay = min(self.cap, self.delay * 2 if self.delay else 1.0)
-        self.until = max(self.until, now + self.delay)
+        with self._lock:
+            now = time.monotonic()
+            if self.since is None:
+                self.since = now
+                log.warning("ACME: %s unavailable: %s; retrying until it answers (logged once)", self.what, exc)
+            else:
+                log.debug("ACME: %s still unavailable: %s", self.what, exc)
+            self.delay = min(self.cap, self.delay * 2 if self.delay else 1.0)
+            self.until = max(self.until, now + self.delay)
 
     def ok(self) -> None:
-        if self.since is not None:
-            log.info("ACME: %s reachable again after %.1f s", self.what, time.monotonic() - self.since)
-        self.since, self.delay, self.until = None, 0.0, 0.0
+        with self._lock:
+            if self.since is not None:
+                log.info("ACME: %s available again after %.1f s", self.what, time.monotonic() - self.since)
+            self.since, self.delay, self.until = None, 0.0, 0.0
 
     def wait_left(self) -> float:
-        return max(0.0, self.until - time.monotonic())
+        with self._lock:
+            return max(0.0, self.until - time.monotonic())
 
 
 def utc_now() -> datetime:
@@ -149,6 +153,10 @@ class Issuer:
         self._wake = threading.Event()
         self._state = _State()
         self._said: dict[str, tuple[str, str]] = {}
+
+    def _count(self, counter: str) -> None:
+        with self._lock:
+            setattr(self.stats, counter, getattr(self.stats, counter) + 1)
 
     # --- keys in KV ------------------------------------------------------------------------------
     def cert_key(self, name: str) -> str:
@@ -356,7 +364,7 @@ class Issuer:
                 log.debug("ACME: session renewal for %s failed: %s", name, exc)
 
     def _left_to_other(self, name: str, why: str) -> None:
-        self.stats.left_to_others += 1
+        self._count("left_to_others")
         with self._lock:
             self._state.held[name] = self.clock() + timedelta(seconds=self.settings.lock_retry)
         log.info("ACME: %s: %s", name, why)
@@ -374,7 +382,7 @@ class Issuer:
             return False
         with self._lock:
             self._state.issued[name] = cert
-        self.stats.left_to_others += 1
+        self._count("left_to_others")
         log.info("ACME: %s: another edge already stored %s", name, cert.describe())
         return True
 
@@ -402,7 +410,7 @@ class Issuer:
         raise KVUnavailable(f"{self._orders_key()} kept changing under us")
 
     def _issue(self, name: str) -> None:
-        self.stats.orders += 1
+        self._count("orders")
         started = time.monotonic()
         key = ec.generate_private_key(ec.SECP256R1())
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -417,7 +425,7 @@ class Issuer:
         with self._lock:
             self._state.issued[name] = cert
             self._state.failures.pop(name, None)
-        self.stats.issued += 1
+        self._count("issued")
         log.info("ACME: %s issued in %.1f s: %s", name, time.monotonic() - started, cert.describe())
         try:
             self.kv.put(self.cert_key(name), cert.pem)
@@ -430,7 +438,7 @@ class Issuer:
 
     def _failed(self, name: str, error: str) -> None:
         s = self.settings
-        self.stats.failed += 1
+        self._count("failed")
         with self._lock:
             previous = self._state.failures.get(name)
         try:

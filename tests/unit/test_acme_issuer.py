@@ -178,8 +178,8 @@ def test_consul_down_is_logged_once_and_the_order_happens_when_it_is_back(caplog
         kv.down = False
         wait_until(lambda: stored(kv, A), 5, what="certificate in KV")
     messages = [r.getMessage() for r in caplog.records]
-    assert sum("Consul unreachable" in m for m in messages) == 1
-    assert sum("Consul reachable again" in m for m in messages) == 1
+    assert sum("Consul unavailable" in m for m in messages) == 1
+    assert sum("Consul available again" in m for m in messages) == 1
     assert acme.calls == [A]
 
 
@@ -194,8 +194,8 @@ def test_acme_down_costs_no_hourly_slot_and_no_backoff(caplog):
         acme.down = False
         wait_until(lambda: stored(kv, A), 5, what="certificate in KV")
     messages = [r.getMessage() for r in caplog.records]
-    assert sum("unreachable" in m for m in messages) == 1
-    assert sum("reachable again" in m for m in messages) == 1
+    assert sum("unavailable" in m for m in messages) == 1
+    assert sum("available again" in m for m in messages) == 1
 
 
 def test_a_certificate_issued_while_consul_went_down_is_stored_later_not_ordered_again():
