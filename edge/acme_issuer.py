@@ -260,7 +260,7 @@ class Issuer:
             self._said[d.name] = said
             if d.kind == REFUSED:
                 log.warning("ACME: refusing to order %r: %s", d.name, d.reason)
-            elif d.kind == WAIT and "this edge" not in d.reason:
+            elif d.kind == WAIT and not d.reason.startswith("being ordered"):   # the worker said so
                 at = f" (until {d.at:%H:%M:%S})" if d.at else ""
                 log.info("ACME: %s waits: %s%s", d.name, d.reason, at)
             elif d.kind in (NEW, RENEW):
