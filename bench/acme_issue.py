@@ -17,14 +17,15 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
+from consul import Consul
 from harness import write_csv
 
 from edge.acme_issuer import AcmeSettings, Issuer
 from edge.certs import CertSet
 from edge.consul_kv import ConsulKV
-from haproxy_consul.consul_api import client, parse_address
 from tests.support.pebble import ChallengeResponder, pebble_server
 from tests.support.procs import consul_agent, free_ports, require, wait_until
 
@@ -32,8 +33,8 @@ PREFIX = "bench/certs"
 
 
 def issuer_times(consul_url: str, pebble, names_at_once: int) -> tuple[list[float], float]:
-    address = parse_address(consul_url)
-    kv = ConsulKV(lambda: client(address))
+    parts = urllib.parse.urlsplit(consul_url)
+    kv = ConsulKV(lambda: Consul(host=parts.hostname, port=parts.port))
     settings = AcmeSettings(directory=pebble.directory, suffixes=("bench.example",), ca_bundle=pebble.ca_bundle,
                             prefix=PREFIX, http_propagation_wait=0.0, max_orders_per_hour=1000)
     stop = threading.Event()

@@ -13,15 +13,16 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 
 import pytest
+from consul import Consul
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from edge.acme_issuer import AcmeSettings, DnsSettings, Issuer
 from edge.certs import CertError, Certificate, CertSet, parse_bundle
 from edge.consul_kv import ConsulKV
-from haproxy_consul.consul_api import client, parse_address
 from tests.support.bind import bind_server
 from tests.support.pebble import ChallengeResponder, Pebble, pebble_server
 from tests.support.procs import ConsulAgent, consul_agent, free_ports, wait_until
@@ -49,8 +50,10 @@ def pebble(tmp_path_factory, responder):
 
 
 def kv_for(url: str) -> ConsulKV:
-    address = parse_address(url)
-    return ConsulKV(lambda: client(address, timeout=5.0))
+    """An edge's KV shell. (Built on py-consul directly, so the tests do not depend on how the
+    programs assemble their Consul clients from settings.)"""
+    parts = urllib.parse.urlsplit(url)
+    return ConsulKV(lambda: Consul(host=parts.hostname, port=parts.port, connections_timeout=5))
 
 
 def settings(pebble: Pebble, prefix: str, **overrides) -> AcmeSettings:
