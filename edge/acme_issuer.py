@@ -218,11 +218,12 @@ class Issuer:
         now = self.clock()
         with self._lock:
             st = self._state
+            st.held = {n: t for n, t in st.held.items() if t > now}
             wanted, busy, held = st.wanted, frozenset(st.busy), dict(st.held)
             certs = st.certs | CertSet(tuple(st.issued.values()))
             local_failures = dict(st.failures)
         kwargs = dict(suffixes=s.suffixes, max_per_hour=s.max_orders_per_hour, renew_fraction=s.renew_fraction,
-                      now=now, held=held, busy=busy)
+                      now=now, held=held, busy=busy, wildcards=s.dns is not None)
         p = plan(wanted, certs, local_failures, (), **kwargs)
         if p.to_order:
             # Something may need an order: only now read the fleet's backoff state and order count,
@@ -284,7 +285,10 @@ class Issuer:
             return 0, ()
         index, value = found
         try:
-            return index, tuple(datetime.fromisoformat(t) for t in json.loads(value)["times"])
+            times = tuple(datetime.fromisoformat(t) for t in json.loads(value)["times"])
+            if any(t.tzinfo is None for t in times):
+                raise ValueError("naive time")
+            return index, times
         except (ValueError, KeyError, TypeError):
             log.warning("ACME: %s is not an order count this program wrote; counting it as empty",
                         self._orders_key())

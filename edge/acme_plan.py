@@ -136,12 +136,13 @@ def renewal_due(cert: Certificate, fraction: float) -> datetime:
 
 def plan(wanted: Iterable[str], certs: CertSet, failures: Mapping[str, Failure], order_times: Iterable[datetime],
          *, suffixes: Iterable[str], max_per_hour: int, renew_fraction: float, now: datetime,
-         held: Mapping[str, datetime] | None = None, busy: Iterable[str] = ()) -> AcmePlan:
+         held: Mapping[str, datetime] | None = None, busy: Iterable[str] = (), wildcards: bool = True) -> AcmePlan:
     """Decide every wanted name.
 
     `held`: names another edge is ordering (its lock was taken) with when to look again;
     `busy`: names this issuer is ordering right now. Both wait. Names that need an order beyond
-    the hourly budget wait for the next free slot.
+    the hourly budget wait for the next free slot. `wildcards`: whether `*.x` names can be
+    proved (DNS-01 is configured); if not they are refused rather than ordered to fail.
     """
     suffixes = tuple(suffixes)
     held = held or {}
@@ -155,6 +156,9 @@ def plan(wanted: Iterable[str], certs: CertSet, failures: Mapping[str, Failure],
             continue
         if not allowed(name, suffixes):
             decisions.append(Decision(name, REFUSED, "not under a configured domain or allowed suffix"))
+            continue
+        if name.startswith("*.") and not wildcards:
+            decisions.append(Decision(name, REFUSED, "a wildcard needs DNS-01 (--acme-dns-rfc2136)"))
             continue
         cert = best_cover(certs, name)
         due = renewal_due(cert, renew_fraction) if cert else None

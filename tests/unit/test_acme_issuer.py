@@ -256,7 +256,8 @@ def test_no_private_key_reaches_the_log(caplog):
     assert not any(line in text for line in key_lines)
 
 
-@pytest.mark.parametrize("value", ["not json", json.dumps({"times": "x"}), json.dumps([1])])
+@pytest.mark.parametrize("value", ["not json", json.dumps({"times": "x"}), json.dumps([1]),
+                                   json.dumps({"times": [datetime.now().isoformat()]})])   # no time zone
 def test_a_garbled_order_count_is_treated_as_empty(value):
     kv, acme = KV(), FakeAcme()
     kv.put(f"{P}/_acme/orders", value)

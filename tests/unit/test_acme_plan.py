@@ -103,6 +103,13 @@ def test_renewal_when_a_third_of_the_lifetime_remains(issued_days_ago, days, kin
         assert p.next_check == renewal_due(c, 1 / 3)
 
 
+@pytest.mark.parametrize("wildcards, kind", [(True, NEW), (False, REFUSED)])
+def test_wildcards_only_with_dns01(wildcards, kind):
+    p = plan({"*.apps.example.com"}, CertSet(), {}, (), suffixes=SUFFIXES, max_per_hour=10, renew_fraction=1 / 3,
+             now=NOW, wildcards=wildcards)
+    assert p.get("*.apps.example.com").kind == kind
+
+
 def test_the_longest_valid_cover_decides_and_a_wildcard_covers_one_label():
     old = cert("kv/a.apps.example.com", "a.apps.example.com", issued=NOW - 80 * DAY)
     wild = cert("dir/wild", "*.apps.example.com", issued=NOW - DAY)
