@@ -10,6 +10,11 @@ replacing them is the caller's decision.
 
 `CertSet` is what the edge serves: sorted, frozen, `==` means "same certificates". Names are
 chosen by the source and prefixed by it (`dir/…`, `kv/…`), so two sources never collide.
+
+Below that, the plan (as `edge.plan` is for routes): which certificates HAProxy should load
+(`serving`), the runtime commands and files that get it there from what it has (`cert_plan`,
+`crt_list`), the HTTP-01 challenge map and the map of hosts that get the HTTPS redirect
+(`challenges`, `tls_hosts`, `map_commands`), and the self-signed default certificate.
 Pure: no I/O.
 """
 
@@ -17,11 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
@@ -151,3 +157,135 @@ class CertSet:
 
     def __or__(self, other: CertSet) -> CertSet:
         return CertSet(self.certs + other.certs)
+
+
+# --- what HAProxy loads, and how to get there from what it has ----------------------------------
+SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
+TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")                  # RFC 8555 tokens: base64url
+KEY_AUTHORIZATION = re.compile(r"^[A-Za-z0-9_-]{1,256}\.[A-Za-z0-9_-]{1,128}$")
+
+
+def file_name(name: str) -> str:
+    """A state-dir file name for a certificate name: readable, safe, distinct (a hash keeps
+    `kv/*.a.example` and `kv/_.a.example` apart)."""
+    safe = re.sub(r"\.{2,}", ".", SAFE_FILE.sub("_", name.replace("*", "_wildcard_"))).strip("._")[:100]
+    return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}.pem"
+
+
+FILE_HEADER = "# haproxy-consul certificate "
+
+
+def file_text(cert: Certificate) -> str:
+    """A certificate file in the state dir: its name on a comment line (HAProxy reads only the
+    PEM blocks), so a restart knows again where each file came from."""
+    return f"{FILE_HEADER}{cert.name}\n{cert.pem}"
+
+
+def name_in_file(text: str) -> str | None:
+    first = text.split("\n", 1)[0]
+    return first[len(FILE_HEADER):].strip() or None if first.startswith(FILE_HEADER) else None
+
+
+def serving(certs: CertSet, now: datetime) -> dict[str, Certificate]:
+    """File name → certificate, for every certificate valid now that is the best one for at least
+    one of its names: a renewed or replaced certificate shadows the old one instead of both being
+    loaded (HAProxy would pick either)."""
+    chosen = {}
+    for cert in certs.certs:
+        if cert.not_before <= now < cert.not_after and any(certs.covering(n, now) is cert for n in cert.names):
+            chosen[file_name(cert.name)] = cert
+    return chosen
+
+
+@dataclass(frozen=True)
+class CertPlan:
+    """Live certificates → desired ones: files to write and remove, runtime commands, the crt-list."""
+
+    writes: tuple[tuple[str, str], ...] = ()             # (file name, file text)
+    removes: tuple[str, ...] = ()                        # file names
+    commands: tuple[tuple[str, str], ...] = ()           # (runtime command, payload or "")
+    changes: tuple[str, ...] = ()                        # one readable line per certificate, for the log
+
+    @property
+    def empty(self) -> bool:
+        return not self.writes and not self.removes
+
+
+def crt_list(directory: str, files: Mapping[str, Certificate]) -> str:
+    """The crt-list file: one certificate file per line; HAProxy takes the names from each
+    certificate (no SNI filter), exact names before wildcards."""
+    return "".join(f"{directory}/{f}\n" for f in sorted(files))
+
+
+def cert_plan(live: Mapping[str, Certificate], desired: Mapping[str, Certificate], directory: str,
+              crt_list_path: str) -> CertPlan:
+    """Runtime commands that make HAProxy serve `desired`, new and replaced certificates first
+    so no name goes without one in between."""
+    writes, commands, changes = [], [], []
+    for f, cert in sorted(desired.items()):
+        old = live.get(f)
+        if old is not None and old.pem == cert.pem:
+            continue
+        path = f"{directory}/{f}"
+        writes.append((f, file_text(cert)))
+        if old is None:
+            commands += [(f"new ssl cert {path}", ""), (f"set ssl cert {path}", cert.pem),
+                         (f"commit ssl cert {path}", ""), (f"add ssl crt-list {crt_list_path} {path}", "")]
+            changes.append(f"+ {cert.describe()}")
+        else:
+            commands += [(f"set ssl cert {path}", cert.pem), (f"commit ssl cert {path}", "")]
+            changes.append(f"~ {cert.describe()}")
+    removes = tuple(sorted(set(live) - set(desired)))
+    for f in removes:
+        path = f"{directory}/{f}"
+        commands += [(f"del ssl crt-list {crt_list_path} {path}", ""), (f"del ssl cert {path}", "")]
+        changes.append(f"- {live[f].describe()}")
+    return CertPlan(tuple(writes), removes, tuple(commands), tuple(changes))
+
+
+def map_text(entries: Mapping[str, str]) -> str:
+    return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
+
+
+def map_commands(path: str, live: Mapping[str, str], desired: Mapping[str, str]) -> tuple[str, ...]:
+    """Runtime commands turning the map `path` from `live` into `desired` (values without spaces)."""
+    commands = [f"del map {path} {k}" for k in sorted(set(live) - set(desired))]
+    for key, value in sorted(desired.items()):
+        if key not in live:
+            commands.append(f"add map {path} {key} {value}")
+        elif live[key] != value:
+            commands.append(f"set map {path} {key} {value}")
+    return tuple(commands)
+
+
+def challenges(raw: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """HTTP-01 token → key authorization from KV (token → value), and what was refused. Anyone
+    who can write the prefix can put anything there: only base64url shapes reach HAProxy."""
+    good, bad = {}, []
+    for token, value in sorted(raw.items()):
+        value = value.strip()
+        if TOKEN.match(token) and KEY_AUTHORIZATION.match(value) and value.startswith(token + "."):
+            good[token] = value
+        else:
+            bad.append(token)
+    return good, tuple(bad)
+
+
+def tls_hosts(hosts: Iterable[str], served: Mapping[str, Certificate]) -> frozenset[str]:
+    """Of the routed host names, those a served certificate covers: they get the HTTPS redirect."""
+    certs = CertSet(tuple(served.values()))
+    return frozenset(h for h in hosts if certs.covering(h) is not None)
+
+
+def self_signed(common_name: str, now: datetime) -> str:
+    """A bundle for names the edge has no certificate for: self-signed, ECDSA P-256, ten years."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(days=1))
+            .not_valid_after(now + timedelta(days=3650))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM).decode()
+            + key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode())

@@ -20,6 +20,10 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from edge import templates_source
+from edge.acme_issuer import Issuer
+from edge.cert_sources import DirSource, KVSource
+from edge.cert_stage import CertPaths, CertStage
+from edge.consul_kv import ConsulKV
 from edge.control import Edge
 from edge.haproxy import HAProxy, HAProxyError, Paths
 from edge.ownership import Busy, StateLock, check_free, hand_over
@@ -28,6 +32,7 @@ from edge.settings import Settings, parse
 from edge.table import RouteTable, build_table
 from edge.watch import CONSUL_ERRORS, ConsulWatcher, Snapshot
 from haproxy_consul import __version__, logs
+from haproxy_consul.consul_api import client
 
 log = logging.getLogger("edge")
 
@@ -46,9 +51,12 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         log.error("template directory %s lacks %s", template_dir, ", ".join(missing))
         return 2
     paths = Paths(settings.state_dir)
+    cert_paths = CertPaths(settings.state_dir / "certs")
     listeners = Listeners(settings.bind, settings.admin_bind, str(paths.runtime_socket), settings.domains,
                           timeout_tunnel=settings.timeout_tunnel, hard_stop_after=settings.hard_stop_after,
-                          max_reloads=settings.worker_max_reloads)
+                          max_reloads=settings.worker_max_reloads,
+                          https=cert_paths.https(settings.https_bind, settings.https_redirect, settings.hsts)
+                          if settings.https_bind else None)
     stop = threading.Event()
 
     if settings.command == "routes":
@@ -77,9 +85,17 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         return 1
     haproxy = HAProxy(settings.haproxy, paths)
     try:
+        certs = CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None) if settings.https_bind else None
+        if certs is not None:
+            certs.prepare()
+    except OSError as exc:
+        lock.release()
+        log.error("certificates in %s: %s", cert_paths.directory, exc)
+        return 1
+    try:
         if settings.once:
             return _once(settings, haproxy, listeners, templates, stop)
-        return _serve(settings, haproxy, listeners, templates, template_dir, stop, lock)
+        return _serve(settings, haproxy, listeners, templates, template_dir, stop, lock, certs)
     finally:
         lock.release()
 
@@ -174,6 +190,12 @@ def _once(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates,
     return 0
 
 
+def _cert_sources(settings: Settings) -> list[str]:
+    return ([f"files in {settings.certs}"] if settings.certs else []) + [f"consul kv {settings.certs_kv}"] + (
+        [f"acme {settings.acme.directory}" + (" dns-01" if settings.acme.dns else " http-01")]
+        if settings.acme else [])
+
+
 def _haproxy_version(binary: str) -> str:
     try:
         out = subprocess.run([binary, "-v"], capture_output=True, text=True, timeout=10).stdout
@@ -183,21 +205,38 @@ def _haproxy_version(binary: str) -> str:
 
 
 def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates, template_dir, stop,
-           lock: StateLock) -> int:
-    log.info("haproxy-consul edge %s; %s; consul %s%s; domains %s; http %s; admin %s; state %s; templates %s; "
-             "apply %s",
+           lock: StateLock, certs: CertStage | None) -> int:
+    log.info("haproxy-consul edge %s; %s; consul %s%s; domains %s; http %s; https %s; admin %s; state %s; "
+             "templates %s; apply %s",
              __version__, _haproxy_version(settings.haproxy), settings.consul,
              f" dc={settings.datacenter}" if settings.datacenter else "",
-             ",".join(settings.domains) or "(any)", settings.bind, settings.admin_bind,
-             settings.state_dir, template_dir, settings.apply)
+             ",".join(settings.domains) or "(any)", settings.bind,
+             f"{settings.https_bind} (certificates: {', '.join(_cert_sources(settings))})" if settings.https_bind
+             else "off", settings.admin_bind, settings.state_dir, template_dir, settings.apply)
     if haproxy.adopt() is None:
         try:
-            check_free({"--bind": settings.bind, "--admin-bind": settings.admin_bind})
+            check_free({"--bind": settings.bind, "--admin-bind": settings.admin_bind,
+                        **({"--https-bind": settings.https_bind} if settings.https_bind else {})})
         except Busy as exc:
             log.error("%s", exc)
             return 1
-    edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply)
+    edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply, certs)
     watcher = _watcher(settings, stop, edge.on_snapshot)
+    threads = [threading.Thread(target=watcher.run, name="consul-watch", daemon=True)]
+    dir_source = None
+    if certs is not None:
+        certs.wake = edge.wake
+        kv = ConsulKV(lambda: client(settings.consul, settings.token, settings.datacenter))
+        threads.append(threading.Thread(target=KVSource(kv, settings.certs_kv, certs.on_certs, certs.on_challenges,
+                                                        stop, settings.consul_wait).run,
+                                        name="certs-kv", daemon=True))
+        if settings.certs is not None:
+            dir_source = DirSource(settings.certs, certs.on_certs)
+            dir_source.start()
+        if settings.acme is not None:
+            certs.issuer = Issuer(kv, settings.acme, stop)
+            certs.wildcards = settings.acme.dns is not None
+            threads.append(threading.Thread(target=certs.issuer.run, name="acme", daemon=True))
     handover = []
 
     def on_signal(signum, _frame):
@@ -213,9 +252,9 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
     observer = None
     if settings.templates is not None:
         observer = templates_source.watch(template_dir, lambda: edge.on_templates(templates_source.load(template_dir)))
-    thread = threading.Thread(target=watcher.run, name="consul-watch", daemon=True)
     try:
-        thread.start()
+        for thread in threads:
+            thread.start()
         edge.run()
     except HAProxyError as exc:
         log.error("HAProxy: %s", exc)
@@ -224,6 +263,8 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
         stop.set()
         if observer is not None:
             observer.stop()
+        if dir_source is not None:
+            dir_source.stop()
         if handover and haproxy.running():
             lock.release()     # the successor takes the lock, and HAProxy with it
             hand_over(settings.state_dir, haproxy.pid, haproxy.paths.config, settings.handover_timeout)

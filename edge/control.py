@@ -41,8 +41,9 @@ RETRY = 5.0         # seconds between attempts to write a state dir that refused
 
 class Edge:
     def __init__(self, haproxy: HAProxy, listeners: Listeners, templates: Mapping[str, str],
-                 stop: threading.Event, min_slots: int = 4, apply: str = "runtime"):
+                 stop: threading.Event, min_slots: int = 4, apply: str = "runtime", certs=None):
         self.haproxy = haproxy
+        self.certs = certs                         # edge.cert_stage.CertStage, with HTTPS
         self.listeners = listeners
         self.templates = templates
         self.stop = stop
@@ -75,6 +76,10 @@ class Edge:
     def on_templates(self, templates: Mapping[str, str]) -> None:
         with self._lock:
             self._new_templates = templates
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Something beside the routes changed (certificates): come round now."""
         self._wake.set()
 
     # --- start-up ----------------------------------------------------------------------------
@@ -121,6 +126,7 @@ class Edge:
                 next_supervise = time.monotonic() + SUPERVISE_EVERY
             self.step()
             self.flush()
+            self.step_certs()
         self.flush(force=True)
 
     def step(self) -> None:
@@ -141,6 +147,12 @@ class Edge:
         self._apply(table, plan)
         if self.live is table:
             self._base = snapshot
+
+    def step_certs(self) -> None:
+        """The certificate stage, beside the routes; a runtime failure there is a reload (the
+        stage wrote its files first, so the reload loads the new certificates)."""
+        if self.certs is not None and not self.certs.step(self.live) and self.live is not None:
+            self._reload(self.live, ("certificate change through the runtime API failed",), (), self.templates)
 
     def _table(self, snapshot: Snapshot) -> RouteTable:
         """The desired table: only the routes of services that changed since `live` was built."""

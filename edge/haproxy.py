@@ -13,8 +13,9 @@
   handed over on SIGTERM): the listening sockets never close, so no request is refused.
 - `reload()` goes through the master CLI and waits until a new worker is current; a failed load
   leaves the old worker serving and raises `ReloadFailed`.
-- `runtime()` sends `set server` batches through the runtime socket (haproxyadmin) and raises
-  `RuntimeFailed` on any answer that is not a success.
+- `runtime()` sends `set server` (and map) batches through the runtime socket (haproxyadmin)
+  and raises `RuntimeFailed` on any answer that is not a success; `ssl()` sends certificate
+  commands, one connection each since `set ssl cert` carries a PEM payload.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ log = logging.getLogger("edge.haproxy")
 MAX_BATCH_BYTES = 8000
 # What `set server ... addr/state` answers when it worked.
 RUNTIME_OK = re.compile(r"^(IP changed from|no need to change|port changed from|$)")
+# What the `ssl cert` / `ssl crt-list` commands answer when they worked.
+SSL_OK = re.compile(r"^(New empty certificate store|Transaction created|Committing|Success!|Inserting certificate|"
+                    r"Entry '.*' deleted|Certificate '.*' deleted|$)")
 UNIX_PATH_MAX = 107
 
 
@@ -121,7 +125,8 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
 _HAPROXY_LINE = re.compile(r"^\[(ALERT|WARNING|NOTICE)\]\s*(?:\(\d+\))?\s*:\s*(.*)$")
 # Server state changes are the edge's own runtime commands, which it logs itself.
 _QUIET = re.compile(r"^(Proxy \S+ (started|stopped)|Former worker \(\d+\) exited with code 0|"
-                    r"Stopping (frontend|backend|proxy) |Server \S+ is (UP|DOWN|going DOWN)\b)")
+                    r"Stopping (frontend|backend|proxy) |Server \S+ is (UP|DOWN|going DOWN)\b|"
+                    r"backend '?\S+?'? has no server available!)")
 
 
 def classify(line: str) -> tuple[int, str] | None:
@@ -132,9 +137,10 @@ def classify(line: str) -> tuple[int, str] | None:
     if m is None:
         syslog = re.match(r"^<([0-7])>(.*)$", line)
         if syslog:
-            level = int(syslog.group(1))
-            return (logging.ERROR if level <= 3 else logging.WARNING if level == 4 else logging.DEBUG,
-                    syslog.group(2))
+            level, text = int(syslog.group(1)), syslog.group(2)
+            if _QUIET.match(text):
+                return logging.DEBUG, text
+            return logging.ERROR if level <= 3 else logging.WARNING if level == 4 else logging.DEBUG, text
         return logging.INFO, line
     kind, text = m.groups()
     if kind == "ALERT":
@@ -363,6 +369,24 @@ class HAProxy:
             bad = [line for _, lines in results for line in lines if not RUNTIME_OK.match(line)]
             if bad:
                 raise RuntimeFailed("; ".join(bad[:5]))
+
+    def ssl(self, commands: tuple[tuple[str, str], ...]) -> None:
+        """Certificate commands `(command, payload)`; a payload goes after `<<`, ended by an
+        empty line. Any answer other than success raises RuntimeFailed (the caller reloads)."""
+        for command, payload in commands:
+            text = f"{command} <<\n{payload.strip()}\n\n" if payload else f"{command}\n"
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    s.settimeout(10)
+                    s.connect(str(self.paths.runtime_socket))
+                    s.sendall(text.encode())
+                    s.shutdown(socket.SHUT_WR)
+                    answer = b"".join(iter(lambda: s.recv(65536), b"")).decode(errors="replace")
+            except OSError as exc:
+                raise RuntimeFailed(f"runtime socket: {exc}") from exc
+            bad = [line for line in answer.splitlines() if not SSL_OK.match(line.strip())]
+            if bad:
+                raise RuntimeFailed(f"{command}: {'; '.join(bad[:3])}")
 
 
 def is_master(pid: int, config: str) -> bool:

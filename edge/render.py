@@ -40,6 +40,26 @@ class TemplateError(Exception):
 
 
 @dataclass(frozen=True)
+class Https:
+    """The TLS listener: certificate files are the certificate stage's (absolute paths), so a
+    configuration staged elsewhere for `haproxy -c` refers to the live ones."""
+
+    bind: str                   # `ADDR:PORT`
+    default_cert: str           # self-signed, for names without a certificate
+    crt_list: str
+    challenges_map: str         # ACME HTTP-01 token → key authorization
+    tls_hosts_map: str          # hosts that have a certificate: plain HTTP redirects there
+    redirect: bool = True
+    hsts: int = 0               # Strict-Transport-Security max-age; 0: none
+
+    @property
+    def port_suffix(self) -> str:
+        """What a redirect appends to the host: nothing on 443."""
+        port = self.bind.rsplit(":", 1)[1]
+        return "" if port == "443" else f":{port}"
+
+
+@dataclass(frozen=True)
 class Listeners:
     """What the rendered configuration needs to know of the settings."""
 
@@ -50,6 +70,7 @@ class Listeners:
     timeout_tunnel: int = 3600      # seconds an upgraded (WebSocket) connection may stay idle
     hard_stop_after: int = 3600     # seconds an old worker may keep long-lived connections
     max_reloads: int = 25           # reloads an old worker may outlive before it is stopped
+    https: Https | None = None      # None: plain HTTP only
 
 
 @dataclass(frozen=True)
@@ -97,11 +118,9 @@ def environment(templates: Mapping[str, str]) -> jinja2.Environment:
     return env
 
 
-def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
-    """(hosts.map, routes.map): exact host → backend, and (without domains) route → backend.
-
-    Exact hosts from `edge.host` tags come first and win over a generated name.
-    """
+def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
+    """Every host name the table routes → its backend. Exact hosts from `edge.host` tags come
+    first and win over a generated `<route>.<domain>`; without domains only exact hosts are names."""
     seen: dict[str, str] = {}
     for route in table.routes:
         for host in route.hosts:
@@ -109,7 +128,12 @@ def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
     for route in table.routes:
         for domain in domains:
             seen.setdefault(f"{route.name}.{domain}", route.backend)
-    hosts = "".join(f"{k} {v}\n" for k, v in seen.items())
+    return seen
+
+
+def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
+    """(hosts.map, routes.map): exact host → backend, and (without domains) route → backend."""
+    hosts = "".join(f"{k} {v}\n" for k, v in vhosts(table, domains).items())
     routes = "" if domains else "".join(f"{r.name} {r.backend}\n" for r in table.routes)
     return hosts, routes
 

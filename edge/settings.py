@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge import acme_settings
+from edge.acme_settings import AcmeSettings
 from edge.model import valid_host
 from haproxy_consul.consul_api import ConsulAddress, parse_address
-from haproxy_consul.options import EnvParser, host_port
+from haproxy_consul.options import EnvParser, host_port, truthy
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,12 @@ class Settings:
     hard_stop_after: int = 3600
     worker_max_reloads: int = 25
     handover_timeout: float = 10.0
+    https_bind: str | None = None  # None: no TLS listener
+    certs: Path | None = None
+    certs_kv: str = "haproxy-consul/certs"
+    https_redirect: bool = True
+    hsts: int = 0
+    acme: AcmeSettings | None = None
 
 
 def haproxy_bind(value: str) -> str:
@@ -81,6 +90,19 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.option("--handover-timeout", env="EDGE_HANDOVER_TIMEOUT", default=10.0, type=float,
              help="on SIGTERM, leave HAProxy serving this long for a new edge on the same state dir to "
                   "adopt (0: stop HAProxy with the edge, as in a container)")
+    p.option("--https-bind", env="EDGE_HTTPS_BIND",
+             help="TLS listener ADDR:PORT (default: none, or :443 once a certificate source is configured)")
+    p.option("--certs", env="EDGE_CERTS", help="directory of PEM certificates (chain + key, or name.crt + "
+             "name.key), picked by SNI; changes apply live")
+    p.option("--certs-kv", env="EDGE_CERTS_KV", help="Consul KV prefix of certificates every edge serves and "
+             "ACME writes to (default haproxy-consul/certs once HTTPS is on)")
+    p.add_argument("--https-redirect", action=argparse.BooleanOptionalAction,
+                   default=truthy(environ.get("EDGE_HTTPS_REDIRECT", "1")),
+                   help="plain HTTP to a host that has a certificate gets 308 to HTTPS "
+                        "(except ACME challenges) [env EDGE_HTTPS_REDIRECT]")
+    p.option("--hsts", env="EDGE_HSTS", default=0, type=int,
+             help="Strict-Transport-Security max-age on HTTPS answers, seconds (0: none)")
+    acme_settings.add_options(p)
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -112,6 +134,19 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             p.error(f"{option} must be at least 1")
     if args.handover_timeout < 0:
         p.error("--handover-timeout must not be negative")
+    if args.hsts < 0:
+        p.error("--hsts must not be negative")
+    certs_kv = (args.certs_kv or "haproxy-consul/certs").strip("/")
+    if not certs_kv:
+        p.error("--certs-kv must name a prefix")
+    acme = acme_settings.from_args(args, p, domains, certs_kv)
+    https_on = bool(args.https_bind or args.certs or args.certs_kv or acme)
+    try:
+        https_bind = haproxy_bind(args.https_bind or ":443") if https_on else None
+    except ValueError as exc:
+        p.error(f"--https-bind: {exc}")
+    if args.certs and not Path(args.certs).is_dir():
+        p.error(f"--certs {args.certs}: not a directory")
     return Settings(
         consul=consul,
         token=args.token or None,
@@ -133,4 +168,10 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         hard_stop_after=args.hard_stop_after,
         worker_max_reloads=args.worker_max_reloads,
         handover_timeout=args.handover_timeout,
+        https_bind=https_bind,
+        certs=Path(args.certs).absolute() if args.certs else None,
+        certs_kv=certs_kv,
+        https_redirect=args.https_redirect,
+        hsts=args.hsts,
+        acme=acme,
     )

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge import templates_source
+from edge.cert_stage import CertPaths
 from edge.model import Instance, instances_from_health, route_name
 from edge.render import LANDING_MAX_BYTES, Listeners, TemplateError, render
 from edge.table import RouteTable, build_table
@@ -33,6 +34,8 @@ def sample_table() -> RouteTable:
 @pytest.mark.parametrize("name, listeners", [
     ("domains", LISTENERS),
     ("no-domain", Listeners("127.0.0.1:8080", "127.0.0.1:8404", "/tmp/s/haproxy.sock", ())),
+    ("https", Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", ("t2.example.com",),
+                        https=CertPaths(Path("/run/haproxy-consul/certs")).https(":443", True, 31536000))),
 ])
 def test_golden(name, listeners):
     rendered = render(sample_table(), listeners, TEMPLATES)

@@ -35,6 +35,24 @@ ENV = {
     ([], {}, "apply", "runtime"),
     ([], {"EDGE_APPLY": "reload"}, "apply", "reload"),
     (["--apply", "runtime"], {"EDGE_APPLY": "reload"}, "apply", "runtime"),
+    # HTTPS: off until a certificate source or a TLS listener is configured, then :443.
+    ([], {}, "https_bind", None),
+    (["--certs", "/tmp"], {}, "https_bind", ":443"),
+    ([], {"EDGE_CERTS_KV": "fleet/certs"}, "https_bind", ":443"),
+    ([], {"EDGE_CERTS_KV": "/fleet/certs/"}, "certs_kv", "fleet/certs"),
+    ([], {}, "certs_kv", "haproxy-consul/certs"),
+    (["--https-bind", "127.0.0.1:8443"], {"EDGE_HTTPS_BIND": ":9443"}, "https_bind", "127.0.0.1:8443"),
+    ([], {"EDGE_HTTPS_BIND": ":9443"}, "https_bind", ":9443"),
+    (["--domain", "a.example", "--acme-directory", "https://acme.test/dir"], {}, "https_bind", ":443"),
+    ([], {}, "https_redirect", True),
+    (["--no-https-redirect"], {}, "https_redirect", False),
+    ([], {"EDGE_HTTPS_REDIRECT": "0"}, "https_redirect", False),
+    (["--https-redirect"], {"EDGE_HTTPS_REDIRECT": "0"}, "https_redirect", True),
+    ([], {"EDGE_HSTS": "31536000"}, "hsts", 31536000),
+    ([], {}, "acme", None),
+    ([], {}, "handover_timeout", 10.0),
+    ([], {"EDGE_HANDOVER_TIMEOUT": "0"}, "handover_timeout", 0.0),
+    ([], {"EDGE_TIMEOUT_TUNNEL": "120"}, "timeout_tunnel", 120),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -51,6 +69,13 @@ def test_precedence(argv, env, attr, expected):
     ([], {"EDGE_MIN_SLOTS": "many"}),
     ([], {"EDGE_APPLY": "sometimes"}),
     (["--apply", "sometimes"], {}),
+    (["--https-bind", "443"], {}),
+    (["--certs", "/no/such/dir"], {}),
+    (["--hsts", "-1"], {}),
+    (["--acme-directory", "http://plain.test/dir", "--domain", "a.example"], {}),   # RFC 8555: https only
+    (["--acme-directory", "https://acme.test/dir"], {}),                            # no domain to order under
+    (["--timeout-tunnel", "0"], {}),
+    (["--handover-timeout", "-1"], {}),
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:
