@@ -29,6 +29,7 @@ command -v lego >/dev/null || need+=(lego)                 # an independent ACME
 command -v named >/dev/null || need+=(bind9)               # RFC 2136 dynamic DNS for DNS-01
 command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v openssl >/dev/null || need+=(openssl)
+command -v certutil >/dev/null || need+=(libnss3-tools)              # trust a test CA in headless Chromium
 # `python3 -m venv` needs ensurepip, which Debian ships separately.
 python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv python3-pip)
 [ "${#need[@]}" -eq 0 ] && exit 0

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 IMG = REPO / "docs" / "img"
 
 
-def chromium(tmp_path: Path, *args: str) -> str:
+def chromium(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> str:
     binary = shutil.which("chromium")
     if binary is None:
         raise RuntimeError("chromium is not installed: run `make deps`")
@@ -28,7 +28,7 @@ def chromium(tmp_path: Path, *args: str) -> str:
     out = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,700", *args],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env=env)
     return out.stdout
 
 

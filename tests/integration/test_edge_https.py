@@ -4,6 +4,7 @@ files and Consul KV, applied live, never by a reload."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.integration.edge_helpers import answers, deregister, logged, register, reloads
+from tests.integration.test_browser import IMG, chromium
+from tests.support.bind import bind_server
 from tests.support.edge import EdgeProcess
 from tests.support.http import Backend
 from tests.support.pebble import pebble_server
@@ -367,3 +370,84 @@ def test_replacing_a_certificate_under_h2load_fails_no_request(consul, files_edg
     finally:
         deregister(consul, "load-1")
         backend.close()
+
+
+def test_chromium_trusting_pebbles_root_loads_an_https_route(consul, pebble, fleet, tmp_path):
+    a, _ = fleet
+    name = f"hello-80.{DOMAIN}"
+    backend = Backend("hello over https, from an edge-ordered certificate")
+    register(consul, "hello", "hello-1", backend)
+    try:
+        wait_until(lambda: https_get(a, name, pebble.root_file)[0] == "200", 30, what="hello over https")
+        home = tmp_path / "home"
+        nssdb = home / ".pki" / "nssdb"
+        nssdb.mkdir(parents=True)
+        certutil = require("certutil")
+        subprocess.run([certutil, "-d", f"sql:{nssdb}", "-N", "--empty-password"], check=True)
+        subprocess.run([certutil, "-d", f"sql:{nssdb}", "-A", "-t", "C,,", "-n", "pebble root", "-i",
+                        str(pebble.root_file)], check=True)
+        env = {**os.environ, "HOME": str(home)}
+        url = f"https://{name}:{a.https_port}/"
+        resolve = f"--host-resolver-rules=MAP {name} 127.0.0.1"
+        dom = chromium(tmp_path, resolve, "--dump-dom", url, env=env)
+        assert "hello over https" in dom, dom[:500]
+        shots = IMG if os.environ.get("UPDATE_SCREENSHOTS") else tmp_path
+        chromium(tmp_path, resolve, f"--screenshot={shots / 'https.png'}", "--window-size=900,300", url, env=env)
+        assert (shots / "https.png").stat().st_size > 3000
+        # Without pebble's root, the same page is an interstitial, not the service.
+        untrusted = chromium(tmp_path / "untrusted", resolve, "--dump-dom", url,
+                             env={**os.environ, "HOME": str(tmp_path / "empty-home")})
+        assert "hello over https" not in untrusted
+    finally:
+        deregister(consul, "hello-1")
+        backend.close()
+
+
+def test_a_wildcard_by_dns01_through_bind_serves_every_route(consul, tmp_path):
+    with bind_server(tmp_path / "bind", DOMAIN) as bind, \
+            pebble_server(tmp_path / "pebble", http_port=free_ports(1)[0], dns_server=("127.0.0.1", bind.port)) as p:
+        root = tmp_path / "root.pem"
+        root.write_text(p.root_pem())
+        http, https = free_ports(2)
+        edge = Edge(consul.url, "127.0.0.1", http, https, extra=(
+            "--certs-kv", "dns01/certs", "--acme-directory", p.directory, "--acme-ca-bundle", str(p.ca_bundle),
+            "--acme-dns-rfc2136", f"127.0.0.1:{bind.port}", "--acme-dns-tsig-key-file", str(bind.key_file),
+            "--acme-dns-propagation-wait", "0")).start()
+        backends = [Backend("one"), Backend("two")]
+        try:
+            register(consul, "one", "one-1", backends[0])
+            register(consul, "two", "two-1", backends[1])
+            for route, body in (("one-80", "one"), ("two-80", "two")):
+                wait_until(lambda r=route: https_get(edge, f"{r}.{DOMAIN}", root)[0] == "200", 40,
+                           what=f"{route} over https")
+                assert https_get(edge, f"{route}.{DOMAIN}", root) == ("200", "2", body)
+                assert f"CN = *.{DOMAIN}" in presented(edge, f"{route}.{DOMAIN}")
+            assert p.orders() == 1                                # one wildcard, not one per route
+            assert f"adding an RR at '_acme-challenge.{DOMAIN}' TXT" in bind.log()
+        finally:
+            edge.stop()
+            for sid in ("one-1", "two-1"):
+                deregister(consul, sid)
+            for b in backends:
+                b.close()
+
+
+def test_consul_down_keeps_https_serving_and_is_logged_once(pebble, ports, tmp_path):
+    with consul_agent(tmp_path / "consul") as agent:
+        http, https = free_ports(2)
+        edge = Edge(agent.url, "127.0.0.1", http, https, extra=("--certs-kv", "haproxy-consul/certs")).start()
+        backend = Backend("steady")
+        try:
+            register(agent, "steady", "steady-1", backend)
+            put_kv(agent, "haproxy-consul/certs/steady", CA.bundle([f"steady-80.{DOMAIN}"]))
+            cafile = tmp_path / "ca.pem"
+            cafile.write_text(CA.pem)
+            wait_until(lambda: https_get(edge, f"steady-80.{DOMAIN}", cafile)[0] == "200", 10, what="steady")
+            agent.kill()
+            time.sleep(3)
+            assert https_get(edge, f"steady-80.{DOMAIN}", cafile) == ("200", "2", "steady")
+            assert edge.get(f"steady-80.{DOMAIN}")[0] == 308                   # plain HTTP still answers
+            assert edge.log().count("certificates in Consul KV under haproxy-consul/certs/: ") == 1
+        finally:
+            edge.stop()
+            backend.close()
