@@ -92,9 +92,10 @@ def _lines(path: Path) -> list[str]:
 
 class CertStage:
     def __init__(self, haproxy: HAProxy, paths: CertPaths, domains: tuple[str, ...], wake: Callable[[], None],
-                 issuer=None, wildcards: bool = False, clock: Callable[[], datetime] = utc_now):
+                 redirect: bool = True, issuer=None, wildcards: bool = False, clock: Callable[[], datetime] = utc_now):
         self.haproxy = haproxy
         self.paths = paths
+        self.redirect = redirect             # the configuration uses the map of HTTPS hosts only then
         self.domains = domains
         self.wake = wake
         self.issuer = issuer                 # edge.acme_issuer.Issuer, or None without ACME
@@ -176,9 +177,10 @@ class CertStage:
         certs = self._merged(sources)
         desired = serving(certs, self.clock())
         ok = self._apply_certs(desired)
-        hosts = tls_hosts(vhosts(table, self.domains) if table else (), self.live)
         ok = self._apply_map(self.paths.challenges, "live_challenges", tokens) and ok
-        ok = self._apply_map(self.paths.tls_hosts, "live_hosts", {h: "1" for h in hosts}) and ok
+        if self.redirect:
+            hosts = tls_hosts(vhosts(table, self.domains) if table else (), self.live)
+            ok = self._apply_map(self.paths.tls_hosts, "live_hosts", {h: "1" for h in hosts}) and ok
         self._want(table, certs)
         return ok
 

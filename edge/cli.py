@@ -85,7 +85,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         return 1
     haproxy = HAProxy(settings.haproxy, paths)
     try:
-        certs = CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None) if settings.https_bind else None
+        certs = (CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None, redirect=settings.https_redirect)
+                 if settings.https_bind else None)
         if certs is not None:
             certs.prepare()
     except OSError as exc:

@@ -114,6 +114,7 @@ class Edge:
         self.start()
         if self.stop.is_set():
             return
+        self.step_certs()          # certificates need no routes: serve them before the first sync
         next_supervise = time.monotonic() + SUPERVISE_EVERY
         while not self.stop.is_set():
             pending = self._reload_pending_since is not None or self._dirty_since is not None
