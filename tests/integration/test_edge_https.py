@@ -63,30 +63,10 @@ def serial(edge: EdgeProcess, host: str) -> str:
     return out.stdout.strip()
 
 
-class Edge(EdgeProcess):
+def Edge(consul_url: str, address: str, port: int, https_port: int, extra=(), **kwargs) -> EdgeProcess:
     """An edge on one loopback address with an HTTPS listener."""
-
-    def __init__(self, consul_url: str, address: str, port: int, https_port: int, extra=(), **kwargs):
-        admin_port = free_ports(1, address)[0]
-        super().__init__(consul_url, domains=(DOMAIN,), port=port, admin_port=admin_port,
-                         extra=("--https-bind", f"{address}:{https_port}", *extra), **kwargs)
-        self.address, self.https_port = address, https_port
-
-    def argv(self) -> list[str]:
-        args = super().argv()
-        for flag, value in (("--bind", f"{self.address}:{self.port}"),
-                            ("--admin-bind", f"{self.address}:{self.admin_port}")):
-            args[args.index(flag) + 1] = value
-        return args
-
-    def _listening(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"edge exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-        return self.get("nobody.invalid")[0] == 404
-
-    def get(self, host: str, path: str = "/") -> tuple[int, str]:
-        from tests.support.http import get
-        return get(self.port, host, path, address=self.address)
+    return EdgeProcess(consul_url, domains=(DOMAIN,), address=address, port=port, https_port=https_port,
+                       extra=tuple(extra), **kwargs)
 
 
 def two_free_ports() -> tuple[int, int]:
@@ -133,7 +113,7 @@ def fleet(consul, pebble, ports, tmp_path_factory):
     """Edge A (127.0.0.1) orders through ACME; edge B (127.0.0.2) serves KV's certificates only."""
     http, https = ports
     acme = ("--acme-directory", pebble.directory, "--acme-ca-bundle", str(pebble.ca_bundle),
-            "--acme-email", "ops@apps.test", "--acme-propagation-wait", "0.3", "--hsts", "300")
+            "--acme-email", "ops@apps.test", "--acme-propagation-wait", "1", "--hsts", "300")
     a = Edge(consul.url, "127.0.0.1", http, https, extra=acme).start()
     b = Edge(consul.url, "127.0.0.2", http, https, extra=("--certs-kv", "haproxy-consul/certs")).start()
     yield a, b

@@ -24,18 +24,24 @@ class EdgeProcess:
     state_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="edge-", dir="/tmp")))
     port: int = 0
     admin_port: int = 0
+    address: str = "127.0.0.1"       # every listener binds this loopback address
+    https_port: int = 0              # non-zero: an HTTPS listener there
     proc: subprocess.Popen | None = None
 
     def __post_init__(self):
         if not self.port:
-            self.port, self.admin_port = free_ports(2)
+            self.port, self.admin_port = free_ports(2, self.address)
+        if not self.admin_port:
+            self.admin_port = free_ports(1, self.address)[0]
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
 
     def argv(self) -> list[str]:
         args = [sys.executable, "-m", "haproxy_consul", "edge", "--consul", self.consul_url,
-                "--bind", f"127.0.0.1:{self.port}", "--admin-bind", f"127.0.0.1:{self.admin_port}",
+                "--bind", f"{self.address}:{self.port}", "--admin-bind", f"{self.address}:{self.admin_port}",
                 "--state-dir", str(self.state_dir), "--consul-wait", "5", "--log-level", "DEBUG",
                 "--handover-timeout", "0"]
+        if self.https_port:
+            args += ["--https-bind", f"{self.address}:{self.https_port}"]
         for d in self.domains:
             args += ["--domain", d]
         return args + list(self.extra)
@@ -52,13 +58,13 @@ class EdgeProcess:
     def _listening(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"edge exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-        return get(self.port, "nobody.invalid")[0] == 404
+        return self.get("nobody.invalid")[0] == 404
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def get(self, host: str, path: str = "/") -> tuple[int, str]:
-        return get(self.port, host, path)
+        return get(self.port, host, path, address=self.address)
 
     def stop(self) -> None:
         if self.proc is not None:
