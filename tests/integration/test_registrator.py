@@ -159,9 +159,9 @@ def test_internal_registers_the_container_ip_and_private_port(registrator, run, 
     assert s["Address"] and not s["Address"].startswith("127.")
 
 
-def test_docker_health_status_gates_the_registration(registrator, run, consul):
+def test_docker_health_status_gates_the_registration_when_opted_out(registrator, run, consul):
     registrator("--resync", "60")                  # only the health_status events can move it
-    c = run("healthy", healthcheck={"test": ["CMD-SHELL", "test -s /tmp/ok"], "interval": 200_000_000,
+    c = run("healthy", env={"SERVICE_CHECK_DOCKER_HEALTH": "false"}, healthcheck={"test": ["CMD-SHELL", "test -s /tmp/ok"], "interval": 200_000_000,
                                     "timeout": 1_000_000_000, "retries": 1})
     time.sleep(1)
     assert f"{HOST}:healthy:80" not in ours(consul)   # starting, then unhealthy: not routable
@@ -249,7 +249,7 @@ def test_ttl_checks_are_kept_passing_while_the_registrator_runs(registrator, run
 
 def test_consul_sink_does_not_retry_a_refused_registration(consul):
     sink = ConsulSink(parse_address(consul.url), None)
-    bad = Registration(f"{HOST}:refused:80", "nginx", "127.0.0.1", 80, check=Check("http", "http://x/", "bogus"))
+    bad = Registration(f"{HOST}:refused:80", "nginx", "127.0.0.1", 80, checks=(Check("http", "http://x/", "bogus"),))
     t0 = time.monotonic()
     with pytest.raises(ConsulRejected):
         sink.register(bad)
