@@ -56,6 +56,7 @@ class Registrator:
         self.heartbeats: set[str] = set()            # service IDs whose --ttl check we pass
         self.watched: set[str] = set()               # container IDs with a Docker health check
         self.draining: dict[str, float] = {}         # container ID → when to give the drain up
+        self.reported: dict[str, tuple[str, ...]] = {}   # container ID → the problems last logged
         self.refresh_every = settings.ttl_refresh or HEALTH_TTL / 3
 
     # --- event stream thread -----------------------------------------------------------------
@@ -130,8 +131,10 @@ class Registrator:
         out = []
         for c in containers:
             regs, problems = registrations(c, self._params())
-            for problem in problems:
-                log.warning("container %s (%s): %s", c.name, c.id[:12], problem)
+            if self.reported.get(c.id) != problems:     # once per container, not at every resync
+                for problem in problems:
+                    log.warning("container %s (%s): %s", c.name, c.id[:12], problem)
+                self.reported[c.id] = problems
             out.extend(regs)
         return out
 
@@ -172,6 +175,7 @@ class Registrator:
                               why, force=refresh)
             if container is None or not container.running:
                 self.draining.pop(cid, None)
+                self.reported.pop(cid, None)
             for r in desired:
                 if any(c.kind == "heartbeat" for c in r.checks):
                     self.heartbeats.add(r.id)

@@ -161,8 +161,9 @@ def test_internal_registers_the_container_ip_and_private_port(registrator, run, 
 
 def test_docker_health_status_gates_the_registration_when_opted_out(registrator, run, consul):
     registrator("--resync", "60")                  # only the health_status events can move it
-    c = run("healthy", env={"SERVICE_CHECK_DOCKER_HEALTH": "false"}, healthcheck={"test": ["CMD-SHELL", "test -s /tmp/ok"], "interval": 200_000_000,
-                                    "timeout": 1_000_000_000, "retries": 1})
+    c = run("healthy", env={"SERVICE_CHECK_DOCKER_HEALTH": "false"},
+            healthcheck={"test": ["CMD-SHELL", "test -s /tmp/ok"], "interval": 200_000_000,
+                         "timeout": 1_000_000_000, "retries": 1})
     time.sleep(1)
     assert f"{HOST}:healthy:80" not in ours(consul)   # starting, then unhealthy: not routable
     c.exec_run(["sh", "-c", "echo ok > /tmp/ok"])     # shell builtins only
