@@ -33,6 +33,11 @@ BACKENDS = {
     "abrupt": 'httpd -f -p 80 -h /www & pid=$!; trap "kill $pid; exit 0" TERM; wait $pid',
 }
 SECONDS, STOPS = 12, (2.0, 5.0, 8.0)
+CONNECTIONS = 8
+# A steady rate (each connection waits 10 ms between requests, ~600 requests/s in all) rather than
+# saturation: busybox httpd forks per connection, and a saturated 2-core machine drops SYNs and
+# resets connections whether a backend stops or not, which would drown what a stop costs.
+PACE_LUA = "function delay() return 10 end\n"
 
 
 def one_run(dockerd, consul, edge, backend: str, drain: bool, log_dir: Path, stops=STOPS) -> dict:
@@ -50,9 +55,12 @@ def one_run(dockerd, consul, edge, backend: str, drain: bool, log_dir: Path, sto
         timers = [threading.Timer(t, lambda c=c: c.stop(timeout=10)) for t, c in zip(stops, containers, strict=False)]
         for t in timers:
             t.start()
-        out = subprocess.run([require("wrk"), "-t", "2", "-c", "16", "-d", f"{SECONDS}s", "--timeout", "5s",
-                              "--latency", "-H", f"Host: {HOST}", f"http://127.0.0.1:{edge.port}/"],
+        pace = log_dir / "pace.lua"
+        pace.write_text(PACE_LUA)
+        out = subprocess.run([require("wrk"), "-t", "2", "-c", str(CONNECTIONS), "-d", f"{SECONDS}s", "--timeout", "5s",
+                              "--latency", "-s", str(pace), "-H", f"Host: {HOST}", f"http://127.0.0.1:{edge.port}/"],
                              capture_output=True, text=True, timeout=SECONDS + 60).stdout
+        (log_dir / f"wrk-{backend}-{drain}-{len(stops)}-{time.monotonic():.0f}.txt").write_text(out)
         for t in timers:
             t.join()
     finally:
@@ -99,7 +107,8 @@ def main(runs: int) -> None:
             c.remove(force=True)
         dockerd.stop()
         cleanup(dockerd.root)
-    print(f"\nwrk -t2 -c16 keep-alive through the edge, {SECONDS} s; `docker stop` of 3 of 4 backends "
+    print(f"\nwrk -t2 -c{CONNECTIONS} keep-alive, paced at 10 ms per connection, through the edge, {SECONDS} s;\n"
+          f"`docker stop` of 3 of 4 backends "
           f"at {', '.join(f'{t:g}' for t in STOPS)} s; one line per run (logs in {log_dir})")
     print(f"{'backend':<10}{'drain':<7}{'requests':>10}{'socket err':>12}{'non-2xx':>9}{'p99':>10}{'max':>10}")
     for r in results:

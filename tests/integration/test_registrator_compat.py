@@ -273,7 +273,7 @@ def test_docker_healthcheck_is_a_consul_check_and_the_edge_routes_only_while_hea
         c.remove(force=True)
 
 
-def test_stop_under_load_with_drain_loses_no_request(setup, dockerd, consul, edge):
+def test_stop_under_load_with_drain_loses_no_request(setup, dockerd, consul, edge, tmp_path):
     # gliderlabs #685: registrator.go `case "die": go b.RemoveOnExit(msg.ID)` acts only once the process is gone.
     wrk = require("wrk")
     client = dockerd.client()
@@ -287,8 +287,11 @@ def test_stop_under_load_with_drain_loses_no_request(setup, dockerd, consul, edg
         wait_until(lambda: all(edge.get(host)[0] == 200 for _ in range(4)), 10, what="both routed")
         stopper = threading.Timer(1.5, lambda: backends[0].stop(timeout=10))
         stopper.start()
-        out = subprocess.run([wrk, "-t", "1", "-c", "4", "-d", "6s", "--timeout", "5s", "-H", f"Host: {host}",
-                              f"http://127.0.0.1:{edge.port}/"], capture_output=True, text=True, timeout=60).stdout
+        pace = tmp_path / "pace.lua"          # a steady rate, not saturation: the machine is shared
+        pace.write_text("function delay() return 10 end\n")
+        out = subprocess.run([wrk, "-t", "1", "-c", "4", "-d", "6s", "--timeout", "5s", "-s", str(pace),
+                              "-H", f"Host: {host}", f"http://127.0.0.1:{edge.port}/"],
+                             capture_output=True, text=True, timeout=60).stdout
         stopper.join()
         requests = int(re.search(r"(\d+) requests in", out).group(1))
         assert requests > 100, out
