@@ -140,7 +140,9 @@ class Registrator:
 
     def _reconcile(self, first: bool = False) -> bool:
         try:
-            desired = self._desired(self.docker.running())
+            containers = self.docker.running()
+            self.reported = {cid: p for cid, p in self.reported.items() if cid in {c.id for c in containers}}
+            desired = self._desired(containers)
             registered = self.consul.registered()
             checks = self.consul.checks()
             changes = diff(desired, registered, checks, self.s.hostname)
@@ -155,7 +157,8 @@ class Registrator:
                 self._apply(Changes(deregister=older_hostnames(registered, self.s.hostname)),
                             "cleanup (registered under an older --hostname)", checks)
             draining = {sid for sid, r in registered.items() if r.container_id in self.draining}
-            self._sync_checks(desired, checks, changes, draining, "reconcile")
+            # At start every Docker health check is sent: its TTL ran on while we were not running.
+            self._sync_checks(desired, checks, changes, draining, "reconcile", force=first)
             self.heartbeats = {r.id for r in desired if any(c.kind == "heartbeat" for c in r.checks)}
             self.watched = {r.container_id for r in desired if r.health is not None}
             return True

@@ -270,3 +270,16 @@ def test_cleanup_removes_what_an_older_hostname_registered():
     consul = FakeConsul(dict(old))
     assert loop(FakeDocker([live]), consul)._reconcile(first=True)
     assert sorted(consul.services) == ["h0:live:80", "h1:live:80"]           # without --cleanup: kept
+
+
+def test_a_restarted_registrator_restarts_every_docker_health_ttl_at_once():
+    c = container("d" * 64, "web", 32001, health="healthy")
+    consul = FakeConsul()
+    assert loop(FakeDocker([c]), consul)._reconcile(first=True)
+    consul.calls.clear()
+    restarted = loop(FakeDocker([c]), consul)
+    assert restarted._reconcile(first=True)          # agent already equal to Docker: sent all the same
+    assert consul.calls == [("update", "service:h1:web:80:docker-health", "passing", "healthy")]
+    consul.calls.clear()
+    assert restarted._reconcile()
+    assert consul.calls == []
