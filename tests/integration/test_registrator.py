@@ -91,8 +91,11 @@ def test_published_port_is_registered_fast_and_leaves_with_the_container(registr
     s = ours(consul)[f"{HOST}:web1:80"]
     assert (s["Service"], s["Address"], s["Port"]) == ("nginx", "127.0.0.1", host_port(c))
     assert s["Meta"]["container_port"] == "80" and s["Meta"]["image"] == IMAGE and s["Meta"]["host"] == HOST
-    with urllib.request.urlopen(f"http://127.0.0.1:{s['Port']}/", timeout=5) as r:
-        assert b"busybox httpd" in r.read()
+
+    def answers():                          # registered before httpd listens: the proxy may close at first
+        with urllib.request.urlopen(f"http://127.0.0.1:{s['Port']}/", timeout=5) as r:
+            return b"busybox httpd" in r.read()
+    wait_until(answers, 5, what="the registered port answering")
     c.stop(timeout=1)
     wait_until(lambda: f"{HOST}:web1:80" not in ours(consul), 5, what="deregistration after stop")
 
