@@ -243,7 +243,7 @@ def test_changed_checks_are_applied_at_the_next_reconciliation(setup, consul):
     assert persisted(consul, f"service:{sid}")["TTL"] == 300
     wait_until(lambda: (persisted(consul, f"service:{sid}") or {}).get("TTL") == 45, 10,
                what="the container's TTL check restored")
-    assert setup[0].log().count(f"registered {sid} ") >= 2
+    wait_until(lambda: setup[0].log().count(f"registered {sid} ") >= 2, 5, what="the re-registration logged")
 
 
 # --- beyond gliderlabs ----------------------------------------------------------------------
