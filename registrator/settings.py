@@ -43,8 +43,10 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     p.flag("--internal", env="REGISTRATOR_INTERNAL", help="register container IPs and private ports")
     p.option("--resync", env="REGISTRATOR_RESYNC", default=60.0, type=float, help="full reconciliation period, s")
     p.listing("--tags", env="REGISTRATOR_TAGS", help="tags added to every service")
-    p.option("--ttl", env="REGISTRATOR_TTL", type=int, help="add a TTL check of this many seconds to each service")
-    p.option("--ttl-refresh", env="REGISTRATOR_TTL_REFRESH", type=float, help="seconds between TTL passes")
+    p.option("--ttl", env="REGISTRATOR_TTL", type=int, help="add a TTL check of this many seconds to each service "
+             "without another check; also the TTL of Docker health checks, 60 when unset")
+    p.option("--ttl-refresh", env="REGISTRATOR_TTL_REFRESH", type=float,
+             help="seconds between TTL passes and Docker health refreshes; ttl / 3 when unset")
     p.flag("--cleanup", env="REGISTRATOR_CLEANUP",
            help="on start, also remove this host's services whose container no longer exists at all; "
                 "and, at every reconciliation, those registered under an older --hostname")
