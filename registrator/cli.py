@@ -22,6 +22,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     log.info("haproxy-consul registrator %s; docker %s; consul %s; host %s; resync %gs%s",
              __version__, settings.docker, settings.consul, settings.hostname, settings.resync,
              f"; ttl {settings.ttl}s every {settings.ttl_refresh:g}s" if settings.ttl else "")
+    log.info("drain on stop %s; --explicit %s; --script-checks %s; --cleanup %s", *(
+        "on" if on else "off" for on in (settings.drain, settings.explicit, settings.script_checks, settings.cleanup)))
     stop = threading.Event()
 
     def on_signal(signum, _frame):

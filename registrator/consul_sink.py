@@ -1,18 +1,22 @@
-"""The Consul shell: the local agent's service list, register, deregister, TTL pass.
+"""The Consul shell: the local agent's services and checks, register, deregister, TTL pass and
+update, maintenance mode.
 
 Transient failures (connection refused, timeouts, 5xx) are retried with tenacity; what still
 fails raises `ConsulUnavailable` and the next reconciliation repairs it. A 4xx answer is not
 transient: it is never retried and raises `ConsulRejected`, so one registration the agent refuses
-does not hold up the others.
+does not hold up the others. So is a 500 whose text says the agent will not run script checks:
+no retry changes that.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 
 import consul
 import consul.exceptions
 import requests
+from consul.callback import CB
 from tenacity import (
     retry,
     retry_if_exception_type,
@@ -22,7 +26,8 @@ from tenacity import (
 )
 
 from haproxy_consul.consul_api import ConsulAddress, client
-from registrator.mapping import Check, Registration
+from registrator.mapping import Check, Health, Registration
+from registrator.reconcile import AgentCheck
 
 log = logging.getLogger("registrator.consul")
 
@@ -30,7 +35,13 @@ TRANSIENT = (requests.ConnectionError, requests.Timeout, consul.ConsulException)
 # py-consul raises these subclasses of ConsulException for 4xx answers; the plain class means 5xx.
 REFUSED = (consul.exceptions.BadRequest, consul.exceptions.ClientError, consul.exceptions.ACLDisabled,
            consul.exceptions.ACLPermissionDenied, consul.exceptions.NotFound)
-retrying = retry(retry=retry_if_exception_type(TRANSIENT) & retry_if_not_exception_type(REFUSED),
+
+
+class ScriptsDisabled(consul.ConsulException):
+    """The agent answered 500 because it does not take script checks (`enable_script_checks`)."""
+
+
+retrying = retry(retry=retry_if_exception_type(TRANSIENT) & retry_if_not_exception_type((*REFUSED, ScriptsDisabled)),
                  stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.1, max=2), reraise=True)
 
 
@@ -42,16 +53,25 @@ class ConsulRejected(Exception):
     """The agent answered 4xx: this request is wrong (or not allowed), retrying will not help."""
 
 
-def _check_body(reg: Registration) -> dict | None:
-    c: Check | None = reg.check
-    if c is None:
-        return None
-    if c.kind == "ttl":
-        # A registrator that died stops passing: the service goes critical, and away after 10 min.
-        return {"CheckID": f"service:{reg.id}", "TTL": c.target, "Status": "passing",
-                "DeregisterCriticalServiceAfter": "10m"}
-    body = {"CheckID": f"service:{reg.id}", "Interval": c.interval, "Timeout": c.timeout}
-    body["HTTP" if c.kind == "http" else "TCP"] = c.target
+def _check_body(reg: Registration, c: Check) -> dict:
+    body = {"CheckID": c.check_id(reg.id), "Notes": c.notes}
+    if c.kind == "docker":
+        # Registered with Docker's current status, so a re-registration never flashes critical.
+        body.update(Name="Docker HEALTHCHECK", TTL=c.ttl, Status=reg.health.status if reg.health else "critical")
+    elif c.consul_type == "ttl":
+        body["TTL"] = c.ttl
+    else:
+        body["Interval"] = c.interval
+        if c.timeout:
+            body["Timeout"] = c.timeout
+        if c.kind == "script":
+            body["Args"] = ["/bin/sh", "-c", c.target]    # as Consul's old `Script`: the docs' pipes work
+        else:
+            body[{"http": "HTTP", "tcp": "TCP", "grpc": "GRPC"}[c.kind]] = c.target
+    for key, value in (("Method", c.method), ("TLSSkipVerify", c.tls_skip_verify), ("GRPCUseTLS", c.grpc_use_tls),
+                       ("Status", c.initial_status), ("DeregisterCriticalServiceAfter", c.deregister_after)):
+        if value:
+            body[key] = value
     return body
 
 
@@ -62,8 +82,8 @@ class ConsulSink:
 
     def _call(self, what: str, fn, *args):
         try:
-            return retrying(fn)(*args)
-        except REFUSED as exc:
+            return retrying(_scripts_disabled(fn))(*args)
+        except (*REFUSED, ScriptsDisabled) as exc:
             raise ConsulRejected(f"{what}: {exc}") from exc
         except (*TRANSIENT, ValueError) as exc:
             raise ConsulUnavailable(f"{what}: {exc}") from exc
@@ -81,10 +101,18 @@ class ConsulSink:
                                     tuple(sorted(s.get("Tags") or ())), tuple(sorted((s.get("Meta") or {}).items())))
         return out
 
+    def checks(self) -> list[AgentCheck]:
+        """The agent's checks: ID, service, type and notes (Consul 1.8 shows no definition)."""
+        found = self._call("list checks", self.c.agent.checks)
+        return [AgentCheck(str(cid), str(c.get("ServiceID") or ""), str(c.get("Type") or ""), str(c.get("Notes") or ""),
+                           str(c.get("Status") or ""), str(c.get("Output") or "")) for cid, c in found.items()]
+
     def register(self, reg: Registration) -> None:
+        checks = [_check_body(reg, c) for c in reg.checks]
         self._call(f"register {reg.id}", lambda: self.c.agent.service.register(
             reg.name, service_id=reg.id, address=reg.address, port=reg.port, tags=list(reg.tags),
-            meta=dict(reg.meta), check=_check_body(reg), replace_existing_checks=True))
+            meta=dict(reg.meta), check=checks[0] if checks else None, extra_checks=checks[1:],
+            replace_existing_checks=True))
 
     def deregister(self, sid: str) -> None:
         self._call(f"deregister {sid}", self.c.agent.service.deregister, sid)
@@ -92,3 +120,24 @@ class ConsulSink:
     def ttl_pass(self, sid: str) -> None:
         self._call(f"ttl pass {sid}", self.c.agent.check.ttl_pass, f"service:{sid}")
 
+    def update_check(self, check_id: str, health: Health) -> None:
+        """Set a TTL check's status and output (and restart its TTL)."""
+        body = json.dumps({"Status": health.status, "Output": health.output})
+        self._call(f"update check {check_id}", lambda: self.c.http.put(
+            CB.boolean(), f"/v1/agent/check/update/{check_id}", data=body, headers=self.c.prepare_headers()))
+
+    def maintenance(self, sid: str, enable: bool, reason: str = "") -> None:
+        self._call(f"maintenance {'on' if enable else 'off'} {sid}", self.c.agent.service.maintenance,
+                   sid, "true" if enable else "false", reason or None)
+
+
+def _scripts_disabled(fn):
+    """Turn the agent's 500 for a refused script check into ScriptsDisabled (never retried)."""
+    def call(*args):
+        try:
+            return fn(*args)
+        except consul.ConsulException as exc:
+            if type(exc) is consul.ConsulException and "Scripts are disabled" in str(exc):
+                raise ScriptsDisabled(str(exc)) from exc
+            raise
+    return call

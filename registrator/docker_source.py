@@ -43,9 +43,10 @@ class DockerSource:
             self._client.close()
         self._client = None
 
-    def open_events(self) -> Iterator[tuple[str, str]]:
-        """Connect to the event stream now; iterate for (action, container id). Connecting before
-        listing containers is what makes sure nothing started in between is missed."""
+    def open_events(self) -> Iterator[tuple[str, str, str]]:
+        """Connect to the event stream now; iterate for (action, container id, signal), the
+        signal being set on `kill` events only. Connecting before listing containers is what
+        makes sure nothing started in between is missed."""
         try:
             stream = self._api().events(decode=True, filters={"type": "container", "event": list(EVENTS)})
         except (DockerException, requests.RequestException) as exc:
@@ -53,13 +54,14 @@ class DockerSource:
             raise DockerUnavailable(f"event stream: {exc}") from exc
         return self._events(stream)
 
-    def _events(self, stream) -> Iterator[tuple[str, str]]:
+    def _events(self, stream) -> Iterator[tuple[str, str, str]]:
         try:
             for event in stream:
                 action = str(event.get("Action") or event.get("status") or "").split(":", 1)[0]
-                cid = str((event.get("Actor") or {}).get("ID") or event.get("id") or "")
+                actor = event.get("Actor") or {}
+                cid = str(actor.get("ID") or event.get("id") or "")
                 if action in EVENTS and cid:
-                    yield action, cid
+                    yield action, cid, str((actor.get("Attributes") or {}).get("signal") or "")
         except (DockerException, requests.RequestException, ValueError) as exc:
             self._reset()
             raise DockerUnavailable(f"event stream: {exc}") from exc

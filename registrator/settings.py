@@ -25,6 +25,9 @@ class Settings:
     ttl_refresh: float | None = None
     cleanup: bool = False
     log_level: str = "INFO"
+    explicit: bool = False
+    script_checks: bool = False
+    drain: bool = True
 
 
 def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
@@ -40,10 +43,19 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     p.flag("--internal", env="REGISTRATOR_INTERNAL", help="register container IPs and private ports")
     p.option("--resync", env="REGISTRATOR_RESYNC", default=60.0, type=float, help="full reconciliation period, s")
     p.listing("--tags", env="REGISTRATOR_TAGS", help="tags added to every service")
-    p.option("--ttl", env="REGISTRATOR_TTL", type=int, help="add a TTL check of this many seconds to each service")
-    p.option("--ttl-refresh", env="REGISTRATOR_TTL_REFRESH", type=float, help="seconds between TTL passes")
+    p.option("--ttl", env="REGISTRATOR_TTL", type=int, help="add a TTL check of this many seconds to each service "
+             "without another check; also the TTL of Docker health checks, 60 when unset")
+    p.option("--ttl-refresh", env="REGISTRATOR_TTL_REFRESH", type=float,
+             help="seconds between TTL passes and Docker health refreshes; ttl / 3 when unset")
     p.flag("--cleanup", env="REGISTRATOR_CLEANUP",
-           help="on start, also remove this host's services whose container no longer exists at all")
+           help="on start, also remove this host's services whose container no longer exists at all; "
+                "and, at every reconciliation, those registered under an older --hostname")
+    p.flag("--explicit", env="REGISTRATOR_EXPLICIT",
+           help="register only ports whose container sets SERVICE_NAME or SERVICE_<port>_NAME")
+    p.flag("--script-checks", env="REGISTRATOR_SCRIPT_CHECKS",
+           help="honour SERVICE_CHECK_SCRIPT (the Consul agent runs the container's command on its host)")
+    p.flag("--no-drain", env="REGISTRATOR_NO_DRAIN",
+           help="do not put a stopping container's services in maintenance before it exits")
     p.option("--log-level", env="REGISTRATOR_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     args = p.parse_args(list(argv))
     try:
@@ -64,4 +76,5 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     return Settings(docker=args.docker, consul=consul, token=args.token or None, hostname=hostname, ip=ip,
                     internal=args.internal, resync=args.resync,
                     tags=tuple(sorted(set(p.resolve_listing(args.tags, "REGISTRATOR_TAGS")))),
-                    ttl=args.ttl, ttl_refresh=ttl_refresh, cleanup=args.cleanup, log_level=args.log_level)
+                    ttl=args.ttl, ttl_refresh=ttl_refresh, cleanup=args.cleanup, log_level=args.log_level,
+                    explicit=args.explicit, script_checks=args.script_checks, drain=not args.no_drain)

@@ -16,7 +16,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -104,6 +104,7 @@ class ConsulAgent:
     http_port: int
     node_name: str = "edge-test"
     bind: str = "127.0.0.1"
+    extra_config: dict = field(default_factory=dict)     # more agent configuration keys
     proc: subprocess.Popen | None = None
 
     @property
@@ -121,6 +122,7 @@ class ConsulAgent:
             "client_addr": self.bind,
             "ports": {"http": self.http_port, "dns": -1, "grpc": -1,
                       "serf_lan": serf_lan, "serf_wan": serf_wan, "server": server},
+            **self.extra_config,
         }
         (self.workdir / "config.json").write_text(json.dumps(config))
         log = open(self.workdir / "consul.log", "ab")

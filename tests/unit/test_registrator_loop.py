@@ -10,13 +10,15 @@ from haproxy_consul.consul_api import parse_address
 from registrator.consul_sink import ConsulRejected, ConsulUnavailable
 from registrator.loop import Registrator
 from registrator.mapping import Registration, container_from_inspect
+from registrator.reconcile import DRAIN_REASON, AgentCheck
 from registrator.settings import Settings
 
 
-def container(cid: str, name: str, host_port: int, **config):
+def container(cid: str, name: str, host_port: int, running=True, health=None, **config):
     return container_from_inspect({
         "Id": cid, "Name": f"/{name}", "Config": {"Image": "nginx:1", **config},
-        "State": {"Running": True},
+        "State": {"Running": running,
+                  **({"Health": {"Status": health, "Log": [{"Output": health}]}} if health else {})},
         "NetworkSettings": {"Ports": {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": str(host_port)}]}}})
 
 
@@ -49,7 +51,8 @@ class FakeConsul:
 
     def __init__(self, services: dict[str, Registration] | None = None, refuse=(), down=False):
         self.services = dict(services or {})
-        self.calls: list[tuple[str, str]] = []
+        self.agent_checks: dict[str, AgentCheck] = {}
+        self.calls: list[tuple] = []
         self.refuse, self.down = set(refuse), down
 
     def _gate(self, sid):
@@ -65,18 +68,40 @@ class FakeConsul:
         self._gate("")
         return dict(self.services)
 
+    def checks(self):
+        self._gate("")
+        return list(self.agent_checks.values())
+
     def register(self, reg):
         self.calls.append(("register", reg.id))
         self._gate(reg.id)
         self.services[reg.id] = reg
+        self.agent_checks = {k: c for k, c in self.agent_checks.items() if c.service_id != reg.id}
+        for cid, typ, notes in reg.check_signature():
+            self.agent_checks[cid] = AgentCheck(cid, reg.id, typ, notes, "critical")
 
     def deregister(self, sid):
         self.calls.append(("deregister", sid))
         self._gate(sid)
         self.services.pop(sid, None)
+        self.agent_checks = {k: c for k, c in self.agent_checks.items() if c.service_id != sid}
 
     def ttl_pass(self, sid):
         self.calls.append(("ttl_pass", sid))
+
+    def update_check(self, check_id, health):
+        self.calls.append(("update", check_id, health.status, health.output))
+        c = self.agent_checks[check_id]
+        self.agent_checks[check_id] = AgentCheck(c.id, c.service_id, c.type, c.notes, health.status, health.output)
+
+    def maintenance(self, sid, enable, reason=""):
+        self.calls.append(("maintenance", sid, enable, reason))
+        self._gate(sid)
+        key = f"_service_maintenance:{sid}"
+        if enable:
+            self.agent_checks[key] = AgentCheck(key, sid, "maintenance", reason, "critical")
+        else:
+            self.agent_checks.pop(key, None)
 
 
 def settings(**kw):
@@ -135,14 +160,14 @@ def test_cleanup_on_start(cleanup, expected):
 def test_run_handles_events_and_stops_promptly():
     stop = threading.Event()
     c = container("e" * 64, "evented", 32005)
-    docker = FakeDocker(events=[("start", c.id)], stop=stop)
+    docker = FakeDocker(events=[("start", c.id, "")], stop=stop)
     consul = FakeConsul()
     r = loop(docker, consul, stop=stop, resync=60.0)
     thread = threading.Thread(target=r.run, daemon=True)
     thread.start()
     assert r.connected.wait(5)
     docker.containers[c.id] = c                      # started after the initial listing
-    r.events.put(c.id)
+    r.events.put(("start", c.id, ""))
     for _ in range(100):
         if "h1:evented:80" in consul.services:
             break
@@ -151,3 +176,110 @@ def test_run_handles_events_and_stops_promptly():
     stop.set()
     thread.join(3)
     assert not thread.is_alive()
+
+
+def test_kill_drains_before_anything_else_and_die_deregisters():
+    c = container("d" * 64, "web", 32001)
+    docker, consul = FakeDocker([c]), FakeConsul()
+    r = loop(docker, consul)
+    assert r._reconcile(first=True)
+    consul.calls.clear()
+    r._drain(c.id, "15")
+    assert consul.calls == [("maintenance", "h1:web:80", True, f"{DRAIN_REASON} (signal 15)")]
+    assert r._reconcile()                            # a resync mid-drain leaves it alone
+    assert consul.calls[1:] == []
+    docker.containers[c.id] = container(c.id, "web", 32001, running=False)
+    r._container(c.id)                               # die
+    assert consul.calls[-1] == ("deregister", "h1:web:80") and c.id not in r.draining
+
+
+@pytest.mark.parametrize("sig, stop_signal, drained", [
+    ("1", None, False),                              # SIGHUP: a reload, not a stop
+    ("1", "SIGHUP", True),                           # unless it is the image's STOPSIGNAL
+    ("9", None, True),
+])
+def test_only_stopping_signals_drain(sig, stop_signal, drained):
+    c = container("d" * 64, "web", 32001, **({"StopSignal": stop_signal} if stop_signal else {}))
+    consul = FakeConsul()
+    r = loop(FakeDocker([c]), consul)
+    assert r._reconcile(first=True)
+    r._drain(c.id, sig)
+    assert any(call[0] == "maintenance" for call in consul.calls) is drained
+
+
+def test_no_drain_setting():
+    c = container("d" * 64, "web", 32001)
+    consul = FakeConsul()
+    r = loop(FakeDocker([c]), consul, drain=False)
+    assert r._reconcile(first=True)
+    r._drain(c.id, "15")
+    assert not any(call[0] == "maintenance" for call in consul.calls)
+
+
+def test_a_drain_the_container_survives_is_lifted_and_a_humans_maintenance_is_kept():
+    c, other = container("d" * 64, "web", 32001), container("e" * 64, "db", 32002)
+    consul = FakeConsul()
+    r = loop(FakeDocker([c, other]), consul)
+    assert r._reconcile(first=True)
+    consul.maintenance("h1:db:80", True, "human: disk swap")
+    r._drain(c.id, "15")
+    r.draining[c.id] = 0.0                           # its stop timeout is over, and it still runs
+    r._give_up_drains()
+    assert ("maintenance", "h1:web:80", False, "") in consul.calls
+    assert set(consul.agent_checks) == {"_service_maintenance:h1:db:80"}
+
+
+def test_maintenance_survives_a_registration_that_replaces_the_checks():
+    c = container("d" * 64, "web", 32001)
+    docker, consul = FakeDocker([c]), FakeConsul()
+    r = loop(docker, consul)
+    assert r._reconcile(first=True)
+    consul.maintenance("h1:web:80", True, "human: disk swap")
+    docker.containers[c.id] = container(c.id, "web", 32009)          # a new host port: registered again
+    r._container(c.id)
+    assert consul.calls[-2:] == [("register", "h1:web:80"), ("maintenance", "h1:web:80", True, "human: disk swap")]
+
+
+def test_docker_health_is_pushed_when_it_changes_and_refreshed_before_the_ttl_runs_out():
+    c = container("d" * 64, "web", 32001, health="starting")
+    docker, consul = FakeDocker([c]), FakeConsul()
+    r = loop(docker, consul)
+    assert r._reconcile(first=True)
+    check = "service:h1:web:80:docker-health"
+    assert consul.calls[-1] == ("update", check, "critical", "starting")
+    consul.calls.clear()
+    r._container(c.id)
+    assert consul.calls == []                        # nothing changed: nothing sent
+    docker.containers[c.id] = container(c.id, "web", 32001, health="healthy")
+    r._container(c.id)                               # a health_status event
+    assert consul.calls == [("update", check, "passing", "healthy")]
+    r._refresh()
+    assert consul.calls[-1] == ("update", check, "passing", "healthy") and len(consul.calls) == 2
+
+
+def test_cleanup_removes_what_an_older_hostname_registered():
+    live = container("ab" * 32, "live", 32001)
+    r0 = loop(FakeDocker([live]), FakeConsul())
+    assert r0._reconcile(first=True)
+    old = {sid.replace("h1:", "h0:"): Registration(sid.replace("h1:", "h0:"), s.name, s.address, s.port, s.tags,
+                                                    tuple((k, "h0" if k == "host" else v) for k, v in s.meta))
+           for sid, s in r0.consul.services.items()}
+    consul = FakeConsul({**old, "t3:elsewhere:80": other("t3:elsewhere:80", "x" * 64)})
+    assert loop(FakeDocker([live]), consul, cleanup=True)._reconcile(first=True)
+    assert sorted(consul.services) == ["h1:live:80", "t3:elsewhere:80"]
+    consul = FakeConsul(dict(old))
+    assert loop(FakeDocker([live]), consul)._reconcile(first=True)
+    assert sorted(consul.services) == ["h0:live:80", "h1:live:80"]           # without --cleanup: kept
+
+
+def test_a_restarted_registrator_restarts_every_docker_health_ttl_at_once():
+    c = container("d" * 64, "web", 32001, health="healthy")
+    consul = FakeConsul()
+    assert loop(FakeDocker([c]), consul)._reconcile(first=True)
+    consul.calls.clear()
+    restarted = loop(FakeDocker([c]), consul)
+    assert restarted._reconcile(first=True)          # agent already equal to Docker: sent all the same
+    assert consul.calls == [("update", "service:h1:web:80:docker-health", "passing", "healthy")]
+    consul.calls.clear()
+    assert restarted._reconcile()
+    assert consul.calls == []

@@ -21,6 +21,15 @@ from registrator.settings import parse
     ([], {"REGISTRATOR_CLEANUP": "1"}, "cleanup", True),
     ([], {}, "cleanup", False),
     (["--resync", "5"], {}, "resync", 5.0),
+    ([], {}, "explicit", False),
+    (["--explicit"], {}, "explicit", True),
+    ([], {"REGISTRATOR_EXPLICIT": "yes"}, "explicit", True),
+    ([], {}, "script_checks", False),
+    (["--script-checks"], {}, "script_checks", True),
+    ([], {"REGISTRATOR_SCRIPT_CHECKS": "1"}, "script_checks", True),
+    ([], {}, "drain", True),
+    (["--no-drain"], {}, "drain", False),
+    ([], {"REGISTRATOR_NO_DRAIN": "true"}, "drain", False),
 ])
 def test_precedence(argv, env, attr, expected):
     assert getattr(parse(argv, env), attr) == expected
