@@ -236,7 +236,9 @@ def files_edge(consul, tmp_path):
     certs = tmp_path / "certs"
     certs.mkdir()
     http, https = free_ports(2)
-    edge = Edge(consul.url, "127.0.0.1", http, https, extra=("--certs", str(certs))).start()
+    # Its own KV prefix: the fleet's ACME edge stores certificates for every route under the default one.
+    edge = Edge(consul.url, "127.0.0.1", http, https,
+                extra=("--certs", str(certs), "--certs-kv", "files/certs")).start()
     yield edge, certs
     edge.stop()
 
