@@ -32,6 +32,9 @@ bench: deps venv
 	$(BIN)/python bench/churn_errors.py 200 20
 	$(BIN)/python bench/scale.py 1000 5000 10000
 	$(BIN)/python bench/idle.py 60
+	$(BIN)/python bench/https.py 50 5
+	$(BIN)/python bench/acme_issue.py 20
+	$(BIN)/python bench/registrator_drain.py 2
 
 # The container image (DOCKER_HOST picks the engine; IMAGE_ARGS=--debootstrap where no registry answers).
 image: deps venv

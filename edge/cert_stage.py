@@ -215,7 +215,8 @@ class CertStage:
     def _write_certs(self, writes, desired) -> None:
         for f, pem in writes:
             atomic_write(self.paths.directory / f, pem, mode=0o600)
-        atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), desired))
+        if set(desired) != set(self.live):          # a renewal or replacement keeps the list as it is
+            atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), desired))
 
     def _apply_map(self, path: Path, attribute: str, desired: dict[str, str]) -> bool:
         live = getattr(self, attribute)
