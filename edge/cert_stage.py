@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -49,6 +49,7 @@ from edge.table import RouteTable
 
 log = logging.getLogger("edge.certs")
 RETRY = 5.0
+RECHECK = 60.0                            # seconds: certificates expire and become valid with time alone
 DEFAULT_NAME = "haproxy-consul.invalid"   # the default certificate's name: never a real host
 
 
@@ -78,6 +79,20 @@ class CertPaths:
                      redirect, hsts)
 
 
+@dataclass
+class LiveMap:
+    """An HAProxy map file of the certificate stage and the entries HAProxy holds (as the file does)."""
+
+    path: Path
+    entries: dict[str, str] = field(default_factory=dict)
+
+    def read(self) -> None:
+        """What the last run left: HAProxy loads this file, so that is what it holds."""
+        self.entries = dict(line.split(" ", 1) for line in _lines(self.path) if " " in line)
+        if not self.path.is_file():
+            atomic_write(self.path, "")
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -102,8 +117,8 @@ class CertStage:
         self.wildcards = wildcards           # DNS-01: order `*.<domain>` instead of one name per route
         self.clock = clock
         self.live: dict[str, Certificate] = {}          # file name → certificate HAProxy has
-        self.live_challenges: dict[str, str] = {}
-        self.live_hosts: frozenset[str] = frozenset()
+        self.challenge_map = LiveMap(paths.challenges)   # ACME token → key authorization
+        self.host_map = LiveMap(paths.tls_hosts)         # hosts with a certificate → "1" (the redirect)
         self._sources: dict[str, CertSet] = {}           # newest set per source
         self._disk: dict[str, Certificate] = {}          # what the last run left, until its source answers
         self._challenges: dict[str, str] = {}
@@ -113,6 +128,7 @@ class CertStage:
         self._wanted: tuple | None = None
         self._write_error: str | None = None
         self._retry_at = 0.0
+        self._recheck_at = 0.0
 
     # --- inputs, from other threads -------------------------------------------------------------
     def on_certs(self, source: str, certs: CertSet) -> None:
@@ -152,11 +168,8 @@ class CertStage:
         self.live = dict(self._disk)
         if len(self.live) != len(listed) or not self.paths.crt_list.is_file():
             atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), self.live))
-        self.live_challenges = dict(line.split(" ", 1) for line in _lines(self.paths.challenges) if " " in line)
-        self.live_hosts = frozenset(line.split(" ", 1)[0] for line in _lines(self.paths.tls_hosts))
-        for path in (self.paths.challenges, self.paths.tls_hosts):
-            if not path.is_file():
-                atomic_write(path, "")
+        for live_map in (self.challenge_map, self.host_map):
+            live_map.read()
 
     # --- the step, on the control loop's thread --------------------------------------------------
     def step(self, table: RouteTable | None) -> bool:
@@ -164,23 +177,18 @@ class CertStage:
         (the caller reloads: the files already hold the new state)."""
         now = time.monotonic()
         with self._lock:
-            changed = self._changed or table is not self._table
+            due = self._changed or table is not self._table or now >= self._recheck_at
+            if not due or now < self._retry_at:
+                return True                # nothing new, or the state dir refused a write: wait for RETRY
             sources, tokens = dict(self._sources), dict(self._challenges)
             self._changed = False
-        self._table = table
-        if not changed and not (self._write_error and now >= self._retry_at):
-            return True
-        if self._write_error and now < self._retry_at:
-            with self._lock:
-                self._changed = True      # come back after RETRY
-            return True
+        self._table, self._recheck_at = table, now + RECHECK
         certs = self._merged(sources)
-        desired = serving(certs, self.clock())
-        ok = self._apply_certs(desired)
-        ok = self._apply_map(self.paths.challenges, "live_challenges", tokens) and ok
+        ok = self._apply_certs(serving(certs, self.clock()))
+        ok = self._apply_map(self.challenge_map, tokens) and ok
         if self.redirect:
             hosts = tls_hosts(vhosts(table, self.domains) if table else (), self.live)
-            ok = self._apply_map(self.paths.tls_hosts, "live_hosts", {h: "1" for h in hosts}) and ok
+            ok = self._apply_map(self.host_map, dict.fromkeys(hosts, "1")) and ok
         self._want(table, certs)
         return ok
 
@@ -218,19 +226,17 @@ class CertStage:
         if set(desired) != set(self.live):          # a renewal or replacement keeps the list as it is
             atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), desired))
 
-    def _apply_map(self, path: Path, attribute: str, desired: dict[str, str]) -> bool:
-        live = getattr(self, attribute)
-        live = live if isinstance(live, dict) else {h: "1" for h in live}
-        commands = map_commands(str(path), live, desired)
-        if not commands or not self._write(lambda: atomic_write(path, map_text(desired))):
+    def _apply_map(self, live: LiveMap, desired: dict[str, str]) -> bool:
+        commands = map_commands(str(live.path), live.entries, desired)
+        if not commands or not self._write(lambda: atomic_write(live.path, map_text(desired))):
             return True
-        setattr(self, attribute, desired if attribute == "live_challenges" else frozenset(desired))
+        live.entries = desired
         try:
             self.haproxy.runtime(commands)
         except RuntimeFailed as exc:
-            log.warning("map %s through the runtime API failed (%s); reloading instead", path.name, exc)
+            log.warning("map %s through the runtime API failed (%s); reloading instead", live.path.name, exc)
             return False
-        log.debug("map %s: %s", path.name, "; ".join(commands))
+        log.debug("map %s: %s", live.path.name, "; ".join(commands))
         return True
 
     def _want(self, table: RouteTable | None, certs: CertSet) -> None:
@@ -252,7 +258,7 @@ class CertStage:
                           "retrying every %gs", self.paths.directory, exc, RETRY)
             self._write_error = str(exc)
             with self._lock:
-                self._changed = True
+                self._changed = True       # everything is tried again after RETRY
             return False
         if self._write_error is not None:
             log.info("certificates: %s takes writes again", self.paths.directory)
