@@ -102,8 +102,9 @@ def check_free(addresses: dict[str, str]) -> None:
                     raise Busy(f"{option} {address} is already in use (another edge, HAProxy or web "
                                "server listens there); refusing to start beside it") from None
                 if exc.errno == errno.EACCES:
-                    raise Busy(f"{option} {address}: permission denied (a port below 1024 needs root "
-                               "or CAP_NET_BIND_SERVICE for haproxy)") from None
+                    # A port below 1024: HAProxy may hold the capability we lack (the image's
+                    # setup). Its own bind says whether it can.
+                    continue
                 if exc.errno == errno.EADDRNOTAVAIL:
                     raise Busy(f"{option} {address}: no such local address") from None
                 raise

@@ -111,8 +111,6 @@ from edge.certs import (  # noqa: E402 - grouped with the tests that use them
     tls_hosts,
 )
 
-NOW = dt.datetime.now(dt.UTC)
-
 
 def test_file_names_are_safe_distinct_and_stable():
     names = ["kv/*.a.example", "kv/_wildcard_.a.example", "kv/a b/../x", "dir/x.pem", "kv/x.pem"]
@@ -128,8 +126,9 @@ def test_serving_drops_expired_and_shadowed_certificates():
     old = parse_bundle("kv/site", CA.bundle(["a.example"], days=10))
     new = parse_bundle("dir/site", CA.bundle(["a.example"], days=20))
     both = parse_bundle("kv/both", CA.bundle(["a.example", "b.example"], days=5))
-    expired = parse_bundle("kv/gone", CA.bundle(["c.example"], days=1, not_before=NOW - dt.timedelta(days=3)))
-    chosen = serving(CertSet((old, new, both, expired)), NOW)
+    now = dt.datetime.now(dt.UTC)
+    expired = parse_bundle("kv/gone", CA.bundle(["c.example"], days=1, not_before=now - dt.timedelta(days=3)))
+    chosen = serving(CertSet((old, new, both, expired)), now)
     assert set(chosen.values()) == {new, both}       # old is best for no name; both still is for b.example
     assert set(chosen) == {file_name("dir/site"), file_name("kv/both")}
 
@@ -188,5 +187,6 @@ def test_tls_hosts_are_the_routed_hosts_a_served_certificate_covers():
 
 
 def test_the_default_certificate_is_self_signed_and_parses():
-    c = parse_bundle("default", self_signed("haproxy-consul.invalid", NOW))
-    assert c.names == ("haproxy-consul.invalid",) and (c.not_after - NOW).days > 3000
+    now = dt.datetime.now(dt.UTC)
+    c = parse_bundle("default", self_signed("haproxy-consul.invalid", now))
+    assert c.names == ("haproxy-consul.invalid",) and (c.not_after - now).days > 3000
