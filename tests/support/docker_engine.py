@@ -2,8 +2,11 @@
 publishing on loopback, and images imported from files of this machine (no registry needed).
 
 `--ip 127.0.0.1` makes `-P` bind published ports on 127.0.0.1 only; tests send traffic to
-those loopback ports and never to container bridge addresses. The test image is imported from
-a rootfs holding Debian's busybox-static (its `httpd` serves HTTP).
+those loopback ports and never to container bridge addresses. Each engine has a bridge and a
+subnet of its own (not the shared docker0): two engines running at once would otherwise hand out
+the same container addresses on one bridge, and a published port could reach the other
+engine's container. The test image is imported from a rootfs holding Debian's busybox-static
+(its `httpd` serves HTTP).
 
 Stopping an engine also unmounts what dockerd leaves mounted under its root (the host network
 namespace it bind-mounts at `exec/netns/default` once a `--net host` container ran), and
@@ -13,7 +16,11 @@ namespace it bind-mounts at `exec/netns/default` once a `--net host` container r
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import random
+import re
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -44,15 +51,20 @@ class DockerEngine:
     def socket(self) -> Path:
         return self.root / "docker.sock"
 
+    @property
+    def bridge(self) -> str:
+        return "dk-" + hashlib.sha1(str(self.root).encode()).hexdigest()[:8]    # at most 15 characters
+
     def start(self, timeout: float = 30.0) -> DockerEngine:
         dockerd = require("dockerd")
         require("containerd")
         self.root.mkdir(parents=True, exist_ok=True)
+        make_bridge(self.bridge)
         with open(self.root / "dockerd.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [dockerd, "-H", self.url, "--data-root", str(self.root / "data"),
                  "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "docker.pid"),
-                 "--ip", "127.0.0.1"],
+                 "--ip", "127.0.0.1", "--bridge", self.bridge],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self._ping, timeout, interval=0.1, what=f"dockerd on {self.url}")
         return self
@@ -67,15 +79,40 @@ class DockerEngine:
         return docker.DockerClient(base_url=self.url, timeout=30)
 
     def stop(self) -> None:
-        """Stop dockerd and unmount what it left under its root (its data stays)."""
+        """Stop dockerd, unmount what it left under its root and remove its bridge (its data stays)."""
         if self.proc is not None:
             stop_process(self.proc, timeout=20)
         unmount_below(self.root)
+        remove_bridge(self.bridge)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def make_bridge(name: str) -> None:
+    """A bridge `name` with a /24 of 172.30.0.0/16 that no interface uses yet (kept if it exists)."""
+    ip = require("ip")
+    if subprocess.run([ip, "link", "show", name], capture_output=True).returncode == 0:
+        return
+    used = set(re.findall(r"inet 172\.30\.(\d+)\.", subprocess.run([ip, "-4", "addr"], capture_output=True,
+                                                                     text=True).stdout))
+    third = random.choice([n for n in range(1, 255) if str(n) not in used])
+    for command in (["link", "add", name, "type", "bridge"], ["addr", "add", f"172.30.{third}.1/24", "dev", name],
+                    ["link", "set", name, "up"]):
+        subprocess.run([ip, *command], check=True, capture_output=True)
+
+
+def remove_bridge(name: str) -> None:
+    """The bridge and the iptables rules dockerd made for it (it leaves them when it stops)."""
+    subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+    iptables = shutil.which("iptables")
+    for table in ("filter", "nat") if iptables else ():
+        rules = subprocess.run([iptables, "-t", table, "-S"], capture_output=True, text=True).stdout
+        for rule in rules.splitlines():
+            if rule.startswith("-A ") and re.search(rf"\b{re.escape(name)}\b", rule):
+                subprocess.run([iptables, "-t", table, "-D", *shlex.split(rule)[1:]], capture_output=True)
 
 
 def mounts_below(root: Path) -> list[Path]:
@@ -141,12 +178,16 @@ def engine(root: Path | None = None) -> DockerEngine:
 
 
 def cleanup(root: Path) -> None:
-    """Remove a stopped engine's root; fail loudly if a mount or a file stays behind."""
+    """Remove a stopped engine's root and bridge; fail loudly if a mount, a file or the bridge stays."""
     unmount_below(root)
     shutil.rmtree(root, ignore_errors=True)
+    bridge = DockerEngine(root).bridge
+    remove_bridge(bridge)
     left = mounts_below(root)
-    if left or root.exists():
-        raise RuntimeError(f"docker engine root {root} not cleaned up: mounts {[str(p) for p in left]}")
+    bridge_left = subprocess.run(["ip", "link", "show", bridge], capture_output=True).returncode == 0
+    if left or root.exists() or bridge_left:
+        raise RuntimeError(f"docker engine root {root} not cleaned up: mounts {[str(p) for p in left]}, "
+                           f"bridge {bridge} {'left' if bridge_left else 'gone'}")
 
 
 @contextlib.contextmanager
