@@ -2,8 +2,9 @@
 
 1. The Docker engine named by DOCKER_HOST (default /var/run/docker.sock) must answer; if none
    does, one line says how to start one and nothing else happens.
-2. Wheels are built on the host: every dependency into build/image/deps, the package into
-   build/image/app (a code change then rebuilds only the image's last layers).
+2. Wheels are built on the host: every dependency into build/image/deps (kept until
+   pyproject.toml changes), the package into build/image/app (a code change then rebuilds only
+   the image's last layers).
 3. The base: `--base IMAGE` when given; by default debian:bookworm-slim if the engine has it or
    can pull it, otherwise (no registry answers) a `debootstrap --variant=minbase bookworm`
    rootfs from this machine's own Debian mirror, slimmed like Debian's -slim images (no apt
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import fnmatch
+import hashlib
 import os
 import re
 import shutil
@@ -120,14 +122,18 @@ def connect(url: str) -> docker.DockerClient:
 
 
 def wheels() -> None:
-    shutil.rmtree(BUILD, ignore_errors=True)
-    all_wheels = BUILD / "all"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(all_wheels), str(REPO)], check=True)
-    for sub in ("deps", "app"):
-        (BUILD / sub).mkdir(parents=True)
-    for wheel in all_wheels.glob("*.whl"):
-        wheel.rename(BUILD / ("app" if wheel.name.startswith("haproxy_consul-") else "deps") / wheel.name)
-    all_wheels.rmdir()
+    """Dependency wheels into build/image/deps (again only when pyproject.toml changed), the package into app."""
+    stamp = BUILD / "deps" / ".pyproject-sha256"
+    wanted = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != wanted:
+        shutil.rmtree(BUILD / "deps", ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(BUILD / "deps"), str(REPO)], check=True)
+        for own in (BUILD / "deps").glob("haproxy_consul-*.whl"):
+            own.unlink()
+        stamp.write_text(wanted)
+    shutil.rmtree(BUILD / "app", ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(BUILD / "app"), str(REPO)],
+                   check=True)
 
 
 def has_image(client: docker.DockerClient, name: str) -> bool:
