@@ -71,6 +71,8 @@ def taken_ports() -> list[str]:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # TIME_WAIT from a last run is fine
             try:
                 s.bind((host, port))
+            except PermissionError:
+                raise Failed(f"binding {host}:{port} needs root: run it as root (as make test and make demo)") from None
             except OSError:
                 taken.append(f"{host}:{port}")
     return taken
@@ -138,8 +140,9 @@ class Walkthrough:
         self.engine: DockerEngine | None = None
         self.url = environ.get("DOCKER_HOST") or DEFAULT_ENGINE
         self.work = Path(tempfile.mkdtemp(prefix="walkthrough-"))
-        self.containers: list[str] = []
-        self.volumes: list[str] = []
+        self.names: set[str] = set()            # containers and volumes the blocks name
+        self.volume_names: set[str] = set()
+        self.existing: set[str] | None = None   # container IDs there before the first block
 
     def start_engine(self) -> None:
         if answers(self.url):
@@ -159,49 +162,99 @@ class Walkthrough:
     def client(self) -> docker.DockerClient:
         return docker.DockerClient(base_url=self.url, timeout=120)
 
-    def run_blocks(self) -> None:
-        client = self.client()
+    def plan(self) -> list[tuple[wb.Block, str, str]]:
+        """(block, host, the block's text as that host) in the README's order."""
+        steps = []
         for block in wb.blocks((REPO / "README.md").read_text()):
             for host in block.hosts:
                 machine_id = self.work / f"machine-id-{host}"
                 machine_id.write_text(f"{host}\n")
-                text = wb.on_host(block.text, host, self.socket, str(machine_id))
-                print("".join(f"{host}$ {line}\n" for line in text.rstrip().splitlines()), end="", flush=True)
-                before_c = {c.id for c in client.containers.list(all=True)}
-                before_v = {v.name for v in client.volumes.list()}
-                env = {**self.environ, "DOCKER_HOST": self.url, "HOST_IP": f"127.0.0.{wb.host_number(host)}"}
-                t0 = time.monotonic()
-                result = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=REPO, env=env)
-                self.containers += [c.id for c in client.containers.list(all=True) if c.id not in before_c]
-                self.volumes += [v.name for v in client.volumes.list() if v.name not in before_v]
-                if result.returncode != 0:
-                    raise Failed(f"the README block at line {block.line}, as {host}, exited {result.returncode}")
-                print(f"({time.monotonic() - t0:.1f}s)\n", flush=True)
+                steps.append((block, host, wb.on_host(block.text, host, self.socket, str(machine_id))))
+        return steps
+
+    def remove_leftovers(self, steps: list[tuple[wb.Block, str, str]]) -> None:
+        """Containers and volumes named as the walkthrough's, left by a run that was killed."""
+        client = self.client()
+        for _block, _host, text in steps:
+            containers, volumes = wb.names(text)
+            self.names.update(containers)
+            self.volume_names.update(volumes)
+        for c in client.containers.list(all=True):
+            if c.name in self.names:
+                c.remove(force=True)
+                print(f"removed the container {c.name} left by an earlier walkthrough")
+        for v in client.volumes.list():
+            if v.name in self.volume_names:
+                v.remove(force=True)
+                print(f"removed the volume {v.name} left by an earlier walkthrough")
+        self.existing = {c.id for c in client.containers.list(all=True)}
+
+    def ours(self, client: docker.DockerClient) -> tuple[list, list]:
+        """What the blocks created: new containers named by them or running their images, their volumes.
+
+        Found afresh rather than recorded per block, so a block cut short by Ctrl-C leaves nothing."""
+        if self.existing is None:
+            return [], []
+        images = {*stand_ins(), "haproxy-consul:latest"}
+
+        def image(c) -> str:
+            name = c.attrs["Config"]["Image"]
+            return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+        containers = [c for c in client.containers.list(all=True)
+                      if c.id not in self.existing and (c.name in self.names or image(c) in images)]
+        return containers, [v for v in client.volumes.list() if v.name in self.volume_names]
+
+    def run_blocks(self, steps: list[tuple[wb.Block, str, str]]) -> None:
+        for block, host, text in steps:
+            print("".join(f"{host}$ {line}\n" for line in text.rstrip().splitlines()), end="", flush=True)
+            env = {**self.environ, "DOCKER_HOST": self.url, "HOST_IP": f"127.0.0.{wb.host_number(host)}"}
+            t0 = time.monotonic()
+            result = subprocess.run(["bash", "-euo", "pipefail", "-c", text], cwd=REPO, env=env)
+            if result.returncode != 0:
+                raise Failed(f"the README block at line {block.line}, as {host}, exited {result.returncode}")
+            print(f"({time.monotonic() - t0:.1f}s)\n", flush=True)
 
     def check(self, stand_in_nginx: bool) -> dict[str, object]:
         """Each edge answers nginx-80.tN.example.com from both nginx containers; Consul lists redis.
 
-        Stand-ins answer with their container's name, so both must be seen through every edge;
-        real nginx containers answer alike, and then Consul must list two instances."""
-        seen: dict[str, set[str]] = {}
+        Consul must list exactly the walkthrough's own containers (anything else was registered by
+        a registrator outside it, writing to 127.0.0.1:8500). Stand-ins answer with their
+        container's name, so both must also be seen through every edge."""
+        client = self.client()
+        ours = {c.id: c for c in self.ours(client)[0]}
+        nginx_ids = {cid for cid, c in ours.items() if c.attrs["Config"]["Image"] in ("nginx", "nginx:latest")}
+        pages = {f"nginx stand-in in container {cid[:12]}" for cid in nginx_ids}
+        seen: dict[str, set[str]] = {f"t{n}": set() for n in (1, 2, 3)}
+
+        strangers: list[str] = []
+
+        def listed(service: str) -> list[dict]:
+            entries = self.catalog(service)
+            strangers.extend(e["ServiceID"] for e in entries if e["ServiceMeta"].get("container_id") not in ours)
+            return entries
 
         def balanced() -> bool:
+            entries = listed("nginx")
+            if strangers:
+                return True                                # stop waiting: that is an error below
+            if len(entries) != len(nginx_ids):
+                return False
             for n in (1, 2, 3):
-                bodies = seen.setdefault(f"t{n}", set())
                 for _ in range(4):
                     status, body = get(80, f"nginx-80.t{n}.example.com", address=f"127.0.0.{n}", timeout=3)
                     if status != 200:
                         return False
-                    bodies.add(body.strip())
-            if stand_in_nginx:
-                return all(len(b) >= 2 for b in seen.values())
-            return len(self.catalog("nginx")) == 2
+                    seen[f"t{n}"].add(body.strip())
+            return not stand_in_nginx or all(bodies == pages for bodies in seen.values())
 
         try:
             wait_until(balanced, CHECK_TIMEOUT, interval=0.5, what="every edge answering from both nginx containers")
-            redis = wait_until(lambda: self.catalog("redis"), 30, interval=0.5, what="redis in Consul's catalog")
+            redis = wait_until(lambda: listed("redis") or strangers, 30, interval=0.5, what="redis in Consul's catalog")
         except TimeoutError as exc:
-            raise Failed(str(exc)) from exc
+            raise Failed(f"{exc}; answers seen: {seen}") from exc
+        if strangers:
+            raise Failed(f"Consul lists instances the walkthrough did not start: {sorted(set(strangers))}; "
+                         "something outside it registers into 127.0.0.1:8500")
         return {"seen": seen, "redis": redis}
 
     @staticmethod
@@ -221,26 +274,21 @@ class Walkthrough:
             f"{redis['ServiceAddress']}:{redis['ServicePort']} ({len(found['redis'])} instance)",
             "  http://127.0.0.1:8404/  (and 127.0.0.2:8404, 127.0.0.3:8404)   each edge's HAProxy stats",
             "  in a browser: http://nginx-80.t1.example.com/ once /etc/hosts maps that name to 127.0.0.1",
-            f"  docker -H {self.url} ps    the {len(self.containers)} containers it started",
+            f"  docker -H {self.url} ps    the {len(self.ours(self.client())[0])} containers it started",
         ]
         print("\n".join(lines), flush=True)
 
     def clean_up(self) -> None:
         t0 = time.monotonic()
-        client = self.client() if answers(self.url) else None
-        if client is not None:
-            for cid in reversed(self.containers):
-                try:
-                    client.containers.get(cid).remove(force=True)
-                except docker.errors.NotFound:
-                    pass
-            for name in self.volumes:
-                try:
-                    client.volumes.get(name).remove(force=True)
-                except docker.errors.NotFound:
-                    pass
-        print(f"removed {len(self.containers)} containers and {len(self.volumes)} volumes in "
-              f"{time.monotonic() - t0:.1f}s", flush=True)
+        if answers(self.url):
+            client = self.client()
+            containers, volumes = self.ours(client)
+            for c in containers:
+                c.remove(force=True)
+            for v in volumes:
+                v.remove(force=True)
+            print(f"removed {len(containers)} containers and {len(volumes)} volumes in "
+                  f"{time.monotonic() - t0:.1f}s", flush=True)
         for f in self.work.iterdir():
             f.unlink()
         self.work.rmdir()
@@ -250,14 +298,9 @@ class Walkthrough:
 
     def logs(self) -> None:
         """On failure: the last lines of every container it started."""
-        client = self.client()
-        for cid in self.containers:
-            try:
-                c = client.containers.get(cid)
-                tail = c.logs(tail=15).decode(errors="replace").rstrip()
-                print(f"--- {c.name} ({c.status}) ---\n{tail}", flush=True)
-            except docker.errors.NotFound:
-                pass
+        for c in self.ours(self.client())[0]:
+            tail = c.logs(tail=15).decode(errors="replace").rstrip()
+            print(f"--- {c.name} ({c.status}) ---\n{tail}", flush=True)
 
 
 def interrupt(signum, _frame):
@@ -268,7 +311,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     once = os.environ.get("WALKTHROUGH_ONCE", "") not in ("", "0")
-    taken = taken_ports()
+    try:
+        taken = taken_ports()
+    except Failed as exc:
+        print(f"walkthrough: {exc}", file=sys.stderr)
+        return 1
     if taken:
         print(f"walkthrough: these ports are taken, stop what listens there first: {', '.join(taken)}",
               file=sys.stderr)
@@ -278,7 +325,9 @@ def main() -> int:
     try:
         w.start_engine()
         made = ensure_images(w.client())
-        w.run_blocks()
+        steps = w.plan()
+        w.remove_leftovers(steps)
+        w.run_blocks(steps)
         found = w.check("nginx:latest" in made)
         w.report(found, time.monotonic() - t0)
         if once:

@@ -86,3 +86,8 @@ def on_host(text: str, host: str, docker_socket: str, machine_id_file: str) -> s
     text = re.sub(_HOST_SIDE.format(re.escape("/var/run/docker.sock")), docker_socket, text, flags=re.M)
     text = re.sub(_HOST_SIDE.format(re.escape("/etc/machine-id")) + "(?=:)", machine_id_file, text, flags=re.M)
     return text.replace("$(hostname -f)", f"{host}.example.com").replace("$(hostname -s)", host)
+
+
+def names(text: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The container names (`docker run --name`) and named volumes a rewritten block creates."""
+    return (tuple(m.group(2) for m in _NAME.finditer(text)), tuple(m.group(2) for m in _VOLUME.finditer(text)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import tempfile
 import time
@@ -159,6 +160,34 @@ def test_bootstrap_refuses_a_data_dir_it_cannot_write_before_announcing(dockerd,
         etcd.stop()
 
 
+def test_ctrl_c_removes_everything_the_walkthrough_started(dockerd):
+    """Interrupted while its Consul servers start (on an engine that answers: it uses that one)."""
+    client = dockerd.client()
+
+    def state():
+        return {c.id for c in client.containers.list(all=True)}, {v.name for v in client.volumes.list()}
+    before = state()
+    env = {k: v for k, v in os.environ.items() if k != "WALKTHROUGH_ONCE"} | {"DOCKER_HOST": dockerd.url}
+    proc = subprocess.Popen(["make", "-s", "walkthrough"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("t2$ docker run -d --name consul-t2"):
+                break
+        wait_until(lambda: client.containers.list(filters={"name": "^/consul-t2$"}), 30, what="consul-t2 started")
+        assert f"using the Docker engine at {dockerd.url}" in "".join(seen)
+        os.killpg(proc.pid, signal.SIGINT)                    # what Ctrl-C in a terminal does
+        rest = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "SIGINT: cleaning up" in rest and re.search(r"removed [1-9]\d* containers and [23] volumes", rest), rest
+    assert state() == before
+
+
 # --- three hosts from the image: containers stopped and failing their checks -------------------
 HOSTS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 SERVE_OWN_NAME = 'echo "$NAME" > /www/index.html; exec httpd -f -p 80 -h /www'
@@ -186,13 +215,13 @@ def test_three_hosts_follow_containers_started_stopped_and_failing(dockerd, tmp_
         return [get(edge_port, f"nginx-80.t{n}.example", address=a) for n, a in enumerate(HOSTS, 1)]
     try:
         for n, addr in enumerate(HOSTS, 1):
-            run(f"consul-t{n}", [
+            run(f"hosts-consul-t{n}", [
                 "bootstrap", "--etcd", etcd.url, "--machine-id", f"t{n}", "--advertise", addr, "--expect", "3",
                 "--ttl", "5", "--", f"-bind={addr}", f"-client={addr}", f"-node=t{n}",
                 f"-http-port={http}", "-dns-port=-1", f"-serf-lan-port={serf_lan}", f"-serf-wan-port={serf_wan}",
                 f"-server-port={server}", "-grpc-port=-1", "-retry-interval=1s", "-hcl=disable_update_check = true",
                 "-hcl=performance { raft_multiplier = 1 }"],
-                volumes={f"data-t{n}": {"bind": "/var/lib/consul", "mode": "rw"}})
+                volumes={f"hosts-data-t{n}": {"bind": "/var/lib/consul", "mode": "rw"}})
 
         def formed():
             leaders = {http_json(f"http://{a}:{http}/v1/status/leader") for a in HOSTS}
@@ -200,10 +229,10 @@ def test_three_hosts_follow_containers_started_stopped_and_failing(dockerd, tmp_
                 len(http_json(f"http://{a}:{http}/v1/status/peers")) == 3 for a in HOSTS)
         wait_until(formed, 60, interval=0.2, what="one Consul cluster over t1..t3")
         for n, addr in enumerate(HOSTS, 1):
-            run(f"edge-t{n}", ["edge", "--consul", f"http://{addr}:{http}", "--domain", f"t{n}.example",
+            run(f"hosts-edge-t{n}", ["edge", "--consul", f"http://{addr}:{http}", "--domain", f"t{n}.example",
                                "--bind", f"{addr}:{edge_port}", "--admin-bind", f"{addr}:{free_ports(1)[0]}"])
         socket_gid = str(dockerd.socket.stat().st_gid)
-        run("registrator-t1", ["registrator", "--consul", f"http://127.0.0.1:{http}", "--hostname", "t1",
+        run("hosts-registrator", ["registrator", "--consul", f"http://127.0.0.1:{http}", "--hostname", "t1",
                                "--ip", "127.0.0.1"], group_add=[socket_gid],
             volumes={str(dockerd.socket): {"bind": "/var/run/docker.sock", "mode": "ro"}})
 
@@ -235,14 +264,19 @@ def test_three_hosts_follow_containers_started_stopped_and_failing(dockerd, tmp_
     finally:
         for c in reversed(started):
             c.remove(force=True)
-        for n in (1, 2, 3):
-            client.volumes.get(f"data-t{n}").remove(force=True)
+        for v in client.volumes.list(filters={"name": "hosts-data-"}):
+            v.remove(force=True)
         etcd.stop()
 
 
-def test_a_stopped_test_engine_leaves_no_mount_behind():
+def test_a_stopped_test_engine_leaves_nothing_behind():
     with running_engine() as eng:
         eng.client().containers.run(BUSYBOX, ["sh", "-c", "true"], network_mode="host", remove=True)
+        eng.client().containers.run(BUSYBOX, ["sh", "-c", "true"], publish_all_ports=True, remove=True)
         assert mounts_below(eng.root)                   # dockerd mounted the host netns under its exec root
-        root = eng.root
+        root, bridge = eng.root, eng.bridge
+        assert bridge in subprocess.run(["iptables", "-t", "nat", "-S"], capture_output=True, text=True).stdout
     assert not root.exists() and mounts_below(root) == []
+    assert subprocess.run(["ip", "link", "show", bridge], capture_output=True).returncode != 0
+    for table in ("filter", "nat"):
+        assert bridge not in subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True).stdout

@@ -76,3 +76,9 @@ def test_every_image_the_blocks_run_has_a_stand_in():
     import walkthrough
     images = {image for block in wb.blocks(README) for image in images_run(block.text)}
     assert images - {"haproxy-consul:latest"} == set(walkthrough.stand_ins())
+
+
+def test_names_are_what_a_rewritten_block_creates_so_leftovers_can_be_removed():
+    text = wb.on_host("docker run -d --name consul \\\n  -v consul-data:/var/lib/consul -v /etc/machine-id:/x \\\n"
+                      "  haproxy-consul bootstrap -- -node=x\ndocker run -dP nginx\n", "t3", SOCK, MID)
+    assert wb.names(text) == (("consul-t3",), ("consul-data-t3",))
