@@ -299,7 +299,7 @@ class Walkthrough:
     def logs(self) -> None:
         """On failure: the last lines of every container it started."""
         for c in self.ours(self.client())[0]:
-            tail = c.logs(tail=15).decode(errors="replace").rstrip()
+            tail = c.logs(tail=12).decode(errors="replace").rstrip()
             print(f"--- {c.name} ({c.status}) ---\n{tail}", flush=True)
 
 
