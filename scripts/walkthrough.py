@@ -146,6 +146,9 @@ class Walkthrough:
 
     def start_engine(self) -> None:
         if answers(self.url):
+            if not self.url.startswith("unix://"):
+                raise Failed(f"DOCKER_HOST={self.url}: the walkthrough mounts the engine's socket into the "
+                             "registrator, so it needs an engine on this machine's unix socket")
             print(f"using the Docker engine at {self.url}")
             return
         root = Path(self.environ.get("WALKTHROUGH_ENGINE_ROOT") or "/tmp/haproxy-consul-walkthrough")
