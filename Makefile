@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint deps venv clean bench image
+.PHONY: demo test unit integration lint deps venv clean bench image walkthrough
 
 deps:
 	bash scripts/install-deps.sh
@@ -36,9 +36,15 @@ bench: deps venv
 	$(BIN)/python bench/acme_issue.py 20
 	$(BIN)/python bench/registrator_drain.py 2
 
-# The container image (DOCKER_HOST picks the engine; IMAGE_ARGS=--debootstrap where no registry answers).
+# The container image, tagged haproxy-consul:latest and haproxy-consul:<version> in the engine
+# DOCKER_HOST names (IMAGE_ARGS=--debootstrap: never try a registry for the base).
 image: deps venv
-	$(BIN)/python scripts/build_image.py $(IMAGE_ARGS)
+	@$(BIN)/python scripts/build_image.py $(IMAGE_ARGS)
+
+# The README's three-host walkthrough on one machine (127.0.0.1-3), run from the README's own
+# blocks; Ctrl-C removes what it started (WALKTHROUGH_ONCE=1: check, clean up, exit).
+walkthrough: deps venv
+	@$(BIN)/python scripts/walkthrough.py
 
 unit: venv
 	$(BIN)/pytest tests/unit

@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootstrap.etcd import API_CHOICES
 from bootstrap.plan import MACHINE_ID_RE
 from haproxy_consul.options import EnvParser
 
@@ -14,6 +15,7 @@ from haproxy_consul.options import EnvParser
 @dataclass(frozen=True)
 class Settings:
     etcd: tuple[str, ...]
+    etcd_api: str
     prefix: str
     machine_id: str
     advertise: str
@@ -50,6 +52,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
                   description="Announce this Consul server in etcd, wait for the others, then run "
                               "`consul agent -server` in the foreground. Arguments after `--` go to consul agent.")
     p.listing("--etcd", env="ETCD_ENDPOINTS", help="etcd client URL(s) [default http://127.0.0.1:2379]")
+    p.option("--etcd-api", env="BOOTSTRAP_ETCD_API", default="auto", choices=API_CHOICES,
+             help="v3 (etcd >= 3), v2 (the keys API of etcd2, or etcd 3 with --enable-v2), or auto: asks /version")
     p.option("--prefix", env="BOOTSTRAP_PREFIX", default="/consul.io/bootstrap", help="etcd key prefix")
     p.option("--machine-id", env="BOOTSTRAP_MACHINE_ID", default="/etc/machine-id", help="ID, or a file holding it")
     p.option("--advertise", env="BOOTSTRAP_ADVERTISE", help="this server's address (required)")
@@ -78,12 +82,14 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         p.error(str(exc))
     if args.expect < 1:
         p.error(f"--expect must be at least 1, not {args.expect}")
+    if args.etcd_api not in API_CHOICES:
+        p.error(f"--etcd-api must be one of {', '.join(API_CHOICES)}, not {args.etcd_api!r}")
     if args.ttl < 2:
         p.error("--ttl must be at least 2 seconds")
     if not args.prefix.startswith("/"):
         p.error("--prefix must start with /")
     return Settings(
-        etcd=p.resolve_listing(args.etcd, "ETCD_ENDPOINTS") or ("http://127.0.0.1:2379",),
+        etcd=p.resolve_listing(args.etcd, "ETCD_ENDPOINTS") or ("http://127.0.0.1:2379",), etcd_api=args.etcd_api,
         prefix=args.prefix.rstrip("/"), machine_id=machine_id, advertise=advertise, expect=args.expect,
         datacenter=args.datacenter or None, data_dir=Path(args.data_dir).absolute(), consul=args.consul,
         ttl=args.ttl, wait_timeout=args.wait_timeout, dns_resolved=args.dns_resolved,

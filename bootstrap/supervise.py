@@ -10,18 +10,41 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 from bootstrap import resolved
-from bootstrap.etcd import Etcd, EtcdError, EtcdUnavailable
+from bootstrap.etcd import EtcdError, EtcdUnavailable, Store
 from bootstrap.plan import Member, agent_argv, announcement, decide, http_address, machines_key, members_from_kv
 from bootstrap.settings import Settings
 
 log = logging.getLogger("bootstrap")
 POLL_INTERVAL = 0.25     # seconds between reads of the announced servers while waiting for them
+
+
+class DataDirUnwritable(Exception):
+    """Consul could not write its data dir: said before anything is announced."""
+
+    def __init__(self, directory: Path, error: OSError):
+        super().__init__(
+            f"cannot write the data dir {directory} as uid {os.getuid()} ({error.strerror or error}): mount a "
+            f"volume this user owns there (a new named volume is: -v consul-data:{directory}) or run the "
+            "container with --user root; nothing was announced in etcd")
+
+
+def check_writable(directory: Path) -> None:
+    """Create the data dir if needed and write a file in it, or raise DataDirUnwritable."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".bootstrap-check-"):
+            pass
+    except OSError as exc:
+        raise DataDirUnwritable(directory, exc) from exc
 
 
 def _die_with_parent() -> None:
@@ -30,7 +53,7 @@ def _die_with_parent() -> None:
 
 
 class Supervisor:
-    def __init__(self, s: Settings, etcd: Etcd, stop: threading.Event):
+    def __init__(self, s: Settings, etcd: Store, stop: threading.Event):
         self.s, self.etcd, self.stop = s, etcd, stop
         self.me = Member(s.machine_id, s.advertise, s.expect)
         self.key = machines_key(s.prefix, s.machine_id)
@@ -114,6 +137,7 @@ class Supervisor:
             print(" ".join(agent_argv(self.s.consul, self.me, members, self.s.expect, str(self.s.data_dir),
                                       self.s.datacenter, self.s.agent_args)))
             return 0
+        check_writable(self.s.data_dir)      # before announcing: a server that cannot start must not be joined
         if not self.announce():
             return 0
         done = threading.Event()     # not self.stop: the keeper must not outlive the revoke below
@@ -124,7 +148,6 @@ class Supervisor:
             members = self.wait_for_peers()
             if members is None:
                 return 0
-            self.s.data_dir.mkdir(parents=True, exist_ok=True)
             argv = agent_argv(self.s.consul, self.me, members, self.s.expect, str(self.s.data_dir),
                               self.s.datacenter, self.s.agent_args)
             log.info("starting: %s", " ".join(argv))

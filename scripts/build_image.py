@@ -1,31 +1,98 @@
 """Build the haproxy-consul image, offline-friendly (`make image`).
 
-1. Wheels are built on the host: every dependency into build/image/deps, the package into
-   build/image/app (a code change then rebuilds only the image's last layer).
-2. The base is `--base IMAGE` (default debian:bookworm-slim), or with `--debootstrap` a
-   `debootstrap --variant=minbase bookworm` rootfs from this machine's own Debian mirror,
-   imported as haproxy-consul-base:bookworm (cached: built once per Docker data root).
-3. `docker build` (classic builder) through the Docker SDK.
+1. The Docker engine named by DOCKER_HOST (default /var/run/docker.sock) must answer; if none
+   does, one line says how to start one and nothing else happens.
+2. Wheels are built on the host: every dependency into build/image/deps (kept until
+   pyproject.toml changes), the package into build/image/app (a code change then rebuilds only
+   the image's last layers).
+3. The base: `--base IMAGE` when given; by default debian:bookworm-slim if the engine has it or
+   can pull it, otherwise (no registry answers) a `debootstrap --variant=minbase bookworm`
+   rootfs from this machine's own Debian mirror, slimmed like Debian's -slim images (no apt
+   lists or caches, no docs, manuals or translations) and imported once per engine.
+4. `docker build` (classic builder) through the Docker SDK, tagged `<repository>:latest` and
+   `<repository>:<version>`; then the size of every layer.
 
-Usage: python scripts/build_image.py [--docker URL] [--tag haproxy-consul:dev] [--base IMAGE | --debootstrap]
+Usage: python scripts/build_image.py [--docker URL] [--repository haproxy-consul] [--base IMAGE | --debootstrap]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import fnmatch
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import docker
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from haproxy_consul import __version__  # noqa: E402 - the version the image is tagged with
+
 BUILD = REPO / "build" / "image"
-BASE_TAG = "haproxy-consul-base:bookworm"
+DEFAULT_BASE = "debian:bookworm-slim"
+DEBOOTSTRAP_TAG = "haproxy-consul-base:bookworm-slimmed"
+DPKG_SLIM = REPO / "scripts" / "dpkg-slim.cfg"
+# Beyond what dpkg-slim.cfg leaves out: what apt and debootstrap keep that a container never needs.
+ROOTFS_JUNK = ("/var/cache/apt/*.bin", "/var/cache/apt/archives/*.deb", "/var/lib/apt/lists/*_*",
+               "/var/log/*.log", "/var/log/apt/*", "/var/cache/debconf/*-old", "/var/lib/dpkg/*-old")
+
+
+class NoEngine(Exception):
+    """No Docker engine answers at the given address."""
+
+
+def no_engine_line(url: str) -> str:
+    return (f"build_image: no Docker engine answers at {url}: start one (`sudo systemctl start docker`, "
+            "or `sudo dockerd &`) or set DOCKER_HOST to a running engine's socket (unix:///path/docker.sock)")
+
+
+def image_tags(repository: str, version: str) -> tuple[str, ...]:
+    return (f"{repository}:latest", f"{repository}:{version}")
+
+
+def dpkg_rules(text: str) -> tuple[tuple[bool, str], ...]:
+    """`path-exclude=`/`path-include=` lines → (excluded?, glob) in order; the last match wins, as in dpkg."""
+    rules = []
+    for line in text.splitlines():
+        key, _, glob = line.strip().partition("=")
+        if key in ("path-exclude", "path-include") and glob:
+            rules.append((key == "path-exclude", glob))
+    return tuple(rules)
+
+
+def slimmed_away(path: str, rules: Sequence[tuple[bool, str]], junk: Iterable[str] = ROOTFS_JUNK) -> bool:
+    """Is the rootfs file at `path` (absolute inside the rootfs) dropped from the base?"""
+    if any(fnmatch.fnmatchcase(path, glob) for glob in junk):
+        return True
+    verdict = False
+    for exclude, glob in rules:
+        if fnmatch.fnmatchcase(path, glob):
+            verdict = exclude
+    return verdict
+
+
+def slim_rootfs(rootfs: Path) -> int:
+    """Delete from a debootstrapped rootfs what a container never needs; bytes freed. Directories stay."""
+    rules = dpkg_rules(DPKG_SLIM.read_text())
+    freed = 0
+    for directory, _dirs, files in os.walk(rootfs):
+        for name in files:
+            full = Path(directory) / name
+            if slimmed_away("/" + str(full.relative_to(rootfs)), rules):
+                freed += full.lstat().st_size
+                full.unlink()
+    # Packages installed later in the image obey the same rules.
+    (rootfs / "etc/dpkg/dpkg.cfg.d/haproxy-consul-slim").write_text(DPKG_SLIM.read_text())
+    return freed
 
 
 def debian_mirror() -> str:
@@ -45,63 +112,127 @@ def debian_mirror() -> str:
     raise SystemExit("build_image: cannot find this machine's Debian mirror in its apt sources")
 
 
+def connect(url: str) -> docker.DockerClient:
+    try:
+        client = docker.DockerClient(base_url=url, timeout=600)
+        client.ping()
+        return client
+    except docker.errors.DockerException as exc:
+        raise NoEngine(url) from exc
+
+
 def wheels() -> None:
-    shutil.rmtree(BUILD, ignore_errors=True)
-    all_wheels = BUILD / "all"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(all_wheels), str(REPO)], check=True)
-    for sub in ("deps", "app"):
-        (BUILD / sub).mkdir(parents=True)
-    for wheel in all_wheels.glob("*.whl"):
-        wheel.rename(BUILD / ("app" if wheel.name.startswith("haproxy_consul-") else "deps") / wheel.name)
-    all_wheels.rmdir()
+    """Dependency wheels into build/image/deps (again only when pyproject.toml changed), the package into app."""
+    stamp = BUILD / "deps" / ".pyproject-sha256"
+    wanted = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+    if not stamp.exists() or stamp.read_text() != wanted:
+        shutil.rmtree(BUILD / "deps", ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(BUILD / "deps"), str(REPO)], check=True)
+        for own in (BUILD / "deps").glob("haproxy_consul-*.whl"):
+            own.unlink()
+        stamp.write_text(wanted)
+    shutil.rmtree(BUILD / "app", ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(BUILD / "app"), str(REPO)],
+                   check=True)
+
+
+def has_image(client: docker.DockerClient, name: str) -> bool:
+    try:
+        client.images.get(name)
+        return True
+    except docker.errors.ImageNotFound:
+        return False
 
 
 def debootstrap_base(client: docker.DockerClient, cache: Path) -> str:
-    try:
-        client.images.get(BASE_TAG)
-        return BASE_TAG
-    except docker.errors.ImageNotFound:
-        pass
-    rootfs, tarball = cache / "rootfs", cache / "rootfs.tar"
+    if has_image(client, DEBOOTSTRAP_TAG):
+        return DEBOOTSTRAP_TAG
+    rootfs, tarball = cache / "rootfs", cache / "rootfs-slim.tar"
     if not tarball.exists():
+        mirror = debian_mirror()
+        print(f"debootstrap --variant=minbase bookworm from {mirror} (once; kept in {tarball})", flush=True)
         shutil.rmtree(rootfs, ignore_errors=True)
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), debian_mirror()], check=True,
+        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror], check=True,
                        stdout=subprocess.DEVNULL)
-        with tarfile.open(tarball, "w") as tar:
+        print(f"slimmed the rootfs by {slim_rootfs(rootfs) / 1e6:.0f} MB (apt lists and caches, docs, locales)")
+        with tarfile.open(f"{tarball}.part", "w") as tar:
             tar.add(str(rootfs), arcname=".")
+        os.replace(f"{tarball}.part", tarball)
         shutil.rmtree(rootfs, ignore_errors=True)
-    repo, tag = BASE_TAG.split(":")
+    repo, tag = DEBOOTSTRAP_TAG.split(":")
     client.api.import_image(src=str(tarball), repository=repo, tag=tag)
-    return BASE_TAG
+    return DEBOOTSTRAP_TAG
 
 
-def build(client: docker.DockerClient, tag: str, base: str) -> str:
-    for chunk in client.api.build(path=str(REPO), tag=tag, buildargs={"BASE": base}, rm=True, forcerm=True,
-                                  decode=True):
+def choose_base(client: docker.DockerClient, base: str | None, use_debootstrap: bool, cache: Path) -> str:
+    """An explicit --base or --debootstrap wins; else debian:bookworm-slim if present or pullable, else debootstrap."""
+    if base:
+        return base
+    if not use_debootstrap:
+        if has_image(client, DEFAULT_BASE) or has_image(client, DEBOOTSTRAP_TAG):
+            return DEFAULT_BASE if has_image(client, DEFAULT_BASE) else DEBOOTSTRAP_TAG
+        try:
+            client.images.pull(DEFAULT_BASE)
+            return DEFAULT_BASE
+        except docker.errors.APIError as exc:
+            reason = str(getattr(exc, "explanation", None) or exc).splitlines()[0][:160]
+            print(f"cannot pull {DEFAULT_BASE} ({reason}); building the base with debootstrap instead", flush=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    return debootstrap_base(client, cache)
+
+
+def build(client: docker.DockerClient, tags: Sequence[str], base: str) -> None:
+    recent: collections.deque[str] = collections.deque(maxlen=40)   # the failing step's output, if one fails
+    for chunk in client.api.build(path=str(REPO), tag=tags[0], buildargs={"BASE": base, "VERSION": __version__},
+                                  rm=True, forcerm=True, decode=True):
         if "error" in chunk:
-            raise SystemExit(f"docker build failed: {chunk['error']}")
-        if chunk.get("stream", "").startswith("Step "):
-            print(chunk["stream"].rstrip(), flush=True)
-    return tag
+            raise SystemExit("".join(recent) + f"docker build failed: {chunk['error']}")
+        stream = chunk.get("stream", "")
+        if stream.startswith("Step "):
+            recent.clear()
+            print(stream.rstrip(), flush=True)
+        elif stream:
+            recent.append(stream)
+    image = client.images.get(tags[0])
+    for extra in tags[1:]:
+        repo, tag = extra.rsplit(":", 1)
+        image.tag(repo, tag)
+
+
+def layers(client: docker.DockerClient, name: str) -> list[tuple[int, str]]:
+    """(size in bytes, the step that made it) for every layer, base first."""
+    return [(entry["Size"], entry["CreatedBy"]) for entry in reversed(client.api.history(name))]
+
+
+def layer_report(rows: Sequence[tuple[int, str]]) -> str:
+    lines = []
+    for size, step in rows:
+        if size:
+            step = re.sub(r"^/bin/sh -c (#\(nop\) )?", "", step).strip() or "(base image)"
+            lines.append(f"  {size / 1e6:7.1f} MB  {step[:100]}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--docker", default=os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock"))
-    p.add_argument("--tag", default="haproxy-consul:dev")
-    p.add_argument("--base", default="debian:bookworm-slim")
+    p.add_argument("--docker", default=os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
+    p.add_argument("--repository", default="haproxy-consul", help="tagged REPOSITORY:latest and REPOSITORY:VERSION")
+    p.add_argument("--base", help=f"base image (default {DEFAULT_BASE}, or debootstrap when it cannot be pulled)")
     p.add_argument("--debootstrap", action="store_true", help="base from debootstrap (no registry needed)")
     p.add_argument("--cache", default=str(REPO / "build" / "base"), help="where the debootstrap rootfs is kept")
     args = p.parse_args(argv)
-    client = docker.DockerClient(base_url=args.docker, timeout=600)
+    try:
+        client = connect(args.docker)
+    except NoEngine:
+        print(no_engine_line(args.docker), file=sys.stderr)
+        return 1
     wheels()
-    base = args.base
-    if args.debootstrap:
-        Path(args.cache).mkdir(parents=True, exist_ok=True)
-        base = debootstrap_base(client, Path(args.cache))
-    build(client, args.tag, base)
-    size = client.images.get(args.tag).attrs["Size"]
-    print(f"built {args.tag} from {base}: {size / 1e6:.0f} MB")
+    base = choose_base(client, args.base, args.debootstrap, Path(args.cache))
+    tags = image_tags(args.repository, __version__)
+    build(client, tags, base)
+    size = client.images.get(tags[0]).attrs["Size"]
+    print(f"built {' and '.join(tags)} from {base}: {size / 1e6:.0f} MB; layers:")
+    print(layer_report(layers(client, tags[0])), flush=True)
     return 0
 
 

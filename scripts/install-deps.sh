@@ -30,6 +30,7 @@ command -v named >/dev/null || need+=(bind9)               # RFC 2136 dynamic DN
 command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v openssl >/dev/null || need+=(openssl)
 command -v certutil >/dev/null || need+=(libnss3-tools)              # trust a test CA in headless Chromium
+command -v curl >/dev/null || need+=(curl)                 # the README walkthrough's own checks
 # `python3 -m venv` needs ensurepip, which Debian ships separately.
 python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv python3-pip)
 [ "${#need[@]}" -eq 0 ] && exit 0

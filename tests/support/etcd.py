@@ -15,6 +15,7 @@ from tests.support.procs import free_ports, require, stop_process, wait_until
 class EtcdServer:
     workdir: Path
     client_port: int = 0
+    enable_v2: bool = False             # also serve the v2 keys API (a keyspace separate from v3's)
     proc: subprocess.Popen | None = None
 
     @property
@@ -30,7 +31,8 @@ class EtcdServer:
             [etcd, "--name", "test", "--data-dir", str(self.workdir / "data"),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
-             f"http://127.0.0.1:{peer}", "--initial-cluster", f"test=http://127.0.0.1:{peer}"],
+             f"http://127.0.0.1:{peer}", "--initial-cluster", f"test=http://127.0.0.1:{peer}",
+             *(["--enable-v2"] if self.enable_v2 else [])],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(lambda: httpx.get(self.url + "/health", timeout=1).json().get("health") == "true", timeout,
                    what="etcd health")

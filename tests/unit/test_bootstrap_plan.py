@@ -74,6 +74,16 @@ def test_settings_split_agent_args_and_validate(tmp_path):
     assert parse(["--machine-id", "literal-id", "--advertise", "::1"], {}).machine_id == "literal-id"
 
 
+@pytest.mark.parametrize("argv, environ, api", [
+    ([], {}, "auto"),
+    (["--etcd-api", "v2"], {}, "v2"),
+    ([], {"BOOTSTRAP_ETCD_API": "v3"}, "v3"),
+    (["--etcd-api", "v2"], {"BOOTSTRAP_ETCD_API": "v3"}, "v2"),          # the flag wins
+])
+def test_etcd_api(argv, environ, api):
+    assert parse(["--machine-id", "x", "--advertise", "10.0.0.1", *argv], environ).etcd_api == api
+
+
 @pytest.mark.parametrize("argv", [
     ["--machine-id", "x", "--advertise", "10.0.0.1", "--expect", "0"],
     ["--machine-id", "x"],                                           # no advertise address
@@ -81,6 +91,7 @@ def test_settings_split_agent_args_and_validate(tmp_path):
     ["--machine-id", "bad id!", "--advertise", "10.0.0.1"],
     ["--machine-id", "/nonexistent/machine-id", "--advertise", "10.0.0.1"],
     ["--machine-id", "x", "--advertise", "10.0.0.1", "--prefix", "relative"],
+    ["--machine-id", "x", "--advertise", "10.0.0.1", "--etcd-api", "v4"],
 ])
 def test_bad_settings_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:

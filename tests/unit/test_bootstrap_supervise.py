@@ -6,7 +6,7 @@ import pytest
 
 from bootstrap.etcd import EtcdUnavailable
 from bootstrap.settings import parse
-from bootstrap.supervise import Supervisor
+from bootstrap.supervise import DataDirUnwritable, Supervisor
 
 
 class FakeEtcd:
@@ -44,8 +44,8 @@ class FakeEtcd:
         return {}
 
 
-def supervisor(etcd, stop=None):
-    s = parse(["--machine-id", "m1", "--advertise", "10.0.0.1", "--ttl", "3"], {})
+def supervisor(etcd, stop=None, data_dir="/nonexistent/never-created"):
+    s = parse(["--machine-id", "m1", "--advertise", "10.0.0.1", "--ttl", "3", "--data-dir", str(data_dir)], {})
     return Supervisor(s, etcd, stop or threading.Event())
 
 
@@ -96,10 +96,19 @@ def test_keeper_puts_the_announcement_back_when_it_is_gone(kv, rewritten):
     assert etcd.kv["/consul.io/bootstrap/machines/m1"] == '{"address": "10.0.0.1", "expect": 3}' or not rewritten
 
 
-def test_stop_before_etcd_answers_starts_nothing():
+def test_stop_before_etcd_answers_starts_nothing(tmp_path):
     etcd = FakeEtcd()
     etcd.down = 10**6
     stop = threading.Event()
     stop.set()
-    assert supervisor(etcd, stop).run() == 0
+    assert supervisor(etcd, stop, tmp_path / "data").run() == 0
+    assert etcd.calls == []
+
+
+def test_an_unwritable_data_dir_is_refused_before_anything_is_announced(tmp_path):
+    blocker = tmp_path / "file"          # a path no user can make a directory of (file modes do not stop root)
+    blocker.write_text("")
+    etcd = FakeEtcd()
+    with pytest.raises(DataDirUnwritable, match=r"-v consul-data:.* or run the container with --user root"):
+        supervisor(etcd, data_dir=blocker / "data").run()
     assert etcd.calls == []

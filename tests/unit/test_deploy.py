@@ -84,3 +84,33 @@ def test_compose_file_has_the_three_programs():
     assert {s["command"][0] for s in services.values()} == {"bootstrap", "registrator", "edge"}
     assert all(s["network_mode"] == "host" and s["restart"] == "always" for s in services.values())
     assert "/var/run/docker.sock:/var/run/docker.sock:ro" in services["registrator"]["volumes"]
+
+
+@pytest.mark.parametrize("kind, etcd_unit, api", [
+    ("fleet", "etcd2.service", "v2"),        # CoreOS's etcd2: only the v2 keys API
+    ("systemd", "etcd.service", "v3"),       # Debian's etcd-server 3.4
+])
+def test_consul_units_name_the_etcd_they_need_and_speak_its_api(kind, etcd_unit, api):
+    s = sections(DEPLOY / kind / "consul.service")
+    unit = s["Unit"]
+    assert etcd_unit in " ".join(v for k, v in unit if k == "After")
+    assert etcd_unit in " ".join(v for k, v in unit if k == "Wants")
+    assert f"--etcd-api {api}" in dict(s["Service"])["ExecStart"]
+
+
+PROGRAM = {"consul": "bootstrap", "registrator-consul": "registrator", "haproxy-consul": "edge"}
+
+
+@pytest.mark.parametrize("kind", ["fleet", "systemd"])
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_run_the_image_make_image_tags(kind, unit):
+    """`make image` tags haproxy-consul:latest, which is what a bare `haproxy-consul` runs."""
+    start = dict(sections(DEPLOY / kind / f"{unit}.service")["Service"])["ExecStart"]
+    assert re.search(rf"\shaproxy-consul {PROGRAM[unit]}\s", start), start
+
+
+def test_compose_and_nomad_run_the_image_make_image_tags():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"].values()
+    job = json.loads((DEPLOY / "nomad" / "haproxy-consul.nomad.json").read_text())["Job"]
+    nomad = [t["Config"]["image"] for g in job["TaskGroups"] for t in g["Tasks"]]
+    assert {s["image"] for s in compose} | set(nomad) == {"haproxy-consul"}

@@ -1,0 +1,70 @@
+"""scripts/build_image.py's decisions: what the slimmed base drops, the tags, the layer report,
+and one line (never a traceback) when no Docker engine answers."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "scripts"))
+import build_image  # noqa: E402
+
+RULES = build_image.dpkg_rules(build_image.DPKG_SLIM.read_text())
+
+
+@pytest.mark.parametrize("path, dropped", [
+    ("/usr/share/doc/apt/changelog.gz", True),
+    ("/usr/share/doc/apt/copyright", False),                       # licences stay, as in Debian's -slim
+    ("/usr/share/man/man8/apt.8.gz", True),
+    ("/usr/share/locale/de/LC_MESSAGES/apt.mo", True),
+    ("/usr/share/info/grep.info.gz", True),
+    ("/var/cache/apt/pkgcache.bin", True),
+    ("/var/cache/apt/srcpkgcache.bin", True),
+    ("/var/cache/apt/archives/libc6_2.36-9_amd64.deb", True),
+    ("/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease", True),
+    ("/var/lib/apt/lists/lock", False),
+    ("/var/log/dpkg.log", True),
+    ("/var/lib/dpkg/status", False),
+    ("/var/lib/dpkg/status-old", True),
+    ("/usr/bin/apt-get", False),
+    ("/usr/share/zoneinfo/UTC", False),
+])
+def test_what_the_slimmed_base_drops(path, dropped):
+    assert build_image.slimmed_away(path, RULES) is dropped
+
+
+def test_dpkg_rules_keep_their_order_so_the_last_match_wins():
+    assert build_image.dpkg_rules("# c\npath-exclude=/a/*\npath-include=/a/b\nother=x\n") == (
+        (True, "/a/*"), (False, "/a/b"))
+
+
+def test_slim_rootfs_deletes_files_keeps_directories_and_leaves_the_rules_for_later_packages(tmp_path):
+    for rel in ("usr/share/doc/pkg/changelog.gz", "usr/share/doc/pkg/copyright", "var/cache/apt/pkgcache.bin",
+                "usr/bin/tool", "etc/dpkg/dpkg.cfg.d/.keep"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x" * 10)
+    assert build_image.slim_rootfs(tmp_path) == 20
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["etc/dpkg/dpkg.cfg.d/.keep", "etc/dpkg/dpkg.cfg.d/haproxy-consul-slim",
+                    "usr/bin/tool", "usr/share/doc/pkg/copyright"]
+    assert (tmp_path / "var/cache/apt").is_dir()
+
+
+def test_tags_are_latest_and_the_version():
+    assert build_image.image_tags("haproxy-consul", "0.1.0") == ("haproxy-consul:latest", "haproxy-consul:0.1.0")
+
+
+def test_layer_report_names_each_step_base_first():
+    rows = [(74_000_000, ""), (0, "/bin/sh -c #(nop)  USER haproxy-consul"),
+            (121_300_000, "/bin/sh -c apt-get update && apt-get install -y haproxy")]
+    assert build_image.layer_report(rows).splitlines() == [
+        "     74.0 MB  (base image)", "    121.3 MB  apt-get update && apt-get install -y haproxy"]
+
+
+def test_no_engine_is_one_line_naming_how_to_start_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(build_image, "wheels", lambda: pytest.fail("built wheels with no engine to build in"))
+    assert build_image.main(["--docker", f"unix://{tmp_path}/nothing.sock"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"no Docker engine answers at unix://{tmp_path}/nothing.sock" in err and "DOCKER_HOST" in err
