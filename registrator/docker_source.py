@@ -1,12 +1,15 @@
 """The Docker shell: container events (reconnecting), listing and inspect, as frozen Containers.
 
 Raw inspect JSON is converted by `registrator.mapping.container_from_inspect` right here, at the
-boundary. Errors are `DockerUnavailable`; the loop decides what to do with them.
+boundary. Errors are `DockerUnavailable`; the loop decides what to do with them. A socket this
+user may not open says what to do about it (the socket's group, or root).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import urllib.parse
 from collections.abc import Iterator
 
 import docker
@@ -35,8 +38,12 @@ class DockerSource:
             try:
                 self._client = docker.APIClient(base_url=self.url, timeout=self.timeout, version="auto")
             except (DockerException, requests.RequestException) as exc:
-                raise DockerUnavailable(f"{self.url}: {exc}") from exc
+                raise self._unavailable(self.url, exc) from exc
         return self._client
+
+    def _unavailable(self, what: str, exc: Exception) -> DockerUnavailable:
+        self._reset()
+        return DockerUnavailable(f"{what}: {exc}{permission_hint(self.url, exc)}")
 
     def _reset(self) -> None:
         if self._client is not None:
@@ -50,8 +57,7 @@ class DockerSource:
         try:
             stream = self._api().events(decode=True, filters={"type": "container", "event": list(EVENTS)})
         except (DockerException, requests.RequestException) as exc:
-            self._reset()
-            raise DockerUnavailable(f"event stream: {exc}") from exc
+            raise self._unavailable("event stream", exc) from exc
         return self._events(stream)
 
     def _events(self, stream) -> Iterator[tuple[str, str, str]]:
@@ -63,15 +69,13 @@ class DockerSource:
                 if action in EVENTS and cid:
                     yield action, cid, str((actor.get("Attributes") or {}).get("signal") or "")
         except (DockerException, requests.RequestException, ValueError) as exc:
-            self._reset()
-            raise DockerUnavailable(f"event stream: {exc}") from exc
+            raise self._unavailable("event stream", exc) from exc
 
     def running(self) -> list[Container]:
         try:
             ids = [c["Id"] for c in self._api().containers(quiet=True)]
         except (DockerException, requests.RequestException) as exc:
-            self._reset()
-            raise DockerUnavailable(f"list containers: {exc}") from exc
+            raise self._unavailable("list containers", exc) from exc
         found = [self.inspect(cid) for cid in ids]
         return [c for c in found if c is not None]
 
@@ -82,13 +86,24 @@ class DockerSource:
         except NotFound:
             return None
         except (DockerException, requests.RequestException) as exc:
-            self._reset()
-            raise DockerUnavailable(f"inspect {cid[:12]}: {exc}") from exc
+            raise self._unavailable(f"inspect {cid[:12]}", exc) from exc
 
     def exists(self) -> set[str]:
         """IDs of every container, running or not."""
         try:
             return {c["Id"] for c in self._api().containers(all=True, quiet=True)}
         except (DockerException, requests.RequestException) as exc:
-            self._reset()
-            raise DockerUnavailable(f"list containers: {exc}") from exc
+            raise self._unavailable("list containers", exc) from exc
+
+
+def permission_hint(url: str, exc: Exception) -> str:
+    """What to do when this user may not open the engine's unix socket."""
+    if "Permission denied" not in str(exc) and "PermissionError" not in repr(exc):
+        return ""
+    path = urllib.parse.urlsplit(url).path if url.startswith("unix:") else url
+    try:
+        gid = os.stat(path).st_gid
+    except OSError:
+        return f"; this user (uid {os.getuid()}) may not open {path}: run as root or in the socket's group"
+    return (f"; this user (uid {os.getuid()}) may not open {path}: give it the socket's group "
+            f"(docker run --group-add {gid}) or run it as root")

@@ -75,8 +75,10 @@ class Registrator:
                 raise DockerUnavailable("event stream ended")
             except DockerUnavailable as exc:
                 self.connected.clear()
+                # Said once per outage (the first error says why); retries in between are DEBUG.
+                (log.debug if delay else log.error)("docker at %s: %s; reconnecting (backoff up to 5 s)",
+                                                    self.docker.url, exc)
                 delay = min(5.0, delay * 2 or 0.25)
-                log.error("docker at %s: %s; reconnecting in %.2fs", self.docker.url, exc, delay)
                 self.stop.wait(delay)
 
     # --- main loop ---------------------------------------------------------------------------

@@ -283,3 +283,32 @@ def test_a_restarted_registrator_restarts_every_docker_health_ttl_at_once():
     consul.calls.clear()
     assert restarted._reconcile()
     assert consul.calls == []
+
+
+def test_an_engine_it_may_not_open_is_said_once_with_what_to_do(tmp_path, caplog, monkeypatch):
+    import socket as socketlib
+
+    import docker as docker_sdk
+
+    from registrator.docker_source import DockerSource
+    sock_path = tmp_path / "docker.sock"
+    server = socketlib.socket(socketlib.AF_UNIX)
+    server.bind(str(sock_path))
+    source = DockerSource(f"unix://{sock_path}")
+
+    def denied(*args, **kwargs):              # what the SDK raises for a socket this user may not open
+        raise docker_sdk.errors.DockerException("Error while fetching server API version: "
+                                                "('Connection aborted.', PermissionError(13, 'Permission denied'))")
+    monkeypatch.setattr(docker_sdk, "APIClient", denied)
+    stop = threading.Event()
+    r = loop(source, FakeConsul(), stop=stop)
+    thread = threading.Thread(target=r.watch_events, daemon=True)
+    thread.start()
+    stop.wait(1.0)                                          # several attempts (0.25 s, 0.5 s, ...)
+    stop.set()
+    thread.join(3)
+    errors = [rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert f"may not open {sock_path}" in errors[0]
+    assert f"--group-add {sock_path.stat().st_gid}" in errors[0] and "root" in errors[0]
+    server.close()
