@@ -25,16 +25,13 @@ from edge.certs import CertError, Certificate, CertSet, parse_bundle
 from edge.consul_kv import ConsulKV
 from tests.support.bind import bind_server
 from tests.support.pebble import ChallengeResponder, Pebble, pebble_server
-from tests.support.procs import ConsulAgent, consul_agent, free_ports, wait_until
+from tests.support.procs import ConsulAgent, consul_per_module, free_ports, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 # --- shared fixtures -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def consul(tmp_path_factory):
-    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
-        yield agent
+consul = consul_per_module()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tests.integration.edge_helpers import answers, deregister, logged, register
 from tests.integration.test_browser import chromium
 from tests.support.edge import REPO, EdgeProcess
 from tests.support.http import Backend
-from tests.support.procs import consul_agent, require, wait_until
+from tests.support.procs import consul_per_module, require, wait_until
 from tests.unit.test_edge_render import page_markup
 
 pytestmark = pytest.mark.integration
@@ -35,10 +35,7 @@ DOMAIN = "hard.example"
 HOSTILE = 'x:"><img src=x onerror=alert(1)>'
 
 
-@pytest.fixture(scope="module")
-def consul(tmp_path_factory):
-    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
-        yield agent
+consul = consul_per_module()
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from tests.support.bind import bind_server
 from tests.support.edge import EdgeProcess
 from tests.support.http import Backend
 from tests.support.pebble import pebble_server
-from tests.support.procs import consul_agent, free_ports, require, wait_until
+from tests.support.procs import consul_agent, consul_per_module, free_ports, require, wait_until
 from tests.support.tlsgen import make_ca
 
 pytestmark = pytest.mark.integration
@@ -88,10 +88,7 @@ def free_ports_on(address: str, port: int) -> bool:
             return False
 
 
-@pytest.fixture(scope="module")
-def consul(tmp_path_factory):
-    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
-        yield agent
+consul = consul_per_module()
 
 
 @pytest.fixture(scope="module")

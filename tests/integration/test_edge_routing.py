@@ -20,16 +20,13 @@ from tests.integration.edge_helpers import (
 )
 from tests.support.edge import EdgeProcess
 from tests.support.http import Backend
-from tests.support.procs import consul_agent, wait_until
+from tests.support.procs import consul_per_module, wait_until
 
 pytestmark = pytest.mark.integration
 DOMAIN = "test.example"
 
 
-@pytest.fixture(scope="module")
-def consul(tmp_path_factory):
-    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
-        yield agent
+consul = consul_per_module()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from tests.support.docker_engine import DockerEngine, build_image, cleanup, moun
 from tests.support.edge import REPO
 from tests.support.etcd import EtcdServer
 from tests.support.http import Backend, get
-from tests.support.procs import consul_agent, free_ports, wait_until
+from tests.support.procs import consul_per_module, free_ports, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 TAG = "haproxy-consul:latest"
@@ -69,10 +69,7 @@ def dockerd(walkthrough):
             eng.stop()
 
 
-@pytest.fixture(scope="module")
-def consul(tmp_path_factory):
-    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
-        yield agent
+consul = consul_per_module()
 
 
 def test_make_image_with_no_engine_says_how_to_start_one_in_one_line(tmp_path):

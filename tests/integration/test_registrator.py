@@ -17,7 +17,7 @@ from registrator.consul_sink import ConsulRejected, ConsulSink, ConsulUnavailabl
 from registrator.mapping import Check, Registration
 from tests.support.docker_engine import IMAGE, running_engine
 from tests.support.edge import EdgeProcess
-from tests.support.procs import LoggedProcess, consul_agent, wait_until
+from tests.support.procs import LoggedProcess, consul_per_module, wait_until
 
 pytestmark = pytest.mark.integration
 HOST = "t9"
@@ -29,10 +29,7 @@ def dockerd():
         yield eng
 
 
-@pytest.fixture(scope="module")
-def consul(tmp_path_factory):
-    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
-        yield agent
+consul = consul_per_module()
 
 
 class Registrator(LoggedProcess):

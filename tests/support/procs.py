@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 
 def require(binary: str) -> str:
     path = shutil.which(binary)
@@ -164,3 +166,12 @@ def consul_agent(workdir: Path, **kwargs) -> Iterator[ConsulAgent]:
         yield agent
     finally:
         agent.stop()
+
+
+def consul_per_module():
+    """A fixture: one Consul dev agent shared by a module's tests (`consul = consul_per_module()`)."""
+    @pytest.fixture(scope="module", name="consul")
+    def fixture(tmp_path_factory):
+        with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
+            yield agent
+    return fixture
