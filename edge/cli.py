@@ -31,8 +31,7 @@ from edge.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render, va
 from edge.settings import Settings, parse
 from edge.table import RouteTable, build_table
 from edge.watch import CONSUL_ERRORS, ConsulWatcher, Snapshot
-from haproxy_consul import __version__, logs
-from haproxy_consul.consul_api import client
+from haproxy_consul import __version__, consul_api, logs
 
 log = logging.getLogger("edge")
 
@@ -40,6 +39,8 @@ log = logging.getLogger("edge")
 def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     settings = parse(argv, environ)
     logs.setup(settings.log_level)
+    for warning in settings.consul.warnings():
+        log.warning("%s", warning)
     template_dir = settings.templates or templates_source.bundled()
     try:
         templates = templates_source.load(template_dir)
@@ -113,7 +114,7 @@ def _state_dir(path) -> None:
 
 
 def _watcher(settings: Settings, stop: threading.Event, publish=lambda s: None) -> ConsulWatcher:
-    return ConsulWatcher(settings.consul, settings.token, settings.datacenter, publish, stop,
+    return ConsulWatcher(settings.consul, settings.datacenter, publish, stop,
                          wait=settings.consul_wait)
 
 
@@ -209,7 +210,7 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
            lock: StateLock, certs: CertStage | None) -> int:
     log.info("haproxy-consul edge %s; %s; consul %s%s; domains %s; http %s; https %s; admin %s; state %s; "
              "templates %s; apply %s",
-             __version__, _haproxy_version(settings.haproxy), settings.consul,
+             __version__, _haproxy_version(settings.haproxy), settings.consul.describe(),
              f" dc={settings.datacenter}" if settings.datacenter else "",
              ",".join(settings.domains) or "(any)", settings.bind,
              f"{settings.https_bind} (certificates: {', '.join(_cert_sources(settings))})" if settings.https_bind
@@ -227,7 +228,7 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
     dir_source = None
     if certs is not None:
         certs.wake = edge.wake
-        kv = ConsulKV(lambda: client(settings.consul, settings.token, settings.datacenter))
+        kv = ConsulKV(consul_api.factory(settings.consul, settings.datacenter))
         threads.append(threading.Thread(target=KVSource(kv, settings.certs_kv, certs.on_certs, certs.on_challenges,
                                                         stop, settings.consul_wait).run,
                                         name="certs-kv", daemon=True))

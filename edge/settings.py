@@ -10,14 +10,14 @@ from pathlib import Path
 from edge import acme_settings
 from edge.acme_settings import AcmeSettings
 from edge.model import valid_host
-from haproxy_consul.consul_api import ConsulAddress, parse_address
+from haproxy_consul import consul_api
+from haproxy_consul.consul_api import ConsulSettings
 from haproxy_consul.options import EnvParser, host_port, truthy
 
 
 @dataclass(frozen=True)
 class Settings:
-    consul: ConsulAddress
-    token: str | None = field(default=None, repr=False)  # an ACL secret: never in logs
+    consul: ConsulSettings = field(default_factory=ConsulSettings)   # address, TLS and token
     datacenter: str | None = None
     domains: tuple[str, ...] = ()
     bind: str = ":80"
@@ -61,8 +61,7 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p = EnvParser(prog="haproxy-consul edge", environ=environ,
                   description="Route <service>-<port>.<domain> to every healthy Consul instance through "
                               "HAProxy. `haproxy-consul edge routes` prints the route table.")
-    p.option("--consul", env="CONSUL_HTTP_ADDR", default="http://127.0.0.1:8500", help="Consul HTTP address")
-    p.option("--token", env="CONSUL_HTTP_TOKEN", help="Consul ACL token (never logged)")
+    consul_api.add_options(p)
     p.option("--datacenter", env="CONSUL_DATACENTER", help="Consul datacenter (default: the agent's)")
     p.listing("--domain", env="EDGE_DOMAIN", help="serve <route>.<domain>; none: <route>.<anything>")
     p.option("--bind", env="EDGE_BIND", default=":80", help="HTTP listener ADDR:PORT")
@@ -117,7 +116,6 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     p = parser(environ)
     args = p.parse_args(args_in)
     try:
-        consul = parse_address(args.consul)
         domains = tuple(sorted({domain(d) for d in p.resolve_listing(args.domain, "EDGE_DOMAIN")}))
         bind, admin_bind = haproxy_bind(args.bind), haproxy_bind(args.admin_bind)
     except ValueError as exc:
@@ -148,8 +146,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     if args.certs and not Path(args.certs).is_dir():
         p.error(f"--certs {args.certs}: not a directory")
     return Settings(
-        consul=consul,
-        token=args.token or None,
+        consul=consul_api.from_args(p, args, args_in),
         datacenter=args.datacenter or None,
         domains=domains,
         bind=bind,

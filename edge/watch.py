@@ -24,10 +24,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import MappingProxyType
-
-import consul
-import requests
-from consul.callback import CB
+from urllib.parse import quote
 
 from edge.model import (
     EXCLUDED_SERVICES,
@@ -39,13 +36,13 @@ from edge.model import (
     routable_service,
     summaries_from_ui,
 )
-from haproxy_consul.consul_api import ConsulAddress, client
+from haproxy_consul.consul_api import ConsulError, ConsulHTTP, ConsulSettings
 
 log = logging.getLogger("edge.watch")
 
 UI_SERVICES = "/v1/internal/ui/services"
 UI_NODES = "/v1/internal/ui/nodes"
-CONSUL_ERRORS = (consul.ConsulException, requests.RequestException, ValueError)
+CONSUL_ERRORS = (ConsulError,)
 
 
 @dataclass(frozen=True)
@@ -87,15 +84,15 @@ class Stats:
 
 
 class ConsulWatcher:
-    def __init__(self, address: ConsulAddress, token: str | None, datacenter: str | None,
+    def __init__(self, consul: ConsulSettings, datacenter: str | None,
                  publish: Callable[[Snapshot], None], stop: threading.Event,
                  wait: float = 30.0, workers: int = 8):
-        self.address, self.token, self.datacenter = address, token, datacenter
+        self.address = consul.address
+        self.http = ConsulHTTP(consul, datacenter, timeout=10.0)
         self.publish = publish
         self.stop = stop
         self.wait = wait
         self.stats = Stats()
-        self._local = threading.local()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="consul-fetch")
         self._summaries: dict[str, ServiceSummary] = {}
         self._services: dict[str, tuple[Instance, ...]] = {}
@@ -103,33 +100,21 @@ class ConsulWatcher:
         self._retry: set[str] = set()
         self._skipped: set[str] = set()
 
-    def _client(self) -> consul.Consul:
-        if not hasattr(self._local, "client"):
-            self._local.client = client(self.address, self.token, self.datacenter, timeout=10.0)
-        return self._local.client
-
     # --- Consul calls ------------------------------------------------------------------------
-    def _get(self, path: str, params: list[tuple[str, str]]):
-        if self.datacenter:
-            params = [*params, ("dc", self.datacenter)]
-        headers = {"X-Consul-Token": self.token} if self.token else None
-        return self._client().http.get(CB.json(index=True), path, params=params, headers=headers)
-
     def _summaries_at(self, index: int, wait: float) -> tuple[int, dict[str, ServiceSummary]]:
         self.stats.long_polls += 1
-        raw_index, rows = self._get(UI_SERVICES, [("index", str(index)), ("wait", f"{wait:g}s")] if index else [])
-        return int(raw_index), summaries_from_ui(rows)
+        params = [("index", str(index)), ("wait", f"{wait:g}s")] if index else []
+        answer = self.http.get(UI_SERVICES, params, wait=wait if index else None)
+        return answer.index, summaries_from_ui(answer.body)
 
     def _dump(self) -> dict[str, list[dict]]:
         """Every node with its services and checks in one answer, grouped as health entries."""
         self.stats.dumps += 1
-        _, nodes = self._get(UI_NODES, [])
-        return instances_from_node_dump(nodes)
+        return instances_from_node_dump(self.http.get(UI_NODES).body)
 
     def _fetch(self, name: str) -> tuple[tuple[Instance, ...], tuple[Problem, ...]]:
         self.stats.fetches += 1
-        _, entries = self._client().health.service(name)
-        return instances_from_health(name, entries)
+        return instances_from_health(name, self.http.get(f"/v1/health/service/{quote(name, safe='')}").body)
 
     # --- one round ---------------------------------------------------------------------------
     def sync_once(self) -> Snapshot:

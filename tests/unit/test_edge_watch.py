@@ -3,11 +3,10 @@
 import threading
 
 import pytest
-import requests
 
 from edge.model import ServiceSummary
 from edge.watch import ConsulWatcher
-from haproxy_consul.consul_api import parse_address
+from haproxy_consul.consul_api import ConsulSettings, ConsulUnavailable, parse_address
 
 
 def summary(name, instances=1, passing=1):
@@ -25,7 +24,7 @@ class FakeWatcher(ConsulWatcher):
 
     def __init__(self):
         self.published = []
-        super().__init__(parse_address("127.0.0.1:1"), None, None, self.published.append, threading.Event())
+        super().__init__(ConsulSettings(parse_address("127.0.0.1:1")), None, self.published.append, threading.Event())
         self.catalog = (0, {})
         self.data = {}
         self.fetched = []
@@ -38,13 +37,13 @@ class FakeWatcher(ConsulWatcher):
     def _dump(self):
         self.stats.dumps += 1
         if self.dump_fails:
-            raise requests.ConnectionError("boom")
+            raise ConsulUnavailable("boom")
         return {name: health(name, port) for name, port in self.data.items()}
 
     def _fetch(self, name):
         self.fetched.append(name)
         if name in self.failing:
-            raise requests.ConnectionError("boom")
+            raise ConsulUnavailable("boom")
         from edge.model import instances_from_health
         return instances_from_health(name, health(name, self.data[name]))
 
@@ -132,7 +131,7 @@ def test_cold_start_failure_publishes_nothing():
     watcher.data = {"web": 80}
     watcher.dump_fails = True
     watcher.catalog = (5, {"web": summary("web")})
-    with pytest.raises(requests.ConnectionError):
+    with pytest.raises(ConsulUnavailable):
         watcher.sync_once()
     assert watcher.published == []
 
