@@ -114,8 +114,8 @@ def _state_dir(path) -> None:
 
 
 def _watcher(settings: Settings, stop: threading.Event, publish=lambda s: None) -> ConsulWatcher:
-    return ConsulWatcher(settings.consul, settings.datacenter, publish, stop,
-                         wait=settings.consul_wait)
+    return ConsulWatcher(settings.consul, settings.datacenter, publish, stop, wait=settings.consul_wait,
+                         api=settings.consul_api, consistency=settings.consistency, max_stale=settings.max_stale)
 
 
 def _snapshot_now(settings: Settings, stop: threading.Event) -> Snapshot | None:
