@@ -78,6 +78,6 @@ def start_problem(acl: str, token: bool, nodes: int, services: int) -> str | Non
     missing = [what for what, seen in (("node:read", nodes), ("service:read", services)) if not seen]
     if not missing:
         return None
-    who = "the edge's token" if token else "the anonymous token (no token is configured)"
+    who = "the edge's token" if token else "the anonymous token (no ACL token is configured)"
     return (f"Consul ACLs are on and {who} cannot read the catalog: {' and '.join(missing)} missing; "
             f"the edge keeps the routes it serves until it can; {POLICY}")

@@ -237,6 +237,7 @@ class ConsulWatcher:
         # the ACL guard
         self._published: Snapshot | None = None
         self._held_cause: str | None = None
+        self._start_problem: str | None = None
         self._verify_due: float | None = None
         self._last_sweep_s = 0.0
         self._last_verify = 0.0
@@ -381,7 +382,7 @@ class ConsulWatcher:
         if suspicious:
             verdict = judge(old - new, self._public_view(old - new))
             if not verdict.confirmed:
-                if verdict.cause != self._held_cause:
+                if verdict.cause != self._held_cause and not (before is None and self._start_problem):
                     if before is None:
                         log.error("Consul shows no routable service and its answers look filtered by ACLs; "
                                   "HAProxy keeps the routes it serves: %s", verdict.cause)
@@ -471,6 +472,7 @@ class ConsulWatcher:
         problem = self.check_acl()
         if problem:
             log.error("%s", problem)
+            self._start_problem = problem    # said once: the cold hold below need not repeat it
         while not self.stop.is_set():
             try:
                 if not synced:
