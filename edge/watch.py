@@ -425,7 +425,9 @@ class ConsulWatcher:
             self.http.get("/v1/acl/token/self")
             acl = "on"
         except ConsulDenied as exc:
-            acl = "unknown-token" if "not found" in str(exc).lower() else "on"
+            # Without a token Consul 1.8 answers "ACL not found" too (the anonymous token may not
+            # read itself): only a configured token can be unknown.
+            acl = "unknown-token" if self.has_token and "not found" in str(exc).lower() else "on"
         except ConsulRefused:
             acl = "off"              # 401 "ACL support disabled"
         except ConsulError as exc:
