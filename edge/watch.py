@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import quote
 
+from edge.metrics import NoMetrics
 from edge.model import (
     EXCLUDED_SERVICES,
     CheckState,
@@ -114,14 +115,6 @@ class Stats:
     def __str__(self) -> str:
         return (f"long_polls={self.long_polls} fetches={self.fetches} dumps={self.dumps} "
                 f"full_refreshes={self.full_refreshes} errors={self.errors} stale_retries={self.stale_retries}")
-
-
-class NoMetrics:
-    """What the watcher reports to; `edge.metrics.EdgeMetrics` records it."""
-
-    def consul_request(self, path: str, outcome: str) -> None: ...
-    def full_refresh(self, reason: str) -> None: ...
-    def stale_retry(self) -> None: ...
 
 
 def endpoint(path: str) -> str:
