@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import msgspec
+
 # A route name is one DNS-style label: it is the first label of the vhost and part of the
 # HAProxy backend name, so it may only hold characters that are safe in both.
 ROUTE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
@@ -41,17 +43,23 @@ class Instance:
         return (self.node, self.service_id)
 
 
-@dataclass(frozen=True, order=True)
-class ServiceSummary:
-    """What `/v1/internal/ui/services` says of a service; a change here means: refetch it."""
+class ServiceSummary(msgspec.Struct, frozen=True):
+    """What a services list says of a service; a change here means: refetch it. Decoded straight
+    from `/v1/internal/ui/services` (field names as Consul's JSON), which is the edge's largest
+    answer per change: 3 MB at 10,000 services."""
 
-    name: str
-    tags: tuple[str, ...]
-    nodes: tuple[str, ...]
-    instances: int
-    passing: int
-    warning: int
-    critical: int
+    name: str = msgspec.field(name="Name")
+    tags: tuple[str, ...] | None = msgspec.field(default=(), name="Tags")
+    nodes: tuple[str, ...] | None = msgspec.field(default=(), name="Nodes")
+    instances: int = msgspec.field(default=0, name="InstanceCount")
+    passing: int = msgspec.field(default=0, name="ChecksPassing")
+    warning: int = msgspec.field(default=0, name="ChecksWarning")
+    critical: int = msgspec.field(default=0, name="ChecksCritical")
+    kind: str = msgspec.field(default="", name="Kind")
+    peer: str = msgspec.field(default="", name="PeerName")
+
+
+UI_ROWS = msgspec.json.Decoder(list[ServiceSummary])
 
 
 class ShapeError(ValueError):
@@ -253,6 +261,26 @@ def summaries_from_ui(entries: object) -> dict[str, ServiceSummary]:
     if entries and not shaped:
         raise ShapeError("/v1/internal/ui/services rows have no InstanceCount: an unknown shape")
     return out
+
+
+def summaries_from_ui_raw(raw: bytes) -> dict[str, ServiceSummary]:
+    """`summaries_from_ui` from the answer's bytes: decoded into summaries in one pass (about ten
+    times faster than JSON into dicts, then dicts into values), and through the tolerant path when
+    a row is not shaped as expected."""
+    try:
+        rows = UI_ROWS.decode(raw)
+    except msgspec.ValidationError:
+        try:
+            return summaries_from_ui(msgspec.json.decode(raw))
+        except msgspec.DecodeError as exc:
+            raise ShapeError(f"/v1/internal/ui/services: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ShapeError(f"/v1/internal/ui/services: {exc}") from None
+    if rows and not any(r.instances or r.passing or r.nodes for r in rows):
+        # Every count zero and no node: not a summary (e.g. `InstanceCount` renamed): let the
+        # tolerant path decide.
+        return summaries_from_ui(msgspec.json.decode(raw))
+    return {r.name: r for r in rows if not r.kind and not r.peer}
 
 
 # --- the public API ---------------------------------------------------------------------------

@@ -58,7 +58,7 @@ from edge.model import (
     nonpassing_checks,
     routable_service,
     services_from_catalog,
-    summaries_from_ui,
+    summaries_from_ui_raw,
 )
 from edge.safety import PublicView, judge, needs_confirmation, start_problem
 from haproxy_consul.consul_api import Answer, ConsulDenied, ConsulError, ConsulHTTP, ConsulRefused, ConsulSettings
@@ -133,19 +133,19 @@ class Reader:
         self.stats, self.metrics = stats, metrics
 
     def read(self, path: str, params=(), index: int = 0, wait: float | None = None,
-             consistency: str | None = None) -> Answer:
+             consistency: str | None = None, raw: bool = False) -> Answer:
         mode = consistency or self.consistency
         query = list(params) + ([("index", str(index)), ("wait", f"{wait:g}s")] if index else [])
         if mode != "default":
             query.append((mode, ""))
-        answer = self.http.get(path, query, wait=wait if index else None)
+        answer = self.http.get(path, query, wait=wait if index else None, raw=raw)
         if mode == "stale" and (answer.last_contact_ms > self.max_stale_ms or not answer.known_leader):
             # Consul's documented pattern: too stale (or no leader known), ask the leader now.
             self.stats.stale_retries += 1
             self.metrics.stale_retry()
             log.debug("%s: answer %d ms stale (max %d): read again consistently", path, answer.last_contact_ms,
                       self.max_stale_ms)
-            answer = self.http.get(path, [*params, ("consistent", "")])
+            answer = self.http.get(path, [*params, ("consistent", "")], raw=raw)
         return answer
 
 
@@ -163,9 +163,10 @@ class Update:
 class Poller:
     """One long-poll loop in its own thread; hands its newest answer to the watcher's inbox."""
 
-    def __init__(self, name: str, path: str, params: tuple, parse: Callable[[object], object], reader: Reader,
-                 wait: float, post: Callable[[str, Update], None], stop: threading.Event, stats: Stats):
-        self.name, self.path, self.params, self.parse = name, path, params, parse
+    def __init__(self, name: str, path: str, params: tuple, parse: Callable[[object], object], raw: bool,
+                 reader: Reader, wait: float, post: Callable[[str, Update], None], stop: threading.Event,
+                 stats: Stats):
+        self.name, self.path, self.params, self.parse, self.raw = name, path, params, parse, raw
         self.reader, self.wait, self.post, self.stop, self.stats = reader, wait, post, stop, stats
         self.done = threading.Event()          # the watcher retired this poller (mode switch)
         self.index = 0
@@ -176,7 +177,7 @@ class Poller:
         while not self.stop.is_set() and not self.done.is_set():
             try:
                 self.stats.long_polls += 1
-                answer = self.reader.read(self.path, self.params, self.index, self.wait)
+                answer = self.reader.read(self.path, self.params, self.index, self.wait, raw=self.raw)
                 value = self.parse(answer.body)
                 backoff.reset()
             except CONSUL_ERRORS as exc:
@@ -239,8 +240,8 @@ class ConsulWatcher:
     def _summaries_now(self) -> tuple[int, dict[str, ServiceSummary]]:
         """The services list in the current mode, read now (no blocking)."""
         if self.mode == "internal":
-            answer = self.reader.read(UI_SERVICES)
-            return answer.index, summaries_from_ui(answer.body)
+            answer = self.reader.read(UI_SERVICES, raw=True)
+            return answer.index, summaries_from_ui_raw(answer.body)
         answer = self.reader.read(CATALOG_SERVICES)
         self._services_index = answer.index
         return answer.index, services_from_catalog(answer.body)
@@ -441,20 +442,20 @@ class ConsulWatcher:
             self._inbox[name] = update
         self._wake.set()
 
-    def poller_specs(self) -> list[tuple[str, str, tuple, Callable[[object], object]]]:
-        """(name, path, params, parse) of each long-poll in the current mode: one in internal mode,
-        three in public mode, whatever the number of services."""
+    def poller_specs(self) -> list[tuple[str, str, tuple, Callable[[object], object], bool]]:
+        """(name, path, params, parse, raw) of each long-poll in the current mode: one in internal
+        mode, three in public mode, whatever the number of services."""
         if self.mode == "internal":
-            return [("services", UI_SERVICES, (), summaries_from_ui)]
-        return [("services", CATALOG_SERVICES, (), services_from_catalog),
-                ("checks", NONPASSING, (NONPASSING_FILTER,), nonpassing_checks),
-                ("nodes", CATALOG_NODES, (), node_addresses)]
+            return [("services", UI_SERVICES, (), summaries_from_ui_raw, True)]
+        return [("services", CATALOG_SERVICES, (), services_from_catalog, False),
+                ("checks", NONPASSING, (NONPASSING_FILTER,), nonpassing_checks, False),
+                ("nodes", CATALOG_NODES, (), node_addresses, False)]
 
     def _start_pollers(self) -> None:
         for p in self._pollers:
             p.done.set()
-        self._pollers = [Poller(name, path, params, parse, self.reader, self.wait, self._post, self.stop, self.stats)
-                         for name, path, params, parse in self.poller_specs()]
+        self._pollers = [Poller(name, path, params, parse, raw, self.reader, self.wait, self._post, self.stop,
+                                self.stats) for name, path, params, parse, raw in self.poller_specs()]
         with self._lock:
             self._inbox.clear()
         for p in self._pollers:

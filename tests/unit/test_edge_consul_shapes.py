@@ -11,14 +11,18 @@ Entries with a `PeerName` are a peer's, never a local service.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from edge.model import (
+    ShapeError,
     instances_from_health,
     instances_from_node_dump,
     nonpassing_checks,
     services_from_catalog,
     summaries_from_ui,
+    summaries_from_ui_raw,
 )
 
 # --- /v1/internal/ui/services -------------------------------------------------------------------
@@ -129,3 +133,26 @@ def test_nonpassing_checks_skip_peers_and_keep_status_only():
             {**SERF, "Node": "far-1", "Status": "critical", "PeerName": "dc2-peer"}]
     checks = nonpassing_checks(body)
     assert list(checks) == [("n1", "c1")] and checks[("n1", "c1")].status == "critical"
+
+
+@pytest.mark.parametrize("version, rows", [
+    ("1.8", UI_SERVICES_1_8), ("1.9", UI_SERVICES_1_9), ("1.14", UI_SERVICES_1_14), ("1.17", UI_SERVICES_1_17),
+])
+def test_the_fast_decoder_sees_what_the_tolerant_one_sees(version, rows):
+    fast = summaries_from_ui_raw(json.dumps(rows).encode())
+    assert set(fast) == set(summaries_from_ui(rows))
+    assert (fast["web"].instances, fast["web"].passing, fast["web"].critical) == (3, 5, 1)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (b'[{"Name": "web", "InstanceCount": 1, "Nodes": ["n1"]}, "junk", {"Name": 5}]', ["web"]),  # tolerant path
+    (b'[{"Name": "web", "InstanceCount": true, "Nodes": ["n1"]}]', ["web"]),
+])
+def test_garbage_rows_take_the_tolerant_path(raw, expected):
+    assert list(summaries_from_ui_raw(raw)) == expected
+
+
+@pytest.mark.parametrize("raw", [b'{"Services": []}', b'[{"Name": "web", "Instances": 2}]', b"not json"])
+def test_an_unknown_shape_is_a_shape_error(raw):
+    with pytest.raises(ShapeError):
+        summaries_from_ui_raw(raw)

@@ -3,6 +3,7 @@ per kind of write, in both watch modes."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -69,7 +70,7 @@ class FakeConsul:
         self._write("nodes")
 
     # --- reads ---
-    def get(self, path, params=(), wait=None) -> Answer:
+    def get(self, path, params=(), wait=None, raw=False) -> Answer:
         self.requests.append((path, tuple(params)))
         if self.down:
             raise ConsulUnavailable("connection refused")
@@ -77,7 +78,7 @@ class FakeConsul:
             raise ConsulRefused(self.refuse[path], path, "nope")
         body, index = self._body(path)
         body = self.shape.get(path, body)
-        return Answer(body, index, self.last_contact, True, self.filtered)
+        return Answer(json.dumps(body).encode() if raw else body, index, self.last_contact, True, self.filtered)
 
     def _names(self):
         return sorted({s["Service"] for s in self.instances.values()})
@@ -139,8 +140,8 @@ def make(api="internal", consul=None, **kwargs):
 def round_(w):
     """One round, as the pollers would have posted now: every long-poll whose index moved."""
     updates = {}
-    for name, path, params, parse in w.poller_specs():
-        answer = w.http.get(path, params)
+    for name, path, params, parse, raw in w.poller_specs():
+        answer = w.http.get(path, params, raw=raw)
         if answer.index != w._last_polled.get(name, 0):
             updates[name] = Update(parse(answer.body), answer.index, seen_at=time.monotonic())
             w._last_polled[name] = answer.index
@@ -156,7 +157,7 @@ def synced(api="internal", **kwargs):
     consul.register("n1", "api-1", "api", 9001)
     consul.check("n1", "ttl-web-1", "passing", sid="web-1")
     w.publish(w.sync_once())
-    w._last_polled = {name: consul.get(path, params).index for name, path, params, _ in w.poller_specs()}
+    w._last_polled = {name: consul.get(path, params).index for name, path, params, _, _ in w.poller_specs()}
     consul.requests.clear()
     return w, consul
 
@@ -259,10 +260,10 @@ def test_failed_fetch_keeps_last_known_instances_and_retries():
     consul.register("n2", "api-2", "api", 9002)
     real = consul.get
 
-    def flaky(path, params=(), wait=None):
+    def flaky(path, params=(), wait=None, raw=False):
         if path.endswith("/api"):
             raise ConsulUnavailable("boom")
-        return real(path, params, wait)
+        return real(path, params, wait, raw)
     consul.get = flaky
     round_(w)
     assert ports(w)["api"] == [9001]                       # the last good data, not nothing
