@@ -223,6 +223,9 @@ class ConsulWatcher:
         self._problems: dict[str, tuple[Problem, ...]] = {}
         self._retry: set[str] = set()
         self._skipped: set[str] = set()
+        self._routable: set[str] | None = None   # routable names of `_routable_of` (a cache)
+        self._routable_of: set[str] = set()
+        self._flat_problems: tuple[Problem, ...] | None = None
         # inbox from the pollers
         self._lock = threading.Lock()
         self._inbox: dict[str, Update] = {}
@@ -312,14 +315,7 @@ class ConsulWatcher:
         """Fetch `changed` routable services and fold them in; what failed is retried next round.
         `full`: every service, from one dump instead of one request per service. Returns the
         per-service indexes the fetches answered with."""
-        routable = {n for n in summaries if routable_service(n)}
-        for name in sorted(set(summaries) - routable - self._skipped):
-            if name.lower() in EXCLUDED_SERVICES:
-                log.debug("service %r is reserved: never routed", name)
-            else:
-                log.warning("skipping service %r: its name cannot be a route (allowed: a-z 0-9 - _, "
-                            "at most 63 characters)", name)
-        self._skipped = set(summaries) - routable
+        routable = self._routable_names(summaries)
         todo = sorted((changed | self._retry) & routable)
         if full:
             try:
@@ -344,15 +340,37 @@ class ConsulWatcher:
         self._retry = failed
         return {r[2] for n, r in results.items() if n not in failed}
 
+    def _routable_names(self, summaries: dict[str, ServiceSummary]) -> set[str]:
+        """The names that can be routes, worked out again only when the set of names changed: at
+        10,000 services that check would be a good part of a change's cost otherwise."""
+        if self._routable is not None and summaries.keys() == self._routable_of:
+            return self._routable
+        known = self._routable or set()
+        names = set(summaries)
+        routable = {n for n in names if n in known or (n not in self._skipped and routable_service(n))}
+        for name in sorted(names - routable - self._skipped):
+            if name.lower() in EXCLUDED_SERVICES:
+                log.debug("service %r is reserved: never routed", name)
+            else:
+                log.warning("skipping service %r: its name cannot be a route (allowed: a-z 0-9 - _, "
+                            "at most 63 characters)", name)
+        self._skipped = names - routable
+        self._routable, self._routable_of = routable, names
+        return routable
+
     def _store(self, results: dict, routable: set[str], summaries: dict[str, ServiceSummary]) -> None:
         for name, (instances, problems) in results.items():
             # Keep the very same tuple when nothing changed: the control loop compares by identity first.
             if self._services.get(name) != instances:
                 self._services[name] = instances
-            self._problems[name] = problems
-        for name in set(self._services) - routable:
-            del self._services[name]
-            self._problems.pop(name, None)
+            if self._problems.get(name, ()) != problems:
+                self._problems[name] = problems
+                self._flat_problems = None
+        if len(self._services) > len(routable) or summaries.keys() != self._summaries.keys():
+            for name in set(self._services) - routable:
+                del self._services[name]
+                if self._problems.pop(name, None):
+                    self._flat_problems = None
         self._summaries = summaries
 
     def _fetch_safely(self, name: str):
@@ -362,8 +380,10 @@ class ConsulWatcher:
             return exc
 
     def snapshot(self, index: int, seen_at: float = 0.0) -> Snapshot:
-        problems = tuple(sorted(p for ps in self._problems.values() for p in ps))
-        return Snapshot(MappingProxyType(dict(self._services)), problems, index, seen_at or time.monotonic())
+        if self._flat_problems is None:
+            self._flat_problems = tuple(sorted(p for ps in self._problems.values() for p in ps))
+        return Snapshot(MappingProxyType(dict(self._services)), self._flat_problems, index,
+                        seen_at or time.monotonic())
 
     # --- the ACL guard -------------------------------------------------------------------------
     def publish(self, snapshot: Snapshot) -> bool:
@@ -576,7 +596,7 @@ class ConsulWatcher:
                 new_nodes = node_addresses(self.reader.read(CATALOG_NODES).body)
                 changed |= self._on_nodes(changed_nodes(self._nodes, new_nodes))
                 self._nodes = new_nodes
-        changed &= set(summaries)
+        changed = {n for n in changed if n in summaries}
         if services_moved and not changed and not removed:
             log.info("services changed at index %d with nothing to attribute it to (an instance re-registered "
                      "in place, or service meta): sweeping every service", self._services_index)
