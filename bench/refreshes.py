@@ -42,7 +42,7 @@ def counts(edge) -> tuple[int, int]:
 
 def run(api: str, services: int, writes: int, backends: list[Backend]) -> list[tuple[str, int, int]]:
     consul = ConsulAgent(Path(tempfile.mkdtemp(prefix="refresh-")), free_ports(1)[0],
-                         extra={"check_update_interval": "0s"}).start()
+                         extra_config={"check_update_interval": "0s"}).start()
     edge = None
     try:
         for i in range(services):
