@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootstrap.etcd import API_CHOICES
-from bootstrap.plan import MACHINE_ID_RE
+from bootstrap.plan import MACHINE_ID_RE, http_address
+from haproxy_consul import consul_api
+from haproxy_consul.consul_api import ConsulSettings
 from haproxy_consul.options import EnvParser
 
 
@@ -31,6 +33,9 @@ class Settings:
     dry_run: bool
     agent_args: tuple[str, ...]
     log_level: str = "INFO"
+    # How `consul leave` reaches the agent (TLS, token: passed to it as variables, never in argv);
+    # without an explicit address, the one the agent arguments set.
+    client: ConsulSettings | None = None
 
 
 def read_machine_id(value: str) -> str:
@@ -72,7 +77,12 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
              help="the agent's DNS port, for the drop-in")
     p.add_argument("--dry-run", action="store_true", help="print the agent command it would run, touch nothing")
     p.option("--log-level", env="BOOTSTRAP_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    consul_api.add_options(p, address_flag="--consul-http-addr", address_default=None)
     args = p.parse_args(args_in)
+    explicit = bool(args.consul_addr)
+    if not explicit:
+        args.consul_addr = http_address(extra)
+    client = consul_api.from_args(p, args, args_in)
     try:
         machine_id = read_machine_id(args.machine_id)
         if not args.advertise:
@@ -94,4 +104,4 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         datacenter=args.datacenter or None, data_dir=Path(args.data_dir).absolute(), consul=args.consul,
         ttl=args.ttl, wait_timeout=args.wait_timeout, dns_resolved=args.dns_resolved,
         resolved_dir=Path(args.resolved_dir), dns_port=args.dns_port, dry_run=args.dry_run,
-        agent_args=tuple(extra), log_level=args.log_level)
+        agent_args=tuple(extra), log_level=args.log_level, client=client)

@@ -22,6 +22,7 @@ from bootstrap import resolved
 from bootstrap.etcd import EtcdError, EtcdUnavailable, Store
 from bootstrap.plan import Member, agent_argv, announcement, decide, http_address, machines_key, members_from_kv
 from bootstrap.settings import Settings
+from haproxy_consul import consul_api
 
 log = logging.getLogger("bootstrap")
 POLL_INTERVAL = 0.25     # seconds between reads of the announced servers while waiting for them
@@ -174,10 +175,16 @@ class Supervisor:
                     log.warning("could not revoke lease %s (it expires in %ds): %s", self.lease, self.s.ttl, exc)
 
     def leave(self, proc: subprocess.Popen) -> None:
-        address = http_address(self.s.agent_args)
-        log.info("leaving the cluster gracefully (consul leave -http-addr=%s)", address)
+        """`consul leave` with the Consul client settings in its environment (TLS files, token
+        file or token), so the token never shows in argv."""
+        client = self.s.client or consul_api.build(http_address(self.s.agent_args))
+        log.info("leaving the cluster gracefully (consul leave, %s)", client.describe())
         try:
-            subprocess.run([self.s.consul, "leave", f"-http-addr={address}"], capture_output=True, timeout=20)
+            done = subprocess.run([self.s.consul, "leave"], capture_output=True, text=True, timeout=20,
+                                  env=consul_api.child_env(client, os.environ))
+            if done.returncode != 0:
+                log.warning("consul leave failed (%s): %s", done.returncode,
+                            (done.stderr or done.stdout).strip()[-500:])
             proc.wait(20)
         except (subprocess.TimeoutExpired, OSError) as exc:
             log.warning("graceful leave did not finish (%s); stopping the agent", exc)

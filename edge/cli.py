@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from edge import templates_source
 from edge.acme_issuer import Issuer
@@ -26,13 +27,13 @@ from edge.cert_stage import CertPaths, CertStage
 from edge.consul_kv import ConsulKV
 from edge.control import Edge
 from edge.haproxy import HAProxy, HAProxyError, Paths
+from edge.metrics import METRICS_SOCKET, EdgeMetrics, MetricsServer
 from edge.ownership import Busy, StateLock, check_free, hand_over
 from edge.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render, validate
 from edge.settings import Settings, parse
 from edge.table import RouteTable, build_table
 from edge.watch import CONSUL_ERRORS, ConsulWatcher, Snapshot
-from haproxy_consul import __version__, logs
-from haproxy_consul.consul_api import client
+from haproxy_consul import __version__, consul_api, logs
 
 log = logging.getLogger("edge")
 
@@ -40,6 +41,8 @@ log = logging.getLogger("edge")
 def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     settings = parse(argv, environ)
     logs.setup(settings.log_level)
+    for warning in settings.consul.warnings():
+        log.warning("%s", warning)
     template_dir = settings.templates or templates_source.bundled()
     try:
         templates = templates_source.load(template_dir)
@@ -52,11 +55,13 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         return 2
     paths = Paths(settings.state_dir)
     cert_paths = CertPaths(settings.state_dir / "certs")
+    metrics_socket = settings.state_dir / METRICS_SOCKET
     listeners = Listeners(settings.bind, settings.admin_bind, str(paths.runtime_socket), settings.domains,
                           timeout_tunnel=settings.timeout_tunnel, hard_stop_after=settings.hard_stop_after,
                           max_reloads=settings.worker_max_reloads,
                           https=cert_paths.https(settings.https_bind, settings.https_redirect, settings.hsts)
-                          if settings.https_bind else None)
+                          if settings.https_bind else None,
+                          metrics_socket=str(metrics_socket) if not (settings.once or settings.dry_run) else "")
     stop = threading.Event()
 
     if settings.command == "routes":
@@ -112,9 +117,10 @@ def _state_dir(path) -> None:
         raise OSError(f"{path}: this user (uid {os.getuid()}) cannot create files in it")
 
 
-def _watcher(settings: Settings, stop: threading.Event, publish=lambda s: None) -> ConsulWatcher:
-    return ConsulWatcher(settings.consul, settings.token, settings.datacenter, publish, stop,
-                         wait=settings.consul_wait)
+def _watcher(settings: Settings, stop: threading.Event, publish=lambda s: None, metrics=None) -> ConsulWatcher:
+    return ConsulWatcher(settings.consul, settings.datacenter, publish, stop, wait=settings.consul_wait,
+                         api=settings.consul_api, consistency=settings.consistency, max_stale=settings.max_stale,
+                         metrics=metrics)
 
 
 def _snapshot_now(settings: Settings, stop: threading.Event) -> Snapshot | None:
@@ -209,7 +215,7 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
            lock: StateLock, certs: CertStage | None) -> int:
     log.info("haproxy-consul edge %s; %s; consul %s%s; domains %s; http %s; https %s; admin %s; state %s; "
              "templates %s; apply %s",
-             __version__, _haproxy_version(settings.haproxy), settings.consul,
+             __version__, _haproxy_version(settings.haproxy), settings.consul.describe(),
              f" dc={settings.datacenter}" if settings.datacenter else "",
              ",".join(settings.domains) or "(any)", settings.bind,
              f"{settings.https_bind} (certificates: {', '.join(_cert_sources(settings))})" if settings.https_bind
@@ -221,13 +227,19 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
         except Busy as exc:
             log.error("%s", exc)
             return 1
-    edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply, certs)
-    watcher = _watcher(settings, stop, edge.on_snapshot)
+    metrics = EdgeMetrics()
+    try:
+        server = MetricsServer(metrics, Path(listeners.metrics_socket)).start()
+    except OSError as exc:
+        log.error("cannot serve the edge's metrics on %s: %s", listeners.metrics_socket, exc)
+        return 1
+    edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply, certs, metrics=metrics)
+    watcher = _watcher(settings, stop, edge.on_snapshot, metrics)
     threads = [threading.Thread(target=watcher.run, name="consul-watch", daemon=True)]
     dir_source = None
     if certs is not None:
         certs.wake = edge.wake
-        kv = ConsulKV(lambda: client(settings.consul, settings.token, settings.datacenter))
+        kv = ConsulKV(consul_api.factory(settings.consul, settings.datacenter))
         threads.append(threading.Thread(target=KVSource(kv, settings.certs_kv, certs.on_certs, certs.on_challenges,
                                                         stop, settings.consul_wait).run,
                                         name="certs-kv", daemon=True))
@@ -271,5 +283,6 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
             hand_over(settings.state_dir, haproxy.pid, haproxy.paths.config, settings.handover_timeout)
         else:
             haproxy.stop()
+        server.stop()
         log.info("stopped after %d reload(s); consul requests: %s", edge.reloads, watcher.stats)
     return 0

@@ -25,6 +25,7 @@ from edge.haproxy import (
     RuntimeFailed,
     StateDirError,
 )
+from edge.metrics import NoMetrics
 from edge.model import Problem
 from edge.plan import Plan, make_plan, runtime_part
 from edge.render import Listeners, Rendered, TemplateError, render
@@ -41,7 +42,9 @@ RETRY = 5.0         # seconds between attempts to write a state dir that refused
 
 class Edge:
     def __init__(self, haproxy: HAProxy, listeners: Listeners, templates: Mapping[str, str],
-                 stop: threading.Event, min_slots: int = 4, apply: str = "runtime", certs=None):
+                 stop: threading.Event, min_slots: int = 4, apply: str = "runtime", certs=None,
+                 metrics=None):
+        self.metrics = metrics or NoMetrics()   # edge.metrics: what was applied, how and why
         self.haproxy = haproxy
         self.certs = certs                         # edge.cert_stage.CertStage, with HTTPS
         self.listeners = listeners
@@ -148,6 +151,9 @@ class Edge:
         self._apply(table, plan)
         if self.live is table:
             self._base = snapshot
+            how = "reload" if plan.reload or self.reload_always else "live"
+            self.metrics.change_applied(how, plan.reasons, snapshot.seen_at, len(table.routes),
+                                        sum(r.healthy for r in table.routes))
 
     def step_certs(self) -> None:
         """The certificate stage, beside the routes; a runtime failure there is a reload (the
@@ -275,6 +281,7 @@ class Edge:
             log.error("new configuration refused (%s): %s; HAProxy keeps serving the current one",
                       "; ".join(reasons), exc)
             self._refused = (table, templates)
+            self.metrics.config_rejected()
             return False
         try:
             if self.haproxy.running():

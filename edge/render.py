@@ -71,6 +71,7 @@ class Listeners:
     hard_stop_after: int = 3600     # seconds an old worker may keep long-lived connections
     max_reloads: int = 25           # reloads an old worker may outlive before it is stopped
     https: Https | None = None      # None: plain HTTP only
+    metrics_socket: str = ""  # the edge's own metrics (edge.metrics), proxied at /edge/metrics
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,14 @@ from pathlib import Path
 from edge import acme_settings
 from edge.acme_settings import AcmeSettings
 from edge.model import valid_host
-from haproxy_consul.consul_api import ConsulAddress, parse_address
+from haproxy_consul import consul_api
+from haproxy_consul.consul_api import ConsulSettings
 from haproxy_consul.options import EnvParser, host_port, truthy
 
 
 @dataclass(frozen=True)
 class Settings:
-    consul: ConsulAddress
-    token: str | None = field(default=None, repr=False)  # an ACL secret: never in logs
+    consul: ConsulSettings = field(default_factory=ConsulSettings)   # address, TLS and token
     datacenter: str | None = None
     domains: tuple[str, ...] = ()
     bind: str = ":80"
@@ -42,6 +42,9 @@ class Settings:
     https_redirect: bool = True
     hsts: int = 0
     acme: AcmeSettings | None = None
+    consul_api: str = "auto"      # how changes are watched: auto, internal or public (edge.watch)
+    consistency: str = "stale"    # Consul read consistency: stale, default or consistent
+    max_stale: float = 10.0       # a stale answer older than this is read again consistently
 
 
 def haproxy_bind(value: str) -> str:
@@ -61,8 +64,7 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p = EnvParser(prog="haproxy-consul edge", environ=environ,
                   description="Route <service>-<port>.<domain> to every healthy Consul instance through "
                               "HAProxy. `haproxy-consul edge routes` prints the route table.")
-    p.option("--consul", env="CONSUL_HTTP_ADDR", default="http://127.0.0.1:8500", help="Consul HTTP address")
-    p.option("--token", env="CONSUL_HTTP_TOKEN", help="Consul ACL token (never logged)")
+    consul_api.add_options(p)
     p.option("--datacenter", env="CONSUL_DATACENTER", help="Consul datacenter (default: the agent's)")
     p.listing("--domain", env="EDGE_DOMAIN", help="serve <route>.<domain>; none: <route>.<anything>")
     p.option("--bind", env="EDGE_BIND", default=":80", help="HTTP listener ADDR:PORT")
@@ -103,6 +105,14 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.option("--hsts", env="EDGE_HSTS", default=0, type=int,
              help="Strict-Transport-Security max-age on HTTPS answers, seconds (0: none)")
     acme_settings.add_options(p)
+    p.option("--consul-api", env="EDGE_CONSUL_API", default="auto", choices=("auto", "internal", "public"),
+             help="internal: Consul's UI summary (/v1/internal/ui/*); public: documented endpoints only; "
+                  "auto: internal while it answers as expected, else public")
+    p.option("--consistency", env="EDGE_CONSUL_CONSISTENCY", default="stale",
+             choices=("stale", "default", "consistent"),
+             help="Consul read mode: stale lets any server answer (spreads a fleet's reads)")
+    p.option("--max-stale", env="EDGE_CONSUL_MAX_STALE", default=10.0, type=float,
+             help="seconds: a stale answer whose X-Consul-LastContact is older is read again consistently")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -117,7 +127,6 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     p = parser(environ)
     args = p.parse_args(args_in)
     try:
-        consul = parse_address(args.consul)
         domains = tuple(sorted({domain(d) for d in p.resolve_listing(args.domain, "EDGE_DOMAIN")}))
         bind, admin_bind = haproxy_bind(args.bind), haproxy_bind(args.admin_bind)
     except ValueError as exc:
@@ -147,9 +156,15 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         p.error(f"--https-bind: {exc}")
     if args.certs and not Path(args.certs).is_dir():
         p.error(f"--certs {args.certs}: not a directory")
+    for name, value, allowed in (("--consul-api/EDGE_CONSUL_API", args.consul_api, ("auto", "internal", "public")),
+                                 ("--consistency/EDGE_CONSUL_CONSISTENCY", args.consistency,
+                                  ("stale", "default", "consistent"))):
+        if value not in allowed:  # argparse does not check env-provided defaults
+            p.error(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+    if args.max_stale <= 0:
+        p.error("--max-stale must be positive")
     return Settings(
-        consul=consul,
-        token=args.token or None,
+        consul=consul_api.from_args(p, args, args_in),
         datacenter=args.datacenter or None,
         domains=domains,
         bind=bind,
@@ -174,4 +189,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         https_redirect=args.https_redirect,
         hsts=args.hsts,
         acme=acme,
+        consul_api=args.consul_api,
+        consistency=args.consistency,
+        max_stale=args.max_stale,
     )

@@ -7,13 +7,12 @@ the registrator can reach both the Docker Engine and its Consul agent. Exit 0 he
 
 from __future__ import annotations
 
-import json
 import sys
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from haproxy_consul.consul_api import parse_address
+from haproxy_consul.consul_api import ConsulHTTP, from_command_line
 
 
 def program(cmdline: Sequence[str]) -> str | None:
@@ -46,12 +45,12 @@ def check(cmdline: Sequence[str], environ: Mapping[str, str]) -> str:
             host, _, port = admin.rpartition(":")
             _get(f"http://{host or '127.0.0.1'}:{port}/healthz")
         elif which == "bootstrap":
-            if not json.loads(_get(f"{parse_address(environ.get('CONSUL_HTTP_ADDR', '127.0.0.1:8500'))}"
-                                   "/v1/status/leader")):
+            consul = ConsulHTTP(from_command_line(cmdline, environ, "--consul-http-addr"), timeout=3)
+            if not consul.get("/v1/status/leader").body:
                 return "the Consul agent knows no leader"
         elif which == "registrator":
-            _get(f"{parse_address(flag(cmdline, '--consul', environ, 'CONSUL_HTTP_ADDR', '127.0.0.1:8500'))}"
-                 "/v1/agent/self")
+            # /v1/status/leader needs no ACL token: this checks reachability (TLS included) only.
+            ConsulHTTP(from_command_line(cmdline, environ), timeout=3).get("/v1/status/leader")
             import docker
             docker.APIClient(base_url=flag(cmdline, "--docker", environ, "DOCKER_HOST",
                                            "unix:///var/run/docker.sock"), timeout=3).ping()

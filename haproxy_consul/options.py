@@ -18,8 +18,10 @@ class EnvParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.environ = environ
 
-    def option(self, *flags: str, env: str | None = None, default=None, type=str, help: str = "", **kwargs):
-        """Add an option whose default is `environ[env]` (converted by `type`) when that is set."""
+    def option(self, *flags: str, env: str | None = None, default=None, type=str, help: str = "", group=None,
+               **kwargs):
+        """Add an option whose default is `environ[env]` (converted by `type`) when that is set;
+        `group`: an argument group of this parser to list it under in --help."""
         if env and self.environ.get(env, "") != "":
             raw = self.environ[env]
             try:
@@ -29,7 +31,7 @@ class EnvParser(argparse.ArgumentParser):
             help = f"{help} [env {env}]"
         elif env:
             help = f"{help} [env {env}]"
-        return self.add_argument(*flags, default=default, type=type, help=help, **kwargs)
+        return (group or self).add_argument(*flags, default=default, type=type, help=help, **kwargs)
 
     def flag(self, *flags: str, env: str | None = None, help: str = ""):
         """A boolean switch; the environment variable turns it on with 1/true/yes/on."""

@@ -19,8 +19,10 @@ log = logging.getLogger("registrator")
 def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
     settings = parse(argv, environ)
     logs.setup(settings.log_level)
+    for warning in settings.consul.warnings():
+        log.warning("%s", warning)
     log.info("haproxy-consul registrator %s; docker %s; consul %s; host %s; resync %gs%s",
-             __version__, settings.docker, settings.consul, settings.hostname, settings.resync,
+             __version__, settings.docker, settings.consul.describe(), settings.hostname, settings.resync,
              f"; ttl {settings.ttl}s every {settings.ttl_refresh:g}s" if settings.ttl else "")
     log.info("drain on stop %s; --explicit %s; --script-checks %s; --cleanup %s", *(
         "on" if on else "off" for on in (settings.drain, settings.explicit, settings.script_checks, settings.cleanup)))
@@ -33,5 +35,5 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    Registrator(settings, DockerSource(settings.docker), ConsulSink(settings.consul, settings.token), stop).run()
+    Registrator(settings, DockerSource(settings.docker), ConsulSink(settings.consul), stop).run()
     return 0

@@ -6,6 +6,14 @@ fails raises `ConsulUnavailable` and the next reconciliation repairs it. A 4xx a
 transient: it is never retried and raises `ConsulRejected`, so one registration the agent refuses
 does not hold up the others. So is a 500 whose text says the agent will not run script checks:
 no retry changes that.
+A refused read of the service list stops the whole pass instead (`ConsulUnavailable`):
+nothing can be compared without it.
+
+The client (address, TLS, token) comes from the shared `haproxy_consul.consul_api` settings.
+An ACL refusal or a failed TLS handshake is remembered as `trouble`; the first request that
+works after it sets `recovered`, and the loop then registers everything again: a service the
+agent holds may have been registered with a token that was revoked since, and the agent keeps
+failing to sync it to the catalog until it is registered again with a working token.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from haproxy_consul.consul_api import ConsulAddress, client
+from haproxy_consul.consul_api import ConsulSettings, client
 from registrator.mapping import Check, Health, Registration
 from registrator.reconcile import AgentCheck
 
@@ -76,25 +84,45 @@ def _check_body(reg: Registration, c: Check) -> dict:
 
 
 class ConsulSink:
-    def __init__(self, address: ConsulAddress, token: str | None):
-        self.c = client(address, token)
-        self.address = address
+    def __init__(self, consul: ConsulSettings):
+        self.c = client(consul)
+        self.address = consul.address
+        self.trouble: str | None = None   # an ACL or TLS failure not yet followed by a success
+        self.recovered = False            # a success came after `trouble`: register everything again
 
-    def _call(self, what: str, fn, *args):
+    def _call(self, what: str, fn, *args, whole: bool = False):
+        """`whole`: a refusal means no request can work (a read the loop needs), not just this one."""
         try:
-            return retrying(_scripts_disabled(fn))(*args)
+            result = retrying(_scripts_disabled(fn))(*args)
         except (*REFUSED, ScriptsDisabled) as exc:
+            if isinstance(exc, consul.exceptions.ACLPermissionDenied):
+                self._trouble(f"ACL: {what}: {exc}")
+            if whole:
+                raise ConsulUnavailable(f"{what}: refused: {exc}") from exc
             raise ConsulRejected(f"{what}: {exc}") from exc
+        except requests.exceptions.SSLError as exc:
+            self._trouble(f"TLS: {exc}")
+            raise ConsulUnavailable(f"{what}: TLS handshake failed: {exc}") from exc
         except (*TRANSIENT, ValueError) as exc:
             raise ConsulUnavailable(f"{what}: {exc}") from exc
+        if self.trouble is not None:
+            log.info("Consul accepts our requests again (after %s); registering every service again",
+                     self.trouble)
+            self.trouble, self.recovered = None, True
+        return result
+
+    def _trouble(self, reason: str) -> None:
+        if self.trouble is None:
+            log.error("Consul at %s refuses us: %s", self.address, reason)
+        self.trouble = reason
 
     def agent_address(self) -> str:
-        me = self._call("agent self", self.c.agent.self)
+        me = self._call("agent self", self.c.agent.self, whole=True)
         return (me.get("Member") or {}).get("Addr") or (me.get("Config") or {}).get("AdvertiseAddr") or ""
 
     def registered(self) -> dict[str, Registration]:
         """The agent's services, as Registrations (checks are not part of that list)."""
-        services = self._call("list services", self.c.agent.services)
+        services = self._call("list services", self.c.agent.services, whole=True)
         out = {}
         for sid, s in services.items():
             out[sid] = Registration(sid, s.get("Service", ""), s.get("Address", ""), int(s.get("Port") or 0),

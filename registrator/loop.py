@@ -5,7 +5,9 @@ functions of `reconcile`; this module only moves values between the Docker and C
 Order at start: the event stream is opened first, then containers are listed, so a container
 started in between shows up in one or the other. When the stream breaks (the Docker Engine
 restarted) it reconnects with backoff and a full reconciliation follows, since events may
-have been missed. Consul failures are logged; the next reconciliation repairs them.
+have been missed. Consul failures are logged; the next reconciliation repairs them. After an
+ACL or TLS failure, the first request Consul accepts again triggers a reconciliation that
+registers every service again (see `consul_sink`), and reconciliations stay frequent until then.
 
 Drain: a `kill` event with a signal that stops the container (what `docker stop` sends first)
 puts its services in maintenance at once, ahead of anything else queued, so the edges stop
@@ -96,7 +98,8 @@ class Registrator:
         next_resync = time.monotonic() + self.s.resync
         next_refresh = time.monotonic() + self.refresh_every
         while not self.stop.is_set():
-            wake = min(next_resync, next_refresh, *self.draining.values())
+            wake = time.monotonic() if self.consul.recovered else min(
+                next_resync, next_refresh, *self.draining.values())
             try:
                 pending = [self.events.get(timeout=max(0.0, wake - time.monotonic()))]
             except queue.Empty:
@@ -110,7 +113,7 @@ class Registrator:
                 if action == "kill":
                     self._drain(cid, sig)
             self._give_up_drains()
-            if RESYNC in actions or time.monotonic() >= next_resync:
+            if RESYNC in actions or self.consul.recovered or time.monotonic() >= next_resync:
                 ok = self._reconcile()
                 next_resync = time.monotonic() + (self.s.resync if ok else min(5.0, self.s.resync))
                 continue
@@ -154,6 +157,9 @@ class Registrator:
                 existing = self.docker.exists()
                 changes = Changes(changes.register, tuple(
                     sid for sid in changes.deregister if registered[sid].container_id in existing))
+            if self.consul.recovered:
+                self.consul.recovered = False
+                changes = Changes(tuple(desired), changes.deregister)
             self._apply(changes, "reconcile", checks)
             if self.s.cleanup:
                 self._apply(Changes(deregister=older_hostnames(registered, self.s.hostname)),
@@ -163,7 +169,7 @@ class Registrator:
             self._sync_checks(desired, checks, changes, draining, "reconcile", force=first)
             self.heartbeats = {r.id for r in desired if any(c.kind == "heartbeat" for c in r.checks)}
             self.watched = {r.container_id for r in desired if r.health is not None}
-            return True
+            return self.consul.trouble is None   # still refused (ACL, TLS): come back soon
         except (DockerUnavailable, ConsulUnavailable) as exc:
             log.error("reconciliation failed: %s; retrying", exc)
             return False

@@ -7,15 +7,15 @@ import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from haproxy_consul.consul_api import ConsulAddress, parse_address
+from haproxy_consul import consul_api
+from haproxy_consul.consul_api import ConsulSettings
 from haproxy_consul.options import EnvParser
 
 
 @dataclass(frozen=True)
 class Settings:
     docker: str
-    consul: ConsulAddress
-    token: str | None = field(default=None, repr=False)
+    consul: ConsulSettings = field(default_factory=ConsulSettings)   # address, TLS and token
     hostname: str = ""
     ip: str | None = None
     internal: bool = False
@@ -34,8 +34,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     p = EnvParser(prog="haproxy-consul registrator", environ=environ,
                   description="Register the published ports of this host's containers in the local Consul agent.")
     p.option("--docker", env="DOCKER_HOST", default="unix:///var/run/docker.sock", help="Docker Engine API")
-    p.option("--consul", env="CONSUL_HTTP_ADDR", default="http://127.0.0.1:8500", help="local Consul agent")
-    p.option("--token", env="CONSUL_HTTP_TOKEN", help="Consul ACL token (never logged)")
+    consul_api.add_options(p)
     p.option("--hostname", env="REGISTRATOR_HOSTNAME", default=socket.getfqdn(),
              help="this host's name: the first field of every service ID it registers")
     p.option("--ip", env="REGISTRATOR_IP", help="address to register for published ports "
@@ -58,8 +57,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
            help="do not put a stopping container's services in maintenance before it exits")
     p.option("--log-level", env="REGISTRATOR_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     args = p.parse_args(list(argv))
+    consul = consul_api.from_args(p, args, argv)
     try:
-        consul = parse_address(args.consul)
         ip = str(ipaddress.ip_address(args.ip)) if args.ip else None
     except ValueError as exc:
         p.error(str(exc))
@@ -73,7 +72,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     ttl_refresh = args.ttl_refresh or (args.ttl / 3 if args.ttl else None)
     if args.ttl and ttl_refresh >= args.ttl:
         p.error("--ttl-refresh must be shorter than --ttl")
-    return Settings(docker=args.docker, consul=consul, token=args.token or None, hostname=hostname, ip=ip,
+    return Settings(docker=args.docker, consul=consul, hostname=hostname, ip=ip,
                     internal=args.internal, resync=args.resync,
                     tags=tuple(sorted(set(p.resolve_listing(args.tags, "REGISTRATOR_TAGS")))),
                     ttl=args.ttl, ttl_refresh=ttl_refresh, cleanup=args.cleanup, log_level=args.log_level,

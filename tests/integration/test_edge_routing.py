@@ -1,6 +1,7 @@
 """The edge against a real Consul agent and a real HAProxy: routing rules and live churn.
 
-One Consul agent and one edge serve the whole module; each test uses its own service names.
+Every test runs in both watch modes (`--consul-api internal` and `public`); per mode, one Consul
+agent and one edge serve the whole module, and each test uses its own service names.
 """
 
 import re
@@ -20,18 +21,23 @@ from tests.integration.edge_helpers import (
 )
 from tests.support.edge import EdgeProcess
 from tests.support.http import Backend
-from tests.support.procs import consul_per_module, wait_until
+from tests.support.procs import consul_agent, wait_until
 
 pytestmark = pytest.mark.integration
 DOMAIN = "test.example"
 
 
-consul = consul_per_module()
+@pytest.fixture(scope="module", params=["internal", "public"])
+def consul(request, tmp_path_factory):
+    """A Consul per watch mode: every routing test runs against both."""
+    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
+        agent.watch_mode = request.param
+        yield agent
 
 
 @pytest.fixture(scope="module")
 def edge(consul):
-    proc = EdgeProcess(consul.url, domains=(DOMAIN,)).start()
+    proc = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--consul-api", consul.watch_mode)).start()
     yield proc
     proc.stop()
     print(proc.log()[-5000:])
@@ -177,7 +183,7 @@ def test_hostile_instance_data_is_skipped_per_instance(consul, edge, backends):
 
 def test_without_a_domain_any_suffix_matches_the_first_label(consul, backends):
     register(consul, "anydomain", "anydomain-1", backends("any"))
-    edge = EdgeProcess(consul.url, domains=()).start()
+    edge = EdgeProcess(consul.url, domains=(), extra=("--consul-api", consul.watch_mode)).start()
     try:
         answers(edge, "anydomain-80.t2.example.com", {"any"})
         answers(edge, f"ANYDOMAIN-80.localhost:{edge.port}", {"any"})

@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from haproxy_consul.consul_api import parse_address
+from haproxy_consul.consul_api import ConsulSettings, parse_address
 from registrator.consul_sink import ConsulRejected, ConsulSink, ConsulUnavailable
 from registrator.mapping import Check, Registration
 from tests.support.docker_engine import IMAGE, running_engine
@@ -249,7 +249,7 @@ def test_ttl_checks_are_kept_passing_while_the_registrator_runs(registrator, run
 
 
 def test_consul_sink_does_not_retry_a_refused_registration(consul):
-    sink = ConsulSink(parse_address(consul.url), None)
+    sink = ConsulSink(ConsulSettings(parse_address(consul.url)))
     bad = Registration(f"{HOST}:refused:80", "nginx", "127.0.0.1", 80, checks=(Check("http", "http://x/", "bogus"),))
     t0 = time.monotonic()
     with pytest.raises(ConsulRejected):
@@ -257,4 +257,4 @@ def test_consul_sink_does_not_retry_a_refused_registration(consul):
     assert time.monotonic() - t0 < 0.5                             # no backoff spent on a 4xx
     assert f"{HOST}:refused:80" not in ours(consul)
     with pytest.raises(ConsulUnavailable):                         # nothing listening: retried, then typed
-        ConsulSink(parse_address("127.0.0.1:1"), None).registered()
+        ConsulSink(ConsulSettings(parse_address("127.0.0.1:1"))).registered()

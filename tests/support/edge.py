@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @dataclass
 class EdgeProcess:
-    consul_url: str
+    consul_url: str | None          # None: the edge finds Consul from the CONSUL_* variables in `env`
     domains: tuple[str, ...] = ("test.example",)
     extra: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
@@ -36,7 +36,8 @@ class EdgeProcess:
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}.log"
 
     def argv(self) -> list[str]:
-        args = [sys.executable, "-m", "haproxy_consul", "edge", "--consul", self.consul_url,
+        consul = ["--consul", self.consul_url] if self.consul_url else []
+        args = [sys.executable, "-m", "haproxy_consul", "edge", *consul,
                 "--bind", f"{self.address}:{self.port}", "--admin-bind", f"{self.address}:{self.admin_port}",
                 "--state-dir", str(self.state_dir), "--consul-wait", "5", "--log-level", "DEBUG",
                 "--handover-timeout", "0"]
@@ -48,8 +49,8 @@ class EdgeProcess:
 
     def start(self, timeout: float = 20.0) -> EdgeProcess:
         require("haproxy")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        env.pop("CONSUL_HTTP_ADDR", None)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+        env.update(PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv(), stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         wait_until(self._listening, timeout, what="edge HTTP listener")

@@ -12,9 +12,11 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,32 +102,78 @@ class LoggedProcess:
 
 @dataclass
 class ConsulAgent:
-    """A `consul agent -dev` on loopback with every port moved to a free one."""
+    """A `consul agent -dev` on loopback with every port moved to a free one.
+
+    `tls=True`: HTTPS only, `verify_incoming = true`, certificates from `consul tls ca create` /
+    `consul tls cert create` in the work dir (`client_env()` gives the CONSUL_* variables a client
+    needs). `acl=True`: ACLs on with `default_policy = "deny"`; `master_token` is the bootstrap
+    token, used by `api()`. `extra_config` is merged into the agent's configuration.
+    """
 
     workdir: Path
     http_port: int
     node_name: str = "edge-test"
     bind: str = "127.0.0.1"
+    tls: bool = False
+    acl: bool = False
     extra_config: dict = field(default_factory=dict)     # more agent configuration keys
     proc: subprocess.Popen | None = None
+    master_token: str = ""
 
     @property
     def url(self) -> str:
-        return f"http://{self.bind}:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{self.bind}:{self.http_port}"
+
+    def _make_certs(self) -> None:
+        consul = require("consul")
+        tls = self.workdir / "tls"
+        if (tls / "consul-agent-ca.pem").exists():
+            return
+        tls.mkdir(parents=True, exist_ok=True)
+        for args in (["ca", "create"], ["cert", "create", "-server", "-dc", "dc1"],
+                     ["cert", "create", "-client", "-dc", "dc1"]):
+            subprocess.run([consul, "tls", *args], cwd=tls, check=True, capture_output=True)
+
+    def cert(self, name: str) -> str:
+        """Path of a file made by `consul tls`: ca, server, server-key, client, client-key."""
+        files = {"ca": "consul-agent-ca.pem", "server": "dc1-server-consul-0.pem",
+                 "server-key": "dc1-server-consul-0-key.pem", "client": "dc1-client-consul-0.pem",
+                 "client-key": "dc1-client-consul-0-key.pem"}
+        return str(self.workdir / "tls" / files[name])
+
+    def client_env(self, token: str | None = None) -> dict[str, str]:
+        """The variables Consul's CLI (and our programs) need to talk to this agent."""
+        env = {"CONSUL_HTTP_ADDR": self.url}
+        if self.tls:
+            env.update(CONSUL_CACERT=self.cert("ca"), CONSUL_CLIENT_CERT=self.cert("client"),
+                       CONSUL_CLIENT_KEY=self.cert("client-key"))
+        if token:
+            env["CONSUL_HTTP_TOKEN"] = token
+        return env
 
     def start(self, timeout: float = 20.0) -> ConsulAgent:
         consul = require("consul")
         self.workdir.mkdir(parents=True, exist_ok=True)
         serf_lan, serf_wan, server = free_ports(3, self.bind)
+        ports = {"http": self.http_port, "dns": -1, "grpc": -1,
+                 "serf_lan": serf_lan, "serf_wan": serf_wan, "server": server}
         config = {
             "disable_update_check": True,
             "node_name": self.node_name,
             "bind_addr": self.bind,
             "client_addr": self.bind,
-            "ports": {"http": self.http_port, "dns": -1, "grpc": -1,
-                      "serf_lan": serf_lan, "serf_wan": serf_wan, "server": server},
+            "ports": ports,
             **self.extra_config,
         }
+        if self.tls:
+            self._make_certs()
+            ports.update(http=-1, https=self.http_port)
+            config.update(ca_file=self.cert("ca"), cert_file=self.cert("server"), key_file=self.cert("server-key"),
+                          verify_incoming=True, verify_outgoing=True)
+        if self.acl:
+            self.master_token = self.master_token or str(uuid.uuid4())
+            config["acl"] = {"enabled": True, "default_policy": "deny", "enable_token_persistence": True,
+                             "tokens": {"master": self.master_token, "agent": self.master_token}}
         (self.workdir / "config.json").write_text(json.dumps(config))
         log = open(self.workdir / "consul.log", "ab")
         self.proc = subprocess.Popen(
@@ -137,8 +185,14 @@ class ConsulAgent:
     def _leader(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"consul exited with {self.proc.returncode}; see {self.workdir}/consul.log")
-        with urllib.request.urlopen(self.url + "/v1/status/leader", timeout=1) as r:
-            return json.loads(r.read()) not in ("", None)
+        return self.api("GET", "/v1/status/leader", timeout=1) not in ("", None)
+
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=self.cert("ca"))
+        ctx.load_cert_chain(self.cert("client"), self.cert("client-key"))
+        return ctx
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -151,10 +205,14 @@ class ConsulAgent:
             self.proc.wait(5)
 
     # Small HTTP helpers for tests (urllib: no client library in the way of what is asserted).
-    def api(self, method: str, path: str, body: object | None = None, timeout: float = 5.0):
+    def api(self, method: str, path: str, body: object | None = None, timeout: float = 5.0,
+            token: str | None = None):
+        """A request as the agent's administrator (the master token when ACLs are on)."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method)
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        if token or self.master_token:
+            req.add_header("X-Consul-Token", token or self.master_token)
+        with urllib.request.urlopen(req, timeout=timeout, context=self._ssl()) as r:
             raw = r.read()
         return json.loads(raw) if raw else None
 

@@ -26,8 +26,6 @@ ENV = {
     ([], ENV, "bind", "127.0.0.1:8080"),
     (["--bind", ":9090"], ENV, "bind", ":9090"),
     ([], ENV, "state_dir", Path("/tmp/from-env")),
-    ([], ENV, "token", "env-secret"),
-    (["--token", "flag-secret"], ENV, "token", "flag-secret"),
     ([], {}, "command", "run"),
     (["routes"], {}, "command", "routes"),
     (["--once", "--dry-run"], {}, "once", True),

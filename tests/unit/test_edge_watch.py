@@ -1,150 +1,378 @@
-"""The Consul watcher's rules, against a scripted fake Consul: what is fetched, what published."""
+"""The Consul watcher's rules against a fake Consul HTTP API: what is read, fetched and published,
+per kind of write, in both watch modes."""
 
+from __future__ import annotations
+
+import json
+import logging
 import threading
+import time
 
 import pytest
-import requests
 
-from edge.model import ServiceSummary
-from edge.watch import ConsulWatcher
-from haproxy_consul.consul_api import parse_address
-
-
-def summary(name, instances=1, passing=1):
-    return ServiceSummary(name, (), ("n1",), instances, passing, 0, 0)
-
-
-def health(name, port):
-    return [{"Node": {"Node": "n1", "Address": "10.0.0.1"},
-             "Service": {"ID": f"{name}-{port}", "Service": name, "Address": "", "Port": port, "Tags": [], "Meta": {}},
-             "Checks": [{"Status": "passing"}]}]
+from edge.watch import (
+    CATALOG_NODES,
+    CATALOG_SERVICES,
+    NONPASSING,
+    UI_NODES,
+    UI_SERVICES,
+    Backoff,
+    ConsulWatcher,
+    Update,
+)
+from haproxy_consul.consul_api import Answer, ConsulRefused, ConsulSettings, ConsulUnavailable, parse_address
 
 
-class FakeWatcher(ConsulWatcher):
-    """Answers from `catalog` (index, summaries) and `data` (name → port); records fetches."""
+class FakeConsul:
+    """A tiny catalog with Consul's index rules: every write takes the next raft index and moves
+    the index of its table (services, checks, nodes); `/v1/health/service/<name>` answers with that
+    service's own index. Records every request path."""
 
     def __init__(self):
-        self.published = []
-        super().__init__(parse_address("127.0.0.1:1"), None, None, self.published.append, threading.Event())
-        self.catalog = (0, {})
-        self.data = {}
-        self.fetched = []
-        self.failing = set()
-        self.dump_fails = False
+        self.raft = 10
+        self.tables = {"services": 10, "checks": 10, "nodes": 10}
+        self.service_index: dict[str, int] = {}
+        self.nodes = {"n1": "10.0.0.1", "n2": "10.0.0.2"}
+        self.instances: dict[tuple[str, str], dict] = {}     # (node, id) -> Service
+        self.checks: dict[tuple[str, str], dict] = {}        # (node, check id) -> check
+        self.requests: list[tuple[str, tuple]] = []
+        self.refuse: dict[str, int] = {}
+        self.shape: dict[str, object] = {}
+        self.down = False
+        self.last_contact = 0
+        self.filtered = False
+        self.hide_nodes = False                               # an ACL without node:read
 
-    def _summaries_at(self, index, wait):
-        return self.catalog
+    # --- writes, as agents make them ---
+    def _write(self, table: str, service: str | None = None) -> None:
+        self.raft += 1
+        self.tables[table] = self.raft
+        if service:
+            self.service_index[service] = self.raft
 
-    def _dump(self):
-        self.stats.dumps += 1
-        if self.dump_fails:
-            raise requests.ConnectionError("boom")
-        return {name: health(name, port) for name, port in self.data.items()}
+    def register(self, node, sid, name, port, meta=None, address=""):
+        self.instances[(node, sid)] = {"ID": sid, "Service": name, "Address": address, "Port": port, "Tags": [],
+                                       "Meta": {"container_port": "80", **(meta or {})}, "ModifyIndex": self.raft + 1}
+        self._write("services", name)
 
-    def _fetch(self, name):
-        self.fetched.append(name)
-        if name in self.failing:
-            raise requests.ConnectionError("boom")
-        from edge.model import instances_from_health
-        return instances_from_health(name, health(name, self.data[name]))
+    def deregister(self, node, sid):
+        name = self.instances.pop((node, sid))["Service"]
+        self._write("services", name)
 
+    def check(self, node, cid, status, sid="", output=""):
+        name = self.instances[(node, sid)]["Service"] if sid else ""
+        self.checks[(node, cid)] = {"Node": node, "CheckID": cid, "Status": status, "ServiceID": sid,
+                                    "ServiceName": name, "Output": output, "ModifyIndex": self.raft + 1}
+        self._write("checks", name or None)
 
-def ports(snapshot):
-    return {name: [i.port for i in insts] for name, insts in snapshot.services.items()}
+    def node(self, name, address, meta=None):
+        self.nodes[name] = address
+        self._write("nodes")
 
+    # --- reads ---
+    def get(self, path, params=(), wait=None, raw=False) -> Answer:
+        self.requests.append((path, tuple(params)))
+        if self.down:
+            raise ConsulUnavailable("connection refused")
+        if path in self.refuse:
+            raise ConsulRefused(self.refuse[path], path, "nope")
+        body, index = self._body(path)
+        body = self.shape.get(path, body)
+        return Answer(json.dumps(body).encode() if raw else body, index, self.last_contact, True, self.filtered)
 
-@pytest.fixture
-def w():
-    watcher = FakeWatcher()
-    watcher.data = {"web": 80, "api": 81}
-    watcher.catalog = (10, {"web": summary("web"), "api": summary("api"), "consul": summary("consul"),
-                            "bad name": summary("bad name")})
-    snap = watcher.sync_once()
-    assert ports(snap) == {"web": [80], "api": [81]}       # consul and bad names are never routed
-    assert watcher.fetched == [] and watcher.stats.dumps == 1   # a full sync is one node dump
-    return watcher
+    def _names(self):
+        return sorted({s["Service"] for s in self.instances.values()})
 
+    def _entries(self, name):
+        out = []
+        for (node, sid), svc in sorted(self.instances.items()):
+            if svc["Service"] != name or self.hide_nodes:
+                continue
+            checks = [c for (n, _), c in self.checks.items() if n == node and c["ServiceID"] in ("", sid)]
+            out.append({"Node": {"Node": node, "Address": self.nodes[node]}, "Service": svc, "Checks": checks})
+        return out
 
-def test_a_changed_summary_fetches_only_that_service(w):
-    w.data["web"] = 90
-    w.catalog = (11, {**w.catalog[1], "web": summary("web", instances=2)})
-    assert w._poll(10, backoff_stub()) == 11
-    assert w.fetched == ["web"]
-    assert ports(w.published[-1]) == {"web": [90], "api": [81]}
-
-
-def test_same_index_means_nothing_new(w):
-    assert w._poll(10, backoff_stub()) == 10
-    assert w.fetched == [] and w.published == []
-
-
-def test_index_moved_with_nothing_to_attribute_refreshes_everything(w):
-    w.data["api"] = 99                                    # re-registered in place: same counts
-    w.catalog = (12, w.catalog[1])
-    w._poll(10, backoff_stub())
-    assert w.fetched == [] and w.stats.dumps == 2
-    assert w.stats.full_refreshes == 1
-    assert ports(w.published[-1])["api"] == [99]
-
-
-def test_index_going_back_resets_with_a_full_refresh(w):
-    w.catalog = (3, w.catalog[1])
-    assert w._poll(10, backoff_stub()) == 3
-    assert w.stats.dumps == 2
-
-
-def test_removed_service_is_dropped(w):
-    w.catalog = (11, {k: v for k, v in w.catalog[1].items() if k != "api"})
-    w._poll(10, backoff_stub())
-    assert ports(w.published[-1]) == {"web": [80]}
-    assert w.fetched == []
-
-
-def test_failed_fetch_keeps_last_known_instances_and_retries(w):
-    w.failing = {"web"}
-    w.data["web"] = 90
-    w.catalog = (11, {**w.catalog[1], "web": summary("web", instances=2)})
-    w._poll(10, backoff_stub())
-    assert ports(w.published[-1])["web"] == [80]         # the last good data, not nothing
-    w.failing = set()
-    w.fetched.clear()
-    w._poll(11, backoff_stub())                           # same index, but a retry is due
-    assert w.fetched == ["web"]
-    assert ports(w.published[-1])["web"] == [90]
+    def _body(self, path):
+        everything = max(self.tables.values())
+        if path == UI_SERVICES:
+            rows = []
+            for name in self._names():
+                entries = self._entries(name)
+                statuses = [c["Status"] for e in entries for c in e["Checks"]]
+                rows.append({"Name": name, "Tags": None, "Nodes": [e["Node"]["Node"] for e in entries],
+                             "InstanceCount": len(entries), "ChecksPassing": statuses.count("passing"),
+                             "ChecksWarning": statuses.count("warning"), "ChecksCritical": statuses.count("critical")})
+            return rows, everything
+        if path == UI_NODES:
+            return [{"Node": n, "Address": a, "Services": [s for (node, _), s in self.instances.items() if node == n],
+                     "Checks": [c for (node, _), c in self.checks.items() if node == n]}
+                    for n, a in self.nodes.items() if not self.hide_nodes], everything
+        if path == CATALOG_SERVICES:
+            return {n: [] for n in self._names()}, self.tables["services"]
+        if path == CATALOG_NODES:
+            return ([] if self.hide_nodes else [{"Node": n, "Address": a} for n, a in self.nodes.items()]), \
+                self.tables["nodes"]
+        if path == NONPASSING:
+            return [c for c in self.checks.values() if c["Status"] != "passing"], self.tables["checks"]
+        if path.startswith("/v1/catalog/node-services/"):
+            n = path.rsplit("/", 1)[1]
+            return {"Node": {"Node": n, "Address": self.nodes[n]},
+                    "Services": [s for (node, _), s in self.instances.items() if node == n]}, everything
+        if path.startswith("/v1/health/service/"):
+            name = path.rsplit("/", 1)[1]
+            return self._entries(name), self.service_index.get(name, self.tables["services"])
+        if path == "/v1/acl/token/self":
+            raise ConsulRefused(401, path, "ACL support disabled")
+        raise AssertionError(f"unexpected read {path}")
 
 
-def test_unchanged_services_keep_their_tuples_across_a_full_refresh(w):
+def make(api="internal", consul=None, **kwargs):
+    consul = consul or FakeConsul()
+    published = []
+    w = ConsulWatcher(ConsulSettings(parse_address("127.0.0.1:1")), None, published.append, threading.Event(),
+                      api=api, **kwargs)
+    w.http = w.reader.http = consul
+    w.published = published
+    w._last_polled = {}
+    return w, consul
+
+
+def round_(w):
+    """One round, as the pollers would have posted now: every long-poll whose index moved."""
+    updates = {}
+    for name, path, params, parse, raw in w.poller_specs():
+        answer = w.http.get(path, params, raw=raw)
+        if answer.index != w._last_polled.get(name, 0):
+            updates[name] = Update(parse(answer.body), answer.index, seen_at=time.monotonic())
+            w._last_polled[name] = answer.index
+    w.http.requests.clear()
+    return w._round(updates)
+
+
+def synced(api="internal", **kwargs):
+    w, consul = make(api, **kwargs)
+    consul.register("n1", "consul", "consul", 8300)        # Consul's servers are always a service
+    consul.register("n1", "web-1", "web", 8001)
+    consul.register("n2", "web-2", "web", 8002)
+    consul.register("n1", "api-1", "api", 9001)
+    consul.check("n1", "ttl-web-1", "passing", sid="web-1")
+    w.publish(w.sync_once())
+    w._last_polled = {name: consul.get(path, params).index for name, path, params, _, _ in w.poller_specs()}
+    consul.requests.clear()
+    return w, consul
+
+
+def ports(w):
+    return {n: sorted(i.port for i in insts if i.healthy) for n, insts in w.published[-1].services.items()}
+
+
+def fetched(consul):
+    return sorted(p.rsplit("/", 1)[1] for p, _ in consul.requests if p.startswith("/v1/health/service/"))
+
+
+MODES = ["internal", "public"]
+
+
+@pytest.mark.parametrize("api", MODES)
+def test_cold_sync_is_one_dump_not_one_request_per_service(api):
+    w, consul = make(api)
+    for i in range(5):
+        consul.register("n1", f"s{i}", f"svc{i}", 8000 + i)
+    w.publish(w.sync_once())
+    assert len(w.published[-1].services) == 5
+    assert fetched(consul) == []
+    dump = [p for p, _ in consul.requests if p == UI_NODES or p.startswith("/v1/catalog/node-services/")]
+    assert len(dump) == (1 if api == "internal" else len(consul.nodes))
+
+
+@pytest.mark.parametrize("api", MODES)
+@pytest.mark.parametrize("write, fetches, refreshes, expected", [
+    # a health flip names its service: one fetch
+    (lambda c: c.check("n1", "ttl-web-1", "critical", sid="web-1"), ["web"], 0, {"web": [8002], "api": [9001]}),
+    # a TTL output update changes no status: nothing fetched, no full refresh
+    (lambda c: c.check("n1", "ttl-web-1", "passing", sid="web-1", output="ok 2"), [], 0, None),
+    # node meta: nothing either
+    (lambda c: c.node("n2", "10.0.0.2", meta={"rack": "b"}), [], 0, None),
+    # a node's new address matters to instances without their own: those services only
+    (lambda c: c.node("n2", "10.0.0.9"), ["web"], 0, None),
+    # a new service: that one only
+    (lambda c: c.register("n2", "db-1", "db", 5432), ["db"], 0, {"web": [8001, 8002], "api": [9001], "db": [5432]}),
+    # an instance re-registered in place: nothing attributes it, so a sweep finds it
+    (lambda c: c.register("n1", "api-1", "api", 9999), [], 1, {"web": [8001, 8002], "api": [9999]}),
+])
+def test_what_each_kind_of_write_costs(api, write, fetches, refreshes, expected):
+    w, consul = synced(api)
+    before = len(w.published)
+    write(consul)
+    assert round_(w)
+    assert fetched(consul) == fetches
+    assert w.stats.full_refreshes == refreshes
+    if expected is None and not fetches:
+        assert len(w.published) == before, "nothing routable changed: nothing published"
+    elif expected is not None:
+        assert ports(w) == expected
+
+
+def test_a_new_instance_of_a_known_service_is_attributed_by_the_internal_summary():
+    w, consul = synced("internal")
+    consul.register("n2", "api-2", "api", 9002)
+    round_(w)
+    assert fetched(consul) == ["api"] and w.stats.full_refreshes == 0
+    assert ports(w)["api"] == [9001, 9002]
+
+
+def test_the_public_catalog_cannot_attribute_a_new_instance_so_it_sweeps():
+    w, consul = synced("public")
+    consul.register("n2", "api-2", "api", 9002)
+    round_(w)
+    assert w.stats.full_refreshes == 1 and ports(w)["api"] == [9001, 9002]
+
+
+@pytest.mark.parametrize("api", MODES)
+def test_removed_service_is_dropped_without_fetching(api):
+    w, consul = synced(api)
+    consul.deregister("n1", "api-1")
+    round_(w)
+    assert "api" not in w.published[-1].services and fetched(consul) == []
+
+
+@pytest.mark.parametrize("api", MODES)
+def test_two_writes_in_one_answer_get_a_verification_sweep(api):
+    """An attributed write can hide an in-place change in the same answer: verified soon after."""
+    w, consul = synced(api)
+    consul.register("n1", "api-1", "api", 9999)            # in place: no summary shows it
+    consul.register("n2", "db-1", "db", 5432)              # attributed
+    round_(w)
+    assert ports(w)["db"] == [5432]
+    assert w._verify_due is not None
+    w._verify_due = time.monotonic()                       # rate limit elapsed
+    round_(w)
+    assert ports(w)["api"] == [9999] and w.stats.full_refreshes == 1
+
+
+def test_index_going_back_asks_for_a_full_sync():
+    w, _ = synced()
+    assert w._round({"services": Update({}, 3, reset=True)}) is False
+
+
+def test_failed_fetch_keeps_last_known_instances_and_retries():
+    w, consul = synced()
+    consul.register("n2", "api-2", "api", 9002)
+    real = consul.get
+
+    def flaky(path, params=(), wait=None, raw=False):
+        if path.endswith("/api"):
+            raise ConsulUnavailable("boom")
+        return real(path, params, wait, raw)
+    consul.get = flaky
+    round_(w)
+    assert ports(w)["api"] == [9001]                       # the last good data, not nothing
+    consul.get = real
+    assert w._retry == {"api"}
+    round_(w)                                              # nothing new, but a retry is due
+    assert ports(w)["api"] == [9001, 9002]
+
+
+def test_unchanged_services_keep_their_tuples_across_a_sweep():
+    w, consul = synced()
     before = dict(w._services)
-    w.catalog = (12, w.catalog[1])
-    w._poll(10, backoff_stub())
-    assert all(w._services[n] is before[n] for n in before)   # identity: the control loop's cheap diff
-
-
-def test_failed_dump_in_a_refresh_falls_back_to_fetches(w):
-    w.dump_fails = True
-    w.catalog = (3, w.catalog[1])
-    w._poll(10, backoff_stub())
-    assert sorted(w.fetched) == ["api", "web"]
+    consul.register("n1", "api-1", "api", 9999)
+    round_(w)
+    assert w.stats.full_refreshes == 1
+    assert w._services["web"] is before["web"]             # identity: the control loop's cheap diff
 
 
 def test_cold_start_failure_publishes_nothing():
-    watcher = FakeWatcher()
-    watcher.data = {"web": 80}
-    watcher.dump_fails = True
-    watcher.catalog = (5, {"web": summary("web")})
-    with pytest.raises(requests.ConnectionError):
-        watcher.sync_once()
-    assert watcher.published == []
+    w, consul = make()
+    consul.down = True
+    with pytest.raises(ConsulUnavailable):
+        w.sync_once()
+    assert w.published == []
 
 
-def backoff_stub():
-    from edge.watch import Backoff
-    return Backoff(first=0.0, cap=0.0)
+@pytest.mark.parametrize("refusal", [
+    {"refuse": {UI_SERVICES: 404}},
+    {"refuse": {UI_SERVICES: 403}},
+    {"shape": {UI_SERVICES: {"Services": []}}},            # an answer of another shape
+    {"shape": {UI_SERVICES: [{"Name": "web", "Instances": 2}]}},
+])
+def test_auto_falls_back_to_the_public_api_once(refusal, caplog):
+    w, consul = make("auto")
+    consul.register("n1", "web-1", "web", 8001)
+    for key, value in refusal.items():
+        setattr(consul, key, value)
+    snapshot = w.sync_once()
+    assert w.mode == "public" and list(snapshot.services) == ["web"]
+    assert caplog.text.count("watching through the public API only") == 1
+
+
+def test_internal_mode_does_not_fall_back():
+    w, consul = make("internal")
+    consul.refuse = {UI_SERVICES: 404}
+    with pytest.raises(ConsulRefused):
+        w.sync_once()
+
+
+def test_stale_reads_by_default_and_too_stale_answers_read_again_consistently():
+    w, consul = make(max_stale=2.0)
+    consul.register("n1", "web-1", "web", 8001)
+    w.sync_once()
+    assert all(("stale", "") in params for _, params in consul.requests)
+    consul.requests.clear()
+    consul.last_contact = 2500
+    w.reader.read(CATALOG_SERVICES)
+    assert [params for _, params in consul.requests] == [(("stale", ""),), (("consistent", ""),)]
+    assert w.stats.stale_retries == 1
+
+
+@pytest.mark.parametrize("consistency, param", [("consistent", ("consistent", "")), ("default", None)])
+def test_consistency_modes(consistency, param):
+    w, consul = make(consistency=consistency)
+    w.reader.read(CATALOG_SERVICES)
+    assert consul.requests == [(CATALOG_SERVICES, (param,) if param else ())]
+
+
+def test_an_acl_filtered_empty_answer_keeps_the_routes(caplog):
+    caplog.set_level(logging.INFO, "edge.watch")
+    w, consul = synced()
+    consul.hide_nodes = True                               # the token lost node:read...
+    consul.node("n2", "10.0.0.2", meta={"rack": "c"})      # ...and the next write shows it
+    round_(w)
+    assert ports(w) == {"web": [8001, 8002], "api": [9001]}, "nothing removed"
+    assert "node:read" in caplog.text and "ERROR" in caplog.text
+    consul.hide_nodes = False
+    consul.register("n1", "db-1", "db", 5432)
+    round_(w)
+    assert ports(w)["db"] == [5432] and "look complete again" in caplog.text
+
+
+def test_a_confirmed_large_removal_is_applied(caplog):
+    w, consul = synced()
+    consul.deregister("n1", "web-1")
+    consul.deregister("n2", "web-2")
+    consul.deregister("n1", "api-1")
+    round_(w)
+    assert ports(w) == {}
+    assert "confirmed through the public API" in caplog.text
+
+
+def test_a_cold_start_with_a_filtered_catalog_publishes_nothing(caplog):
+    w, consul = make()
+    consul.register("n1", "web-1", "web", 8001)
+    consul.hide_nodes = True
+    w.publish(w.sync_once())
+    assert w.published == [] and "node:read" in caplog.text
 
 
 def test_backoff_doubles_to_its_cap_and_resets():
-    from edge.watch import Backoff
     b = Backoff(first=0.25, cap=2.0)
     assert [b.next() for _ in range(6)] == [0.25, 0.5, 1.0, 2.0, 2.0, 2.0]
     b.reset()
     assert b.next() == 0.25
+
+
+@pytest.mark.parametrize("api, polls", [("internal", 1), ("public", 3)])
+def test_long_polls_per_edge_do_not_grow_with_services(api, polls):
+    w, _ = make(api)
+    w.mode = api
+    assert len(w.poller_specs()) == polls

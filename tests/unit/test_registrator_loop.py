@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from haproxy_consul.consul_api import parse_address
+from haproxy_consul.consul_api import ConsulSettings, parse_address
 from registrator.consul_sink import ConsulRejected, ConsulUnavailable
 from registrator.loop import Registrator
 from registrator.mapping import Registration, container_from_inspect
@@ -48,6 +48,9 @@ class FakeDocker:
 
 class FakeConsul:
     """Records every call; `refuse` names service IDs the agent answers 4xx for, `down` makes it unreachable."""
+
+    trouble: str | None = None       # as ConsulSink: an ACL/TLS failure not yet followed by a success
+    recovered = False
 
     def __init__(self, services: dict[str, Registration] | None = None, refuse=(), down=False):
         self.services = dict(services or {})
@@ -105,7 +108,7 @@ class FakeConsul:
 
 
 def settings(**kw):
-    return Settings(docker="fake://docker", consul=parse_address("127.0.0.1:8500"), hostname="h1", **kw)
+    return Settings(docker="fake://docker", consul=ConsulSettings(parse_address("127.0.0.1:8500")), hostname="h1", **kw)
 
 
 def loop(docker, consul, stop=None, **kw):
@@ -312,3 +315,17 @@ def test_an_engine_it_may_not_open_is_said_once_with_what_to_do(tmp_path, caplog
     assert f"may not open {sock_path}" in errors[0]
     assert f"--group-add {sock_path.stat().st_gid}" in errors[0] and "root" in errors[0]
     server.close()
+def test_back_from_an_acl_or_tls_failure_registers_everything_again():
+    a = container("a" * 64, "a", 32001)
+    docker, consul = FakeDocker([a]), FakeConsul()
+    r = loop(docker, consul)
+    assert r._reconcile(first=True)
+    assert consul.calls == [("register", "h1:a:80")]
+    consul.calls.clear()
+    assert r._reconcile() and consul.calls == []          # in sync: nothing to do
+    consul.trouble = "ACL: token revoked"
+    assert not r._reconcile(), "while Consul refuses us, reconcile reports failure (retried soon)"
+    consul.trouble, consul.recovered = None, True           # the sink saw a request succeed again
+    assert r._reconcile()
+    assert consul.calls == [("register", "h1:a:80")], "every service registered again, though the diff is empty"
+    assert consul.recovered is False

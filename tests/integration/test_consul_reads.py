@@ -1,0 +1,123 @@
+"""What the edge asks Consul, seen through a recording proxy in front of a real agent: stale reads
+by default, consistent ones on request; and the edge's own metrics on the admin listener."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from tests.integration.edge_helpers import answers, register
+from tests.support.edge import EdgeProcess
+from tests.support.http import Backend
+from tests.support.procs import consul_agent, wait_until
+
+pytestmark = pytest.mark.integration
+DOMAIN = "reads.example"
+
+
+class RecordingProxy:
+    """Forwards every request to Consul and records (path, query) of each."""
+
+    def __init__(self, upstream: str):
+        self.requests: list[tuple[str, dict]] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                url = urllib.parse.urlsplit(self.path)
+                proxy.requests.append((url.path, urllib.parse.parse_qs(url.query, keep_blank_values=True)))
+                req = urllib.request.Request(upstream + self.path, headers={
+                    k: v for k, v in self.headers.items() if k.lower() == "x-consul-token"})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        status, headers, body = r.status, r.headers, r.read()
+                except urllib.error.HTTPError as e:
+                    status, headers, body = e.code, e.headers, e.read()
+                self.send_response(status)
+                for k, v in headers.items():
+                    if k.lower().startswith("x-consul") or k.lower() == "content-type":
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def long_polls(self) -> list[dict]:
+        return [q for _, q in self.requests if "index" in q]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def consul(tmp_path_factory):
+    with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
+        yield agent
+
+
+@pytest.fixture
+def proxy(consul):
+    p = RecordingProxy(consul.url)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("extra, mode", [((), "stale"), (("--consistency", "consistent"), "consistent")])
+def test_reads_carry_the_consistency_mode(consul, proxy, extra, mode):
+    backend = Backend("reads")
+    edge = EdgeProcess(proxy.url, domains=(DOMAIN,), extra=extra).start()
+    try:
+        register(consul, "readme", f"readme-{mode}", backend)
+        answers(edge, f"readme-80.{DOMAIN}", {"reads"})
+        wait_until(lambda: proxy.long_polls(), 10, what="a long-poll through the proxy")
+        # The watch's own reads (the ACL guard's confirmation reads are consistent on purpose).
+        reads = [q for path, q in proxy.requests if path.startswith(("/v1/internal/", "/v1/health/service/"))]
+        assert reads and all(mode in q for q in reads), reads
+        other = "consistent" if mode == "stale" else "stale"
+        assert not any(other in q for q in proxy.long_polls())
+    finally:
+        edge.stop()
+        backend.close()
+
+
+def test_the_edge_serves_its_own_metrics_on_the_admin_listener(consul):
+    backend = Backend("metered")
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,)).start()
+    try:
+        register(consul, "metered", "metered-1", backend)
+        answers(edge, f"metered-80.{DOMAIN}", {"metered"})
+        second = Backend("metered-2")
+        register(consul, "metered", "metered-2", second)
+        answers(edge, f"metered-80.{DOMAIN}", {"metered", "metered-2"})
+        second.close()
+
+        def scrape():
+            with urllib.request.urlopen(f"http://127.0.0.1:{edge.admin_port}/edge/metrics", timeout=5) as r:
+                return r.read().decode()
+        text = wait_until(lambda: 'edge_changes_applied_total{how="live",reason="instances"}' in scrape()
+                          and scrape(), 10, what="a live change in the metrics")
+        assert 'edge_consul_requests_total{endpoint="/v1/internal/ui/services",outcome="ok"}' in text
+        assert 'edge_changes_applied_total{how="reload",reason=' in text       # the new vhost (or initial sync)
+        assert "edge_change_apply_seconds_bucket" in text
+        assert "edge_routes " in text and "edge_servers " in text
+        # HAProxy's own exporter still answers beside it, and the stats page.
+        with urllib.request.urlopen(f"http://127.0.0.1:{edge.admin_port}/metrics", timeout=5) as r:
+            assert b"haproxy_process" in r.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{edge.admin_port}/", timeout=5) as r:
+            assert b"Statistics Report" in r.read()
+    finally:
+        edge.stop()
+        backend.close()
