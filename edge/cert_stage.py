@@ -44,6 +44,7 @@ from edge.certs import (
     tls_hosts,
 )
 from edge.haproxy import HAProxy, RuntimeFailed, StateDirError, atomic_write
+from edge.metrics import NoMetrics
 from edge.render import Https, vhosts
 from edge.table import RouteTable
 
@@ -116,6 +117,7 @@ class CertStage:
         self.issuer = issuer                 # edge.acme_issuer.Issuer, or None without ACME
         self.wildcards = wildcards           # DNS-01: order `*.<domain>` instead of one name per route
         self.clock = clock
+        self.metrics = NoMetrics()           # edge.metrics: the expiry of each served certificate
         self.live: dict[str, Certificate] = {}          # file name → certificate HAProxy has
         self.challenge_map = LiveMap(paths.challenges)   # ACME token → key authorization
         self.host_map = LiveMap(paths.tls_hosts)         # hosts with a certificate → "1" (the redirect)
@@ -210,15 +212,22 @@ class CertStage:
             self.haproxy.ssl(plan.commands)
         except RuntimeFailed as exc:
             log.warning("certificate change through the runtime API failed (%s); reloading instead", exc)
-            self.live = desired
+            self._served(desired)
             return False
         finally:
             for f in plan.removes:
                 (self.paths.directory / f).unlink(missing_ok=True)
-        self.live = desired
+        self._served(desired)
         log.info("certificates applied live in %.1f ms, no reload: %s", (time.perf_counter() - t0) * 1000,
                  "; ".join(plan.changes))
         return True
+
+    def _served(self, desired: dict[str, Certificate]) -> None:
+        for f in set(self.live) - set(desired):
+            self.metrics.certificate_expires(self.live[f].name, None)
+        for cert in desired.values():
+            self.metrics.certificate_expires(cert.name, cert.not_after.timestamp())
+        self.live = desired
 
     def _write_certs(self, writes, desired) -> None:
         for f, pem in writes:

@@ -238,7 +238,9 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
     threads = [threading.Thread(target=watcher.run, name="consul-watch", daemon=True)]
     dir_source = None
     if certs is not None:
-        certs.wake = edge.wake
+        certs.wake, certs.metrics = edge.wake, metrics
+        for cert in certs.live.values():        # what the last run left, served from the start
+            metrics.certificate_expires(cert.name, cert.not_after.timestamp())
         kv = ConsulKV(consul_api.factory(settings.consul, settings.datacenter))
         threads.append(threading.Thread(target=KVSource(kv, settings.certs_kv, certs.on_certs, certs.on_challenges,
                                                         stop, settings.consul_wait).run,

@@ -189,6 +189,12 @@ def test_nothing_is_ordered_outside_the_configured_domains(consul, pebble, fleet
         backend.close()
 
 
+def metrics(edge: EdgeProcess) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://{edge.address}:{edge.admin_port}/edge/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
 def put_kv(consul, key: str, value: str) -> None:
     import urllib.request
     req = urllib.request.Request(f"{consul.url}/v1/kv/{key}", data=value.encode(), method="PUT")
@@ -205,7 +211,8 @@ def test_certificates_from_kv_apply_live_and_a_bad_one_is_refused_alone(consul, 
     register(consul, "kvsite", "kvsite-1", backend, tags=(f"edge.host={name}",))
     try:
         answers(b, name, {"kv site"})
-        logged(b, "vhost added: kvsite-80")               # the reload has returned: count from here
+        wait_until(lambda: re.search(r"reloaded HAProxy.*kvsite-80", b.log()), 10,
+                   what="the reload that added kvsite-80 to return")  # count reloads from here
         before = reloads(b.log())
         t0 = time.monotonic()
         put_kv(consul, "haproxy-consul/certs/kvsite", CA.bundle([name]))
@@ -218,8 +225,11 @@ def test_certificates_from_kv_apply_live_and_a_bad_one_is_refused_alone(consul, 
         put_kv(consul, "haproxy-consul/certs/kvsite", CA.bundle([name], days=60))   # a renewal
         wait_until(lambda: serial(b, name) not in ("", old), 5, what="the renewed certificate")
         assert https_get(b, name, cafile)[0] == "200"
+        expiry = re.search(r'edge_certificate_expiry_timestamp_seconds\{name="kv/kvsite"\} (\S+)', metrics(b))
+        assert expiry and abs(float(expiry.group(1)) - (time.time() + 60 * 86400)) < 86400   # the renewed one
         consul.api("DELETE", "/v1/kv/haproxy-consul/certs/kvsite")
         wait_until(lambda: "CN = haproxy-consul.invalid" in presented(b, name), 5, what="the default again")
+        assert 'name="kv/kvsite"' not in metrics(b)
         assert reloads(b.log()) == before                       # every certificate change was live
     finally:
         for key in ("kvsite", "broken"):
