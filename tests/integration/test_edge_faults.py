@@ -57,11 +57,12 @@ def test_consul_outage_keeps_serving_and_converges_after(tmp_path, backend):
         logged(edge, "+ steady-80")
         before = reloads(edge.log())
         agent.kill()
-        # 20 s without Consul under concurrent load (hey: 4 connections, bounded by -z).
-        load = subprocess.run([require("hey"), "-z", "20s", "-c", "4", "-q", "50", "-host", f"steady-80.{DOMAIN}",
+        # 8 s without Consul (four of the watcher's capped 2 s retries) under concurrent load (hey: 4
+        # connections at 50 req/s each, bounded by -z).
+        load = subprocess.run([require("hey"), "-z", "8s", "-c", "4", "-q", "50", "-host", f"steady-80.{DOMAIN}",
                                f"http://127.0.0.1:{edge.port}/"], capture_output=True, text=True, timeout=60).stdout
         codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", load))
-        assert set(codes) == {"200"} and int(codes["200"]) > 1000, load
+        assert set(codes) == {"200"} and int(codes["200"]) > 500, load
         assert "Error distribution" not in load, load
         logged(edge, "serving the last known state")
         assert reloads(edge.log()) == before, "no empty (or any) configuration applied during the outage"
