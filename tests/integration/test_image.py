@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.docker_engine import IMAGE as BUSYBOX
-from tests.support.docker_engine import DockerEngine, build_image, cleanup, mounts_below, running_engine
+from tests.support.docker_engine import cleanup, mounts_below, running_engine
 from tests.support.edge import REPO
 from tests.support.etcd import EtcdServer
 from tests.support.http import Backend, get
@@ -57,16 +57,8 @@ def walkthrough():
 def dockerd(walkthrough):
     """The walkthrough's engine again, on the same data: the image is there."""
     _, root, _ = walkthrough
-    eng = DockerEngine(root).start()
-    try:
-        build_image(eng.client())
+    with running_engine(root=root) as eng:
         yield eng
-    finally:
-        try:
-            for c in eng.client().containers.list(all=True):
-                c.remove(force=True)
-        finally:
-            eng.stop()
 
 
 consul = consul_per_module()

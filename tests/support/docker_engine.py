@@ -191,10 +191,11 @@ def cleanup(root: Path) -> None:
 
 
 @contextlib.contextmanager
-def running_engine(prepare=None) -> Iterator[DockerEngine]:
+def running_engine(prepare=None, root: Path | None = None) -> Iterator[DockerEngine]:
     """A started dockerd with the busybox test image (and whatever `prepare(engine)` adds);
-    every container is removed, the daemon stopped and its root removed afterwards."""
-    eng = engine().start()
+    every container is removed and the daemon stopped afterwards, and its root removed unless it
+    was given (then whoever made the root removes it)."""
+    eng = engine(root).start()
     try:
         if prepare is not None:
             prepare(eng)
@@ -206,4 +207,5 @@ def running_engine(prepare=None) -> Iterator[DockerEngine]:
                 c.remove(force=True)
         finally:
             eng.stop()
-            cleanup(eng.root)
+            if root is None:
+                cleanup(eng.root)
