@@ -91,6 +91,14 @@ def free_ports_on(address: str, port: int) -> bool:
 consul = consul_per_module()
 
 
+@pytest.fixture
+def cafile(tmp_path) -> Path:
+    """The test CA's certificate, for clients that verify what the edges serve from it."""
+    path = tmp_path / "ca.pem"
+    path.write_text(CA.pem)
+    return path
+
+
 @pytest.fixture(scope="module")
 def ports():
     return two_free_ports()
@@ -202,11 +210,9 @@ def put_kv(consul, key: str, value: str) -> None:
         assert r.read().strip() == b"true"
 
 
-def test_certificates_from_kv_apply_live_and_a_bad_one_is_refused_alone(consul, fleet, tmp_path):
+def test_certificates_from_kv_apply_live_and_a_bad_one_is_refused_alone(consul, fleet, cafile):
     _, b = fleet
     name = "kv.other.test"                # an exact host outside the domains: no ACME order competes
-    cafile = tmp_path / "ca.pem"
-    cafile.write_text(CA.pem)
     backend = Backend("kv site")
     register(consul, "kvsite", "kvsite-1", backend, tags=(f"edge.host={name}",))
     try:
@@ -250,10 +256,8 @@ def files_edge(consul, tmp_path):
     edge.stop()
 
 
-def test_certificate_files_apply_live_and_a_bad_file_is_named(consul, files_edge, tmp_path):
+def test_certificate_files_apply_live_and_a_bad_file_is_named(consul, files_edge, cafile):
     edge, certs = files_edge
-    cafile = tmp_path / "ca.pem"
-    cafile.write_text(CA.pem)
     backend = Backend("files")
     register(consul, "files", "files-1", backend)
     try:
@@ -286,8 +290,6 @@ def test_certificate_files_apply_live_and_a_bad_file_is_named(consul, files_edge
 
 def test_a_restart_serves_the_same_certificates_before_any_source_answers(consul, files_edge, tmp_path):
     edge, certs = files_edge
-    cafile = tmp_path / "ca.pem"
-    cafile.write_text(CA.pem)
     (certs / "site.pem").write_text(CA.bundle([f"restart-80.{DOMAIN}"]))
     wait_until(lambda: "CN = restart-80" in presented(edge, f"restart-80.{DOMAIN}"), 5, what="served")
     edge.stop()
@@ -303,10 +305,8 @@ def test_a_restart_serves_the_same_certificates_before_any_source_answers(consul
         again.stop()
 
 
-def test_replacing_a_certificate_under_h2load_fails_no_request(consul, files_edge, tmp_path):
+def test_replacing_a_certificate_under_h2load_fails_no_request(consul, files_edge, cafile):
     edge, certs = files_edge
-    cafile = tmp_path / "ca.pem"
-    cafile.write_text(CA.pem)
     backend = Backend("load")
     register(consul, "load", "load-1", backend)
     name = f"load-80.{DOMAIN}"
@@ -421,7 +421,7 @@ def test_a_wildcard_by_dns01_through_bind_serves_every_route(consul, tmp_path):
                 b.close()
 
 
-def test_consul_down_keeps_https_serving_and_is_logged_once(pebble, ports, tmp_path):
+def test_consul_down_keeps_https_serving_and_is_logged_once(tmp_path, cafile):
     with consul_agent(tmp_path / "consul") as agent:
         http, https = free_ports(2)
         edge = Edge(agent.url, "127.0.0.1", http, https, extra=("--certs-kv", "haproxy-consul/certs")).start()
@@ -429,8 +429,6 @@ def test_consul_down_keeps_https_serving_and_is_logged_once(pebble, ports, tmp_p
         try:
             register(agent, "steady", "steady-1", backend)
             put_kv(agent, "haproxy-consul/certs/steady", CA.bundle([f"steady-80.{DOMAIN}"]))
-            cafile = tmp_path / "ca.pem"
-            cafile.write_text(CA.pem)
             wait_until(lambda: https_get(edge, f"steady-80.{DOMAIN}", cafile)[0] == "200", 10, what="steady")
             agent.kill()
             time.sleep(3)
