@@ -43,7 +43,7 @@ from edge.certs import (
     serving,
     tls_hosts,
 )
-from edge.haproxy import HAProxy, RuntimeFailed, StateDirError, atomic_write
+from edge.haproxy import GuardedWrites, HAProxy, RuntimeFailed, atomic_write
 from edge.metrics import NoMetrics
 from edge.render import Https, vhosts
 from edge.table import RouteTable
@@ -128,8 +128,8 @@ class CertStage:
         self._changed = True
         self._table: RouteTable | None = None
         self._wanted: tuple | None = None
-        self._write_error: str | None = None
-        self._retry_at = 0.0
+        self._write = GuardedWrites(f"certificates in {paths.directory}", "HAProxy keeps serving the ones it has",
+                                    RETRY)
         self._recheck_at = 0.0
 
     # --- inputs, from other threads -------------------------------------------------------------
@@ -180,7 +180,7 @@ class CertStage:
         now = time.monotonic()
         with self._lock:
             due = self._changed or table is not self._table or now >= self._recheck_at
-            if not due or now < self._retry_at:
+            if not due or self._write.waiting:
                 return True                # nothing new, or the state dir refused a write: wait for RETRY
             sources, tokens = dict(self._sources), dict(self._challenges)
             self._changed = False
@@ -205,8 +205,8 @@ class CertStage:
         if plan.empty:
             return True
         t0 = time.perf_counter()
-        written = self._write(lambda: self._write_certs(plan.writes, desired))
-        if not written:
+        if not self._write(lambda: self._write_certs(plan.writes, desired)):
+            self._again()
             return True
         try:
             self.haproxy.ssl(plan.commands)
@@ -237,7 +237,10 @@ class CertStage:
 
     def _apply_map(self, live: LiveMap, desired: dict[str, str]) -> bool:
         commands = map_commands(str(live.path), live.entries, desired)
-        if not commands or not self._write(lambda: atomic_write(live.path, map_text(desired))):
+        if not commands:
+            return True
+        if not self._write(lambda: atomic_write(live.path, map_text(desired))):
+            self._again()
             return True
         live.entries = desired
         try:
@@ -257,19 +260,7 @@ class CertStage:
             self._wanted = (names, certs)
             self.issuer.want(names, certs)
 
-    def _write(self, write) -> bool:
-        try:
-            write()
-        except (OSError, StateDirError) as exc:
-            self._retry_at = time.monotonic() + RETRY
-            if self._write_error is None:
-                log.error("certificates: cannot write %s: %s; HAProxy keeps serving the ones it has; "
-                          "retrying every %gs", self.paths.directory, exc, RETRY)
-            self._write_error = str(exc)
-            with self._lock:
-                self._changed = True       # everything is tried again after RETRY
-            return False
-        if self._write_error is not None:
-            log.info("certificates: %s takes writes again", self.paths.directory)
-            self._write_error = None
-        return True
+    def _again(self) -> None:
+        """A refused write: the whole step runs again once the retry delay is over."""
+        with self._lock:
+            self._changed = True

@@ -16,15 +16,7 @@ import threading
 import time
 from collections.abc import Mapping
 
-from edge.haproxy import (
-    ConfigInvalid,
-    HAProxy,
-    HAProxyError,
-    NotRunning,
-    ReloadFailed,
-    RuntimeFailed,
-    StateDirError,
-)
+from edge.haproxy import ConfigInvalid, GuardedWrites, HAProxy, HAProxyError, NotRunning, ReloadFailed, RuntimeFailed
 from edge.metrics import NoMetrics
 from edge.model import Problem
 from edge.plan import Plan, make_plan, runtime_part
@@ -65,8 +57,7 @@ class Edge:
         self._refused: tuple[RouteTable, Mapping[str, str]] | None = None  # retried only once changed
         self._base: Snapshot | None = None        # the snapshot `live` was built from
         self._dirty_since: float | None = None    # live changed at runtime; haproxy.cfg not yet written
-        self._write_error: str | None = None       # the state dir refused a write; logged once
-        self._retry_at = 0.0                       # ...and is tried again from then on
+        self._write = GuardedWrites("configuration", "HAProxy keeps serving (changes still apply live)", RETRY)
         self._start_error: str | None = None       # why HAProxy last failed to restart; logged once
 
     # --- inputs, from other threads ----------------------------------------------------------
@@ -175,8 +166,8 @@ class Edge:
         if self._dirty_since is None:
             return
         now = time.monotonic()
-        if not force and (now < self._retry_at or (now - self._last_input < QUIET
-                                                   and now - self._dirty_since < MAX_DELAY)):
+        if not force and (self._write.waiting or (now - self._last_input < QUIET
+                                                  and now - self._dirty_since < MAX_DELAY)):
             return
         try:
             self.live_render = render(self.live, self.listeners, self.templates)
@@ -186,23 +177,6 @@ class Edge:
             return
         if self._write(lambda: self.haproxy.write_config(self.live_render)):
             self._dirty_since = None
-
-    def _write(self, write) -> bool:
-        """Run a write to the state dir; when it refuses (full, read-only), log that once per
-        outage and come back in RETRY seconds. HAProxy is never touched by a failed write."""
-        try:
-            write()
-        except StateDirError as exc:
-            self._retry_at = time.monotonic() + RETRY
-            if self._write_error is None:
-                log.error("%s; HAProxy keeps serving (changes still apply live); retrying every %gs",
-                          exc, RETRY)
-            self._write_error = str(exc)
-            return False
-        if self._write_error is not None:
-            log.info("the state dir %s takes writes again", self.haproxy.paths.state_dir)
-            self._write_error = None
-        return True
 
     def _apply(self, table: RouteTable, plan: Plan) -> None:
         reasons = plan.reasons
@@ -214,7 +188,7 @@ class Edge:
         now = time.monotonic()
         # Held back: already refused and logged (wait for Consul or the templates to change), or
         # the state dir refused the last write (wait before trying again)...
-        if self._refused == (table, self.templates) or now < self._retry_at:
+        if self._refused == (table, self.templates) or self._write.waiting:
             self._meanwhile(table)
             return
         first = self._reload_pending_since = self._reload_pending_since or now

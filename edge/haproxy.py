@@ -159,6 +159,36 @@ def _relay(stream, logger: logging.Logger) -> None:
                 logger.log(found[0], "haproxy: %s", found[1])
 
 
+class GuardedWrites:
+    """Writes to the state dir, which may refuse them (full, read-only): the first refusal of an
+    outage is one ERROR, `waiting` holds callers off for `retry` seconds after each refusal, and
+    the first success after an outage says so. `what` names the writes in those lines."""
+
+    def __init__(self, what: str, meanwhile: str, retry: float):
+        self.what, self.meanwhile, self.retry = what, meanwhile, retry
+        self.error: str | None = None
+        self.retry_at = 0.0
+
+    @property
+    def waiting(self) -> bool:
+        return time.monotonic() < self.retry_at
+
+    def __call__(self, write) -> bool:
+        """Run `write`; False when the state dir refused it."""
+        try:
+            write()
+        except (OSError, StateDirError) as exc:
+            self.retry_at = time.monotonic() + self.retry
+            if self.error is None:
+                log.error("%s: %s; %s; retrying every %gs", self.what, exc, self.meanwhile, self.retry)
+            self.error = str(exc)
+            return False
+        if self.error is not None:
+            log.info("%s: the state dir takes writes again", self.what)
+            self.error = None
+        return True
+
+
 class HAProxy:
     def __init__(self, binary: str, paths: Paths, check_timeout: float = 60.0):
         self.binary = binary
