@@ -222,20 +222,15 @@ class HAProxy:
             staging.mkdir(parents=True, exist_ok=True)
             for name, text in rendered.files:
                 atomic_write(staging / name, text)
-        except OSError as exc:
-            self.clean_staging()
-            raise StateDirError(f"cannot stage the configuration in {staging}: {exc}") from exc
-        try:
             self.check(staging)
+            for name, _ in sorted(rendered.files, key=lambda f: f[0] == CONFIG_FILE):
+                os.replace(staging / name, self.paths.state_dir / name)
         except ConfigInvalid:
             self.clean_staging()
             raise
-        try:
-            for name, _ in sorted(rendered.files, key=lambda f: f[0] == CONFIG_FILE):
-                os.replace(staging / name, self.paths.state_dir / name)
-        except OSError as exc:  # renames in one directory need no space; a read-only remount can still fail
+        except OSError as exc:
             self.clean_staging()
-            raise StateDirError(f"cannot move the configuration into {self.paths.state_dir}: {exc}") from exc
+            raise StateDirError(f"cannot install the configuration in {self.paths.state_dir}: {exc}") from exc
 
     def write_config(self, rendered: Rendered) -> None:
         """After runtime updates: only server lines changed, so the file set stays valid."""
