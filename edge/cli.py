@@ -89,16 +89,15 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         log.error("state dir %s: cannot take its lock: %s", settings.state_dir, exc)
         return 1
     haproxy = HAProxy(settings.haproxy, paths)
+    certs = (CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None, redirect=settings.https_redirect)
+             if settings.https_bind else None)
     try:
-        certs = (CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None, redirect=settings.https_redirect)
-                 if settings.https_bind else None)
         if certs is not None:
-            certs.prepare()
-    except OSError as exc:
-        lock.release()
-        log.error("certificates in %s: %s", cert_paths.directory, exc)
-        return 1
-    try:
+            try:
+                certs.prepare()
+            except OSError as exc:
+                log.error("certificates in %s: %s", cert_paths.directory, exc)
+                return 1
         if settings.once:
             return _once(settings, haproxy, listeners, templates, stop)
         return _serve(settings, haproxy, listeners, templates, template_dir, stop, lock, certs)

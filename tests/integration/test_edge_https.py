@@ -197,6 +197,12 @@ def test_nothing_is_ordered_outside_the_configured_domains(consul, pebble, fleet
         backend.close()
 
 
+def settled(edge: EdgeProcess, route: str) -> None:
+    """Wait until the reload that brought `route` in has returned (reloads are counted from there):
+    the route can answer before the reload's log line is written."""
+    wait_until(lambda: re.search(rf"reloaded HAProxy.*{route}", edge.log()), 10, what=f"the reload adding {route}")
+
+
 def metrics(edge: EdgeProcess) -> str:
     import urllib.request
     with urllib.request.urlopen(f"http://{edge.address}:{edge.admin_port}/edge/metrics", timeout=5) as r:
@@ -217,8 +223,7 @@ def test_certificates_from_kv_apply_live_and_a_bad_one_is_refused_alone(consul, 
     register(consul, "kvsite", "kvsite-1", backend, tags=(f"edge.host={name}",))
     try:
         answers(b, name, {"kv site"})
-        wait_until(lambda: re.search(r"reloaded HAProxy.*kvsite-80", b.log()), 10,
-                   what="the reload that added kvsite-80 to return")  # count reloads from here
+        settled(b, "kvsite-80")
         before = reloads(b.log())
         t0 = time.monotonic()
         put_kv(consul, "haproxy-consul/certs/kvsite", CA.bundle([name]))
@@ -262,7 +267,7 @@ def test_certificate_files_apply_live_and_a_bad_file_is_named(consul, files_edge
     register(consul, "files", "files-1", backend)
     try:
         answers(edge, f"files-80.{DOMAIN}", {"files"})
-        logged(edge, "because initial sync")
+        settled(edge, "files-80")
         before = reloads(edge.log())
         t0 = time.monotonic()
         (certs / "wild.pem").write_text(CA.bundle([f"*.{DOMAIN}"]))
@@ -313,7 +318,7 @@ def test_replacing_a_certificate_under_h2load_fails_no_request(consul, files_edg
     try:
         (certs / "load.pem").write_text(CA.bundle([name]))
         answers(edge, name, {"load"})
-        logged(edge, "because initial sync")
+        settled(edge, "load-80")
         wait_until(lambda: "CN = load-80" in presented(edge, name), 5, what="served")
         before = reloads(edge.log())
         out = {}
