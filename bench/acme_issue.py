@@ -23,9 +23,9 @@ from pathlib import Path
 from consul import Consul
 from harness import write_csv
 
-from edge.acme_issuer import AcmeSettings, Issuer
-from edge.certs import CertSet
-from edge.consul_kv import ConsulKV
+from edge.acme.issuer import AcmeSettings, Issuer
+from edge.consul.kv import ConsulKV
+from edge.tls.certs import CertSet
 from tests.support.pebble import ChallengeResponder, pebble_server
 from tests.support.procs import consul_agent, free_ports, require, wait_until
 

@@ -2,7 +2,7 @@
 
 M edges (default 1, 10, 30) watch N services (default 1,000 and 10,000; 3 instances each over 3
 nodes) with `stale` and with `consistent` reads, in the edge's default watch mode (or `--api`).
-Each edge here is the edge's real Consul watcher (`edge.watch.ConsulWatcher`) in its own process,
+Each edge here is the edge's real Consul watcher (`edge.consul.watch.ConsulWatcher`) in its own process,
 without HAProxy: what is measured is Consul's side and the edge's watch, not HAProxy's apply
 (bench/propagation.py and bench/scale.py measure that). Edge i talks to server i mod 3, as edges
 talk to the agent next to them.
@@ -45,7 +45,7 @@ NODES = ("node-0", "node-1", "node-2")
 def edge_main(url: str, api: str, consistency: str) -> None:
     """A watcher printing one JSON line per marker instance it sees (`mark-<k>`), with the time."""
     sys.path.insert(0, str(REPO))
-    from edge.watch import ConsulWatcher
+    from edge.consul.watch import ConsulWatcher
     from haproxy_consul import consul_api
 
     seen: set[str] = set()

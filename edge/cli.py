@@ -6,7 +6,7 @@ by someone else), 2 bad input (options or templates).
 
 Signals: SIGINT stops the edge and its HAProxy (gracefully). SIGTERM does the same with
 `--handover-timeout 0`; otherwise the edge exits at once and leaves HAProxy serving for a new
-edge to adopt (`edge.ownership`).
+edge to adopt (`edge.haproxy.ownership`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from edge import templates_source
-from edge.acme_issuer import Issuer
-from edge.cert_sources import DirSource, KVSource
-from edge.cert_stage import CertPaths, CertStage
-from edge.consul_kv import ConsulKV
+from edge.acme.issuer import Issuer
+from edge.consul.kv import ConsulKV
+from edge.consul.watch import CONSUL_ERRORS, ConsulWatcher, Snapshot
 from edge.control import Edge
-from edge.haproxy import HAProxy, HAProxyError, Paths
+from edge.haproxy.ownership import Busy, StateLock, check_free, hand_over
+from edge.haproxy.process import HAProxy, HAProxyError, Paths
 from edge.metrics import METRICS_SOCKET, EdgeMetrics, MetricsServer
-from edge.ownership import Busy, StateLock, check_free, hand_over
-from edge.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render, validate
+from edge.routing.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render, validate
+from edge.routing.table import RouteTable, build_table
 from edge.settings import Settings, parse
-from edge.table import RouteTable, build_table
-from edge.watch import CONSUL_ERRORS, ConsulWatcher, Snapshot
+from edge.tls.sources import DirSource, KVSource
+from edge.tls.stage import CertPaths, CertStage
 from haproxy_consul import __version__, consul_api, logs
 
 log = logging.getLogger("edge")

@@ -16,13 +16,21 @@ import threading
 import time
 from collections.abc import Mapping
 
-from edge.haproxy import ConfigInvalid, GuardedWrites, HAProxy, HAProxyError, NotRunning, ReloadFailed, RuntimeFailed
+from edge.consul.watch import Snapshot
+from edge.haproxy.process import (
+    ConfigInvalid,
+    GuardedWrites,
+    HAProxy,
+    HAProxyError,
+    NotRunning,
+    ReloadFailed,
+    RuntimeFailed,
+)
 from edge.metrics import NoMetrics
-from edge.model import Problem
-from edge.plan import Plan, make_plan, runtime_part
-from edge.render import Listeners, Rendered, TemplateError, render
-from edge.table import RouteTable, build_table, update_table
-from edge.watch import Snapshot
+from edge.routing.model import Problem
+from edge.routing.plan import Plan, make_plan, runtime_part
+from edge.routing.render import Listeners, Rendered, TemplateError, render
+from edge.routing.table import RouteTable, build_table, update_table
 
 log = logging.getLogger("edge")
 
@@ -38,7 +46,7 @@ class Edge:
                  metrics=None):
         self.metrics = metrics or NoMetrics()   # edge.metrics: what was applied, how and why
         self.haproxy = haproxy
-        self.certs = certs                         # edge.cert_stage.CertStage, with HTTPS
+        self.certs = certs                         # edge.tls.stage.CertStage, with HTTPS
         self.listeners = listeners
         self.templates = templates
         self.stop = stop

@@ -7,9 +7,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge import acme_settings
-from edge.acme_settings import AcmeSettings
-from edge.model import valid_host
+from edge.acme import settings as acme_settings
+from edge.acme.settings import AcmeSettings
+from edge.routing.model import valid_host
 from haproxy_consul import consul_api
 from haproxy_consul.consul_api import ConsulSettings
 from haproxy_consul.options import EnvParser, host_port, truthy
@@ -42,7 +42,7 @@ class Settings:
     https_redirect: bool = True
     hsts: int = 0
     acme: AcmeSettings | None = None
-    consul_api: str = "auto"      # how changes are watched: auto, internal or public (edge.watch)
+    consul_api: str = "auto"      # how changes are watched: auto, internal or public (edge.consul.watch)
     consistency: str = "stale"    # Consul read consistency: stale, default or consistent
     max_stale: float = 10.0       # a stale answer older than this is read again consistently
 

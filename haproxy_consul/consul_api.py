@@ -329,7 +329,7 @@ def client(settings: ConsulSettings, datacenter: str | None = None, timeout: flo
 
 def factory(settings: ConsulSettings, datacenter: str | None = None, timeout: float = 10.0
             ) -> Callable[[], consul.Consul]:
-    """A zero-argument maker of clients, for code that makes one per thread (e.g. edge.consul_kv)."""
+    """A zero-argument maker of clients, for code that makes one per thread (e.g. edge.consul.kv)."""
     return lambda: client(settings, datacenter, timeout)
 
 

@@ -20,9 +20,9 @@ from consul import Consul
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from edge.acme_issuer import AcmeSettings, DnsSettings, Issuer
-from edge.certs import CertError, Certificate, CertSet, parse_bundle
-from edge.consul_kv import ConsulKV
+from edge.acme.issuer import AcmeSettings, DnsSettings, Issuer
+from edge.consul.kv import ConsulKV
+from edge.tls.certs import CertError, Certificate, CertSet, parse_bundle
 from tests.support.bind import bind_server
 from tests.support.pebble import ChallengeResponder, Pebble, pebble_server
 from tests.support.procs import ConsulAgent, consul_per_module, free_ports, wait_until

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge import templates_source
-from edge.haproxy import HAProxy, Paths
-from edge.model import instances_from_health
-from edge.render import Listeners, render
-from edge.table import build_table
+from edge.haproxy.process import HAProxy, Paths
+from edge.routing.model import instances_from_health
+from edge.routing.render import Listeners, render
+from edge.routing.table import build_table
 from tests.integration.edge_helpers import answers, deregister, logged, register, reloads
 from tests.support.edge import REPO, EdgeProcess
 from tests.support.http import Backend

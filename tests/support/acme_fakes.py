@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from edge.acme_client import AcmeUnavailable, OrderFailed, Stopped
+from edge.acme.client import AcmeUnavailable, OrderFailed, Stopped
 from tests.support.tlsgen import CA, cert_pem, make_ca
 
 

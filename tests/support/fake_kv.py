@@ -1,11 +1,11 @@
-"""An in-memory stand-in for `edge.consul_kv.ConsulKV`, recording every write, for unit tests."""
+"""An in-memory stand-in for `edge.consul.kv.ConsulKV`, recording every write, for unit tests."""
 
 from __future__ import annotations
 
 import itertools
 import threading
 
-from edge.consul_kv import KVUnavailable
+from edge.consul.kv import KVUnavailable
 
 
 class FakeKV:

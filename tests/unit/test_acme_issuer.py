@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from edge.acme_issuer import AcmeSettings, Issuer
-from edge.certs import CertSet, parse_bundle
+from edge.acme.issuer import AcmeSettings, Issuer
+from edge.tls.certs import CertSet, parse_bundle
 from tests.support.acme_fakes import FakeAcme
 from tests.support.fake_kv import FakeKV
 from tests.support.procs import wait_until

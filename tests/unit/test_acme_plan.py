@@ -4,7 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from edge.acme_plan import (
+from edge.acme.plan import (
     NEW,
     REFUSED,
     RENEW,
@@ -19,7 +19,7 @@ from edge.acme_plan import (
     renewal_due,
     reserve_order,
 )
-from edge.certs import Certificate, CertSet
+from edge.tls.certs import Certificate, CertSet
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

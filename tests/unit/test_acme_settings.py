@@ -6,9 +6,9 @@ import pytest
 import requests
 from acme import errors, messages
 
-from edge.acme_client import AcmeUnavailable, OrderFailed, _classify
-from edge.acme_dns import challenge_name, parse_key_file
-from edge.acme_settings import AcmeSettings, DnsSettings, add_options, from_args
+from edge.acme.client import AcmeUnavailable, OrderFailed, _classify
+from edge.acme.dns import challenge_name, parse_key_file
+from edge.acme.settings import AcmeSettings, DnsSettings, add_options, from_args
 from haproxy_consul.options import EnvParser
 
 KEY = 'key "acme-update" {\n\talgorithm hmac-sha256;\n\tsecret "0A90BhrI8fQ6ME/Ap6uxHC0fBQ5GDqEaCjyC68eYHCI=";\n};\n'

@@ -8,11 +8,11 @@ import datetime as dt
 import pytest
 
 from edge import cert_stage
-from edge.cert_stage import CertPaths, CertStage
-from edge.certs import CertSet, file_name, parse_bundle
-from edge.haproxy import RuntimeFailed
-from edge.model import Instance
-from edge.table import build_table
+from edge.haproxy.process import RuntimeFailed
+from edge.routing.model import Instance
+from edge.routing.table import build_table
+from edge.tls.certs import CertSet, file_name, parse_bundle
+from edge.tls.stage import CertPaths, CertStage
 from tests.support.tlsgen import make_ca
 
 CA = make_ca()

@@ -1,4 +1,4 @@
-"""edge.certs: bundles parsed as HAProxy needs them, names matched, the served set ordered."""
+"""edge.tls.certs: bundles parsed as HAProxy needs them, names matched, the served set ordered."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from edge.certs import CertError, CertSet, covers, parse_bundle
+from edge.tls.certs import CertError, CertSet, covers, parse_bundle
 from tests.support.tlsgen import make_ca
 
 CA = make_ca()
@@ -98,7 +98,7 @@ def test_set_picks_exact_before_wildcard_then_longest_valid():
 
 
 # --- the plan: what HAProxy loads and the commands that get it there ------------------------------
-from edge.certs import (  # noqa: E402 - grouped with the tests that use them
+from edge.tls.certs import (  # noqa: E402 - grouped with the tests that use them
     cert_plan,
     challenges,
     crt_list,

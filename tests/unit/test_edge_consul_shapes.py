@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from edge.model import (
+from edge.routing.model import (
     ShapeError,
     instances_from_health,
     instances_from_node_dump,

@@ -7,10 +7,10 @@ from types import MappingProxyType
 import pytest
 
 from edge import control, templates_source
+from edge.consul.watch import Snapshot
 from edge.haproxy import ConfigInvalid, Paths, RuntimeFailed, StateDirError
-from edge.model import Instance
-from edge.render import Listeners
-from edge.watch import Snapshot
+from edge.routing.model import Instance
+from edge.routing.render import Listeners
 
 TEMPLATES = dict(templates_source.load(templates_source.bundled()))
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from edge.model import (
+from edge.routing.model import (
     container_port,
     edge_hosts,
     instances_from_health,

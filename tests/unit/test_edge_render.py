@@ -10,10 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge import templates_source
-from edge.cert_stage import CertPaths
-from edge.model import Instance, instances_from_health, route_name
-from edge.render import LANDING_MAX_BYTES, Listeners, TemplateError, render
-from edge.table import RouteTable, build_table
+from edge.routing.model import Instance, instances_from_health, route_name
+from edge.routing.render import LANDING_MAX_BYTES, Listeners, TemplateError, render
+from edge.routing.table import RouteTable, build_table
+from edge.tls.stage import CertPaths
 
 GOLDEN = Path(__file__).parent / "golden"
 TEMPLATES = templates_source.load(templates_source.bundled())

@@ -2,7 +2,7 @@
 
 import pytest
 
-from edge.safety import PublicView, judge, needs_confirmation, start_problem
+from edge.consul.safety import PublicView, judge, needs_confirmation, start_problem
 
 
 @pytest.mark.parametrize("before, after, ask", [

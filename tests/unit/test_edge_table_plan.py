@@ -2,9 +2,9 @@
 
 import pytest
 
-from edge.model import Instance
-from edge.plan import make_plan
-from edge.table import RouteTable, build_table
+from edge.routing.model import Instance
+from edge.routing.plan import make_plan
+from edge.routing.table import RouteTable, build_table
 
 
 def inst(sid, port=8000, service="web", cport=80, healthy=True, node="n1", address="10.0.0.1", tags=()):
@@ -125,7 +125,7 @@ def test_empty_table_is_a_valid_table():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from edge.table import update_table  # noqa: E402
+from edge.routing.table import update_table  # noqa: E402
 
 instance_st = st.builds(
     inst,

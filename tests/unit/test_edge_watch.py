@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from edge.watch import (
+from edge.consul.watch import (
     CATALOG_NODES,
     CATALOG_SERVICES,
     NONPASSING,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import jinja2
 from markupsafe import Markup
 
-from edge.model import Instance
-from edge.plan import slot_name
-from edge.table import Route, RouteTable, build_table
+from edge.routing.model import Instance
+from edge.routing.plan import slot_name
+from edge.routing.table import Route, RouteTable, build_table
 
 CONFIG_TEMPLATE = "haproxy.cfg.j2"
 LANDING_TEMPLATE = "landing.html.j2"

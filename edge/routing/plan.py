@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from edge.table import Route, RouteTable
+from edge.routing.table import Route, RouteTable
 
 
 @dataclass(frozen=True)

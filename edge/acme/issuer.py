@@ -3,7 +3,7 @@
 Every edge runs an `Issuer` thread. The control loop calls `want(names, certs)` whenever the
 route table or the certificate set changes (latest wins); `run()` turns that into orders:
 
-1. `edge.acme_plan` decides, from values, which names need an order now (no certificate
+1. `edge.acme.plan` decides, from values, which names need an order now (no certificate
    covers them, or a third of the lifetime is left), which wait (a fleet-wide backoff after
    failures, the fleet-wide hourly cap, another edge ordering) and which are refused (not a
    host name under a configured domain or allowed suffix: Consul data is untrusted).
@@ -11,7 +11,7 @@ route table or the certificate set changes (latest wins); `run()` turns that int
    edge that does not get it leaves the name to the holder and looks again after `lock_retry`
    seconds. The holder first re-reads `P/<name>` and the name's backoff state under the lock
    (another edge may have just finished), then reserves a slot in the fleet's hourly count
-   (`P/_acme/orders`, a CAS write) and only then orders, through `edge.acme_client`.
+   (`P/_acme/orders`, a CAS write) and only then orders, through `edge.acme.client`.
 3. The new key and chain go to `P/<name>`, where every edge's KV source picks them up. A
    failure doubles the name's wait, kept in `P/_acme/state/<name>` so no other edge retries
    sooner. One name's failure never delays another: orders run in parallel workers.
@@ -39,9 +39,9 @@ from acme.crypto_util import make_csr
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edge.acme_client import AcmeClient, AcmeUnavailable, OrderFailed, Stopped
-from edge.acme_dns import Rfc2136, load_key_file
-from edge.acme_plan import (
+from edge.acme.client import AcmeClient, AcmeUnavailable, OrderFailed, Stopped
+from edge.acme.dns import Rfc2136, load_key_file
+from edge.acme.plan import (
     NEW,
     REFUSED,
     RENEW,
@@ -55,9 +55,9 @@ from edge.acme_plan import (
     renewal_due,
     reserve_order,
 )
-from edge.acme_settings import AcmeSettings, DnsSettings  # noqa: F401 - the issuer's settings, re-exported
-from edge.certs import CertError, Certificate, CertSet, parse_bundle
-from edge.consul_kv import ConsulKV, KVUnavailable
+from edge.acme.settings import AcmeSettings, DnsSettings  # noqa: F401 - the issuer's settings, re-exported
+from edge.consul.kv import ConsulKV, KVUnavailable
+from edge.tls.certs import CertError, Certificate, CertSet, parse_bundle
 
 log = logging.getLogger("edge.acme")
 

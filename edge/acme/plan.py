@@ -1,9 +1,9 @@
 """What the ACME issuer should do now, decided from values only.
 
-The issuer (`edge.acme_issuer`) asks this module, each time something changes, which of the
+The issuer (`edge.acme.issuer`) asks this module, each time something changes, which of the
 names the control loop wants need an order now, which can wait and why, and which it must
 refuse. Inputs are the wanted names (computed by the lead's code from the route table and the
-configured domains), the certificates every source offers (`edge.certs.CertSet`), the
+configured domains), the certificates every source offers (`edge.tls.certs.CertSet`), the
 fleet-wide failure state of each name (kept in Consul KV by the issuer), the fleet-wide times of
 the orders of the last hour and `now`. Nothing here reads a clock, Consul or the network.
 
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from edge.certs import Certificate, CertSet
+from edge.tls.certs import Certificate, CertSet
 
 HOUR = timedelta(hours=1)
 LDH_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")

@@ -11,7 +11,7 @@ replacing them is the caller's decision.
 `CertSet` is what the edge serves: sorted, frozen, `==` means "same certificates". Names are
 chosen by the source and prefixed by it (`dir/…`, `kv/…`), so two sources never collide.
 
-Below that, the plan (as `edge.plan` is for routes): which certificates HAProxy should load
+Below that, the plan (as `edge.routing.plan` is for routes): which certificates HAProxy should load
 (`serving`), the runtime commands and files that get it there from what it has (`cert_plan`,
 `crt_list`), the HTTP-01 challenge map and the map of hosts that get the HTTPS redirect
 (`challenges`, `tls_hosts`, `map_commands`), and the self-signed default certificate.

@@ -25,7 +25,7 @@ Reads are `?stale` by default (any server answers; `--consistency`), and an answ
 consul-template's `watch/view.go`: the same index means nothing new, a lower one (a restarted
 agent) means a full sync; errors back off exponentially (capped at 2 s) and a full sync follows
 an outage. A snapshot that would remove every route, or more than half, is published only once
-an independent read through the public API confirms it (`edge.safety`); nothing here publishes
+an independent read through the public API confirms it (`edge.consul.safety`); nothing here publishes
 an empty catalog because of an error or an ACL filter.
 """
 
@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import quote
 
+from edge.consul.safety import PublicView, judge, needs_confirmation, start_problem
 from edge.metrics import NoMetrics
-from edge.model import (
+from edge.routing.model import (
     EXCLUDED_SERVICES,
     CheckState,
     Instance,
@@ -60,7 +61,6 @@ from edge.model import (
     services_from_catalog,
     summaries_from_ui_raw,
 )
-from edge.safety import PublicView, judge, needs_confirmation, start_problem
 from haproxy_consul.consul_api import Answer, ConsulDenied, ConsulError, ConsulHTTP, ConsulRefused, ConsulSettings
 
 log = logging.getLogger("edge.watch")

@@ -25,9 +25,9 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from edge.certs import CertError, Certificate, CertSet, challenges, parse_bundle
-from edge.consul_kv import ConsulKV, KVDenied, KVUnavailable
-from edge.watch import Backoff
+from edge.consul.kv import ConsulKV, KVDenied, KVUnavailable
+from edge.consul.watch import Backoff
+from edge.tls.certs import CertError, Certificate, CertSet, challenges, parse_bundle
 
 log = logging.getLogger("edge.certs")
 CHALLENGES = "_acme/challenges/"

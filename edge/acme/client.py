@@ -2,7 +2,7 @@
 
 `AcmeClient.issue(name, csr_pem)` runs one order with the `acme` library (`ClientV2`): new
 order, a challenge per pending authorization, answer, poll, finalize, download. It knows nothing
-of locks, caps or backoff; `edge.acme_issuer` decides when to call it and for which name.
+of locks, caps or backoff; `edge.acme.issuer` decides when to call it and for which name.
 
 - **Account**: its private key (a P-256 JWK) lives in Consul KV at `P/_acme/account`, so every
   edge signs with the same account. The first edge to need one writes a new key with a
@@ -12,7 +12,7 @@ of locks, caps or backoff; `edge.acme_issuer` decides when to call it and for wh
 - **HTTP-01**: the key authorization goes to `P/_acme/challenges/<token>`, which every edge
   serves at `/.well-known/acme-challenge/<token>`; after `http_propagation_wait` seconds the
   challenge is answered, whichever edge the CA then reaches. **DNS-01** (wildcards): a TXT
-  record through RFC 2136 (`edge.acme_dns`). Both are removed when the order ends.
+  record through RFC 2136 (`edge.acme.dns`). Both are removed when the order ends.
 - **Errors** come out as two types: `AcmeUnavailable` (server unreachable, 5xx, out of nonces:
   nobody's fault, retry soon) and `OrderFailed` (this name's order failed: validation, a
   refused identifier, a rate limit, a timeout: back off this name).
@@ -39,8 +39,8 @@ from acme import challenges, errors, messages
 from acme.client import ClientNetwork, ClientV2
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edge.acme_dns import Rfc2136, challenge_name
-from edge.consul_kv import ConsulKV, KVUnavailable
+from edge.acme.dns import Rfc2136, challenge_name
+from edge.consul.kv import ConsulKV, KVUnavailable
 
 log = logging.getLogger("edge.acme")
 

@@ -36,7 +36,7 @@ from pathlib import Path
 from haproxyadmin import exceptions as hapexc
 from haproxyadmin import haproxy as hapadmin
 
-from edge.render import CONFIG_FILE, Rendered
+from edge.routing.render import CONFIG_FILE, Rendered
 
 log = logging.getLogger("edge.haproxy")
 

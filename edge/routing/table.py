@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from edge.model import Instance, Problem, edge_hosts, route_name
+from edge.routing.model import Instance, Problem, edge_hosts, route_name
 
 MIN_SLOTS = 4
 

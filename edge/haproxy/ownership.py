@@ -6,7 +6,7 @@
 - `check_free()`: each listener address must be free before a new HAProxy starts. HAProxy binds
   with `noreuseport`, so a second one would fail anyway; this says which address and why first.
 - Hand-over: on SIGTERM (with `--handover-timeout` > 0) the edge exits at once and leaves its
-  HAProxy serving, watched by a small caretaker process (`python -m edge.ownership`). A new edge
+  HAProxy serving, watched by a small caretaker process (`python -m edge.haproxy.ownership`). A new edge
   on the same state dir adopts that HAProxy (no listener ever closes: an upgrade or restart drops
   no request); if none has taken the lock when the timeout ends, the caretaker soft-stops
   HAProxy.
@@ -25,13 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from edge.haproxy import is_master, stop_pid
+from edge.haproxy.process import is_master, stop_pid
 from haproxy_consul import logs
 from haproxy_consul.options import host_port
 
 log = logging.getLogger("edge.ownership")
 LOCK_FILE = "edge.lock"
-CARETAKER = "edge.ownership"
+CARETAKER = "edge.haproxy.ownership"
 
 
 class Busy(Exception):
@@ -140,7 +140,7 @@ def caretake(state_dir: Path, master: int, config: Path, timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edge.ownership",
+    p = argparse.ArgumentParser(prog="python -m edge.haproxy.ownership",
                                 description="The caretaker of an HAProxy handed over by a stopping edge.")
     p.add_argument("--state-dir", type=Path, required=True)
     p.add_argument("--pid", type=int, required=True)

@@ -1,6 +1,6 @@
 """DNS-01 through RFC 2136: add and delete `_acme-challenge.<domain>` TXT records, signed with TSIG.
 
-Used by the ACME issuer (`edge.acme_issuer`) for wildcard names, which only DNS-01 can prove.
+Used by the ACME issuer (`edge.acme.issuer`) for wildcard names, which only DNS-01 can prove.
 The authoritative server (BIND 9 or anything speaking RFC 2136) must allow updates signed with
 the key read from `--acme-dns-tsig-key-file`, written in BIND's own format, as `tsig-keygen`
 prints it:

@@ -2,7 +2,7 @@
 HTTPS hosts equal to what the sources say, live through the runtime API, never by a reload.
 
 It sits beside the route pipeline and runs on the control loop's thread (one writer of the
-runtime socket and the state dir): the sources (`edge.cert_sources`, other threads) only hand
+runtime socket and the state dir): the sources (`edge.tls.sources`, other threads) only hand
 over their newest sets and wake the loop; `step(table)` then
 
 1. merges every source's newest set (a source that has not answered yet counts with what is
@@ -28,7 +28,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edge.certs import (
+from edge.haproxy.process import GuardedWrites, HAProxy, RuntimeFailed, atomic_write
+from edge.metrics import NoMetrics
+from edge.routing.render import Https, vhosts
+from edge.routing.table import RouteTable
+from edge.tls.certs import (
     CertError,
     Certificate,
     CertSet,
@@ -43,10 +47,6 @@ from edge.certs import (
     serving,
     tls_hosts,
 )
-from edge.haproxy import GuardedWrites, HAProxy, RuntimeFailed, atomic_write
-from edge.metrics import NoMetrics
-from edge.render import Https, vhosts
-from edge.table import RouteTable
 
 log = logging.getLogger("edge.certs")
 RETRY = 5.0
@@ -114,7 +114,7 @@ class CertStage:
         self.redirect = redirect             # the configuration uses the map of HTTPS hosts only then
         self.domains = domains
         self.wake = wake
-        self.issuer = issuer                 # edge.acme_issuer.Issuer, or None without ACME
+        self.issuer = issuer                 # edge.acme.issuer.Issuer, or None without ACME
         self.wildcards = wildcards           # DNS-01: order `*.<domain>` instead of one name per route
         self.clock = clock
         self.metrics = NoMetrics()           # edge.metrics: the expiry of each served certificate

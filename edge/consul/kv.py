@@ -1,6 +1,6 @@
 """The Consul KV shell for certificates: read and watch a prefix, write with CAS, session locks.
 
-The certificate sources (`edge.cert_sources`) watch the prefix with a blocking query; the ACME
+The certificate sources (`edge.tls.sources`) watch the prefix with a blocking query; the ACME
 issuer writes certificates, challenges and its account here and orders a name only while it
 holds that name's session lock, so one edge of the fleet orders and every edge serves the result.
 

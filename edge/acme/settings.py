@@ -13,8 +13,8 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.acme_dns import load_key_file
-from edge.acme_plan import host_name
+from edge.acme.dns import load_key_file
+from edge.acme.plan import host_name
 from haproxy_consul.options import EnvParser, host_port
 
 
