@@ -7,10 +7,10 @@ import datetime as dt
 
 import pytest
 
-from edge import cert_stage
 from edge.haproxy.process import RuntimeFailed
 from edge.routing.model import Instance
 from edge.routing.table import build_table
+from edge.tls import stage as cert_stage
 from edge.tls.certs import CertSet, file_name, parse_bundle
 from edge.tls.stage import CertPaths, CertStage
 from tests.support.tlsgen import make_ca

@@ -8,7 +8,7 @@ import pytest
 
 from edge import control, templates_source
 from edge.consul.watch import Snapshot
-from edge.haproxy import ConfigInvalid, Paths, RuntimeFailed, StateDirError
+from edge.haproxy.process import ConfigInvalid, Paths, RuntimeFailed, StateDirError
 from edge.routing.model import Instance
 from edge.routing.render import Listeners
 
