@@ -122,7 +122,8 @@ def test_bootstrap_leaves_gracefully_over_tls_with_the_variables_alone(agent, tm
         boot.proc.wait(40)
         log = boot.log()
         assert "leaving the cluster gracefully" in log
-        assert "consul leave failed" not in log, log[-3000:]
+        assert "consul agent exited with status 0" in log, log[-3000:]   # it left, whatever leave answered
+        assert "WARNING bootstrap: consul leave" not in log, log[-3000:]
         assert "server starting leave" in log, log[-3000:]     # the agent itself got the leave
     finally:
         boot.kill()
