@@ -354,3 +354,68 @@ def test_an_idle_websocket_lives_until_the_tunnel_timeout(consul, echo_server):
     finally:
         edge.stop()
         deregister(consul, "ws-1")
+
+
+# --- issue 20: a hand-over whose state dir goes away, and ports it still holds --------------------
+def master_of(edge: EdgeProcess) -> int:
+    return int((edge.state_dir / "haproxy.pid").read_text().split()[0])
+
+
+def alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize("how", ["deleted", "renamed"])
+def test_a_state_dir_gone_during_a_hand_over_stops_haproxy_and_frees_its_ports(consul, tmp_path, how):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "60")).start()
+    master = master_of(edge)
+    edge.proc.send_signal(signal.SIGTERM)
+    assert edge.proc.wait(10) == 0
+    assert alive(master) and edge.get("nobody.invalid")[0] == 404              # handed over: still serving
+    if how == "deleted":
+        shutil.rmtree(edge.state_dir)
+    else:
+        edge.state_dir.rename(tmp_path / "moved")
+    try:
+        # Long before the 60 s hand-over ends: nobody can adopt an HAProxy whose state dir is gone.
+        wait_until(lambda: not alive(master), 10, what="the caretaker to stop HAProxy")
+        logged(edge, f"state dir {edge.state_dir} is gone (deleted or renamed): no edge can take over HAProxy "
+                     f"(pid {master}); stopping it")
+        successor = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port)
+        successor.start()                                                      # the ports are free again
+        successor.stop()
+    finally:
+        if alive(master):
+            os.kill(master, signal.SIGTERM)
+
+
+def test_a_port_held_by_a_pending_hand_over_names_the_holder_and_the_time_left(consul):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "40")).start()
+    master = master_of(edge)
+    edge.proc.send_signal(signal.SIGTERM)
+    assert edge.proc.wait(10) == 0
+    try:
+        other = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port)
+        result = subprocess.run(other.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        m = re.search(rf"--bind 127\.0\.0\.1:{edge.port} is already in use by HAProxy \(pid {master}\), handed over "
+                      rf"by the edge on {re.escape(str(edge.state_dir))}: it is stopped in (\d+)s unless an edge "
+                      rf"started on {re.escape(str(edge.state_dir))} takes it over first", result.stderr)
+        assert m, result.stderr
+        assert 30 <= int(m.group(1)) <= 40
+    finally:
+        os.kill(master, signal.SIGTERM)          # the caretaker sees it gone and exits
+    wait_until(lambda: not alive(master), 10, what="HAProxy to stop")
+
+
+def test_a_port_held_by_another_program_names_it(consul):
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        other = EdgeProcess(consul.url, domains=(DOMAIN,), port=holder.getsockname()[1])
+        result = subprocess.run(other.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    me = Path("/proc/self/comm").read_text().strip()
+    assert f"--bind 127.0.0.1:{other.port} is already in use by {me} (pid {os.getpid()})" in result.stderr
+
