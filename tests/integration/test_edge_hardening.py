@@ -4,11 +4,14 @@ papercuts around them (issue 11). Real HAProxy and Consul on loopback."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -27,7 +30,7 @@ from tests.integration.edge_helpers import answers, deregister, logged, register
 from tests.integration.test_browser import chromium
 from tests.support.edge import REPO, EdgeProcess
 from tests.support.http import Backend
-from tests.support.procs import consul_per_module, require, wait_until
+from tests.support.procs import consul_per_module, free_ports, require, wait_until
 from tests.unit.test_edge_render import page_markup
 
 pytestmark = pytest.mark.integration
@@ -418,4 +421,131 @@ def test_a_port_held_by_another_program_names_it(consul):
     assert result.returncode == 1
     me = Path("/proc/self/comm").read_text().strip()
     assert f"--bind 127.0.0.1:{other.port} is already in use by {me} (pid {os.getpid()})" in result.stderr
+
+
+# --- issue 20: forwarding headers, set by the edge ------------------------------------------------
+FORGED_FOR = "203.0.113.7"
+
+
+def forged(scheme: str) -> dict[str, str]:
+    """What a client may claim: another address, the other scheme, another host and port."""
+    return {"X-Forwarded-For": FORGED_FOR, "X-Forwarded-Proto": "http" if scheme == "https" else "https",
+            "X-Forwarded-Host": "forged.example", "X-Forwarded-Port": "1", "X-Real-IP": FORGED_FOR,
+            "Forwarded": f"for={FORGED_FOR};proto=https;host=forged.example"}
+
+
+def seen_by_backend(edge: EdgeProcess, scheme: str, source: str, host: str,
+                    headers: dict[str, str]) -> dict[str, list[str]]:
+    """The header lines the echo backend got for a request from `source` (a loopback address)."""
+    if scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(edge.address, edge.https_port, timeout=5, source_address=(source, 0),
+                                           context=context)
+    else:
+        conn = http.client.HTTPConnection(edge.address, edge.port, timeout=5, source_address=(source, 0))
+    try:
+        conn.request("GET", "/", headers={"Host": host, "Connection": "close", **headers})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status == 200, body
+    seen: dict[str, list[str]] = {}
+    for name, value in json.loads(body):
+        seen.setdefault(name.lower(), []).append(value)
+    return seen
+
+
+TRUSTED = "10.9.0.0/16,127.0.0.2"
+
+
+def echo_edge(consul, extra=()) -> EdgeProcess:
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), https_port=free_ports(1)[0], extra=extra).start()
+    wait_until(lambda: edge.get(f"echo-80.{DOMAIN}")[0] == 200, 10, what="the echo route")
+    return edge
+
+
+@pytest.fixture(scope="module")
+def echo_backend(consul):
+    backend = Backend("echo", echo=True)
+    register(consul, "echo", "echo-1", backend)
+    yield backend
+    deregister(consul, "echo-1")
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def https_edge(consul, echo_backend):
+    """An edge with an HTTPS listener that trusts nobody's forwarding headers."""
+    edge = echo_edge(consul)
+    yield edge
+    edge.stop()
+
+
+@pytest.fixture(scope="module")
+def trusting_edge(consul, echo_backend):
+    """An edge with an HTTPS listener behind a load balancer on 127.0.0.2."""
+    edge = echo_edge(consul, ("--trusted-proxies", TRUSTED))
+    yield edge
+    edge.stop()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize(("which", "source"), [("https_edge", "127.0.0.1"), ("https_edge", "127.0.0.2"),
+                                               ("trusting_edge", "127.0.0.1")])
+def test_a_client_s_forwarding_headers_are_replaced_by_the_edge_s(request, which, source, scheme):
+    edge = request.getfixturevalue(which)
+    host = f"echo-80.{DOMAIN}"
+    seen = seen_by_backend(edge, scheme, source, host, forged(scheme))
+    assert seen["x-forwarded-for"] == [source]                                 # one line: the client's address
+    assert seen["x-forwarded-proto"] == [scheme]
+    assert seen["x-forwarded-host"] == [host]
+    assert seen["x-forwarded-port"] == [str(edge.https_port if scheme == "https" else edge.port)]
+    assert "forwarded" not in seen and "x-real-ip" not in seen
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_trusted_proxy_s_forwarding_headers_are_kept_and_extended(trusting_edge, scheme):
+    seen = seen_by_backend(trusting_edge, scheme, "127.0.0.2", f"echo-80.{DOMAIN}", forged(scheme))
+    assert seen["x-forwarded-for"] == [f"{FORGED_FOR}, 127.0.0.2"]          # its chain, then the hop to the edge
+    assert seen["x-forwarded-proto"] == [forged(scheme)["X-Forwarded-Proto"]]
+    assert seen["x-forwarded-host"] == ["forged.example"]
+    assert seen["x-forwarded-port"] == ["1"]
+    assert seen["x-real-ip"] == [FORGED_FOR]
+    assert "forwarded" not in seen                                             # never passed on (README)
+    # What it leaves out, the edge fills in.
+    seen = seen_by_backend(trusting_edge, scheme, "127.0.0.2", f"echo-80.{DOMAIN}", {})
+    assert seen["x-forwarded-for"] == ["127.0.0.2"] and seen["x-forwarded-proto"] == [scheme]
+
+
+def proxied_get(edge: EdgeProcess, host: str, client: str, headers: dict[str, str]) -> tuple[int, str]:
+    """A request as a load balancer speaking the PROXY protocol (v1) passes it on for `client`."""
+    lines = [f"PROXY TCP4 {client} {edge.address} 40000 {edge.port}", "GET / HTTP/1.1", f"Host: {host}",
+             *(f"{k}: {v}" for k, v in headers.items()), "Connection: close", "", ""]
+    with socket.create_connection((edge.address, edge.port), timeout=5) as s:
+        s.sendall("\r\n".join(lines).encode())
+        response = b"".join(iter(lambda: s.recv(65536), b"")).decode(errors="replace")
+    head, _, body = response.partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_behind_a_proxy_protocol_load_balancer_the_address_it_reports_is_the_client(consul, echo_backend):
+    class ProxiedEdge(EdgeProcess):
+        def get(self, host: str, path: str = "/") -> tuple[int, str]:
+            return proxied_get(self, host, "198.51.100.9", {})
+
+    edge = ProxiedEdge(consul.url, domains=(DOMAIN,), extra=("--proxy-protocol",)).start()
+    try:
+        wait_until(lambda: edge.get(f"echo-80.{DOMAIN}")[0] == 200, 10, what="the echo route")
+        status, body = proxied_get(edge, f"echo-80.{DOMAIN}", "198.51.100.9", forged("http"))
+        assert status == 200
+        seen = dict((name.lower(), value) for name, value in json.loads(body))
+        assert seen["x-forwarded-for"] == "198.51.100.9" and seen["x-forwarded-proto"] == "http"
+        try:                                                                   # no PROXY header: refused
+            assert not raw_get(edge.port, f"echo-80.{DOMAIN}").startswith(b"HTTP/1.1 200")
+        except ConnectionResetError:
+            pass
+    finally:
+        edge.stop()
 
