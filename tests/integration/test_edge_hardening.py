@@ -549,3 +549,20 @@ def test_behind_a_proxy_protocol_load_balancer_the_address_it_reports_is_the_cli
     finally:
         edge.stop()
 
+
+# --- issue 20: TLS key exchange groups --------------------------------------------------------------
+def s_client(edge: EdgeProcess, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require("openssl"), "s_client", "-connect", f"{edge.address}:{edge.https_port}",
+                           "-servername", f"echo-80.{DOMAIN}", *args], input="", capture_output=True, text=True,
+                          timeout=10)
+
+
+@pytest.mark.parametrize(("group", "offered"), [("X25519", True), ("P-256", True), ("P-384", True),
+                                                ("X448", False), ("P-521", False)])
+def test_tls_1_3_offers_the_intermediate_profile_s_groups_only(https_edge, group, offered):
+    """Mozilla's intermediate profile: X25519, prime256v1 (P-256), secp384r1 (P-384). (With TLS 1.2
+    a client must offer P-256 for the ECDSA P-256 default certificate, which the server prefers
+    to X448 and P-521 anyway.)"""
+    out = s_client(https_edge, "-tls1_3", "-groups", group)
+    assert (out.returncode == 0 and "Cipher is (NONE)" not in out.stdout) == offered, out.stdout[-600:] + out.stderr
+
