@@ -29,7 +29,7 @@ from websockets.sync.server import serve
 from tests.integration.edge_helpers import answers, deregister, logged, register, reloads
 from tests.integration.test_browser import chromium
 from tests.support.edge import REPO, EdgeProcess
-from tests.support.http import Backend
+from tests.support.http import Backend, get
 from tests.support.procs import consul_per_module, free_ports, require, wait_until
 from tests.unit.test_edge_render import page_markup
 
@@ -566,3 +566,49 @@ def test_tls_1_3_offers_the_intermediate_profile_s_groups_only(https_edge, group
     out = s_client(https_edge, "-tls1_3", "-groups", group)
     assert (out.returncode == 0 and "Cipher is (NONE)" not in out.stdout) == offered, out.stdout[-600:] + out.stderr
 
+
+# --- issue 20: a removed vhost, in the metrics and the log ------------------------------------------
+def catalog_txn(consul, *operations: dict) -> None:
+    """Catalog writes applied atomically: one index, so the edge sees them in one snapshot."""
+    consul.api("PUT", "/v1/txn", list(operations))
+
+
+def on_node(verb: str, sid: str, backend: Backend | None = None) -> dict:
+    service = {"ID": sid, "Service": sid.rsplit("-", 1)[0]}
+    if backend is not None:
+        service.update(Address=backend.host, Port=backend.port, Meta={"container_port": "80"})
+    return {"Service": {"Verb": verb, "Node": "swap-node", "Service": service}}
+
+
+@pytest.fixture
+def swap(consul, backends):
+    """An edge that served vhost `blue`, then saw it replaced by `green` in one Consul write: one
+    reload that adds a vhost and removes another."""
+    consul.api("PUT", "/v1/catalog/register", {"Node": "swap-node", "Address": "127.0.0.1"})
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,)).start()
+    try:
+        logged(edge, "because initial sync")
+        catalog_txn(consul, on_node("set", "blue-1", backends["alpha"]))
+        logged(edge, "because vhost added: blue-80")
+        answers(edge, f"blue-80.{DOMAIN}", {"alpha"})
+        before = reloads(edge.log())
+        catalog_txn(consul, on_node("delete", "blue-1"), on_node("set", "green-1", backends["beta"]))
+        logged(edge, "vhost removed: blue-80")
+        answers(edge, f"green-80.{DOMAIN}", {"beta"})
+        assert edge.get(f"blue-80.{DOMAIN}")[0] == 404
+        assert reloads(edge.log()) == before + 1, edge.log()
+        time.sleep(0.5)                                    # HAProxy's own lines about it, if any
+        yield edge
+    finally:
+        edge.stop()
+        consul.api("PUT", "/v1/catalog/deregister", {"Node": "swap-node"})
+
+
+def scrape(edge: EdgeProcess) -> str:
+    return get(edge.admin_port, "admin", "/edge/metrics")[1]
+
+
+def test_a_reload_that_adds_and_removes_vhosts_counts_both(swap):
+    text = scrape(swap)
+    assert 'edge_changes_applied_total{how="reload",reason="vhost_removed"} 1.0' in text, text
+    assert 'edge_changes_applied_total{how="reload",reason="vhost_added"} 2.0' in text, text    # blue, then green
