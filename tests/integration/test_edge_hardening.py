@@ -612,3 +612,9 @@ def test_a_reload_that_adds_and_removes_vhosts_counts_both(swap):
     text = scrape(swap)
     assert 'edge_changes_applied_total{how="reload",reason="vhost_removed"} 1.0' in text, text
     assert 'edge_changes_applied_total{how="reload",reason="vhost_added"} 2.0' in text, text    # blue, then green
+
+
+def test_no_server_available_is_not_an_error(swap):
+    lines = [line for line in swap.log().splitlines() if "has no server available" in line]
+    assert lines                                                   # HAProxy did say it: the vhost lost its servers
+    assert not [line for line in lines if " ERROR " in line or " WARNING " in line], lines
