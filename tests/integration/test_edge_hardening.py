@@ -385,8 +385,10 @@ def test_a_state_dir_gone_during_a_hand_over_stops_haproxy_and_frees_its_ports(c
         logged(edge, f"state dir {edge.state_dir} is gone (deleted or renamed): no edge can take over HAProxy "
                      f"(pid {master}); stopping it")
         successor = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port)
-        successor.start()                                                      # the ports are free again
-        successor.stop()
+        try:
+            successor.start()                                                  # the ports are free again
+        finally:
+            successor.stop()
     finally:
         if alive(master):
             os.kill(master, signal.SIGTERM)
@@ -462,7 +464,11 @@ TRUSTED = "10.9.0.0/16,127.0.0.2"
 
 def echo_edge(consul, extra=()) -> EdgeProcess:
     edge = EdgeProcess(consul.url, domains=(DOMAIN,), https_port=free_ports(1)[0], extra=extra).start()
-    wait_until(lambda: edge.get(f"echo-80.{DOMAIN}")[0] == 200, 10, what="the echo route")
+    try:
+        wait_until(lambda: edge.get(f"echo-80.{DOMAIN}")[0] == 200, 10, what="the echo route")
+    except BaseException:
+        edge.stop()
+        raise
     return edge
 
 
