@@ -61,7 +61,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
                           max_reloads=settings.worker_max_reloads,
                           https=cert_paths.https(settings.https_bind, settings.https_redirect, settings.hsts)
                           if settings.https_bind else None,
-                          metrics_socket=str(metrics_socket) if not (settings.once or settings.dry_run) else "")
+                          metrics_socket=str(metrics_socket) if not (settings.once or settings.dry_run) else "",
+                          trusted_proxies=settings.trusted_proxies, proxy_protocol=settings.proxy_protocol)
     stop = threading.Event()
 
     if settings.command == "routes":

@@ -29,13 +29,11 @@ REASONS = (("initial sync", "initial_sync"), ("vhost added", "vhost_added"), ("v
            ("runtime API failed", "runtime_failed"), ("templates changed", "templates"))
 
 
-def reason_label(reasons: tuple[str, ...]) -> str:
-    """The label of a reload's first reason (the plan lists the weightiest first)."""
-    for reason in reasons:
-        for words, label in REASONS:
-            if words in reason:
-                return label
-    return "other"
+def reason_labels(reasons: tuple[str, ...]) -> tuple[str, ...]:
+    """The label of each kind of reason a reload has, once each, in the plan's order: a reload
+    that adds a vhost and removes another is both."""
+    labels = (next((label for words, label in REASONS if words in reason), "other") for reason in reasons)
+    return tuple(dict.fromkeys(labels))
 
 
 class EdgeMetrics:
@@ -49,8 +47,9 @@ class EdgeMetrics:
         self.latency = Histogram("edge_change_apply_seconds",
                                  "From the Consul answer that moved the index to the change applied in HAProxy",
                                  ["how"], buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
-        self.applied = Counter("edge_changes_applied", "Changes applied: live (runtime API) or by reload, by reason",
-                               ["how", "reason"], registry=r)
+        self.applied = Counter("edge_changes_applied",
+                               "Changes applied: live (runtime API) or by reload, by reason (a reload with "
+                               "reasons of several kinds counts under each)", ["how", "reason"], registry=r)
         self.rejected = Counter("edge_config_rejected", "Rendered configurations HAProxy refused", registry=r)
         self.routes = Gauge("edge_routes", "Routes (vhosts) served", registry=r)
         self.servers = Gauge("edge_servers", "Healthy servers across all routes", registry=r)
@@ -70,7 +69,8 @@ class EdgeMetrics:
     # --- the control loop's interface ----------------------------------------------------------
     def change_applied(self, how: str, reasons: tuple[str, ...], seen_at: float, routes: int, servers: int) -> None:
         """`how`: live or reload; `seen_at`: time.monotonic() when Consul's answer arrived (0: unknown)."""
-        self.applied.labels(how, "instances" if how == "live" else reason_label(reasons)).inc()
+        for reason in ("instances",) if how == "live" else reason_labels(reasons):
+            self.applied.labels(how, reason).inc()
         if seen_at:
             self.latency.labels(how).observe(max(0.0, time.monotonic() - seen_at))
         self.routes.set(routes)

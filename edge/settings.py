@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ class Settings:
     consul_api: str = "auto"      # how changes are watched: auto, internal or public (edge.consul.watch)
     consistency: str = "stale"    # Consul read consistency: stale, default or consistent
     max_stale: float = 10.0       # a stale answer older than this is read again consistently
+    trusted_proxies: tuple[str, ...] = ()  # networks whose forwarding headers are kept (README)
+    proxy_protocol: bool = False  # the listeners take a PROXY protocol header first
 
 
 def haproxy_bind(value: str) -> str:
@@ -58,6 +61,12 @@ def domain(value: str) -> str:
     if host is None:
         raise ValueError(f"{value!r} is not a domain name")
     return host
+
+
+def networks(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Addresses or CIDRs as HAProxy's `src` reads them (`10.0.0.0/8`, `2001:db8::/32`), in the
+    order given, each once."""
+    return tuple(dict.fromkeys(str(ipaddress.ip_network(v, strict=False)) for v in values))
 
 
 def parser(environ: Mapping[str, str]) -> EnvParser:
@@ -113,6 +122,12 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
              help="Consul read mode: stale lets any server answer (spreads a fleet's reads)")
     p.option("--max-stale", env="EDGE_CONSUL_MAX_STALE", default=10.0, type=float,
              help="seconds: a stale answer whose X-Consul-LastContact is older is read again consistently")
+    p.listing("--trusted-proxies", env="EDGE_TRUSTED_PROXIES",
+              help="addresses or CIDRs of proxies in front of the edge (a load balancer) whose X-Forwarded-* "
+                   "and X-Real-IP are kept; anyone else's are replaced (default: nobody's)")
+    p.flag("--proxy-protocol", env="EDGE_PROXY_PROTOCOL",
+           help="connections to the HTTP and HTTPS listeners start with a PROXY protocol header (from a load "
+                "balancer); the client address it gives is the one the edge forwards")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -163,6 +178,10 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             p.error(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
     if args.max_stale <= 0:
         p.error("--max-stale must be positive")
+    try:
+        trusted_proxies = networks(p.resolve_listing(args.trusted_proxies, "EDGE_TRUSTED_PROXIES"))
+    except ValueError as exc:
+        p.error(f"--trusted-proxies: {exc}")
     return Settings(
         consul=consul_api.from_args(p, args, args_in),
         datacenter=args.datacenter or None,
@@ -192,4 +211,6 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         consul_api=args.consul_api,
         consistency=args.consistency,
         max_stale=args.max_stale,
+        trusted_proxies=trusted_proxies,
+        proxy_protocol=args.proxy_protocol,
     )

@@ -123,7 +123,9 @@ def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
 # old worker print one "Proxy X stopped" per backend: thousands of lines at scale that say
 # nothing the edge's own one-line reload log does not.
 _HAPROXY_LINE = re.compile(r"^\[(ALERT|WARNING|NOTICE)\]\s*(?:\(\d+\))?\s*:\s*(.*)$")
-# Server state changes are the edge's own runtime commands, which it logs itself.
+# Server state changes are the edge's own runtime commands, which it logs itself; so is a backend
+# left with no server (HAProxy says so as an ALERT): its vhost lost its last instance, or is
+# being removed.
 _QUIET = re.compile(r"^(Proxy \S+ (started|stopped)|Former worker \(\d+\) exited with code 0|"
                     r"Stopping (frontend|backend|proxy) |Server \S+ is (UP|DOWN|going DOWN)\b|"
                     r"backend '?\S+?'? has no server available!)")
@@ -143,11 +145,9 @@ def classify(line: str) -> tuple[int, str] | None:
             return logging.ERROR if level <= 3 else logging.WARNING if level == 4 else logging.DEBUG, text
         return logging.INFO, line
     kind, text = m.groups()
-    if kind == "ALERT":
-        return logging.ERROR, text
     if kind == "NOTICE" or _QUIET.match(text):
         return logging.DEBUG, text
-    return logging.WARNING, text
+    return logging.ERROR if kind == "ALERT" else logging.WARNING, text
 
 
 def _relay(stream, logger: logging.Logger) -> None:

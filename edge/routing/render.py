@@ -72,6 +72,8 @@ class Listeners:
     max_reloads: int = 25           # reloads an old worker may outlive before it is stopped
     https: Https | None = None      # None: plain HTTP only
     metrics_socket: str = ""  # the edge's own metrics (edge.metrics), proxied at /edge/metrics
+    trusted_proxies: tuple[str, ...] = ()   # networks whose forwarding headers are kept
+    proxy_protocol: bool = False    # the HTTP and HTTPS listeners take a PROXY protocol header first
 
 
 @dataclass(frozen=True)

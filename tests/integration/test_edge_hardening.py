@@ -4,11 +4,14 @@ papercuts around them (issue 11). Real HAProxy and Consul on loopback."""
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -26,8 +29,8 @@ from websockets.sync.server import serve
 from tests.integration.edge_helpers import answers, deregister, logged, register, reloads
 from tests.integration.test_browser import chromium
 from tests.support.edge import REPO, EdgeProcess
-from tests.support.http import Backend
-from tests.support.procs import consul_per_module, require, wait_until
+from tests.support.http import Backend, get
+from tests.support.procs import consul_per_module, free_ports, require, wait_until
 from tests.unit.test_edge_render import page_markup
 
 pytestmark = pytest.mark.integration
@@ -354,3 +357,270 @@ def test_an_idle_websocket_lives_until_the_tunnel_timeout(consul, echo_server):
     finally:
         edge.stop()
         deregister(consul, "ws-1")
+
+
+# --- issue 20: a hand-over whose state dir goes away, and ports it still holds --------------------
+def master_of(edge: EdgeProcess) -> int:
+    return int((edge.state_dir / "haproxy.pid").read_text().split()[0])
+
+
+def alive(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+@pytest.mark.parametrize("how", ["deleted", "renamed"])
+def test_a_state_dir_gone_during_a_hand_over_stops_haproxy_and_frees_its_ports(consul, tmp_path, how):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "60")).start()
+    master = master_of(edge)
+    edge.proc.send_signal(signal.SIGTERM)
+    assert edge.proc.wait(10) == 0
+    assert alive(master) and edge.get("nobody.invalid")[0] == 404              # handed over: still serving
+    if how == "deleted":
+        shutil.rmtree(edge.state_dir)
+    else:
+        edge.state_dir.rename(tmp_path / "moved")
+    try:
+        # Long before the 60 s hand-over ends: nobody can adopt an HAProxy whose state dir is gone.
+        wait_until(lambda: not alive(master), 10, what="the caretaker to stop HAProxy")
+        logged(edge, f"state dir {edge.state_dir} is gone (deleted or renamed): no edge can take over HAProxy "
+                     f"(pid {master}); stopping it")
+        successor = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port)
+        try:
+            successor.start()                                                  # the ports are free again
+        finally:
+            successor.stop()
+    finally:
+        if alive(master):
+            os.kill(master, signal.SIGTERM)
+
+
+def test_a_port_held_by_a_pending_hand_over_names_the_holder_and_the_time_left(consul):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "40")).start()
+    master = master_of(edge)
+    edge.proc.send_signal(signal.SIGTERM)
+    assert edge.proc.wait(10) == 0
+    try:
+        other = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port)
+        result = subprocess.run(other.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        m = re.search(rf"--bind 127\.0\.0\.1:{edge.port} is already in use by HAProxy \(pid {master}\), handed over "
+                      rf"by the edge on {re.escape(str(edge.state_dir))}: it is stopped in (\d+)s unless an edge "
+                      rf"started on {re.escape(str(edge.state_dir))} takes it over first", result.stderr)
+        assert m, result.stderr
+        assert 30 <= int(m.group(1)) <= 40
+    finally:
+        os.kill(master, signal.SIGTERM)          # the caretaker sees it gone and exits
+    wait_until(lambda: not alive(master), 10, what="HAProxy to stop")
+
+
+def test_a_port_held_by_another_program_names_it(consul):
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        other = EdgeProcess(consul.url, domains=(DOMAIN,), port=holder.getsockname()[1])
+        result = subprocess.run(other.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    me = Path("/proc/self/comm").read_text().strip()
+    assert f"--bind 127.0.0.1:{other.port} is already in use by {me} (pid {os.getpid()})" in result.stderr
+
+
+# --- issue 20: forwarding headers, set by the edge ------------------------------------------------
+FORGED_FOR = "203.0.113.7"
+
+
+def forged(scheme: str) -> dict[str, str]:
+    """What a client may claim: another address, the other scheme, another host and port."""
+    return {"X-Forwarded-For": FORGED_FOR, "X-Forwarded-Proto": "http" if scheme == "https" else "https",
+            "X-Forwarded-Host": "forged.example", "X-Forwarded-Port": "1", "X-Real-IP": FORGED_FOR,
+            "Forwarded": f"for={FORGED_FOR};proto=https;host=forged.example"}
+
+
+def seen_by_backend(edge: EdgeProcess, scheme: str, source: str, host: str,
+                    headers: dict[str, str]) -> dict[str, list[str]]:
+    """The header lines the echo backend got for a request from `source` (a loopback address)."""
+    if scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(edge.address, edge.https_port, timeout=5, source_address=(source, 0),
+                                           context=context)
+    else:
+        conn = http.client.HTTPConnection(edge.address, edge.port, timeout=5, source_address=(source, 0))
+    try:
+        conn.request("GET", "/", headers={"Host": host, "Connection": "close", **headers})
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    assert response.status == 200, body
+    seen: dict[str, list[str]] = {}
+    for name, value in json.loads(body):
+        seen.setdefault(name.lower(), []).append(value)
+    return seen
+
+
+TRUSTED = "10.9.0.0/16,127.0.0.2"
+
+
+def echo_edge(consul, extra=()) -> EdgeProcess:
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), https_port=free_ports(1)[0], extra=extra).start()
+    try:
+        wait_until(lambda: edge.get(f"echo-80.{DOMAIN}")[0] == 200, 10, what="the echo route")
+    except BaseException:
+        edge.stop()
+        raise
+    return edge
+
+
+@pytest.fixture(scope="module")
+def echo_backend(consul):
+    backend = Backend("echo", echo=True)
+    register(consul, "echo", "echo-1", backend)
+    yield backend
+    deregister(consul, "echo-1")
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def https_edge(consul, echo_backend):
+    """An edge with an HTTPS listener that trusts nobody's forwarding headers."""
+    edge = echo_edge(consul)
+    yield edge
+    edge.stop()
+
+
+@pytest.fixture(scope="module")
+def trusting_edge(consul, echo_backend):
+    """An edge with an HTTPS listener behind a load balancer on 127.0.0.2."""
+    edge = echo_edge(consul, ("--trusted-proxies", TRUSTED))
+    yield edge
+    edge.stop()
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+@pytest.mark.parametrize(("which", "source"), [("https_edge", "127.0.0.1"), ("https_edge", "127.0.0.2"),
+                                               ("trusting_edge", "127.0.0.1")])
+def test_a_client_s_forwarding_headers_are_replaced_by_the_edge_s(request, which, source, scheme):
+    edge = request.getfixturevalue(which)
+    host = f"echo-80.{DOMAIN}"
+    seen = seen_by_backend(edge, scheme, source, host, forged(scheme))
+    assert seen["x-forwarded-for"] == [source]                                 # one line: the client's address
+    assert seen["x-forwarded-proto"] == [scheme]
+    assert seen["x-forwarded-host"] == [host]
+    assert seen["x-forwarded-port"] == [str(edge.https_port if scheme == "https" else edge.port)]
+    assert "forwarded" not in seen and "x-real-ip" not in seen
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_trusted_proxy_s_forwarding_headers_are_kept_and_extended(trusting_edge, scheme):
+    seen = seen_by_backend(trusting_edge, scheme, "127.0.0.2", f"echo-80.{DOMAIN}", forged(scheme))
+    assert seen["x-forwarded-for"] == [f"{FORGED_FOR}, 127.0.0.2"]          # its chain, then the hop to the edge
+    assert seen["x-forwarded-proto"] == [forged(scheme)["X-Forwarded-Proto"]]
+    assert seen["x-forwarded-host"] == ["forged.example"]
+    assert seen["x-forwarded-port"] == ["1"]
+    assert seen["x-real-ip"] == [FORGED_FOR]
+    assert "forwarded" not in seen                                             # never passed on (README)
+    # What it leaves out, the edge fills in.
+    seen = seen_by_backend(trusting_edge, scheme, "127.0.0.2", f"echo-80.{DOMAIN}", {})
+    assert seen["x-forwarded-for"] == ["127.0.0.2"] and seen["x-forwarded-proto"] == [scheme]
+
+
+def proxied_get(edge: EdgeProcess, host: str, client: str, headers: dict[str, str]) -> tuple[int, str]:
+    """A request as a load balancer speaking the PROXY protocol (v1) passes it on for `client`."""
+    lines = [f"PROXY TCP4 {client} {edge.address} 40000 {edge.port}", "GET / HTTP/1.1", f"Host: {host}",
+             *(f"{k}: {v}" for k, v in headers.items()), "Connection: close", "", ""]
+    with socket.create_connection((edge.address, edge.port), timeout=5) as s:
+        s.sendall("\r\n".join(lines).encode())
+        response = b"".join(iter(lambda: s.recv(65536), b"")).decode(errors="replace")
+    head, _, body = response.partition("\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def test_behind_a_proxy_protocol_load_balancer_the_address_it_reports_is_the_client(consul, echo_backend):
+    class ProxiedEdge(EdgeProcess):
+        def get(self, host: str, path: str = "/") -> tuple[int, str]:
+            return proxied_get(self, host, "198.51.100.9", {})
+
+    edge = ProxiedEdge(consul.url, domains=(DOMAIN,), extra=("--proxy-protocol",)).start()
+    try:
+        wait_until(lambda: edge.get(f"echo-80.{DOMAIN}")[0] == 200, 10, what="the echo route")
+        status, body = proxied_get(edge, f"echo-80.{DOMAIN}", "198.51.100.9", forged("http"))
+        assert status == 200
+        seen = dict((name.lower(), value) for name, value in json.loads(body))
+        assert seen["x-forwarded-for"] == "198.51.100.9" and seen["x-forwarded-proto"] == "http"
+        try:                                                                   # no PROXY header: refused
+            assert not raw_get(edge.port, f"echo-80.{DOMAIN}").startswith(b"HTTP/1.1 200")
+        except ConnectionResetError:
+            pass
+    finally:
+        edge.stop()
+
+
+# --- issue 20: TLS key exchange groups --------------------------------------------------------------
+def s_client(edge: EdgeProcess, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require("openssl"), "s_client", "-connect", f"{edge.address}:{edge.https_port}",
+                           "-servername", f"echo-80.{DOMAIN}", *args], input="", capture_output=True, text=True,
+                          timeout=10)
+
+
+@pytest.mark.parametrize(("group", "offered"), [("X25519", True), ("P-256", True), ("P-384", True),
+                                                ("X448", False), ("P-521", False)])
+def test_tls_1_3_offers_the_intermediate_profile_s_groups_only(https_edge, group, offered):
+    """Mozilla's intermediate profile: X25519, prime256v1 (P-256), secp384r1 (P-384). (With TLS 1.2
+    a client must offer P-256 for the ECDSA P-256 default certificate, which the server prefers
+    to X448 and P-521 anyway.)"""
+    out = s_client(https_edge, "-tls1_3", "-groups", group)
+    assert (out.returncode == 0 and "Cipher is (NONE)" not in out.stdout) == offered, out.stdout[-600:] + out.stderr
+
+
+# --- issue 20: a removed vhost, in the metrics and the log ------------------------------------------
+def catalog_txn(consul, *operations: dict) -> None:
+    """Catalog writes applied atomically: one index, so the edge sees them in one snapshot."""
+    consul.api("PUT", "/v1/txn", list(operations))
+
+
+def on_node(verb: str, sid: str, backend: Backend | None = None) -> dict:
+    service = {"ID": sid, "Service": sid.rsplit("-", 1)[0]}
+    if backend is not None:
+        service.update(Address=backend.host, Port=backend.port, Meta={"container_port": "80"})
+    return {"Service": {"Verb": verb, "Node": "swap-node", "Service": service}}
+
+
+@pytest.fixture
+def swap(consul, backends):
+    """An edge that served vhost `blue`, then saw it replaced by `green` in one Consul write: one
+    reload that adds a vhost and removes another."""
+    consul.api("PUT", "/v1/catalog/register", {"Node": "swap-node", "Address": "127.0.0.1"})
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,)).start()
+    try:
+        logged(edge, "because initial sync")
+        catalog_txn(consul, on_node("set", "blue-1", backends["alpha"]))
+        logged(edge, "because vhost added: blue-80")
+        answers(edge, f"blue-80.{DOMAIN}", {"alpha"})
+        before = reloads(edge.log())
+        catalog_txn(consul, on_node("delete", "blue-1"), on_node("set", "green-1", backends["beta"]))
+        logged(edge, "vhost removed: blue-80")
+        answers(edge, f"green-80.{DOMAIN}", {"beta"})
+        assert edge.get(f"blue-80.{DOMAIN}")[0] == 404
+        assert reloads(edge.log()) == before + 1, edge.log()
+        time.sleep(0.5)                                    # HAProxy's own lines about it, if any
+        yield edge
+    finally:
+        edge.stop()
+        consul.api("PUT", "/v1/catalog/deregister", {"Node": "swap-node"})
+
+
+def scrape(edge: EdgeProcess) -> str:
+    return get(edge.admin_port, "admin", "/edge/metrics")[1]
+
+
+def test_a_reload_that_adds_and_removes_vhosts_counts_both(swap):
+    text = scrape(swap)
+    assert 'edge_changes_applied_total{how="reload",reason="vhost_removed"} 1.0' in text, text
+    assert 'edge_changes_applied_total{how="reload",reason="vhost_added"} 2.0' in text, text    # blue, then green
+
+
+def test_no_server_available_is_not_an_error(swap):
+    lines = [line for line in swap.log().splitlines() if "has no server available" in line]
+    assert lines                                                   # HAProxy did say it: the vhost lost its servers
+    assert not [line for line in lines if " ERROR " in line or " WARNING " in line], lines

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Backend:
-    """A real HTTP server on a free loopback port answering `<name>` with status 200."""
+    """A real HTTP server on a free loopback port answering `<name>` with status 200; with
+    `echo`, the request's header lines instead, as JSON `[[name, value], ...]` in arrival order
+    (a repeated header shows as many times as it came)."""
 
-    def __init__(self, name: str, host: str = "127.0.0.1"):
+    def __init__(self, name: str, host: str = "127.0.0.1", echo: bool = False):
         self.name = name
         backend = self
 
@@ -24,9 +27,9 @@ class Backend:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_GET(self):  # noqa: N802 - http.server's naming
-                body = backend.name.encode()
+                body = json.dumps(self.headers.items()).encode() if echo else backend.name.encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Type", "application/json" if echo else "text/plain")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -9,23 +9,31 @@ from pathlib import Path
 
 import pytest
 
-from edge.metrics import EdgeMetrics, MetricsServer, reason_label
+from edge.metrics import EdgeMetrics, MetricsServer, reason_labels
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "haproxy-consul-edge.json"
 
 
-@pytest.mark.parametrize("reasons, label", [
-    (("initial sync",), "initial_sync"),
-    (("vhost added: a-80, b-80", "vhost removed: c-80"), "vhost_added"),
-    (("hosts of a-80 changed: [] -> ['x.org']",), "hosts_changed"),
-    (("a-80 grew from 4 to 8 slots",), "slots_grown"),
-    (("--apply reload: 3 server change(s)",), "apply_reload"),
-    (("runtime API failed: broken pipe",), "runtime_failed"),
-    (("templates changed",), "templates"),
-    (("something new",), "other"),
+@pytest.mark.parametrize("reasons, labels", [
+    (("initial sync",), ("initial_sync",)),
+    (("vhost added: a-80, b-80", "vhost removed: c-80"), ("vhost_added", "vhost_removed")),
+    (("hosts of a-80 changed: [] -> ['x.org']", "hosts of b-80 changed: [] -> ['y.org']"), ("hosts_changed",)),
+    (("a-80 grew from 4 to 8 slots",), ("slots_grown",)),
+    (("--apply reload: 3 server change(s)",), ("apply_reload",)),
+    (("runtime API failed: broken pipe",), ("runtime_failed",)),
+    (("templates changed",), ("templates",)),
+    (("something new",), ("other",)),
 ])
-def test_reason_label(reasons, label):
-    assert reason_label(reasons) == label
+def test_reason_labels(reasons, labels):
+    assert reason_labels(reasons) == labels
+
+
+def test_a_reload_with_reasons_of_two_kinds_counts_under_both():
+    m = EdgeMetrics()
+    m.change_applied("reload", ("vhost added: a-80", "vhost removed: b-80", "vhost removed: c-80"), 0, 1, 1)
+    text = m.text().decode()
+    assert 'edge_changes_applied_total{how="reload",reason="vhost_added"} 1.0' in text
+    assert 'edge_changes_applied_total{how="reload",reason="vhost_removed"} 1.0' in text
 
 
 def sample(m: EdgeMetrics) -> str:

@@ -36,6 +36,8 @@ def sample_table() -> RouteTable:
     ("no-domain", Listeners("127.0.0.1:8080", "127.0.0.1:8404", "/tmp/s/haproxy.sock", ())),
     ("https", Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", ("t2.example.com",),
                         https=CertPaths(Path("/run/haproxy-consul/certs")).https(":443", True, 31536000))),
+    ("behind-proxy", Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", ("t2.example.com",),
+                               trusted_proxies=("10.0.0.0/8", "2001:db8::/32"), proxy_protocol=True)),
 ])
 def test_golden(name, listeners):
     rendered = render(sample_table(), listeners, TEMPLATES)

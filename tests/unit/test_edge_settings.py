@@ -51,6 +51,14 @@ ENV = {
     ([], {}, "handover_timeout", 10.0),
     ([], {"EDGE_HANDOVER_TIMEOUT": "0"}, "handover_timeout", 0.0),
     ([], {"EDGE_TIMEOUT_TUNNEL": "120"}, "timeout_tunnel", 120),
+    # Forwarding headers: nobody's are trusted unless named; CIDRs as HAProxy reads them.
+    ([], {}, "trusted_proxies", ()),
+    ([], {"EDGE_TRUSTED_PROXIES": "10.1.2.3/8, 192.168.1.5"}, "trusted_proxies", ("10.0.0.0/8", "192.168.1.5/32")),
+    (["--trusted-proxies", "2001:db8::/32", "--trusted-proxies", "127.0.0.2,127.0.0.2"],
+     {"EDGE_TRUSTED_PROXIES": "10.0.0.0/8"}, "trusted_proxies", ("2001:db8::/32", "127.0.0.2/32")),
+    ([], {}, "proxy_protocol", False),
+    ([], {"EDGE_PROXY_PROTOCOL": "1"}, "proxy_protocol", True),
+    (["--proxy-protocol"], {}, "proxy_protocol", True),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -74,6 +82,8 @@ def test_precedence(argv, env, attr, expected):
     (["--acme-directory", "https://acme.test/dir"], {}),                            # no domain to order under
     (["--timeout-tunnel", "0"], {}),
     (["--handover-timeout", "-1"], {}),
+    (["--trusted-proxies", "10.0.0.0/33"], {}),
+    ([], {"EDGE_TRUSTED_PROXIES": "lb.example"}),
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:
