@@ -233,7 +233,8 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
     except OSError as exc:
         log.error("cannot serve the edge's metrics on %s: %s", listeners.metrics_socket, exc)
         return 1
-    edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply, certs, metrics=metrics)
+    edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply, certs, metrics=metrics,
+                reconcile_every=settings.reconcile_every)
     watcher = _watcher(settings, stop, edge.on_snapshot, metrics)
     threads = [threading.Thread(target=watcher.run, name="consul-watch", daemon=True)]
     dir_source = None

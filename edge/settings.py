@@ -48,6 +48,7 @@ class Settings:
     max_stale: float = 10.0       # a stale answer older than this is read again consistently
     trusted_proxies: tuple[str, ...] = ()  # networks whose forwarding headers are kept (README)
     proxy_protocol: bool = False  # the listeners take a PROXY protocol header first
+    reconcile_every: float = 10.0  # seconds between comparisons of HAProxy's servers with the table
 
 
 def haproxy_bind(value: str) -> str:
@@ -128,6 +129,8 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.flag("--proxy-protocol", env="EDGE_PROXY_PROTOCOL",
            help="connections to the HTTP and HTTPS listeners start with a PROXY protocol header (from a load "
                 "balancer); the client address it gives is the one the edge forwards")
+    p.option("--reconcile-every", env="EDGE_RECONCILE_EVERY", default=10.0, type=float,
+             help="seconds between checks that HAProxy serves the applied table (differences are put back)")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -182,6 +185,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         trusted_proxies = networks(p.resolve_listing(args.trusted_proxies, "EDGE_TRUSTED_PROXIES"))
     except ValueError as exc:
         p.error(f"--trusted-proxies: {exc}")
+    if args.reconcile_every <= 0:
+        p.error("--reconcile-every must be positive")
     return Settings(
         consul=consul_api.from_args(p, args, args_in),
         datacenter=args.datacenter or None,
@@ -213,4 +218,5 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         max_stale=args.max_stale,
         trusted_proxies=trusted_proxies,
         proxy_protocol=args.proxy_protocol,
+        reconcile_every=args.reconcile_every,
     )

@@ -59,6 +59,8 @@ ENV = {
     ([], {}, "proxy_protocol", False),
     ([], {"EDGE_PROXY_PROTOCOL": "1"}, "proxy_protocol", True),
     (["--proxy-protocol"], {}, "proxy_protocol", True),
+    ([], {}, "reconcile_every", 10.0),
+    (["--reconcile-every", "2"], {"EDGE_RECONCILE_EVERY": "30"}, "reconcile_every", 2.0),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -84,6 +86,7 @@ def test_precedence(argv, env, attr, expected):
     (["--handover-timeout", "-1"], {}),
     (["--trusted-proxies", "10.0.0.0/33"], {}),
     ([], {"EDGE_TRUSTED_PROXIES": "lb.example"}),
+    (["--reconcile-every", "0"], {}),
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:
