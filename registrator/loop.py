@@ -1,7 +1,8 @@
 """The registrator's loop: events for one container at a time, full reconciliation on start and
 every `--resync` seconds, TTL refreshes, drains, and the outages of the Docker Engine and of the
 Consul agent. Decisions are `mapping.registrations` and the functions of `reconcile`; this module
-only moves values between the Docker and Consul shells, fed by the threads of `feeds`.
+only moves values between the Docker and Consul shells, fed by the threads of `feeds`, and writes
+to the agent through `writes`.
 
 Start: containers are listed only once the event stream is open, so a container started in
 between shows up in one or the other. An engine that does not answer at start is said once and
@@ -34,36 +35,21 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from registrator.consul_sink import ConsulRejected, ConsulSink, ConsulUnavailable
 from registrator.docker_source import DockerSource, DockerUnavailable
 from registrator.feeds import AGENT, LOST, MARKERS, RESYNC, RETRY_MAX, Put, docker_events
-from registrator.mapping import NOTES_PREFIX, Container, Params, Registration, registrations, stopping_signal
-from registrator.reconcile import (
-    DRAIN_REASON,
-    ENGINE_REASON,
-    AgentCheck,
-    Changes,
-    diff,
-    engine_gone,
-    health_updates,
-    held,
-    older_hostnames,
-)
+from registrator.mapping import Container, Params, Registration, registrations, stopping_signal
+from registrator.reconcile import DRAIN_REASON, ENGINE_REASON, Changes, diff, engine_gone, held, older_hostnames
 from registrator.settings import Settings
+from registrator.writes import apply, few, hold, sync_checks
 
 log = logging.getLogger("registrator")
 
 STOP = "*stop*"       # queued when the stop event is set, so a long wait for events ends at once
 HEALTH_TTL = 60       # seconds, for Docker health checks when --ttl is not given
 DRAIN_GRACE = 5.0     # seconds past a container's stop timeout before a drain is given up
-
-
-def few(ids: Iterable[str], shown: int = 3) -> str:
-    """`a, b, c and 97 more`: service IDs for one log line."""
-    ids = list(ids)
-    return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
 class Registrator:
@@ -177,18 +163,13 @@ class Registrator:
             log.error("docker engine at %s: %s; waiting for it (nothing changes in Consul before it answers)",
                       self.docker.url, exc)
             return
-        held_now, refused = [], []
         try:
-            for sid in engine_gone(self.consul.registered(), self.consul.checks(), self.s.hostname):
-                try:
-                    self.consul.maintenance(sid, True, ENGINE_REASON)
-                    held_now.append(sid)
-                except ConsulRejected:
-                    refused.append(sid)
+            done, refused = hold(self.consul, engine_gone(self.consul.registered(), self.consul.checks(),
+                                                          self.s.hostname), ENGINE_REASON)
         except ConsulUnavailable as c_exc:
-            refused.append(f"the rest ({c_exc})")
+            done, refused = (), (f"all ({c_exc})",)
         log.error("docker engine at %s does not answer (%s): %d services of its containers in maintenance "
-                  "until it answers again%s", self.docker.url, exc, len(held_now),
+                  "until it answers again%s", self.docker.url, exc, len(done),
                   f"; not put in maintenance: {few(refused)}" if refused else "")
 
     def _params(self) -> Params:
@@ -231,12 +212,12 @@ class Registrator:
                 changes = Changes(tuple(desired), changes.deregister)
             plan = held(checks, [r.id for r in desired],
                         {sid for sid, r in registered.items() if r.container_id in self.draining})
-            self._apply(changes, "reconcile", dict(plan.keep))
+            apply(self.consul, changes, "reconcile", dict(plan.keep))
             if self.s.cleanup:
-                self._apply(Changes(deregister=older_hostnames(registered, self.s.hostname)),
-                            "cleanup (registered under an older --hostname)", dict(plan.keep))
+                apply(self.consul, Changes(deregister=older_hostnames(registered, self.s.hostname)),
+                      "cleanup (registered under an older --hostname)", dict(plan.keep))
             # At start every Docker health check is sent: its TTL ran on while we were not running.
-            self._sync_checks(desired, checks, changes, plan.lift, "reconcile", force=first)
+            sync_checks(self.consul, desired, checks, changes, plan.lift, "reconcile", force=first)
             self.heartbeats = {r.id for r in desired if any(c.kind == "heartbeat" for c in r.checks)}
             self.watched = {r.container_id for r in desired if r.health is not None}
             ok = self.consul.trouble is None   # still refused (ACL, TLS): come back soon
@@ -254,8 +235,9 @@ class Registrator:
             changes = diff(desired, self.consul.registered(), checks, self.s.hostname, scope={cid})
             why = f"container {container.name if container else cid[:12]}"
             plan = held(checks, [r.id for r in desired], [r.id for r in desired] if cid in self.draining else [])
-            self._apply(changes, why, dict(plan.keep))
-            self._sync_checks(desired, checks, changes, plan.lift, why, force=refresh)
+            apply(self.consul, changes, why, dict(plan.keep))
+            sync_checks(self.consul, desired, checks, changes, plan.lift, why, force=refresh)
+            self.heartbeats.difference_update(changes.deregister)
             if container is None or not container.running:
                 self.draining.pop(cid, None)
                 self.reported.pop(cid, None)
@@ -268,49 +250,6 @@ class Registrator:
                 self.watched.discard(cid)
         except ConsulUnavailable as exc:
             log.error("container %s: %s; the next reconciliation retries", cid[:12], exc)
-
-    def _apply(self, changes: Changes, why: str, keep: dict[str, str]) -> None:
-        """A refused request (4xx) skips that one service; an unavailable agent stops the batch.
-        `keep`: maintenance (service ID → reason) to put back on a service registered again."""
-        for reg in changes.register:
-            try:
-                self.consul.register(reg)
-                log.info("%s: registered %s as %s at %s:%d%s", why, reg.id, reg.name, reg.address, reg.port,
-                         "".join(f"; {c.notes[len(NOTES_PREFIX) + 1:]}" for c in reg.checks))
-                if reg.id in keep:
-                    # Registering again replaces the checks, maintenance mode included: put it back.
-                    self.consul.maintenance(reg.id, True, keep[reg.id])
-            except ConsulRejected as exc:
-                log.warning("%s: Consul refused %s; skipped: %s", why, reg.id, exc)
-        for sid in changes.deregister:
-            try:
-                self.consul.deregister(sid)
-                log.info("%s: deregistered %s", why, sid)
-            except ConsulRejected as exc:
-                log.warning("%s: Consul refused to deregister %s: %s", why, sid, exc)
-            self.heartbeats.discard(sid)
-
-    def _sync_checks(self, desired: list[Registration], checks: list[AgentCheck], changes: Changes,
-                     lift: tuple[str, ...], why: str, force: bool = False) -> None:
-        """Docker health into its TTL checks; the registrator's maintenance that is over lifted."""
-        fresh = {r.id for r in changes.register}     # just registered: the listed checks are gone
-        for check_id, health in health_updates(desired, [c for c in checks if c.service_id not in fresh], force):
-            try:
-                self.consul.update_check(check_id, health)
-                log.debug("%s: %s is %s", why, check_id, health.status)
-            except ConsulRejected as exc:
-                log.warning("%s: Consul refused to update %s: %s", why, check_id, exc)
-        lifted = []
-        for sid in lift:
-            if sid in fresh:
-                continue
-            try:
-                self.consul.maintenance(sid, False)
-                lifted.append(sid)
-            except ConsulRejected as exc:
-                log.warning("%s: Consul refused to end maintenance of %s: %s", why, sid, exc)
-        if lifted:
-            log.info("%s: out of maintenance, %d services whose containers run: %s", why, len(lifted), few(lifted))
 
     def _drain(self, cid: str, sig: str) -> None:
         """Maintenance for a container's services as it is being stopped (before it exits)."""
