@@ -3,8 +3,9 @@
 Every certificate source (a directory, Consul KV, the ACME issuer's results in KV) hands its
 bundles to `parse_bundle`, which checks them the way HAProxy would need them (a leaf, its
 chain, one unencrypted RSA or ECDSA key that matches the leaf) and normalises the text to
-leaf, chain, key: the exact text written to disk and sent through the runtime API. A bundle
-that fails raises `CertError` naming the problem; the caller logs it with the bundle's name and
+leaf, chain in order (each certificate followed by the one that issued it), key: the exact text
+written to disk and sent through the runtime API. A bundle that fails raises `CertError` naming
+the problem and the fix; the caller logs it with the bundle's name and
 keeps every other certificate. Expired certificates parse (their dates are visible): serving or
 replacing them is the caller's decision.
 
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
@@ -86,18 +88,51 @@ def _public(obj) -> bytes:
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def _issued(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    if child.issuer != parent.subject:
+        return False
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _ordered_chain(leaf: x509.Certificate, others: list[tuple[x509.Certificate, str]]) -> list[tuple]:
+    """The other certificates of a bundle from the leaf's issuer up, each followed by its own issuer
+    (the order TLS requires, whatever order the bundle had), or CertError naming one that is not
+    part of that chain."""
+    chain, rest, current = [], list(others), leaf
+    while rest:
+        parent = next((c for c in rest if _issued(current, c[0])), None)
+        if parent is None:
+            break
+        chain.append(parent)
+        rest.remove(parent)
+        current = parent[0]
+    if rest:
+        raise CertError(f"the certificate {rest[0][0].subject.rfc4514_string()} in it is not in the leaf's chain "
+                        f"(the next one up would be {current.issuer.rfc4514_string()}); remove it, or add the "
+                        f"missing certificates between them")
+    return chain
+
+
 def parse_bundle(name: str, text: str) -> Certificate:
     """PEM text (certificates and one private key, any order) → a Certificate, or CertError."""
     if len(text.encode(errors="replace")) > MAX_BUNDLE_BYTES:
         raise CertError(f"larger than {MAX_BUNDLE_BYTES // 1024} kB")
     blocks = [(m.group(1), m.group(0)) for m in PEM_BLOCK.finditer(text)]
-    certs, keys = [], []
+    certs, keys, seen = [], [], set()
     for kind, block in blocks:
         if kind == "CERTIFICATE":
             try:
-                certs.append((x509.load_pem_x509_certificate(block.encode()), block))
+                cert = x509.load_pem_x509_certificate(block.encode())
             except ValueError as exc:
                 raise CertError(f"a CERTIFICATE block does not parse: {exc}") from None
+            der = cert.public_bytes(serialization.Encoding.DER)
+            if der not in seen:                     # the same certificate twice: once is enough
+                seen.add(der)
+                certs.append((cert, block))
         elif kind == "ENCRYPTED PRIVATE KEY" or (kind.endswith("PRIVATE KEY") and "ENCRYPTED" in block):
             raise CertError("the private key is encrypted; HAProxy needs it unencrypted")
         elif kind.endswith("PRIVATE KEY"):
@@ -119,8 +154,8 @@ def parse_bundle(name: str, text: str) -> Certificate:
     names = _names(leaf)
     if not names:
         raise CertError("the certificate names no DNS host (no SAN, no CN)")
-    chain = [pem for i, (_, pem) in enumerate(certs) if i != leaf_at]
-    pem = "\n".join([leaf_pem, *chain, key_pem]) + "\n"
+    chain = _ordered_chain(leaf, [c for i, c in enumerate(certs) if i != leaf_at])
+    pem = "\n".join([leaf_pem, *(block for _, block in chain), key_pem]) + "\n"
     return Certificate(
         name=name,
         names=names,

@@ -56,13 +56,19 @@ class CA:
         return cert + self.pem + key
 
 
-def make_ca(name: str = "haproxy-consul test CA") -> CA:
+    def intermediate(self, name: str) -> CA:
+        """A CA signed by this one."""
+        return make_ca(name, parent=self)
+
+
+def make_ca(name: str = "haproxy-consul test CA", parent: CA | None = None) -> CA:
     key = _key("ec")
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+    cert = (x509.CertificateBuilder().subject_name(subject)
+            .issuer_name(parent.cert.subject if parent else subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now)
             .not_valid_after(now + dt.timedelta(days=365))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+            .sign(parent.key if parent else key, hashes.SHA256()))
     return CA(key, cert)

@@ -1,4 +1,4 @@
-"""edge.tls.certs: bundles parsed as HAProxy needs them, names matched, the served set ordered."""
+"""edge.tls.certs: bundles parsed as HAProxy needs them (chain in order), names matched, the served set ordered."""
 
 from __future__ import annotations
 
@@ -95,6 +95,32 @@ def test_set_picks_exact_before_wildcard_then_longest_valid():
     assert CertSet((expired,)).covering("nginx-80.apps.example.com", now) is None
     assert certs.get("kv/exact") is exact and certs.get("nope") is None
     assert CertSet((exact, wild)) == CertSet((wild, exact))
+
+
+ROOT = make_ca("chain root")
+INTER = ROOT.intermediate("chain intermediate")
+OTHER = make_ca("unrelated CA")
+
+
+@pytest.mark.parametrize("order", ["leaf inter root", "root inter leaf", "inter root leaf", "root leaf inter",
+                                   "leaf root inter", "leaf inter inter root"])
+def test_a_chain_in_any_order_is_served_leaf_first_then_each_issuer(order):
+    cert, key = INTER.issue(["chain.example"])
+    blocks = {"leaf": cert, "inter": INTER.pem, "root": ROOT.pem}
+    c = parse_bundle("dir/chain", "".join(blocks[b] for b in order.split()) + key)
+    assert [b.strip() for b in re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", c.pem, re.S)] \
+        == [cert.strip(), INTER.pem.strip(), ROOT.pem.strip()]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ("{other}", "CN=unrelated CA in it is not in the leaf's chain"),             # a stray certificate
+    ("{root}", "CN=chain root in it is not in the leaf's chain (the next one up would be CN=chain intermediate)"),
+])
+def test_a_certificate_outside_the_chain_is_refused_with_the_fix(extra, message):
+    cert, key = INTER.issue(["chain.example"])
+    text = cert + ("" if "root" in extra else INTER.pem) + extra.format(other=OTHER.pem, root=ROOT.pem) + key
+    with pytest.raises(CertError, match=re.escape(message)):
+        parse_bundle("dir/chain", text)
 
 
 # --- the plan: what HAProxy loads and the commands that get it there ------------------------------
