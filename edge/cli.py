@@ -90,7 +90,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         log.error("state dir %s: cannot take its lock: %s", settings.state_dir, exc)
         return 1
     haproxy = HAProxy(settings.haproxy, paths)
-    certs = (CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None, redirect=settings.https_redirect)
+    certs = (CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None, redirect=settings.https_redirect,
+                       suffixes=settings.cert_suffixes)
              if settings.https_bind else None)
     try:
         if certs is not None:

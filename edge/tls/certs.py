@@ -1,21 +1,18 @@
-"""Certificates as frozen values: parse a PEM bundle, match names, hold the set the edge serves.
+"""Certificates as frozen values: parse a PEM bundle, match names, hold the set a source offers.
 
 Every certificate source (a directory, Consul KV, the ACME issuer's results in KV) hands its
 bundles to `parse_bundle`, which checks them the way HAProxy would need them (a leaf, its
 chain, one unencrypted RSA or ECDSA key that matches the leaf) and normalises the text to
 leaf, chain in order (each certificate followed by the one that issued it), key: the exact text
 written to disk and sent through the runtime API. A bundle that fails raises `CertError` naming
-the problem and the fix; the caller logs it with the bundle's name and
-keeps every other certificate. Expired certificates parse (their dates are visible): serving or
-replacing them is the caller's decision.
+the problem and the fix; the caller logs it with the bundle's name and keeps every other
+certificate. Expired certificates parse (their dates are visible): serving or replacing them is
+the caller's decision (`edge.tls.plan`).
 
-`CertSet` is what the edge serves: sorted, frozen, `==` means "same certificates". Names are
-chosen by the source and prefixed by it (`dir/…`, `kv/…`), so two sources never collide.
-
-Below that, the plan (as `edge.routing.plan` is for routes): which certificates HAProxy should load
-(`serving`), the runtime commands and files that get it there from what it has (`cert_plan`,
-`crt_list`), the HTTP-01 challenge map and the map of hosts that get the HTTPS redirect
-(`challenges`, `tls_hosts`, `map_commands`), and the self-signed default certificate.
+`CertSet` is what a source offers: sorted, frozen, `==` means "same certificates", and the names
+it refused to parse. Names are chosen by the source and prefixed by it (`dir/…`, `kv/…`), so two
+sources never collide. Lookups by host go through an index by DNS name built once per set: a host
+is covered by the certificates naming it and by those naming `*.` + its parent, nothing else.
 Pure: no I/O.
 """
 
@@ -23,9 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,7 +38,7 @@ class CertError(ValueError):
     """A PEM bundle HAProxy could not serve."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Certificate:
     name: str                                   # source-qualified: "dir/example.com", "kv/nginx-80.a.example"
     names: tuple[str, ...]                      # lower-cased DNS names it is valid for (SANs, else the CN)
@@ -50,12 +47,16 @@ class Certificate:
     fingerprint: str                            # sha256 of the leaf, hex
     pem: str = field(repr=False, compare=True)  # leaf, chain, key: what HAProxy loads
 
-    @property
-    def lifetime(self) -> float:
-        return (self.not_after - self.not_before).total_seconds()
+    @cached_property
+    def file(self) -> str:
+        """Its file name in the state dir (computed once: a hash and a regex per certificate add up)."""
+        return file_name(self.name)
 
     def covers(self, host: str) -> bool:
         return any(covers(pattern, host) for pattern in self.names)
+
+    def valid_at(self, now: datetime) -> bool:
+        return self.not_before <= now < self.not_after
 
     def describe(self) -> str:
         """For logs: never the key, only what identifies the certificate."""
@@ -63,23 +64,35 @@ class Certificate:
                 f"valid until {self.not_after:%Y-%m-%d %H:%M} UTC; sha256 {self.fingerprint[:16]})")
 
 
+def normal(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
 def covers(pattern: str, host: str) -> bool:
     """Whether a certificate name matches a host: exactly, or `*.rest` for one more label."""
-    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
-    if pattern == host:
-        return True
-    if pattern.startswith("*."):
-        label, _, rest = host.partition(".")
-        return bool(label) and rest == pattern[2:]
-    return False
+    pattern, host = normal(pattern), normal(host)
+    return pattern == host or (pattern.startswith("*.") and wildcard_of(host) == pattern)
+
+
+def wildcard_of(host: str) -> str | None:
+    """The one wildcard name that covers `host` (normalised) besides the host itself: `*.` + its
+    parent, or None when it has no parent."""
+    label, _, rest = host.partition(".")
+    return f"*.{rest}" if label and rest else None
+
+
+def within(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether a DNS name is one of `suffixes` or under one. A wildcard `*.X` is judged by X."""
+    base = name[2:] if name.startswith("*.") else name
+    return any(base == s or base.endswith("." + s) for s in suffixes)
 
 
 def _names(cert: x509.Certificate) -> tuple[str, ...]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+        names = [normal(n) for n in san.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
-        names = [str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        names = [normal(str(a.value)) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     return tuple(sorted({n for n in names if n}))
 
 
@@ -166,38 +179,63 @@ def parse_bundle(name: str, text: str) -> Certificate:
     )
 
 
+def _key(cert: Certificate) -> tuple[str, str]:
+    return cert.name, cert.fingerprint
+
+
 @dataclass(frozen=True)
 class CertSet:
-    """The certificates one source (or all of them) offers, sorted by name."""
+    """The certificates one source (or all of them) offers, sorted by name, and the names of the
+    bundles it refused (they did not parse)."""
 
     certs: tuple[Certificate, ...] = ()
+    refused: tuple[str, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "certs", tuple(sorted(self.certs)))
+        object.__setattr__(self, "certs", tuple(sorted(self.certs, key=_key)))
+        object.__setattr__(self, "refused", tuple(sorted(self.refused)))
+
+    @cached_property
+    def _by_name(self) -> dict[str, list[Certificate]]:
+        """DNS name → the certificates naming it (built on first use; the set never changes)."""
+        index: dict[str, list[Certificate]] = {}
+        for cert in self.certs:
+            for n in cert.names:
+                index.setdefault(n, []).append(cert)
+        return index
+
+    @cached_property
+    def _by_cert_name(self) -> dict[str, Certificate]:
+        return {c.name: c for c in self.certs}
 
     def get(self, name: str) -> Certificate | None:
-        return next((c for c in self.certs if c.name == name), None)
+        return self._by_cert_name.get(name)
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.certs)
 
+    def candidates(self, host: str) -> list[Certificate]:
+        """Every certificate that covers `host` (any validity), from the index."""
+        host = normal(host)
+        wild = wildcard_of(host)
+        found = self._by_name.get(host, [])
+        return found + self._by_name.get(wild, []) if wild and wild != host else list(found)
+
     def covering(self, host: str, now: datetime | None = None) -> Certificate | None:
         """The certificate HAProxy should present for `host`: an exact name before a wildcard,
         then the one valid longest. With `now`, certificates not valid at `now` are left out."""
-        fits = [c for c in self.certs if c.covers(host) and (now is None or c.not_before <= now < c.not_after)]
-        if not fits:
-            return None
-        return max(fits, key=lambda c: (host.lower().rstrip(".") in c.names, c.not_after, c.name))
+        host = normal(host)
+        fits = [c for c in self.candidates(host) if now is None or c.valid_at(now)]
+        return max(fits, key=lambda c: (host in c.names, c.not_after, c.name), default=None)
 
     def __or__(self, other: CertSet) -> CertSet:
-        return CertSet(self.certs + other.certs)
+        return CertSet(self.certs + other.certs, self.refused + other.refused)
 
 
-# --- what HAProxy loads, and how to get there from what it has ----------------------------------
+# --- certificate files in the state dir ----------------------------------------------------------
 SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
-TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")                  # RFC 8555 tokens: base64url
-KEY_AUTHORIZATION = re.compile(r"^[A-Za-z0-9_-]{1,256}\.[A-Za-z0-9_-]{1,128}$")
+FILE_HEADER = "# haproxy-consul certificate "
 
 
 def file_name(name: str) -> str:
@@ -205,9 +243,6 @@ def file_name(name: str) -> str:
     `kv/*.a.example` and `kv/_.a.example` apart)."""
     safe = re.sub(r"\.{2,}", ".", SAFE_FILE.sub("_", name.replace("*", "_wildcard_"))).strip("._")[:100]
     return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}.pem"
-
-
-FILE_HEADER = "# haproxy-consul certificate "
 
 
 def file_text(cert: Certificate) -> str:
@@ -219,97 +254,6 @@ def file_text(cert: Certificate) -> str:
 def name_in_file(text: str) -> str | None:
     first = text.split("\n", 1)[0]
     return first[len(FILE_HEADER):].strip() or None if first.startswith(FILE_HEADER) else None
-
-
-def serving(certs: CertSet, now: datetime) -> dict[str, Certificate]:
-    """File name → certificate, for every certificate valid now that is the best one for at least
-    one of its names: a renewed or replaced certificate shadows the old one instead of both being
-    loaded (HAProxy would pick either)."""
-    chosen = {}
-    for cert in certs.certs:
-        if cert.not_before <= now < cert.not_after and any(certs.covering(n, now) is cert for n in cert.names):
-            chosen[file_name(cert.name)] = cert
-    return chosen
-
-
-@dataclass(frozen=True)
-class CertPlan:
-    """Live certificates → desired ones: files to write and remove, runtime commands, the crt-list."""
-
-    writes: tuple[tuple[str, str], ...] = ()             # (file name, file text)
-    removes: tuple[str, ...] = ()                        # file names
-    commands: tuple[tuple[str, str], ...] = ()           # (runtime command, payload or "")
-    changes: tuple[str, ...] = ()                        # one readable line per certificate, for the log
-
-    @property
-    def empty(self) -> bool:
-        return not self.writes and not self.removes
-
-
-def crt_list(directory: str, files: Mapping[str, Certificate]) -> str:
-    """The crt-list file: one certificate file per line; HAProxy takes the names from each
-    certificate (no SNI filter), exact names before wildcards."""
-    return "".join(f"{directory}/{f}\n" for f in sorted(files))
-
-
-def cert_plan(live: Mapping[str, Certificate], desired: Mapping[str, Certificate], directory: str,
-              crt_list_path: str) -> CertPlan:
-    """Runtime commands that make HAProxy serve `desired`, new and replaced certificates first
-    so no name goes without one in between."""
-    writes, commands, changes = [], [], []
-    for f, cert in sorted(desired.items()):
-        old = live.get(f)
-        if old is not None and old.pem == cert.pem:
-            continue
-        path = f"{directory}/{f}"
-        writes.append((f, file_text(cert)))
-        if old is None:
-            commands += [(f"new ssl cert {path}", ""), (f"set ssl cert {path}", cert.pem),
-                         (f"commit ssl cert {path}", ""), (f"add ssl crt-list {crt_list_path} {path}", "")]
-            changes.append(f"+ {cert.describe()}")
-        else:
-            commands += [(f"set ssl cert {path}", cert.pem), (f"commit ssl cert {path}", "")]
-            changes.append(f"~ {cert.describe()}")
-    removes = tuple(sorted(set(live) - set(desired)))
-    for f in removes:
-        path = f"{directory}/{f}"
-        commands += [(f"del ssl crt-list {crt_list_path} {path}", ""), (f"del ssl cert {path}", "")]
-        changes.append(f"- {live[f].describe()}")
-    return CertPlan(tuple(writes), removes, tuple(commands), tuple(changes))
-
-
-def map_text(entries: Mapping[str, str]) -> str:
-    return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
-
-
-def map_commands(path: str, live: Mapping[str, str], desired: Mapping[str, str]) -> tuple[str, ...]:
-    """Runtime commands turning the map `path` from `live` into `desired` (values without spaces)."""
-    commands = [f"del map {path} {k}" for k in sorted(set(live) - set(desired))]
-    for key, value in sorted(desired.items()):
-        if key not in live:
-            commands.append(f"add map {path} {key} {value}")
-        elif live[key] != value:
-            commands.append(f"set map {path} {key} {value}")
-    return tuple(commands)
-
-
-def challenges(raw: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
-    """HTTP-01 token → key authorization from KV (token → value), and what was refused. Anyone
-    who can write the prefix can put anything there: only base64url shapes reach HAProxy."""
-    good, bad = {}, []
-    for token, value in sorted(raw.items()):
-        value = value.strip()
-        if TOKEN.match(token) and KEY_AUTHORIZATION.match(value) and value.startswith(token + "."):
-            good[token] = value
-        else:
-            bad.append(token)
-    return good, tuple(bad)
-
-
-def tls_hosts(hosts: Iterable[str], served: Mapping[str, Certificate]) -> frozenset[str]:
-    """Of the routed host names, those a served certificate covers: they get the HTTPS redirect."""
-    certs = CertSet(tuple(served.values()))
-    return frozenset(h for h in hosts if certs.covering(h) is not None)
 
 
 def self_signed(common_name: str, now: datetime) -> str:

@@ -5,17 +5,20 @@ It sits beside the route pipeline and runs on the control loop's thread (one wri
 runtime socket and the state dir): the sources (`edge.tls.sources`, other threads) only hand
 over their newest sets and wake the loop; `step(table)` then
 
-1. merges every source's newest set (a source that has not answered yet counts with what is
-   on disk from the last run, so a restart with Consul down serves the same certificates),
-2. picks what HAProxy should load (`certs.serving`) and plans the difference (`certs.cert_plan`),
-3. writes each certificate file and the crt-list first (a reload or restart then loads the same
-   set), then applies the runtime commands (`new/set/commit ssl cert`, `add/del ssl crt-list`),
-4. updates the challenge map and the map of hosts that get the HTTPS redirect (`add/set/del
-   map`), file first too,
-5. tells the ACME issuer (if any) which names the routes want and which certificates exist.
+1. takes in what changed: each source's new set against the one before (a source that has not
+   answered yet counts with what is on disk from the last run, so a restart with Consul down
+   serves the same set), and the certificates whose validity date has come; `plan.Served` turns
+   that into files to load or unload and refusals (logged once each, counted in the metrics),
+2. applies those changes, at most CHUNK certificates a step so a large set never holds the
+   routes up: each certificate file and the crt-list first (a reload or restart then loads the
+   same set), then the runtime commands (`new/set/commit ssl cert`, `add/del ssl crt-list`),
+3. updates the challenge map and, once every certificate is in, the map of hosts that get the
+   HTTPS redirect (`add/set/del map`), file first too,
+4. tells the ACME issuer (if any) which names the routes want and which certificates exist.
 
-A failed write (full or read-only state dir) is logged once and retried; a runtime command that
-fails falls back to the control loop's reload, which loads the files.
+A step where nothing changed costs a few comparisons. A failed write (full or read-only state
+dir) is logged once and retried; a runtime command that fails falls back to the control loop's
+reload, which loads the files.
 """
 
 from __future__ import annotations
@@ -32,25 +35,12 @@ from edge.haproxy.process import GuardedWrites, HAProxy, RuntimeFailed, atomic_w
 from edge.metrics import NoMetrics
 from edge.routing.render import Https, vhosts
 from edge.routing.table import RouteTable
-from edge.tls.certs import (
-    CertError,
-    Certificate,
-    CertSet,
-    cert_plan,
-    crt_list,
-    file_name,
-    map_commands,
-    map_text,
-    name_in_file,
-    parse_bundle,
-    self_signed,
-    serving,
-    tls_hosts,
-)
+from edge.tls.certs import CertError, Certificate, CertSet, name_in_file, parse_bundle, self_signed
+from edge.tls.plan import INVALID, REASONS, Delta, Served, cert_plan, crt_list, map_commands, map_text, tls_hosts
 
 log = logging.getLogger("edge.certs")
 RETRY = 5.0
-RECHECK = 60.0                            # seconds: certificates expire and become valid with time alone
+CHUNK = 50                                # certificates applied per step; the routes get their turn in between
 DEFAULT_NAME = "haproxy-consul.invalid"   # the default certificate's name: never a real host
 
 
@@ -105,10 +95,19 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
+def _same_names(old: RouteTable | None, new: RouteTable | None) -> bool:
+    """Whether two tables route the same host names (an instance change keeps every other route
+    object as it was, so this is mostly identity checks)."""
+    if old is None or new is None:
+        return old is new
+    return len(old.routes) == len(new.routes) and all(
+        a is b or (a.name == b.name and a.hosts == b.hosts) for a, b in zip(old.routes, new.routes, strict=True))
+
 
 class CertStage:
     def __init__(self, haproxy: HAProxy, paths: CertPaths, domains: tuple[str, ...], wake: Callable[[], None],
-                 redirect: bool = True, issuer=None, wildcards: bool = False, clock: Callable[[], datetime] = utc_now):
+                 redirect: bool = True, issuer=None, wildcards: bool = False, clock: Callable[[], datetime] = utc_now,
+                 suffixes: tuple[str, ...] = ()):
         self.haproxy = haproxy
         self.paths = paths
         self.redirect = redirect             # the configuration uses the map of HTTPS hosts only then
@@ -117,32 +116,34 @@ class CertStage:
         self.issuer = issuer                 # edge.acme.issuer.Issuer, or None without ACME
         self.wildcards = wildcards           # DNS-01: order `*.<domain>` instead of one name per route
         self.clock = clock
-        self.metrics = NoMetrics()           # edge.metrics: the expiry of each served certificate
+        self.metrics = NoMetrics()           # edge.metrics: expiry of each served certificate, refusals
+        self.served = Served(suffixes)       # what HAProxy should have (suffixes: names a certificate may carry)
         self.live: dict[str, Certificate] = {}          # file name → certificate HAProxy has
         self.challenge_map = LiveMap(paths.challenges)   # ACME token → key authorization
         self.host_map = LiveMap(paths.tls_hosts)         # hosts with a certificate → "1" (the redirect)
-        self._sources: dict[str, CertSet] = {}           # newest set per source
-        self._disk: dict[str, Certificate] = {}          # what the last run left, until its source answers
+        self._new: dict[str, CertSet] = {}               # newest set per source, not taken in yet
+        self._offered: dict[str, dict[str, Certificate]] = {}   # source → certificate name → certificate taken in
+        self._invalid: dict[str, int] = {}               # source → bundles it refused to parse
+        self._pending: dict[str, Certificate | None] = {}       # file → certificate to load (None: unload)
         self._challenges: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._changed = True
         self._table: RouteTable | None = None
-        self._wanted: tuple | None = None
+        self._vhosts: frozenset[str] = frozenset()
+        self._hosts_due = True               # the map of HTTPS hosts may differ from what it should be
+        self._want_due = True                # the issuer has not heard of the latest names or certificates
+        self._counted: dict[str, int] = {}   # refusals by reason, as the metrics last heard them
         self._write = GuardedWrites(f"certificates in {paths.directory}", "HAProxy keeps serving the ones it has",
                                     RETRY)
-        self._recheck_at = 0.0
 
     # --- inputs, from other threads -------------------------------------------------------------
     def on_certs(self, source: str, certs: CertSet) -> None:
         with self._lock:
-            self._sources[source] = certs
-            self._changed = True
+            self._new[source] = certs
         self.wake()
 
     def on_challenges(self, tokens: dict[str, str]) -> None:
         with self._lock:
             self._challenges = dict(tokens)
-            self._changed = True
         self.wake()
 
     # --- start-up --------------------------------------------------------------------------------
@@ -165,11 +166,13 @@ class CertStage:
             except (OSError, CertError) as exc:
                 log.warning("certificate %s from the last run not served again: %s", path, exc)
                 continue
-            if file_name(cert.name) == path.name and path.parent == self.paths.directory:
-                self._disk[path.name] = cert
-        self.live = dict(self._disk)
+            if cert.file == path.name and path.parent == self.paths.directory:
+                self.live[path.name] = cert
+                self._offered.setdefault(cert.name.split("/", 1)[0], {})[cert.name] = cert
         if len(self.live) != len(listed) or not self.paths.crt_list.is_file():
             atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), self.live))
+        self._take_in(self.served.update({c.name: c for c in self.live.values()}, self.clock()))
+        self._pending.update(dict.fromkeys(self.live.keys() - self.served.files.keys()))   # refused now
         for live_map in (self.challenge_map, self.host_map):
             live_map.read()
 
@@ -177,62 +180,104 @@ class CertStage:
     def step(self, table: RouteTable | None) -> bool:
         """Bring HAProxy's certificates and maps up to date; False when the runtime API failed
         (the caller reloads: the files already hold the new state)."""
-        now = time.monotonic()
+        if self._write.waiting:
+            return True                    # the state dir refused a write: wait for RETRY
         with self._lock:
-            due = self._changed or table is not self._table or now >= self._recheck_at
-            if not due or self._write.waiting:
-                return True                # nothing new, or the state dir refused a write: wait for RETRY
-            sources, tokens = dict(self._sources), dict(self._challenges)
-            self._changed = False
-        self._table, self._recheck_at = table, now + RECHECK
-        certs = self._merged(sources)
-        ok = self._apply_certs(serving(certs, self.clock()))
+            new, self._new = self._new, {}
+            tokens = self._challenges
+        now = self.clock()
+        if new:
+            self._take_in(self.served.update(self._changes(new), now))
+        if self.served.next_change is not None and now >= self.served.next_change:
+            self._take_in(self.served.advance(now))
+        self._count()
+        ok = self._apply_certs()
         ok = self._apply_map(self.challenge_map, tokens) and ok
-        if self.redirect:
-            hosts = tls_hosts(vhosts(table, self.domains) if table else (), self.live)
-            ok = self._apply_map(self.host_map, dict.fromkeys(hosts, "1")) and ok
-        self._want(table, certs)
+        if not _same_names(self._table, table):
+            self._vhosts = frozenset(vhosts(table, self.domains)) if table else frozenset()
+            self._hosts_due = self._want_due = True
+        self._table = table
+        if self.redirect and self._hosts_due and not self._pending:
+            self._hosts_due = False
+            ok = self._apply_map(self.host_map, dict.fromkeys(tls_hosts(self._vhosts, self.served), "1")) and ok
+        self._want(table)
+        if self._pending:
+            self.wake()                    # the rest of a large change comes next, after the routes' turn
         return ok
 
-    def _merged(self, sources: dict[str, CertSet]) -> CertSet:
-        """Every source's newest set; for a source that has not answered, what is on disk of it."""
-        from_disk = tuple(c for f, c in self._disk.items()
-                          if not any(f.startswith(f"{s}_") for s in sources))
-        return CertSet(tuple(c for s in sources.values() for c in s.certs) + from_disk)
+    def _changes(self, new: dict[str, CertSet]) -> dict[str, Certificate | None]:
+        """Certificate name → what is offered under it now (None: withdrawn), over the sources
+        that sent a new set."""
+        changes: dict[str, Certificate | None] = {}
+        for source, certs in new.items():
+            old = self._offered.get(source, {})
+            fresh = {c.name: c for c in certs.certs}
+            changes.update(dict.fromkeys(old.keys() - fresh.keys()))
+            changes.update((name, c) for name, c in fresh.items() if old.get(name) is not c)
+            self._offered[source] = fresh
+            self._invalid[source] = len(certs.refused)
+        self._want_due = True
+        return changes
 
-    def _apply_certs(self, desired: dict[str, Certificate]) -> bool:
-        plan = cert_plan(self.live, desired, str(self.paths.directory), str(self.paths.crt_list))
-        if plan.empty:
+    def _take_in(self, delta: Delta) -> None:
+        for refusal in delta.refused:
+            log.warning("%s", refusal.line())
+        for f, cert in delta.files:
+            if self.live.get(f) is cert:
+                self._pending.pop(f, None)          # back to what HAProxy has
+            else:
+                self._pending[f] = cert
+
+    def _count(self) -> None:
+        counts = {reason: self.served.refused[reason] for reason in REASONS}
+        counts[INVALID] = sum(self._invalid.values())
+        if counts != self._counted:
+            self.metrics.certificates_refused(counts)
+            self._counted = counts
+
+    def _apply_certs(self) -> bool:
+        if not self._pending:
             return True
+        adds = [f for f, c in self._pending.items() if c is not None]
+        batch = {f: self._pending[f] for f in (adds or list(self._pending))[:CHUNK]}   # removals after every add
+        plan = cert_plan(self.live, batch, str(self.paths.directory), str(self.paths.crt_list))
+        desired = {**self.live, **{f: c for f, c in batch.items() if c is not None}}
+        for f in plan.removes:
+            del desired[f]
         t0 = time.perf_counter()
-        if not self._write(lambda: self._write_certs(plan.writes, desired)):
-            self._again()
+        if not plan.empty and not self._write(lambda: self._write_certs(plan, desired)):
+            return True                    # kept pending: tried again after RETRY
+        for f in batch:
+            del self._pending[f]
+        if plan.empty:
+            self.live = desired
             return True
+        self._hosts_due = True
         try:
             self.haproxy.ssl(plan.commands)
         except RuntimeFailed as exc:
             log.warning("certificate change through the runtime API failed (%s); reloading instead", exc)
-            self._served(desired)
             return False
         finally:
             for f in plan.removes:
                 (self.paths.directory / f).unlink(missing_ok=True)
-        self._served(desired)
-        log.info("certificates applied live in %.1f ms, no reload: %s", (time.perf_counter() - t0) * 1000,
-                 "; ".join(plan.changes))
+            self._served(desired, batch)
+        log.info("certificates applied live in %.1f ms, no reload: %s%s", (time.perf_counter() - t0) * 1000,
+                 "; ".join(plan.changes[:20]), f"; and {len(plan.changes) - 20} more" if len(plan.changes) > 20 else "")
         return True
 
-    def _served(self, desired: dict[str, Certificate]) -> None:
-        for f in set(self.live) - set(desired):
-            self.metrics.certificate_expires(self.live[f].name, None)
-        for cert in desired.values():
-            self.metrics.certificate_expires(cert.name, cert.not_after.timestamp())
+    def _served(self, desired: dict[str, Certificate], batch: dict[str, Certificate | None]) -> None:
+        for f in batch:
+            if f in self.live and f not in desired:
+                self.metrics.certificate_expires(self.live[f].name, None)
+            elif f in desired:
+                self.metrics.certificate_expires(desired[f].name, desired[f].not_after.timestamp())
         self.live = desired
 
-    def _write_certs(self, writes, desired) -> None:
-        for f, pem in writes:
+    def _write_certs(self, plan, desired) -> None:
+        for f, pem in plan.writes:
             atomic_write(self.paths.directory / f, pem, mode=0o600)
-        if set(desired) != set(self.live):          # a renewal or replacement keeps the list as it is
+        if desired.keys() != self.live.keys():          # a renewal or replacement keeps the list as it is
             atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), desired))
 
     def _apply_map(self, live: LiveMap, desired: dict[str, str]) -> bool:
@@ -240,7 +285,7 @@ class CertStage:
         if not commands:
             return True
         if not self._write(lambda: atomic_write(live.path, map_text(desired))):
-            self._again()
+            self._hosts_due = self._hosts_due or live is self.host_map
             return True
         live.entries = desired
         try:
@@ -251,16 +296,9 @@ class CertStage:
         log.debug("map %s: %s", live.path.name, "; ".join(commands))
         return True
 
-    def _want(self, table: RouteTable | None, certs: CertSet) -> None:
-        if self.issuer is None or table is None:
+    def _want(self, table: RouteTable | None) -> None:
+        if self.issuer is None or table is None or not self._want_due:
             return
-        names = (frozenset(f"*.{d}" for d in self.domains) if self.wildcards
-                 else frozenset(vhosts(table, self.domains)))
-        if (names, certs) != self._wanted:
-            self._wanted = (names, certs)
-            self.issuer.want(names, certs)
-
-    def _again(self) -> None:
-        """A refused write: the whole step runs again once the retry delay is over."""
-        with self._lock:
-            self._changed = True
+        self._want_due = False
+        names = frozenset(f"*.{d}" for d in self.domains) if self.wildcards else self._vhosts
+        self.issuer.want(names, CertSet(tuple(c for offered in self._offered.values() for c in offered.values())))

@@ -48,6 +48,13 @@ ENV = {
     (["--https-redirect"], {"EDGE_HTTPS_REDIRECT": "0"}, "https_redirect", True),
     ([], {"EDGE_HSTS": "31536000"}, "hsts", 31536000),
     ([], {}, "acme", None),
+    # Certificates served: names under the domains and --acme-allow, or any with --certs-any-name or no domain.
+    ([], ENV, "cert_suffixes", ("a.example", "b.example")),
+    (["--acme-allow", "other.org"], ENV, "cert_suffixes", ("a.example", "b.example", "other.org")),
+    ([], {"EDGE_ACME_ALLOW": ".Other.org"}, "cert_suffixes", ("other.org",)),
+    (["--certs-any-name"], ENV, "cert_suffixes", ()),
+    ([], {**ENV, "EDGE_CERTS_ANY_NAME": "1"}, "cert_suffixes", ()),
+    ([], {}, "cert_suffixes", ()),
     ([], {}, "handover_timeout", 10.0),
     ([], {"EDGE_HANDOVER_TIMEOUT": "0"}, "handover_timeout", 0.0),
     ([], {"EDGE_TIMEOUT_TUNNEL": "120"}, "timeout_tunnel", 120),
