@@ -9,9 +9,10 @@ over their newest sets and wake the loop; `step(table)` then
    answered yet counts with what is on disk from the last run, so a restart with Consul down
    serves the same set), and the certificates whose validity date has come; `plan.Served` turns
    that into files to load or unload and refusals (logged once each, counted in the metrics),
-2. applies those changes, at most CHUNK certificates a step so a large set never holds the
-   routes up: each certificate file and the crt-list first (a reload or restart then loads the
-   same set), then the runtime commands (`new/set/commit ssl cert`, `add/del ssl crt-list`),
+2. applies those changes, for at most BUDGET seconds a step so a large set never holds the
+   routes up (the rest comes at the next step): CHUNK certificates at a time, their files and the
+   crt-list first (a reload or restart then loads the same set), then the runtime commands
+   (`new/set/commit ssl cert`, `add/del ssl crt-list`),
 3. updates the challenge map and, once every certificate is in, the map of hosts that get the
    HTTPS redirect (`add/set/del map`), file first too,
 4. tells the ACME issuer (if any) which names the routes want and which certificates exist.
@@ -23,6 +24,7 @@ reload, which loads the files.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -40,7 +42,8 @@ from edge.tls.plan import INVALID, REASONS, Delta, Served, cert_plan, crt_list, 
 
 log = logging.getLogger("edge.certs")
 RETRY = 5.0
-CHUNK = 50                                # certificates applied per step; the routes get their turn in between
+CHUNK = 10                                # certificates per write of the crt-list and batch of commands
+BUDGET = 0.05                             # seconds of certificate changes per step; the routes' turn in between
 DEFAULT_NAME = "haproxy-consul.invalid"   # the default certificate's name: never a real host
 
 
@@ -236,15 +239,28 @@ class CertStage:
             self._counted = counts
 
     def _apply_certs(self) -> bool:
-        if not self._pending:
-            return True
-        adds = [f for f, c in self._pending.items() if c is not None]
-        batch = {f: self._pending[f] for f in (adds or list(self._pending))[:CHUNK]}   # removals after every add
+        """Pending certificates, CHUNK at a time, until they are all in or BUDGET is spent (the
+        rest comes at the next step): additions and replacements before any removal."""
+        t0 = time.perf_counter()
+        changes: list[str] = []
+        ok = True
+        while self._pending and ok and not self._write.waiting:
+            batch = list(itertools.islice((f for f, c in self._pending.items() if c is not None), CHUNK))
+            ok = self._apply_batch({f: self._pending[f] for f in batch or itertools.islice(self._pending, CHUNK)},
+                                   changes)
+            if time.perf_counter() - t0 >= BUDGET:
+                break
+        if changes:
+            log.info("certificates applied live in %.1f ms, no reload: %s%s%s", (time.perf_counter() - t0) * 1000,
+                     "; ".join(changes[:20]), f"; and {len(changes) - 20} more" if len(changes) > 20 else "",
+                     f" ({len(self._pending)} to go)" if self._pending else "")
+        return ok
+
+    def _apply_batch(self, batch: dict[str, Certificate | None], changes: list[str]) -> bool:
         plan = cert_plan(self.live, batch, str(self.paths.directory), str(self.paths.crt_list))
         desired = {**self.live, **{f: c for f, c in batch.items() if c is not None}}
         for f in plan.removes:
             del desired[f]
-        t0 = time.perf_counter()
         if not plan.empty and not self._write(lambda: self._write_certs(plan, desired)):
             return True                    # kept pending: tried again after RETRY
         for f in batch:
@@ -262,8 +278,7 @@ class CertStage:
             for f in plan.removes:
                 (self.paths.directory / f).unlink(missing_ok=True)
             self._served(desired, batch)
-        log.info("certificates applied live in %.1f ms, no reload: %s%s", (time.perf_counter() - t0) * 1000,
-                 "; ".join(plan.changes[:20]), f"; and {len(plan.changes) - 20} more" if len(plan.changes) > 20 else "")
+        changes += plan.changes
         return True
 
     def _served(self, desired: dict[str, Certificate], batch: dict[str, Certificate | None]) -> None:

@@ -186,7 +186,8 @@ def fake(name, host, days=30):
                        f"PEM of {name} {days}")
 
 
-def test_a_large_change_goes_in_chunks_new_ones_first_with_the_routes_in_between(stage):
+def test_a_large_change_goes_in_chunks_new_ones_first_with_the_routes_in_between(stage, monkeypatch):
+    monkeypatch.setattr(cert_stage, "BUDGET", 0)            # one chunk a step
     woken = []
     stage.wake = lambda: woken.append(1)
     stage.on_certs("kv", CertSet(tuple(fake(f"kv/old{i}", f"old{i}.a.example") for i in range(10))))
@@ -199,6 +200,7 @@ def test_a_large_change_goes_in_chunks_new_ones_first_with_the_routes_in_between
     ssl = [cmd for kind, cmds in stage.haproxy.calls if kind == "ssl" for cmd in cmds]
     batches = [cmds for kind, cmds in stage.haproxy.calls if kind == "ssl"]
     assert steps == 4 and len(woken) == 3                  # three chunks of additions, then the removals
+    assert len(batches) == 4
     assert all(len([c for c in b if c.startswith("new ssl cert")]) <= cert_stage.CHUNK for b in batches)
     first_del = next(i for i, c in enumerate(ssl) if c.startswith("del "))
     assert all(not c.startswith("new ") for c in ssl[first_del:])       # every addition before any removal
