@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -65,3 +66,10 @@ def status_of(edge, host: str, status: int, timeout: float = 10.0) -> None:
 
 def config_text(edge) -> str:
     return Path(edge.state_dir, "haproxy.cfg").read_text()
+
+
+def put_kv_many(consul: ConsulAgent, items: dict[str, str]) -> None:
+    """Many KV writes, in Consul transactions of 64 operations (Consul's limit per transaction)."""
+    ops = [{"KV": {"Verb": "set", "Key": k, "Value": base64.b64encode(v.encode()).decode()}} for k, v in items.items()]
+    for i in range(0, len(ops), 64):
+        consul.api("PUT", "/v1/txn", ops[i:i + 64], timeout=60)
