@@ -185,6 +185,7 @@ class CertStage:
         (the caller reloads: the files already hold the new state)."""
         if self._write.waiting:
             return True                    # the state dir refused a write: wait for RETRY
+        t0 = time.perf_counter()
         with self._lock:
             new, self._new = self._new, {}
             tokens = self._challenges
@@ -194,7 +195,7 @@ class CertStage:
         if self.served.next_change is not None and now >= self.served.next_change:
             self._take_in(self.served.advance(now))
         self._count()
-        ok = self._apply_certs()
+        ok = self._apply_certs(t0)
         ok = self._apply_map(self.challenge_map, tokens) and ok
         if not _same_names(self._table, table):
             self._vhosts = frozenset(vhosts(table, self.domains)) if table else frozenset()
@@ -238,10 +239,10 @@ class CertStage:
             self.metrics.certificates_refused(counts)
             self._counted = counts
 
-    def _apply_certs(self) -> bool:
-        """Pending certificates, CHUNK at a time, until they are all in or BUDGET is spent (the
-        rest comes at the next step): additions and replacements before any removal."""
-        t0 = time.perf_counter()
+    def _apply_certs(self, t0: float) -> bool:
+        """Pending certificates, CHUNK at a time, until they are all in or BUDGET is spent since
+        the step began at `t0` (the rest comes at the next step): additions and replacements
+        before any removal. The log line's time is the step's, from taking the sources' sets in."""
         changes: list[str] = []
         ok = True
         while self._pending and ok and not self._write.waiting:

@@ -6,9 +6,7 @@ each and counted; a chain out of order is served in order."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import re
-import socket
 import ssl
 import subprocess
 import time
@@ -16,7 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.edge_helpers import answers, deregister, logged, put_kv_many, register
+from tests.integration.edge_helpers import (
+    deregister,
+    https_bodies,
+    leaf_fingerprint,
+    logged,
+    presented_fingerprint,
+    put_kv_many,
+    register,
+)
 from tests.integration.test_edge_https import metrics, presented, put_kv
 from tests.support.edge import EdgeProcess
 from tests.support.http import Backend
@@ -41,39 +47,11 @@ def loaded(edge: EdgeProcess) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-PEEK = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-PEEK.check_hostname, PEEK.verify_mode = False, ssl.CERT_NONE
-
-
-def fingerprint(edge: EdgeProcess, host: str) -> str:
-    with socket.create_connection((edge.address, edge.https_port), timeout=2) as raw, \
-            PEEK.wrap_socket(raw, server_hostname=host) as tls:
-        return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
-
-
-def leaf_fingerprint(bundle: str) -> str:
-    leaf = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", bundle, re.S).group(0)
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(leaf)).hexdigest()
-
-
 VERIFY = ssl.create_default_context(cadata=CA.pem)
 
 
-def https_bodies(edge: EdgeProcess, host: str, n: int = 6) -> set[str]:
-    """The bodies of `n` verified HTTPS requests to `host` answered 200 (each a new connection)."""
-    out = set()
-    for _ in range(n):
-        with socket.create_connection((edge.address, edge.https_port), timeout=2) as raw, \
-                VERIFY.wrap_socket(raw, server_hostname=host) as tls:
-            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-            head, _, body = b"".join(iter(lambda t=tls: t.recv(65536), b"")).partition(b"\r\n\r\n")
-        if head.startswith(b"HTTP/1.1 200"):
-            out.add(body.decode())
-    return out
-
-
 def https_answers(edge: EdgeProcess, host: str, expected: set[str]) -> None:
-    wait_until(lambda: https_bodies(edge, host) == expected, 60, interval=0.01,
+    wait_until(lambda: https_bodies(edge, host, VERIFY) == expected, 60, interval=0.01,
                what=f"{host} answering {sorted(expected)} over HTTPS")
 
 
@@ -109,7 +87,7 @@ def test_2000_certificates_in_kv_leave_route_and_certificate_changes_quick(consu
         renewed = CA.bundle([host], days=60)
         want = leaf_fingerprint(renewed)
         cert_change = timed(lambda: put_kv(consul, "scale/certs/site1", renewed),
-                            lambda: wait_until(lambda: fingerprint(edge, host) == want, 60, interval=0.01,
+                            lambda: wait_until(lambda: presented_fingerprint(edge, host) == want, 60, interval=0.01,
                                                what="the renewed certificate"), "a certificate renewed in KV")
         assert max(changes) < 1.0, changes
         # A reload loads every certificate in HAProxy (its own cost, printed); the edge adds little to it.
@@ -147,7 +125,7 @@ def test_expired_early_and_outside_certificates_are_logged_once_each_and_counted
             assert "WARNING" in line and why in line, line
         # More steps: a route, a KV write under the prefix, the KV watch's timeouts, a file touched.
         register(consul, "good", "good-1", backend)
-        answers(edge, f"good-80.{DOMAIN}", {"good"})
+        https_answers(edge, f"good-80.{DOMAIN}", {"good"})
         put_kv(consul, "refused/certs/_acme/other", "x")
         (certs / "good.pem").write_text((certs / "good.pem").read_text())
         time.sleep(6)
