@@ -41,6 +41,7 @@ class Settings:
     certs: Path | None = None
     certs_kv: str = "haproxy-consul/certs"
     cert_suffixes: tuple[str, ...] = ()   # a served certificate's names are under these; (): any name
+    ocsp_stapling: bool = True            # fetch and staple OCSP responses for certificates that name a responder
     https_redirect: bool = True
     hsts: int = 0
     acme: AcmeSettings | None = None
@@ -113,6 +114,10 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
                    help="serve certificates from --certs and --certs-kv whatever names they carry; by default a "
                         "certificate with a name outside every --domain and --acme-allow is refused "
                         "[env EDGE_CERTS_ANY_NAME]")
+    p.add_argument("--ocsp-stapling", action=argparse.BooleanOptionalAction,
+                   default=truthy(environ.get("EDGE_OCSP_STAPLING", "1")),
+                   help="staple OCSP responses, fetched in the background from the responder each certificate "
+                        "names (its AIA), to HTTPS handshakes [env EDGE_OCSP_STAPLING]")
     p.add_argument("--https-redirect", action=argparse.BooleanOptionalAction,
                    default=truthy(environ.get("EDGE_HTTPS_REDIRECT", "1")),
                    help="plain HTTP to a host that has a certificate gets 308 to HTTPS "
@@ -214,6 +219,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         certs=Path(args.certs).absolute() if args.certs else None,
         certs_kv=certs_kv,
         cert_suffixes=cert_suffixes,
+        ocsp_stapling=args.ocsp_stapling,
         https_redirect=args.https_redirect,
         hsts=args.hsts,
         acme=acme,

@@ -28,7 +28,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 MAX_BUNDLE_BYTES = 256 * 1024
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
@@ -46,6 +46,7 @@ class Certificate:
     not_after: datetime
     fingerprint: str                            # sha256 of the leaf, hex
     pem: str = field(repr=False, compare=True)  # leaf, chain, key: what HAProxy loads
+    ocsp_url: str | None = None                 # the leaf's OCSP responder, when its issuer is in the chain
 
     @cached_property
     def file(self) -> str:
@@ -130,6 +131,17 @@ def _ordered_chain(leaf: x509.Certificate, others: list[tuple[x509.Certificate, 
     return chain
 
 
+def _ocsp_url(cert: x509.Certificate) -> str | None:
+    try:
+        aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except x509.ExtensionNotFound:
+        return None
+    return next((d.access_location.value for d in aia
+                 if d.access_method == AuthorityInformationAccessOID.OCSP
+                 and isinstance(d.access_location, x509.UniformResourceIdentifier)
+                 and d.access_location.value.startswith(("http://", "https://"))), None)
+
+
 def parse_bundle(name: str, text: str) -> Certificate:
     """PEM text (certificates and one private key, any order) → a Certificate, or CertError."""
     if len(text.encode(errors="replace")) > MAX_BUNDLE_BYTES:
@@ -176,6 +188,7 @@ def parse_bundle(name: str, text: str) -> Certificate:
         not_after=leaf.not_valid_after_utc,
         fingerprint=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
         pem=pem,
+        ocsp_url=_ocsp_url(leaf) if chain else None,
     )
 
 

@@ -12,10 +12,13 @@ over their newest sets and wake the loop; `step(table)` then
 2. applies those changes, for at most BUDGET seconds a step so a large set never holds the
    routes up (the rest comes at the next step): CHUNK certificates at a time, their files and the
    crt-list first (a reload or restart then loads the same set), then the runtime commands
-   (`new/set/commit ssl cert`, `add/del ssl crt-list`),
-3. updates the challenge map and, once every certificate is in, the map of hosts that get the
+   (`new/set/commit ssl cert`, `add/del ssl crt-list`), and tells the OCSP stapler,
+3. staples the OCSP responses the stapler (`edge.tls.ocsp`, its own thread) handed over, within
+   the same budget: `<file>.ocsp` beside the certificate (a replaced or removed certificate loses
+   its old one first), then `set ssl cert <file>.ocsp` and a commit,
+4. updates the challenge map and, once every certificate is in, the map of hosts that get the
    HTTPS redirect (`add/set/del map`), file first too,
-4. tells the ACME issuer (if any) which names the routes want and which certificates exist.
+5. tells the ACME issuer (if any) which names the routes want and which certificates exist.
 
 A step where nothing changed costs a few comparisons. A failed write (full or read-only state
 dir) is logged once and retried; a runtime command that fails falls back to the control loop's
@@ -24,6 +27,7 @@ reload, which loads the files.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import logging
 import threading
@@ -135,6 +139,9 @@ class CertStage:
         self._hosts_due = True               # the map of HTTPS hosts may differ from what it should be
         self._want_due = True                # the issuer has not heard of the latest names or certificates
         self._counted: dict[str, int] = {}   # refusals by reason, as the metrics last heard them
+        self.stapler = None                  # edge.tls.ocsp.Stapler, or None without OCSP stapling
+        self._staples: dict[str, tuple[Certificate, bytes]] = {}   # file → OCSP response to staple
+        self._known: dict[str, bytes] | None = {}                  # responses the last run left, for the stapler
         self._write = GuardedWrites(f"certificates in {paths.directory}", "HAProxy keeps serving the ones it has",
                                     RETRY)
 
@@ -142,6 +149,12 @@ class CertStage:
     def on_certs(self, source: str, certs: CertSet) -> None:
         with self._lock:
             self._new[source] = certs
+        self.wake()
+
+    def on_ocsp(self, file: str, cert: Certificate, der: bytes) -> None:
+        """From the stapler's thread: a checked OCSP response for the certificate served from `file`."""
+        with self._lock:
+            self._staples[file] = (cert, der)
         self.wake()
 
     def on_challenges(self, tokens: dict[str, str]) -> None:
@@ -175,6 +188,9 @@ class CertStage:
         if len(self.live) != len(listed) or not self.paths.crt_list.is_file():
             atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), self.live))
         self._take_in(self.served.update({c.name: c for c in self.live.values()}, self.clock()))
+        for f, cert in self.live.items():
+            if cert.ocsp_url is not None and (self.paths.directory / f"{f}.ocsp").is_file():
+                self._known[f] = (self.paths.directory / f"{f}.ocsp").read_bytes()
         self._pending.update(dict.fromkeys(self.live.keys() - self.served.files.keys()))   # refused now
         for live_map in (self.challenge_map, self.host_map):
             live_map.read()
@@ -195,7 +211,12 @@ class CertStage:
         if self.served.next_change is not None and now >= self.served.next_change:
             self._take_in(self.served.advance(now))
         self._count()
+        if self._known is not None:              # the first step: what is served, and the responses known
+            if self.stapler is not None:
+                self.stapler.serve(dict(self.live), self._known)
+            self._known = None
         ok = self._apply_certs(t0)
+        ok = self._apply_staples(t0) and ok
         ok = self._apply_map(self.challenge_map, tokens) and ok
         if not _same_names(self._table, table):
             self._vhosts = frozenset(vhosts(table, self.domains)) if table else frozenset()
@@ -205,7 +226,7 @@ class CertStage:
             self._hosts_due = False
             ok = self._apply_map(self.host_map, dict.fromkeys(tls_hosts(self._vhosts, self.served), "1")) and ok
         self._want(table)
-        if self._pending:
+        if self._pending or self._staples:
             self.wake()                    # the rest of a large change comes next, after the routes' turn
         return ok
 
@@ -278,9 +299,42 @@ class CertStage:
         finally:
             for f in plan.removes:
                 (self.paths.directory / f).unlink(missing_ok=True)
+                (self.paths.directory / f"{f}.ocsp").unlink(missing_ok=True)
             self._served(desired, batch)
+            if self.stapler is not None:
+                self.stapler.serve({f: batch[f] for f in (*dict(plan.writes), *plan.removes)})
         changes += plan.changes
         return True
+
+    def _apply_staples(self, t0: float) -> bool:
+        """OCSP responses from the stapler, within the step's BUDGET: each beside its certificate
+        (a reload loads it), then in HAProxy (`set ssl cert <file>.ocsp` and a commit)."""
+        with self._lock:
+            staples, self._staples = list(self._staples.items()), {}
+        for n, (f, (cert, der)) in enumerate(staples):
+            if n and time.perf_counter() - t0 >= BUDGET:
+                self._later(staples[n:])
+                return True
+            if self.live.get(f) is not cert or f in self._pending:
+                continue                         # no longer served as it was: the stapler has been told
+            path = self.paths.directory / f
+            if not self._write(lambda p=path, d=der: atomic_write(Path(f"{p}.ocsp"), d, mode=0o600)):
+                self._later(staples[n:])
+                return True
+            try:
+                self.haproxy.ssl(((f"set ssl cert {path}.ocsp", base64.b64encode(der).decode()),
+                                  (f"commit ssl cert {path}", "")))
+            except RuntimeFailed as exc:
+                log.warning("OCSP response for %s through the runtime API failed (%s); reloading instead",
+                            cert.name, exc)
+                self._later(staples[n + 1:])     # this one's file is written: the reload loads it
+                return False
+            log.debug("OCSP response stapled for %s", cert.name)
+        return True
+
+    def _later(self, staples: list[tuple[str, tuple[Certificate, bytes]]]) -> None:
+        with self._lock:                         # a newer response for the same file wins
+            self._staples = {**dict(staples), **self._staples}
 
     def _served(self, desired: dict[str, Certificate], batch: dict[str, Certificate | None]) -> None:
         for f in batch:
@@ -292,6 +346,7 @@ class CertStage:
 
     def _write_certs(self, plan, desired) -> None:
         for f, pem in plan.writes:
+            (self.paths.directory / f"{f}.ocsp").unlink(missing_ok=True)   # never a staple of the old one
             atomic_write(self.paths.directory / f, pem, mode=0o600)
         if desired.keys() != self.live.keys():          # a renewal or replacement keeps the list as it is
             atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), desired))

@@ -1,7 +1,8 @@
 """Certificates at scale, and the ones the edge refuses, through a real edge, HAProxy and Consul on
-loopback (issue 20, items 4 and 5): 2,000 certificates in KV leave route and certificate changes
+loopback (issue 20, items 4, 5 and 8): 2,000 certificates in KV leave route and certificate changes
 as quick as without them; expired, not yet valid and out-of-domain certificates are logged once
-each and counted; a chain out of order is served in order."""
+each and counted; a chain out of order is served in order; OCSP responses from a responder on
+127.0.0.1 (OpenSSL's) are stapled."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from tests.integration.edge_helpers import (
     deregister,
@@ -26,6 +28,7 @@ from tests.integration.edge_helpers import (
 from tests.integration.test_edge_https import metrics, presented, put_kv
 from tests.support.edge import EdgeProcess
 from tests.support.http import Backend
+from tests.support.ocsp import ocsp_responder
 from tests.support.procs import consul_per_module, free_ports, require, wait_until
 from tests.support.tlsgen import make_ca
 
@@ -172,3 +175,68 @@ def test_a_chain_out_of_order_is_served_in_order_and_a_stray_certificate_is_name
         logged(edge, "stray.pem refused: the certificate CN=unrelated CA in it is not in the leaf's chain")
     finally:
         edge.stop()
+
+
+def ocsp_status(edge: EdgeProcess, host: str) -> str:
+    """What `openssl s_client -status` says of the OCSP response stapled for `host`."""
+    return subprocess.run([require("openssl"), "s_client", "-connect", f"{edge.address}:{edge.https_port}",
+                           "-servername", host, "-status"], input="", capture_output=True, text=True,
+                          timeout=10).stdout
+
+
+def stapled_serial(edge: EdgeProcess, host: str) -> str | None:
+    """The serial number of a good stapled response for `host`, or None."""
+    out = ocsp_status(edge, host)
+    if "OCSP Response Status: successful" not in out or "Cert Status: good" not in out:
+        return None
+    return re.search(r"Serial Number: (\S+)", out).group(1)
+
+
+def serial_of(cert_pem: str) -> str:
+    return f"{x509.load_pem_x509_certificate(cert_pem.encode()).serial_number:X}"
+
+
+def test_ocsp_responses_are_stapled_follow_their_certificate_and_outlive_a_restart(consul, tmp_path):
+    ca = make_ca("ocsp test CA")
+    with ocsp_responder(tmp_path / "ocsp", ca) as responder:
+        certs = tmp_path / "certs"
+        certs.mkdir()
+        host, plain = f"stapled-80.{DOMAIN}", f"plain-80.{DOMAIN}"
+        cert, key = ca.issue([host], ocsp_url=responder.url)
+        responder.know(cert)
+        (certs / "stapled.pem").write_text(cert + ca.pem + key)
+        (certs / "plain.pem").write_text(ca.bundle([plain]))                  # no responder named: no staple
+        edge = https_edge(consul, "--certs", str(certs), "--certs-kv", "ocsp/certs")
+        try:
+            t0 = time.monotonic()
+            wait_until(lambda: stapled_serial(edge, host) == serial_of(cert), 15, what="a good stapled response")
+            print(f"certificate file written -> response stapled: {time.monotonic() - t0:.2f} s")
+            assert "OCSP response: no response sent" in ocsp_status(edge, plain)
+            staple = Path(f"{next((edge.state_dir / 'certs').glob('dir_stapled*.pem'))}.ocsp")   # beside it
+            assert staple.stat().st_size > 0 and oct(staple.stat().st_mode)[-3:] == "600"
+            renewed, key2 = ca.issue([host], ocsp_url=responder.url, days=60)
+            responder.know(renewed)
+            (certs / "stapled.pem").write_text(renewed + ca.pem + key2)          # a renewal: its own response
+            wait_until(lambda: stapled_serial(edge, host) == serial_of(renewed), 15, what="the renewal's response")
+            revoked, key3 = ca.issue([host], ocsp_url=responder.url, days=90)
+            responder.know(revoked, revoked=True)
+            (certs / "stapled.pem").write_text(revoked + ca.pem + key3)
+            logged(edge, "is revoked at", 15)
+            assert "OCSP response: no response sent" in ocsp_status(edge, host)  # never a staple of the old one
+            assert not staple.exists()
+            (certs / "stapled.pem").write_text(renewed + ca.pem + key2)
+            wait_until(lambda: stapled_serial(edge, host) == serial_of(renewed), 15, what="the renewal again")
+            asked = responder.requests
+        finally:
+            edge.stop()
+        responder.down = True
+        again = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, https_port=edge.https_port,
+                            state_dir=edge.state_dir, extra=("--certs", str(certs), "--certs-kv", "ocsp/certs"))
+        again.log_path = tmp_path / "again.log"
+        again.start()
+        try:      # the response the last run left is stapled from the start, and not asked for again yet
+            assert stapled_serial(again, host) == serial_of(renewed)
+            time.sleep(2)
+            assert responder.requests == asked and "OCSP for" not in again.log()
+        finally:
+            again.stop()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 
 def _key(kind: str):
@@ -34,8 +34,9 @@ class CA:
         return cert_pem(self.cert)
 
     def issue(self, names: list[str], days: float = 30, kind: str = "ec", not_before: dt.datetime | None = None,
-              with_san: bool = True) -> tuple[str, str]:
-        """(certificate PEM, key PEM) for `names`, signed by this CA."""
+              with_san: bool = True, ocsp_url: str | None = None) -> tuple[str, str]:
+        """(certificate PEM, key PEM) for `names`, signed by this CA; with `ocsp_url`, its AIA
+        names that OCSP responder."""
         key = _key(kind)
         start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         builder = (x509.CertificateBuilder()
@@ -47,6 +48,9 @@ class CA:
                    .not_valid_after(start + dt.timedelta(days=days)))
         if with_san:
             builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        if ocsp_url:
+            builder = builder.add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+                AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))]), False)
         cert = builder.sign(self.key, hashes.SHA256())
         return cert_pem(cert), key_pem(key)
 
@@ -55,6 +59,10 @@ class CA:
         cert, key = self.issue(names, **kwargs)
         return cert + self.pem + key
 
+
+    @property
+    def key_pem(self) -> str:
+        return key_pem(self.key)
 
     def intermediate(self, name: str) -> CA:
         """A CA signed by this one."""

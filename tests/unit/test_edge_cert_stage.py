@@ -5,6 +5,7 @@ logged once and counted, large changes applied in chunks, and a step without new
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,53 @@ def test_a_step_without_news_does_no_work(stage, monkeypatch):
     stage.step(instances)                                  # an instance change: the same host names
     assert stage.haproxy.calls == [] and set(work) <= {"map_commands"}, work
     assert work.count("map_commands") <= 101               # the challenge map's (empty) comparison only
+
+
+class Stapler:
+    def __init__(self):
+        self.told = []
+
+    def serve(self, changes, known=None):
+        self.told.append((dict(changes), dict(known or {})))
+
+
+def test_ocsp_responses_are_stapled_beside_their_certificate_and_go_with_it(tmp_path):
+    s = CertStage(FakeHAProxy(), CertPaths(tmp_path / "certs"), ("a.example",), wake=lambda: None)
+    s.prepare()
+    s.stapler = Stapler()
+    old = CertSet((fake("kv/web", "web-80.a.example"),))
+    s.on_certs("kv", old)
+    s.step(None)
+    f = old.certs[0].file
+    assert s.stapler.told[-1] == ({f: old.certs[0]}, {})
+    s.haproxy.calls.clear()
+    s.on_ocsp(f, old.certs[0], b"\x30\x82der")
+    s.step(None)
+    path = tmp_path / "certs" / f
+    assert Path(f"{path}.ocsp").read_bytes() == b"\x30\x82der"
+    assert s.haproxy.calls == [("ssl", (f"set ssl cert {path}.ocsp", f"commit ssl cert {path}"))]
+    new = fake("kv/web", "web-80.a.example", days=60)
+    s.haproxy.calls.clear()
+    s.on_ocsp(f, old.certs[0], b"late")                  # a response for the certificate being replaced...
+    s.on_certs("kv", CertSet((new,)))
+    s.step(None)
+    assert not Path(f"{path}.ocsp").exists()             # ...is never stapled to its successor
+    assert all(".ocsp" not in c for _, cmds in s.haproxy.calls for c in cmds)
+    assert s.stapler.told[-1] == ({f: new}, {})
+    s.on_certs("kv", CertSet())
+    s.step(None)
+    assert s.stapler.told[-1] == ({f: None}, {})
+
+
+def test_a_restart_hands_the_stapler_the_responses_the_last_run_left(tmp_path):
+    s = CertStage(FakeHAProxy(), CertPaths(tmp_path / "certs"), ("a.example",), wake=lambda: None)
+    s.prepare()
+    c = parse_bundle("kv/web", CA.bundle(["web-80.a.example"], ocsp_url="http://127.0.0.1:9/"))
+    s.on_certs("kv", CertSet((c,)))
+    s.step(None)
+    (tmp_path / "certs" / f"{c.file}.ocsp").write_bytes(b"response")
+    again = CertStage(FakeHAProxy(), CertPaths(tmp_path / "certs"), ("a.example",), wake=lambda: None)
+    again.prepare()
+    again.stapler = Stapler()
+    again.step(None)
+    assert again.stapler.told == [({c.file: again.live[c.file]}, {c.file: b"response"})]

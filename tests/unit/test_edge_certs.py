@@ -139,6 +139,13 @@ def test_a_certificate_outside_the_chain_is_refused_with_the_fix(extra, message)
         parse_bundle("dir/chain", text)
 
 
+def test_the_ocsp_responder_is_known_when_its_issuer_is_in_the_bundle():
+    cert, key = CA.issue(["o.example"], ocsp_url="http://127.0.0.1:9/ocsp")
+    assert parse_bundle("kv/o", cert + CA.pem + key).ocsp_url == "http://127.0.0.1:9/ocsp"
+    assert parse_bundle("kv/o", cert + key).ocsp_url is None          # no issuer: no request can be built
+    assert parse_bundle("kv/p", CA.bundle(["p.example"])).ocsp_url is None
+
+
 def test_file_names_are_safe_distinct_and_stable():
     names = ["kv/*.a.example", "kv/_wildcard_.a.example", "kv/a b/../x", "dir/x.pem", "kv/x.pem"]
     files = [file_name(n) for n in names]
