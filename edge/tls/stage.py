@@ -105,7 +105,7 @@ def _lines(path: Path) -> list[str]:
 def _same_names(old: RouteTable | None, new: RouteTable | None) -> bool:
     """Whether two tables route the same host names (an instance change keeps every other route
     object as it was, so this is mostly identity checks)."""
-    if old is None or new is None:
+    if old is new or old is None or new is None:
         return old is new
     return len(old.routes) == len(new.routes) and all(
         a is b or (a.name == b.name and a.hosts == b.hosts) for a, b in zip(old.routes, new.routes, strict=True))
