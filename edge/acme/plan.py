@@ -181,7 +181,9 @@ def plan(wanted: Iterable[str], certs: CertSet, failures: Mapping[str, Failure],
             state = "expired" if now >= cert.not_after else "expires"
             needed.append(Decision(name, RENEW, f"{cert.name} {state} {cert.not_after:%Y-%m-%d %H:%M:%S}",
                                    cert.not_after))
-    order_times = tuple(order_times)
+    # Names being ordered may not have counted their order yet: they count as orders made now, so a
+    # round that runs while they reserve cannot give their slot to another name.
+    order_times = (*order_times, *[now] * len(busy))
     budget = max(0, max_per_hour - len(orders_in_last_hour(order_times, now)))
     ordered = AcmePlan(tuple(needed)).to_order
     decisions.extend(ordered[:budget])
