@@ -1,9 +1,9 @@
 """The Consul KV shell for certificates: read and watch a prefix, write with CAS, session locks.
 
-The certificate sources (`edge.tls.sources`) watch the prefix's keys with a blocking query and read
-its values when it changed; the ACME
-issuer writes certificates, challenges and its account here and orders a name only while it
-holds that name's session lock, so one edge of the fleet orders and every edge serves the result.
+The certificate sources (`edge.tls.sources`) watch the prefix's keys with a blocking query and
+read its values when it changed; the ACME issuer writes certificates, challenges and its account
+here and orders a name only while it holds that name's session lock, so one edge of the fleet
+orders and every edge serves the result.
 
 Narrow on purpose: values are text, keys are full paths, errors are two types. `KVUnavailable`
 (Consul down, timeouts, 5xx: retry later) and `KVDenied` (403: an ACL forbids it, retrying will

@@ -11,8 +11,8 @@ the caller's decision (`edge.tls.plan`).
 
 `CertSet` is what a source offers: sorted, frozen, `==` means "same certificates", and the names
 it refused to parse. Names are chosen by the source and prefixed by it (`dir/…`, `kv/…`), so two
-sources never collide. Lookups by host go through an index by DNS name built once per set: a host
-is covered by the certificates naming it and by those naming `*.` + its parent, nothing else.
+sources never collide. `candidates(host)` goes through an index by DNS name built once per set: a
+host is covered by the certificates naming it and by those naming `*.` + its parent, nothing else.
 Pure: no I/O.
 """
 
@@ -55,9 +55,6 @@ class Certificate:
 
     def covers(self, host: str) -> bool:
         return any(covers(pattern, host) for pattern in self.names)
-
-    def valid_at(self, now: datetime) -> bool:
-        return self.not_before <= now < self.not_after
 
     def describe(self) -> str:
         """For logs: never the key, only what identifies the certificate."""
@@ -217,30 +214,12 @@ class CertSet:
                 index.setdefault(n, []).append(cert)
         return index
 
-    @cached_property
-    def _by_cert_name(self) -> dict[str, Certificate]:
-        return {c.name: c for c in self.certs}
-
-    def get(self, name: str) -> Certificate | None:
-        return self._by_cert_name.get(name)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(c.name for c in self.certs)
-
     def candidates(self, host: str) -> list[Certificate]:
         """Every certificate that covers `host` (any validity), from the index."""
         host = normal(host)
         wild = wildcard_of(host)
         found = self._by_name.get(host, [])
         return found + self._by_name.get(wild, []) if wild and wild != host else list(found)
-
-    def covering(self, host: str, now: datetime | None = None) -> Certificate | None:
-        """The certificate HAProxy should present for `host`: an exact name before a wildcard,
-        then the one valid longest. With `now`, certificates not valid at `now` are left out."""
-        host = normal(host)
-        fits = [c for c in self.candidates(host) if now is None or c.valid_at(now)]
-        return max(fits, key=lambda c: (host in c.names, c.not_after, c.name), default=None)
 
     def __or__(self, other: CertSet) -> CertSet:
         return CertSet(self.certs + other.certs, self.refused + other.refused)

@@ -6,9 +6,9 @@ the newest `CertSet` on (latest wins), as the Consul watcher does for services.
   removing a file takes effect live.
 - `KVSource` long-polls the prefix's keys (a timeout with nothing new costs a list of names, not
   every bundle again: 20 MB at 10,000 certificates) and reads the values once the index moved.
-  Direct children `P/<name>` are certificate bundles (written
-  by users or by the ACME issuer); `P/_acme/challenges/<token>` are HTTP-01 key authorizations,
-  handed on as a map every edge serves; the rest of `P/_acme/` is the issuer's.
+  Direct children `P/<name>` are certificate bundles (written by users or by the ACME issuer);
+  `P/_acme/challenges/<token>` are HTTP-01 key authorizations, handed on as a map every edge
+  serves; the rest of `P/_acme/` is the issuer's.
 
 A bundle that does not parse is logged once (naming the file or key and why) and left out; the
 others are unaffected. Parsed bundles are cached by content, so a change costs one parse, and a
