@@ -31,6 +31,7 @@ from edge.metrics import METRICS_SOCKET, EdgeMetrics, MetricsServer
 from edge.routing.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render, validate
 from edge.routing.table import RouteTable, build_table
 from edge.settings import Settings, parse
+from edge.tls.ocsp import Stapler
 from edge.tls.sources import DirSource, KVSource
 from edge.tls.stage import CertPaths, CertStage
 from haproxy_consul import __version__, consul_api, logs
@@ -90,7 +91,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         log.error("state dir %s: cannot take its lock: %s", settings.state_dir, exc)
         return 1
     haproxy = HAProxy(settings.haproxy, paths)
-    certs = (CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None, redirect=settings.https_redirect)
+    certs = (CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None, redirect=settings.https_redirect,
+                       suffixes=settings.cert_suffixes)
              if settings.https_bind else None)
     try:
         if certs is not None:
@@ -246,6 +248,9 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
         threads.append(threading.Thread(target=KVSource(kv, settings.certs_kv, certs.on_certs, certs.on_challenges,
                                                         stop, settings.consul_wait).run,
                                         name="certs-kv", daemon=True))
+        if settings.ocsp_stapling:
+            certs.stapler = Stapler(certs.on_ocsp, stop, certs.clock)
+            threads.append(threading.Thread(target=certs.stapler.run, name="ocsp", daemon=True))
         if settings.certs is not None:
             dir_source = DirSource(settings.certs, certs.on_certs)
             dir_source.start()

@@ -40,6 +40,8 @@ class Settings:
     https_bind: str | None = None  # None: no TLS listener
     certs: Path | None = None
     certs_kv: str = "haproxy-consul/certs"
+    cert_suffixes: tuple[str, ...] = ()   # a served certificate's names are under these; (): any name
+    ocsp_stapling: bool = True            # fetch and staple OCSP responses for certificates that name a responder
     https_redirect: bool = True
     hsts: int = 0
     acme: AcmeSettings | None = None
@@ -108,6 +110,15 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
              "name.key), picked by SNI; changes apply live")
     p.option("--certs-kv", env="EDGE_CERTS_KV", help="Consul KV prefix of certificates every edge serves and "
              "ACME writes to (default haproxy-consul/certs once HTTPS is on)")
+    p.add_argument("--certs-any-name", action=argparse.BooleanOptionalAction,
+                   default=truthy(environ.get("EDGE_CERTS_ANY_NAME", "0")),
+                   help="serve certificates from --certs and --certs-kv whatever names they carry; by default a "
+                        "certificate with a name outside every --domain and --acme-allow is refused "
+                        "[env EDGE_CERTS_ANY_NAME]")
+    p.add_argument("--ocsp-stapling", action=argparse.BooleanOptionalAction,
+                   default=truthy(environ.get("EDGE_OCSP_STAPLING", "1")),
+                   help="staple OCSP responses, fetched in the background from the responder each certificate "
+                        "names (its AIA), to HTTPS handshakes [env EDGE_OCSP_STAPLING]")
     p.add_argument("--https-redirect", action=argparse.BooleanOptionalAction,
                    default=truthy(environ.get("EDGE_HTTPS_REDIRECT", "1")),
                    help="plain HTTP to a host that has a certificate gets 308 to HTTPS "
@@ -167,6 +178,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     if not certs_kv:
         p.error("--certs-kv must name a prefix")
     acme = acme_settings.from_args(args, p, domains, certs_kv)
+    cert_suffixes = () if args.certs_any_name else tuple(sorted(set(domains)
+                                                                | set(acme_settings.allowed_suffixes(args, p))))
     https_on = bool(args.https_bind or args.certs or args.certs_kv or acme)
     try:
         https_bind = haproxy_bind(args.https_bind or ":443") if https_on else None
@@ -210,6 +223,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         https_bind=https_bind,
         certs=Path(args.certs).absolute() if args.certs else None,
         certs_kv=certs_kv,
+        cert_suffixes=cert_suffixes,
+        ocsp_stapling=args.ocsp_stapling,
         https_redirect=args.https_redirect,
         hsts=args.hsts,
         acme=acme,

@@ -111,12 +111,13 @@ class Paths:
                 raise ValueError(f"state dir {self.state_dir} is too long for a unix socket path ({path})")
 
 
-def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old or the new file."""
+def atomic_write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
+    """Temp file in the same directory, fsync, rename: readers see the old or the new file.
+    Text is written as UTF-8, bytes as they are (an OCSP response beside its certificate)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
