@@ -62,7 +62,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
                           https=cert_paths.https(settings.https_bind, settings.https_redirect, settings.hsts)
                           if settings.https_bind else None,
                           metrics_socket=str(metrics_socket) if not (settings.once or settings.dry_run) else "",
-                          trusted_proxies=settings.trusted_proxies, proxy_protocol=settings.proxy_protocol)
+                          trusted_proxies=settings.trusted_proxies, proxy_protocol=settings.proxy_protocol,
+                          landing_list_from=settings.landing_list_from)
     stop = threading.Event()
 
     if settings.command == "routes":

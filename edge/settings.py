@@ -11,6 +11,7 @@ from pathlib import Path
 from edge.acme import settings as acme_settings
 from edge.acme.settings import AcmeSettings
 from edge.routing.model import valid_host
+from edge.routing.render import PRIVATE_NETWORKS
 from haproxy_consul import consul_api
 from haproxy_consul.consul_api import ConsulSettings
 from haproxy_consul.options import EnvParser, host_port, truthy
@@ -48,6 +49,7 @@ class Settings:
     max_stale: float = 10.0       # a stale answer older than this is read again consistently
     trusted_proxies: tuple[str, ...] = ()  # networks whose forwarding headers are kept (README)
     proxy_protocol: bool = False  # the listeners take a PROXY protocol header first
+    landing_list_from: tuple[str, ...] = PRIVATE_NETWORKS   # who sees the route list on an unknown host
 
 
 def haproxy_bind(value: str) -> str:
@@ -63,10 +65,17 @@ def domain(value: str) -> str:
     return host
 
 
-def networks(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Addresses or CIDRs as HAProxy's `src` reads them (`10.0.0.0/8`, `2001:db8::/32`), in the
-    order given, each once."""
-    return tuple(dict.fromkeys(str(ipaddress.ip_network(v, strict=False)) for v in values))
+def networks(values: Sequence[str]) -> tuple[str, ...]:
+    """CIDRs (or bare addresses) as HAProxy's `src` reads them; `none` alone: nobody."""
+    if [v.lower() for v in values] == ["none"]:
+        return ()
+    out = []
+    for value in values:
+        try:
+            out.append(str(ipaddress.ip_network(value, strict=False)))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a network (CIDR like 10.0.0.0/8, or an address)") from None
+    return tuple(dict.fromkeys(out))
 
 
 def parser(environ: Mapping[str, str]) -> EnvParser:
@@ -128,6 +137,10 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.flag("--proxy-protocol", env="EDGE_PROXY_PROTOCOL",
            help="connections to the HTTP and HTTPS listeners start with a PROXY protocol header (from a load "
                 "balancer); the client address it gives is the one the edge forwards")
+    p.listing("--landing-list-from", env="EDGE_LANDING_LIST_FROM",
+              help="client networks (CIDR) whose request for an unknown host gets the landing page listing "
+                   "every route; everyone else gets a plain 404; `none`: nobody "
+                   f"[default: loopback and private ranges, {','.join(PRIVATE_NETWORKS)}]")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -144,6 +157,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     try:
         domains = tuple(sorted({domain(d) for d in p.resolve_listing(args.domain, "EDGE_DOMAIN")}))
         bind, admin_bind = haproxy_bind(args.bind), haproxy_bind(args.admin_bind)
+        listed = p.resolve_listing(args.landing_list_from, "EDGE_LANDING_LIST_FROM")
+        landing_list_from = networks(listed) if listed else PRIVATE_NETWORKS
     except ValueError as exc:
         p.error(str(exc))
     if args.min_slots < 1:
@@ -213,4 +228,5 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         max_stale=args.max_stale,
         trusted_proxies=trusted_proxies,
         proxy_protocol=args.proxy_protocol,
+        landing_list_from=landing_list_from,
     )

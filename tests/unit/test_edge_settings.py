@@ -59,6 +59,13 @@ ENV = {
     ([], {}, "proxy_protocol", False),
     ([], {"EDGE_PROXY_PROTOCOL": "1"}, "proxy_protocol", True),
     (["--proxy-protocol"], {}, "proxy_protocol", True),
+    # Who sees the route list on an unknown host: loopback and private ranges unless told.
+    ([], {}, "landing_list_from", ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                   "fc00::/7")),
+    (["--landing-list-from", "10.1.2.3,192.168.7.0/24"], {}, "landing_list_from", ("10.1.2.3/32", "192.168.7.0/24")),
+    ([], {"EDGE_LANDING_LIST_FROM": "10.9.0.0/16"}, "landing_list_from", ("10.9.0.0/16",)),
+    (["--landing-list-from", "none"], {"EDGE_LANDING_LIST_FROM": "10.9.0.0/16"}, "landing_list_from", ()),
+    (["--landing-list-from", "0.0.0.0/0,::/0"], {}, "landing_list_from", ("0.0.0.0/0", "::/0")),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -84,6 +91,8 @@ def test_precedence(argv, env, attr, expected):
     (["--handover-timeout", "-1"], {}),
     (["--trusted-proxies", "10.0.0.0/33"], {}),
     ([], {"EDGE_TRUSTED_PROXIES": "lb.example"}),
+    (["--landing-list-from", "the office"], {}),
+    ([], {"EDGE_LANDING_LIST_FROM": "10.0.0.0/33"}),
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:
