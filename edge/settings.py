@@ -50,6 +50,13 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()  # networks whose forwarding headers are kept (README)
     proxy_protocol: bool = False  # the listeners take a PROXY protocol header first
     landing_list_from: tuple[str, ...] = PRIVATE_NETWORKS   # who sees the route list on an unknown host
+    consul_ui_bind: str | None = None   # Consul's web UI, read-only, on this ADDR:PORT
+
+    @property
+    def consul_ui_server(self) -> str:
+        """Consul's HTTP address as an HAProxy `server` line reads it."""
+        host = self.consul.address.host
+        return f"{'[' + host + ']' if ':' in host else host}:{self.consul.address.port}"
 
 
 def haproxy_bind(value: str) -> str:
@@ -141,6 +148,10 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
               help="client networks (CIDR) whose request for an unknown host gets the landing page listing "
                    "every route; everyone else gets a plain 404; `none`: nobody "
                    f"[default: loopback and private ranges, {','.join(PRIVATE_NETWORKS)}]")
+    p.option("--consul-ui-bind", env="EDGE_CONSUL_UI_BIND",
+             help="ADDR:PORT where Consul's web UI is shown read-only (its pages and the reads they make; "
+                  "no writes, KV, ACLs or agent endpoints), proxied to --consul, which must be http://IP:PORT "
+                  "with -ui on the agent [default: none]")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -197,8 +208,22 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         trusted_proxies = networks(p.resolve_listing(args.trusted_proxies, "EDGE_TRUSTED_PROXIES"))
     except ValueError as exc:
         p.error(f"--trusted-proxies: {exc}")
+    consul = consul_api.from_args(p, args, args_in)
+    consul_ui_bind = None
+    if args.consul_ui_bind:
+        try:
+            consul_ui_bind = haproxy_bind(args.consul_ui_bind)
+        except ValueError as exc:
+            p.error(f"--consul-ui-bind: {exc}")
+        try:
+            ipaddress.ip_address(consul.address.host)
+        except ValueError:
+            p.error(f"--consul-ui-bind proxies to Consul at an IP address, not {consul.address.host!r}")
+        if consul.address.scheme != "http":
+            p.error("--consul-ui-bind proxies to Consul's plain HTTP listener (its loopback one); "
+                    f"--consul is {consul.address}")
     return Settings(
-        consul=consul_api.from_args(p, args, args_in),
+        consul=consul,
         datacenter=args.datacenter or None,
         domains=domains,
         bind=bind,
@@ -229,4 +254,5 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         trusted_proxies=trusted_proxies,
         proxy_protocol=args.proxy_protocol,
         landing_list_from=landing_list_from,
+        consul_ui_bind=consul_ui_bind,
     )

@@ -52,7 +52,7 @@ from tests.support.procs import wait_until  # noqa: E402
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 # The ports the walkthrough's programs listen on: on each host's address 127.0.0.N, on its own
 # loopback 127.1.0.N, and etcd's on t1's address.
-ADDRESS_PORTS = {"edge": (80,), "consul": (8300, 8301, 8302)}
+ADDRESS_PORTS = {"edge": (80, 8500), "consul": (8300, 8301, 8302)}
 LOOPBACK_PORTS = {"edge": (8404,), "consul": (8500, 8600)}
 ETCD_PORTS = (2379, 2380)
 # Host-side paths the blocks mount, and where resolved reads drop-ins on this machine.
@@ -309,7 +309,25 @@ class Walkthrough:
         if strangers:
             raise Failed(f"Consul lists instances the walkthrough did not start: {sorted(set(strangers))}; "
                          f"something outside it registers into {self.consul}")
-        return {"seen": seen, "redis": redis, "dns": self.check_dns(redis), "exposed": self.check_exposed()}
+        return {"seen": seen, "redis": redis, "dns": self.check_dns(redis), "exposed": self.check_exposed(),
+                "ui": self.check_ui()}
+
+    def check_ui(self) -> list[str]:
+        """Port 8500 of each host's address shows Consul's UI and the cluster's services, read-only."""
+        urls = []
+        for n in (1, 2, 3):
+            base = f"http://127.0.0.{n}:8500"
+            try:
+                status, page = get(8500, f"127.0.0.{n}:8500", "/ui/", address=f"127.0.0.{n}", timeout=5)
+                services = json.loads(get(8500, f"127.0.0.{n}:8500", "/v1/catalog/services",
+                                          address=f"127.0.0.{n}", timeout=5)[1])
+                kv = get(8500, f"127.0.0.{n}:8500", "/v1/kv/?recurse", address=f"127.0.0.{n}", timeout=5)[0]
+            except (OSError, ValueError) as exc:
+                raise Failed(f"{base}/ui/: {exc}") from exc
+            if status != 200 or "consul-ui" not in page or "nginx" not in services or kv != 403:
+                raise Failed(f"{base}: UI {status}, services {sorted(services)}, KV {kv} (want 200, nginx, 403)")
+            urls.append(f"{base}/ui/")
+        return urls
 
     def check_dns(self, redis: list[dict]) -> dict[str, str]:
         """Each host's resolved drop-in names a server that answers redis.service.consul with the
@@ -373,6 +391,7 @@ class Walkthrough:
             *([f"  {found['dns']['resolved']}    this machine's resolver (t1's drop-in)"] if "resolved" in found["dns"]
               else []),
             f"  Consul lists {', '.join(found['exposed'])}; no edge routes etcd",
+            f"  in a browser: {', '.join(found['ui'])}   Consul's UI, read-only (KV and writes: 403)",
             f"  http://{wb.loopback('t1')}:8404/  (and {wb.loopback('t2')}, {wb.loopback('t3')})   "
             "each edge's HAProxy stats",
             "  in a browser: http://nginx-80.t1.example.com/ once /etc/hosts maps that name to 127.0.0.1",

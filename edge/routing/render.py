@@ -66,6 +66,20 @@ class Https:
 
 
 @dataclass(frozen=True)
+class ConsulUi:
+    """Consul's web UI shown read-only on `bind`, in front of Consul's HTTP API at `server`
+    (`IP:PORT`, plain HTTP). The template lets only GET/HEAD of the UI and of READ_PATHS through."""
+
+    bind: str
+    server: str
+
+    # What Consul's UI (1.8) reads to list services, nodes, checks, sessions and intentions.
+    # Never KV (certificates' private keys live there), ACLs, agent, operator, snapshot, events.
+    READ_PATHS = ("/ui/", "/v1/catalog/", "/v1/health/", "/v1/internal/ui/", "/v1/coordinate/", "/v1/status/",
+                  "/v1/session/", "/v1/discovery-chain/", "/v1/connect/intentions")
+
+
+@dataclass(frozen=True)
 class Listeners:
     """What the rendered configuration needs to know of the settings."""
 
@@ -82,6 +96,7 @@ class Listeners:
     proxy_protocol: bool = False    # the HTTP and HTTPS listeners take a PROXY protocol header first
     landing_list_from: tuple[str, ...] = PRIVATE_NETWORKS   # client networks shown the route list; () nobody
     plain_404: str = PLAIN_404      # what every other client gets for an unknown host
+    consul_ui: ConsulUi | None = None   # None: no Consul UI listener
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,11 @@ def test_the_readme_walkthrough_runs_verbatim_on_one_machine(walkthrough):
         line = next(x for x in stdout.splitlines() if f"t{n}'s edge:" in x)
         assert len(set(re.findall(r"container (\w+)", line))) == 2, line
     assert re.search(r"redis at 127\.0\.0\.1:\d+ \(1 instance\)", stdout)
+    for n in (1, 2, 3):        # Consul DNS answered redis where each host's resolved drop-in points
+        assert f"dig +short -p 8600 @127.1.0.{n} redis.service.consul    t{n}'s Consul DNS" in stdout
+    assert "Consul lists consul, nginx, redis; no edge routes etcd" in stdout               # SERVICE_IGNORE
+    assert "http://127.0.0.1:8500/ui/, http://127.0.0.2:8500/ui/, http://127.0.0.3:8500/ui/" in stdout
+    assert "no resolved drop-in left (3 hosts)" in stdout
     assert "removed 11 containers and 3 volumes" in stdout and "stopped the walkthrough's dockerd" in stdout
     assert mounts_after == []                        # its stopped engine left nothing mounted
     print(re.search(r"The walkthrough is up in \d+s", stdout).group(0))

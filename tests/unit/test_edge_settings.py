@@ -66,6 +66,10 @@ ENV = {
     ([], {"EDGE_LANDING_LIST_FROM": "10.9.0.0/16"}, "landing_list_from", ("10.9.0.0/16",)),
     (["--landing-list-from", "none"], {"EDGE_LANDING_LIST_FROM": "10.9.0.0/16"}, "landing_list_from", ()),
     (["--landing-list-from", "0.0.0.0/0,::/0"], {}, "landing_list_from", ("0.0.0.0/0", "::/0")),
+    ([], {}, "consul_ui_bind", None),
+    (["--consul-ui-bind", "10.0.0.1:8500"], {}, "consul_ui_bind", "10.0.0.1:8500"),
+    ([], {"EDGE_CONSUL_UI_BIND": "10.0.0.1:8500", "CONSUL_HTTP_ADDR": "127.0.0.1:8501"}, "consul_ui_server",
+     "127.0.0.1:8501"),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -93,6 +97,9 @@ def test_precedence(argv, env, attr, expected):
     ([], {"EDGE_TRUSTED_PROXIES": "lb.example"}),
     (["--landing-list-from", "the office"], {}),
     ([], {"EDGE_LANDING_LIST_FROM": "10.0.0.0/33"}),
+    (["--consul-ui-bind", "8500"], {}),
+    (["--consul-ui-bind", ":8500", "--consul", "consul.service:8500"], {}),     # HAProxy needs an IP there
+    (["--consul-ui-bind", ":8500", "--consul", "https://127.0.0.1:8501"], {}),  # the plain HTTP listener
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:
