@@ -106,8 +106,11 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         dns_target = (dns_target[0], args.dns_port)
     if args.dns_resolved and dns_target is None:
         p.error("--dns-resolved needs the agent's DNS interface, which -dns-port=-1 turns off")
+    etcd = p.resolve_listing(args.etcd, "ETCD_ENDPOINTS")
+    if args.etcd is not None and not etcd:          # `--etcd "$ETCD_ENDPOINTS"` with the variable unset
+        p.error("--etcd names no URL (is ETCD_ENDPOINTS set?)")
     return Settings(
-        etcd=p.resolve_listing(args.etcd, "ETCD_ENDPOINTS") or ("http://127.0.0.1:2379",), etcd_api=args.etcd_api,
+        etcd=etcd or ("http://127.0.0.1:2379",), etcd_api=args.etcd_api,
         prefix=args.prefix.rstrip("/"), machine_id=machine_id, advertise=advertise, expect=args.expect,
         datacenter=args.datacenter or None, data_dir=Path(args.data_dir).absolute(), consul=args.consul,
         ttl=args.ttl, wait_timeout=args.wait_timeout, dns_resolved=args.dns_resolved,

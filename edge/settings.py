@@ -215,6 +215,9 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             consul_ui_bind = haproxy_bind(args.consul_ui_bind)
         except ValueError as exc:
             p.error(f"--consul-ui-bind: {exc}")
+        if consul_ui_bind.rsplit(":", 1)[0].strip("[]") in ("", "0.0.0.0", "::", "*"):
+            p.error(f"--consul-ui-bind {args.consul_ui_bind}: give the host's address on the private network "
+                    "(e.g. $HOST_IP:8500), never every address: the UI lists the cluster to whoever reaches it")
         try:
             ipaddress.ip_address(consul.address.host)
         except ValueError:

@@ -98,8 +98,10 @@ def test_precedence(argv, env, attr, expected):
     (["--landing-list-from", "the office"], {}),
     ([], {"EDGE_LANDING_LIST_FROM": "10.0.0.0/33"}),
     (["--consul-ui-bind", "8500"], {}),
-    (["--consul-ui-bind", ":8500", "--consul", "consul.service:8500"], {}),     # HAProxy needs an IP there
-    (["--consul-ui-bind", ":8500", "--consul", "https://127.0.0.1:8501"], {}),  # the plain HTTP listener
+    (["--consul-ui-bind", ":8500"], {}),                                           # every address: no
+    (["--consul-ui-bind", "0.0.0.0:8500"], {}),
+    (["--consul-ui-bind", "10.0.0.1:8500", "--consul", "consul.service:8500"], {}),     # HAProxy needs an IP
+    (["--consul-ui-bind", "10.0.0.1:8500", "--consul", "https://127.0.0.1:8501"], {}),  # the plain HTTP one
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:
