@@ -28,7 +28,7 @@ from edge.control import Edge
 from edge.haproxy.ownership import Busy, StateLock, check_free, hand_over
 from edge.haproxy.process import HAProxy, HAProxyError, Paths
 from edge.metrics import METRICS_SOCKET, EdgeMetrics, MetricsServer
-from edge.routing.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render, validate
+from edge.routing.render import REQUIRED_TEMPLATES, ConsulUi, Listeners, TemplateError, render, validate
 from edge.routing.table import RouteTable, build_table
 from edge.settings import Settings, parse
 from edge.tls.ocsp import Stapler
@@ -63,7 +63,10 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
                           https=cert_paths.https(settings.https_bind, settings.https_redirect, settings.hsts)
                           if settings.https_bind else None,
                           metrics_socket=str(metrics_socket) if not (settings.once or settings.dry_run) else "",
-                          trusted_proxies=settings.trusted_proxies, proxy_protocol=settings.proxy_protocol)
+                          trusted_proxies=settings.trusted_proxies, proxy_protocol=settings.proxy_protocol,
+                          landing_list_from=settings.landing_list_from,
+                          consul_ui=ConsulUi(settings.consul_ui_bind, settings.consul_ui_server)
+                          if settings.consul_ui_bind else None)
     stop = threading.Event()
 
     if settings.command == "routes":

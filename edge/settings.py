@@ -11,6 +11,7 @@ from pathlib import Path
 from edge.acme import settings as acme_settings
 from edge.acme.settings import AcmeSettings
 from edge.routing.model import valid_host
+from edge.routing.render import PRIVATE_NETWORKS
 from haproxy_consul import consul_api
 from haproxy_consul.consul_api import ConsulSettings
 from haproxy_consul.options import EnvParser, host_port, truthy
@@ -51,6 +52,14 @@ class Settings:
     trusted_proxies: tuple[str, ...] = ()  # networks whose forwarding headers are kept (README)
     proxy_protocol: bool = False  # the listeners take a PROXY protocol header first
     reconcile_every: float = 10.0  # seconds between comparisons of HAProxy's servers with the table
+    landing_list_from: tuple[str, ...] = PRIVATE_NETWORKS   # who sees the route list on an unknown host
+    consul_ui_bind: str | None = None   # Consul's web UI, read-only, on this ADDR:PORT
+
+    @property
+    def consul_ui_server(self) -> str:
+        """Consul's HTTP address as an HAProxy `server` line reads it."""
+        host = self.consul.address.host
+        return f"{'[' + host + ']' if ':' in host else host}:{self.consul.address.port}"
 
 
 def haproxy_bind(value: str) -> str:
@@ -66,10 +75,17 @@ def domain(value: str) -> str:
     return host
 
 
-def networks(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Addresses or CIDRs as HAProxy's `src` reads them (`10.0.0.0/8`, `2001:db8::/32`), in the
-    order given, each once."""
-    return tuple(dict.fromkeys(str(ipaddress.ip_network(v, strict=False)) for v in values))
+def networks(values: Sequence[str]) -> tuple[str, ...]:
+    """CIDRs (or bare addresses) as HAProxy's `src` reads them; `none` alone: nobody."""
+    if [v.lower() for v in values] == ["none"]:
+        return ()
+    out = []
+    for value in values:
+        try:
+            out.append(str(ipaddress.ip_network(value, strict=False)))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a network (CIDR like 10.0.0.0/8, or an address)") from None
+    return tuple(dict.fromkeys(out))
 
 
 def parser(environ: Mapping[str, str]) -> EnvParser:
@@ -142,6 +158,14 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
                 "balancer); the client address it gives is the one the edge forwards")
     p.option("--reconcile-every", env="EDGE_RECONCILE_EVERY", default=10.0, type=float,
              help="seconds between checks that HAProxy serves the applied table (differences are put back)")
+    p.listing("--landing-list-from", env="EDGE_LANDING_LIST_FROM",
+              help="client networks (CIDR) whose request for an unknown host gets the landing page listing "
+                   "every route; everyone else gets a plain 404; `none`: nobody "
+                   f"[default: loopback and private ranges, {','.join(PRIVATE_NETWORKS)}]")
+    p.option("--consul-ui-bind", env="EDGE_CONSUL_UI_BIND",
+             help="ADDR:PORT where Consul's web UI is shown read-only (its pages and the reads they make; "
+                  "no writes, KV, ACLs or agent endpoints), proxied to --consul, which must be http://IP:PORT "
+                  "with -ui on the agent [default: none]")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -158,6 +182,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     try:
         domains = tuple(sorted({domain(d) for d in p.resolve_listing(args.domain, "EDGE_DOMAIN")}))
         bind, admin_bind = haproxy_bind(args.bind), haproxy_bind(args.admin_bind)
+        listed = p.resolve_listing(args.landing_list_from, "EDGE_LANDING_LIST_FROM")
+        landing_list_from = networks(listed) if listed else PRIVATE_NETWORKS
     except ValueError as exc:
         p.error(str(exc))
     if args.min_slots < 1:
@@ -200,8 +226,25 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         p.error(f"--trusted-proxies: {exc}")
     if args.reconcile_every <= 0:
         p.error("--reconcile-every must be positive")
+    consul = consul_api.from_args(p, args, args_in)
+    consul_ui_bind = None
+    if args.consul_ui_bind:
+        try:
+            consul_ui_bind = haproxy_bind(args.consul_ui_bind)
+        except ValueError as exc:
+            p.error(f"--consul-ui-bind: {exc}")
+        if consul_ui_bind.rsplit(":", 1)[0].strip("[]") in ("", "0.0.0.0", "::", "*"):
+            p.error(f"--consul-ui-bind {args.consul_ui_bind}: give the host's address on the private network "
+                    "(e.g. $HOST_IP:8500), never every address: the UI lists the cluster to whoever reaches it")
+        try:
+            ipaddress.ip_address(consul.address.host)
+        except ValueError:
+            p.error(f"--consul-ui-bind proxies to Consul at an IP address, not {consul.address.host!r}")
+        if consul.address.scheme != "http":
+            p.error("--consul-ui-bind proxies to Consul's plain HTTP listener (its loopback one); "
+                    f"--consul is {consul.address}")
     return Settings(
-        consul=consul_api.from_args(p, args, args_in),
+        consul=consul,
         datacenter=args.datacenter or None,
         domains=domains,
         bind=bind,
@@ -234,4 +277,6 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         trusted_proxies=trusted_proxies,
         proxy_protocol=args.proxy_protocol,
         reconcile_every=args.reconcile_every,
+        landing_list_from=landing_list_from,
+        consul_ui_bind=consul_ui_bind,
     )

@@ -71,6 +71,17 @@ ENV = {
     (["--proxy-protocol"], {}, "proxy_protocol", True),
     ([], {}, "reconcile_every", 10.0),
     (["--reconcile-every", "2"], {"EDGE_RECONCILE_EVERY": "30"}, "reconcile_every", 2.0),
+    # Who sees the route list on an unknown host: loopback and private ranges unless told.
+    ([], {}, "landing_list_from", ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                   "fc00::/7")),
+    (["--landing-list-from", "10.1.2.3,192.168.7.0/24"], {}, "landing_list_from", ("10.1.2.3/32", "192.168.7.0/24")),
+    ([], {"EDGE_LANDING_LIST_FROM": "10.9.0.0/16"}, "landing_list_from", ("10.9.0.0/16",)),
+    (["--landing-list-from", "none"], {"EDGE_LANDING_LIST_FROM": "10.9.0.0/16"}, "landing_list_from", ()),
+    (["--landing-list-from", "0.0.0.0/0,::/0"], {}, "landing_list_from", ("0.0.0.0/0", "::/0")),
+    ([], {}, "consul_ui_bind", None),
+    (["--consul-ui-bind", "10.0.0.1:8500"], {}, "consul_ui_bind", "10.0.0.1:8500"),
+    ([], {"EDGE_CONSUL_UI_BIND": "10.0.0.1:8500", "CONSUL_HTTP_ADDR": "127.0.0.1:8501"}, "consul_ui_server",
+     "127.0.0.1:8501"),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -97,6 +108,13 @@ def test_precedence(argv, env, attr, expected):
     (["--trusted-proxies", "10.0.0.0/33"], {}),
     ([], {"EDGE_TRUSTED_PROXIES": "lb.example"}),
     (["--reconcile-every", "0"], {}),
+    (["--landing-list-from", "the office"], {}),
+    ([], {"EDGE_LANDING_LIST_FROM": "10.0.0.0/33"}),
+    (["--consul-ui-bind", "8500"], {}),
+    (["--consul-ui-bind", ":8500"], {}),                                           # every address: no
+    (["--consul-ui-bind", "0.0.0.0:8500"], {}),
+    (["--consul-ui-bind", "10.0.0.1:8500", "--consul", "consul.service:8500"], {}),     # HAProxy needs an IP
+    (["--consul-ui-bind", "10.0.0.1:8500", "--consul", "https://127.0.0.1:8501"], {}),  # the plain HTTP one
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:
