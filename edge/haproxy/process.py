@@ -166,13 +166,24 @@ def classify(line: str) -> tuple[int, str] | None:
     return logging.ERROR if kind == "ALERT" else logging.WARNING, text
 
 
+# Advice HAProxy repeats at every reload (3.4 started as root: "configure a chroot", "drop the
+# privileges with user/uid"): worth one warning per HAProxy start, not one per reload.
+_ONCE = re.compile(r"^\[\S+\] HAProxy was started as (root|the root user) ")
+
+
 def _relay(stream, logger: logging.Logger) -> None:
     """Thread body: HAProxy's output into our log, filtered by `classify`, until it closes."""
+    said: set[str] = set()
     with stream:
         for raw in stream:
             found = classify(raw.decode(errors="replace"))
-            if found is not None:
-                logger.log(found[0], "haproxy: %s", found[1])
+            if found is None:
+                continue
+            level, text = found
+            if _ONCE.match(text):
+                level = logging.DEBUG if text in said else level
+                said.add(text)
+            logger.log(level, "haproxy: %s", text)
 
 
 class GuardedWrites:
