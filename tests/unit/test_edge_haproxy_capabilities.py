@@ -5,14 +5,11 @@ answer sorted into success / no-op / failure, over answers recorded from the rea
 from __future__ import annotations
 
 import functools
-import io
 import json
-import logging
 from pathlib import Path
 
 import pytest
 
-from edge.haproxy import process
 from edge.haproxy.capabilities import PROBE_SERVER, Capabilities, Outcome, classify, split_batch
 from edge.haproxy.process import HAProxy, Paths, RuntimeFailed
 
@@ -210,26 +207,3 @@ def test_the_shell_sends_batches_that_fit_the_cli_buffer(tmp_path):
     assert len(sent) > 1 and all(len(b) < 8000 for b in sent)
     assert [c for b in sent for c in b.split("; ")] == list(commands)
 
-
-@pytest.mark.parametrize("line", [
-    "[ALERT]    (1234) : CLI : 'server landing/haproxy-consul-probe' : unknown keyword 'init-state'.",
-    "<3>CLI : 'server landing/haproxy-consul-probe' : 'init-state' expects one of 'none', 'fully-up', 'up', "
-    "'down', or 'fully-down' but got '?'.",
-])
-def test_the_probe_refused_on_purpose_is_no_alert_in_the_edge_log(line):
-    assert process.classify(line)[0] == logging.DEBUG
-    assert process.classify(line.replace("haproxy-consul-probe", "s1"))[0] == logging.ERROR
-
-
-def test_advice_haproxy_repeats_at_every_reload_is_one_warning_per_start(caplog):
-    """3.4 started as root advises dropping privileges at the start and again at every reload."""
-    advice = (b"[WARNING]  (%d) : [/usr/sbin/haproxy.main()] HAProxy was started as the root user and does not "
-              b"make use of 'user' nor 'uid' global options to drop the privileges. Consider the 'chroot'.\n")
-    other = b"[WARNING]  (7) : config : missing timeouts for backend 'b'.\n"
-    stream = io.BytesIO(advice % 1 + other + advice % 2 + advice % 3 + other)
-    with caplog.at_level("DEBUG", logger="edge.haproxy"):
-        process._relay(stream, logging.getLogger("edge.haproxy"))
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len([w for w in warnings if "chroot" in w]) == 1
-    assert len([w for w in warnings if "missing timeouts" in w]) == 2     # anything else: every time
-    assert len([r for r in caplog.records if "chroot" in r.getMessage()]) == 3
