@@ -14,8 +14,8 @@
 # seen too) and /proc is mounted, so files and sockets under /tmp have the same paths inside and
 # out. Nothing stays mounted on the host: the namespace ends with the HAProxy it holds, and the
 # cache can be deleted like any directory. The pid is HAProxy's own (exec all the way), so
-# signals, pid files and master-worker reloads work as with a host binary. haproxy-2.6 is a link
-# to the host's binary. Every version is checked before its wrapper is (re)written: a suite that
+# signals, pid files and master-worker reloads work as with a host binary. haproxy-2.6 execs the
+# host's binary. Every version is checked before its wrapper is (re)written: a suite that
 # moved on to another HAProxy fails here, loudly.
 #
 #   scripts/haproxy-rootfs.sh [VERSION...]    build what is missing (default: all); idempotent
@@ -83,7 +83,10 @@ for v in "${versions[@]}"; do
     [ -n "$host" ] || { echo "haproxy-rootfs: no haproxy on the host (scripts/install-deps.sh installs it)" >&2; exit 1; }
     got=$(major_minor "$host")
     [ "$got" = 2.6 ] || { echo "haproxy-rootfs: the host's $host is HAProxy ${got:-?}, not 2.6" >&2; exit 1; }
-    [ "$(readlink "$cache/bin/haproxy-2.6" 2>/dev/null)" = "$host" ] || ln -sfn "$host" "$cache/bin/haproxy-2.6"
+    # A script, not a symlink: the process is then named `haproxy`, as on every release (a
+    # symlink's name would become the process name, which the edge uses to recognise HAProxy).
+    printf '#!/bin/sh\n# HAProxy 2.6: the host'"'"'s own (written by haproxy-consul'"'"'s scripts/haproxy-rootfs.sh).\nexec %s "$@"\n' \
+      "$host" | install_file "$cache/bin/haproxy-2.6"
     continue
   fi
   suite=$(suite_of "$v")
