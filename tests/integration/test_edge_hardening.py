@@ -402,8 +402,8 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("how", ["deleted", "renamed"])
-def test_a_state_dir_gone_during_a_hand_over_stops_haproxy_and_frees_its_ports(consul, tmp_path, how):
-    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "60")).start()
+def test_a_state_dir_gone_during_a_hand_over_stops_haproxy_and_frees_its_ports(consul, tmp_path, how, haproxy):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "60"), haproxy=haproxy.path).start()
     master = master_of(edge)
     edge.proc.send_signal(signal.SIGTERM)
     assert edge.proc.wait(10) == 0
@@ -417,7 +417,8 @@ def test_a_state_dir_gone_during_a_hand_over_stops_haproxy_and_frees_its_ports(c
         wait_until(lambda: not alive(master), 10, what="the caretaker to stop HAProxy")
         logged(edge, f"state dir {edge.state_dir} is gone (deleted or renamed): no edge can take over HAProxy "
                      f"(pid {master}); stopping it")
-        successor = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port)
+        successor = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port,
+                                haproxy=haproxy.path)
         try:
             successor.start()                                                  # the ports are free again
         finally:
@@ -427,13 +428,14 @@ def test_a_state_dir_gone_during_a_hand_over_stops_haproxy_and_frees_its_ports(c
             os.kill(master, signal.SIGTERM)
 
 
-def test_a_port_held_by_a_pending_hand_over_names_the_holder_and_the_time_left(consul):
-    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "40")).start()
+def test_a_port_held_by_a_pending_hand_over_names_the_holder_and_the_time_left(consul, haproxy):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "40"), haproxy=haproxy.path).start()
     master = master_of(edge)
     edge.proc.send_signal(signal.SIGTERM)
     assert edge.proc.wait(10) == 0
     try:
-        other = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port)
+        other = EdgeProcess(consul.url, domains=(DOMAIN,), port=edge.port, admin_port=edge.admin_port,
+                            haproxy=haproxy.path)
         result = subprocess.run(other.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
         assert result.returncode == 1 and "Traceback" not in result.stderr
         m = re.search(rf"--bind 127\.0\.0\.1:{edge.port} is already in use by HAProxy \(pid {master}\), handed over "
@@ -495,8 +497,9 @@ def seen_by_backend(edge: EdgeProcess, scheme: str, source: str, host: str,
 TRUSTED = "10.9.0.0/16,127.0.0.2"
 
 
-def echo_edge(consul, extra=()) -> EdgeProcess:
-    edge = EdgeProcess(consul.url, domains=(DOMAIN,), https_port=free_ports(1)[0], extra=extra).start()
+def echo_edge(consul, haproxy, extra=()) -> EdgeProcess:
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), https_port=free_ports(1)[0], extra=extra,
+                       haproxy=haproxy.path).start()
     try:
         wait_until(lambda: edge.get(f"echo-80.{DOMAIN}")[0] == 200, 10, what="the echo route")
     except BaseException:
@@ -515,17 +518,17 @@ def echo_backend(consul):
 
 
 @pytest.fixture(scope="module")
-def https_edge(consul, echo_backend):
+def https_edge(consul, echo_backend, haproxy):
     """An edge with an HTTPS listener that trusts nobody's forwarding headers."""
-    edge = echo_edge(consul)
+    edge = echo_edge(consul, haproxy)
     yield edge
     edge.stop()
 
 
 @pytest.fixture(scope="module")
-def trusting_edge(consul, echo_backend):
+def trusting_edge(consul, echo_backend, haproxy):
     """An edge with an HTTPS listener behind a load balancer on 127.0.0.2."""
-    edge = echo_edge(consul, ("--trusted-proxies", TRUSTED))
+    edge = echo_edge(consul, haproxy, ("--trusted-proxies", TRUSTED))
     yield edge
     edge.stop()
 
@@ -533,8 +536,8 @@ def trusting_edge(consul, echo_backend):
 @pytest.mark.parametrize("scheme", ["http", "https"])
 @pytest.mark.parametrize(("which", "source"), [("https_edge", "127.0.0.1"), ("https_edge", "127.0.0.2"),
                                                ("trusting_edge", "127.0.0.1")])
-def test_a_client_s_forwarding_headers_are_replaced_by_the_edge_s(request, which, source, scheme):
-    edge = request.getfixturevalue(which)
+def test_a_client_s_forwarding_headers_are_replaced_by_the_edge_s(request, which, source, scheme, haproxy):
+    edge = request.getfixturevalue(which)     # asks for `haproxy` too: its fixtures need the release
     host = f"echo-80.{DOMAIN}"
     seen = seen_by_backend(edge, scheme, source, host, forged(scheme))
     assert seen["x-forwarded-for"] == [source]                                 # one line: the client's address
@@ -569,12 +572,12 @@ def proxied_get(edge: EdgeProcess, host: str, client: str, headers: dict[str, st
     return int(head.split()[1]), body
 
 
-def test_behind_a_proxy_protocol_load_balancer_the_address_it_reports_is_the_client(consul, echo_backend):
+def test_behind_a_proxy_protocol_load_balancer_the_address_it_reports_is_the_client(consul, echo_backend, haproxy):
     class ProxiedEdge(EdgeProcess):
         def get(self, host: str, path: str = "/") -> tuple[int, str]:
             return proxied_get(self, host, "198.51.100.9", {})
 
-    edge = ProxiedEdge(consul.url, domains=(DOMAIN,), extra=("--proxy-protocol",)).start()
+    edge = ProxiedEdge(consul.url, domains=(DOMAIN,), extra=("--proxy-protocol",), haproxy=haproxy.path).start()
     try:
         wait_until(lambda: edge.get(f"echo-80.{DOMAIN}")[0] == 200, 10, what="the echo route")
         status, body = proxied_get(edge, f"echo-80.{DOMAIN}", "198.51.100.9", forged("http"))
@@ -620,11 +623,11 @@ def on_node(verb: str, sid: str, backend: Backend | None = None) -> dict:
 
 
 @pytest.fixture
-def swap(consul, backends):
+def swap(consul, backends, haproxy):
     """An edge that served vhost `blue`, then saw it replaced by `green` in one Consul write: one
     reload that adds a vhost and removes another."""
     consul.api("PUT", "/v1/catalog/register", {"Node": "swap-node", "Address": "127.0.0.1"})
-    edge = EdgeProcess(consul.url, domains=(DOMAIN,)).start()
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), haproxy=haproxy.path).start()
     try:
         logged(edge, "because initial sync")
         catalog_txn(consul, on_node("set", "blue-1", backends["alpha"]))
