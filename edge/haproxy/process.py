@@ -1,8 +1,8 @@
 """The HAProxy shell: files on disk, `haproxy -c`, the process, its master and runtime sockets.
 
 - `install()` writes a rendered file set atomically: staged in `next/`, validated with
-  `haproxy -c -C next/`, then renamed into the state directory (configuration last). An invalid
-  set never replaces the live files.
+  `haproxy -c -C next/`, then renamed into the state directory (configuration last), and `next/`
+  removed. An invalid set never replaces the live files.
   A write that fails (a full or read-only state dir) removes what it staged and raises
   `StateDirError`: the live files and the running HAProxy are untouched.
 - `start()` runs HAProxy in master-worker mode (`-W -S master.sock`) as our child. The
@@ -26,6 +26,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -260,6 +261,8 @@ class HAProxy:
         except OSError as exc:
             self.clean_staging()
             raise StateDirError(f"cannot install the configuration in {self.paths.state_dir}: {exc}") from exc
+        with contextlib.suppress(OSError):   # empty now: nothing staged is left in the state dir
+            staging.rmdir()
 
     def write_config(self, rendered: Rendered) -> None:
         """After runtime updates: only server lines changed, so the file set stays valid."""

@@ -121,6 +121,11 @@ def test_a_full_state_dir_keeps_routing_and_catches_up_when_space_returns(consul
         again.start()
         try:
             answers(again, f"later-80.{DOMAIN}", {"beta"})
+            # Dropping the stage freed room: the first sync's install may succeed, or meet the full
+            # disk again. Either way it is over before looking (an install under way has a `next/`
+            # while `haproxy -c` runs, longer on the chrooted 3.x binaries).
+            wait_until(lambda: re.search(r"because initial sync|No space left on device", again.log()), 10,
+                       what="the restarted edge's first install")
             assert not (small_state_dir / "next").exists()
         finally:
             again.stop()
