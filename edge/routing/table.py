@@ -125,10 +125,10 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
     affected = {r.name for r in previous.routes if not changed.isdisjoint(r.services)}
     fresh = _group(services, changed)
     affected |= set(fresh)
-    contributors = {s for name in affected if (r := previous.get(name)) for s in r.services} - changed
+    contributors = {s for name in affected if (r := previous.get(name)) for s in r.services} | changed
+    # Grouped in build_table's order (services sorted by name): where two instances of a route
+    # share a slot key (node, service ID), the same one wins on both paths.
     members = _group(services, sorted(contributors), only=affected)
-    for name, insts in fresh.items():
-        members[name].extend(insts)
     old_hosts = any(previous.get(name) and previous.get(name).hosts for name in affected)
     new_hosts = any(edge_hosts(i.tags)[0] for insts in members.values() for i in insts)
     if old_hosts or new_hosts:
