@@ -20,6 +20,7 @@ import msgspec
 ROUTE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
 HOST_LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 EDGE_HOST_TAG = "edge.host="
+EDGE_META = "edge-"
 # Services never published through the edge: Consul's own server RPC port is not HTTP.
 EXCLUDED_SERVICES = frozenset({"consul"})
 
@@ -36,6 +37,7 @@ class Instance:
     container_port: int
     healthy: bool
     tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()   # the `edge-` keys of the service meta (the edge grammar's)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -185,6 +187,8 @@ def instances_from_health(service: str, entries: object) -> tuple[tuple[Instance
             problems.append(Problem(where, f"route name for port {cport} is not a safe host label"))
             continue
         tags = tuple(sorted({t for t in svc.get("Tags") or () if isinstance(t, str)}))
+        edge_meta = tuple(sorted((k, v) for k, v in meta.items()
+                                 if isinstance(k, str) and k.startswith(EDGE_META) and isinstance(v, str)))
         problems.extend(Problem(where, f"edge.host tag {b!r} is not a host name") for b in edge_hosts(tags)[1])
         checks = entry.get("Checks") if isinstance(entry.get("Checks"), list) else []
         healthy = all(isinstance(c, dict) and c.get("Status") == "passing" for c in checks)
@@ -197,6 +201,7 @@ def instances_from_health(service: str, entries: object) -> tuple[tuple[Instance
             container_port=cport,
             healthy=healthy,
             tags=tags,
+            meta=edge_meta,
         ))
     return tuple(sorted(instances)), tuple(problems)
 

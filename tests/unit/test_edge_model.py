@@ -175,3 +175,9 @@ def test_summaries_ignore_garbage_rows_and_gateways():
     assert list(summaries) == ["web"]
     web = summaries["web"]
     assert (web.tags, web.nodes, web.instances, web.passing, web.critical) == (("a", "b"), ("n1", "n2"), 2, 3, 0)
+
+
+def test_instances_keep_the_edge_meta_keys_only():
+    meta = {"container_port": "80", "edge-route-api": "/api strip", "edge-host": "a.org", "version": "2", "edge-x": 1}
+    (instance,), _ = instances_from_health("web", [entry(meta=meta)])
+    assert instance.meta == (("edge-host", "a.org"), ("edge-route-api", "/api strip"))
