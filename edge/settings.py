@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge.acme import settings as acme_settings
 from edge.acme.settings import AcmeSettings
+from edge.routing.grammars import GRAMMARS
 from edge.routing.model import valid_host
 from haproxy_consul import consul_api
 from haproxy_consul.consul_api import ConsulSettings
@@ -48,6 +49,8 @@ class Settings:
     max_stale: float = 10.0       # a stale answer older than this is read again consistently
     trusted_proxies: tuple[str, ...] = ()  # networks whose forwarding headers are kept (README)
     proxy_protocol: bool = False  # the listeners take a PROXY protocol header first
+    tag_grammars: tuple[str, ...] = ("edge",)   # which routing tags are read: edge, fabio, traefik
+    expose: str = "all"           # all: every service gets its zero-config vhosts; tagged: opted-in ones only
 
 
 def haproxy_bind(value: str) -> str:
@@ -128,6 +131,13 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.flag("--proxy-protocol", env="EDGE_PROXY_PROTOCOL",
            help="connections to the HTTP and HTTPS listeners start with a PROXY protocol header (from a load "
                 "balancer); the client address it gives is the one the edge forwards")
+    p.option("--tag-grammar", env="EDGE_TAG_GRAMMAR", default="edge",
+             help="routing tags read, comma-separated: edge (edge.route=, edge.host=, ...), fabio (urlprefix-), "
+                  "traefik (traefik.http.routers..., Consul Catalog)")
+    p.option("--expose", env="EDGE_EXPOSE", default="all", choices=("all", "tagged"),
+             help="all: every service gets its <service>-<port> vhosts (unless tagged edge.expose=false); "
+                  "tagged: only services tagged edge.expose=true or traefik.enable=true (routers from tags "
+                  "always apply)")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -182,6 +192,11 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         trusted_proxies = networks(p.resolve_listing(args.trusted_proxies, "EDGE_TRUSTED_PROXIES"))
     except ValueError as exc:
         p.error(f"--trusted-proxies: {exc}")
+    grammars = tuple(dict.fromkeys(g.strip().lower() for g in args.tag_grammar.split(",") if g.strip()))
+    if not grammars or any(g not in GRAMMARS for g in grammars):
+        p.error(f"--tag-grammar/EDGE_TAG_GRAMMAR: comma-separated {', '.join(GRAMMARS)}, not {args.tag_grammar!r}")
+    if args.expose not in ("all", "tagged"):  # argparse does not check env-provided defaults
+        p.error(f"--expose/EDGE_EXPOSE must be all or tagged, not {args.expose!r}")
     return Settings(
         consul=consul_api.from_args(p, args, args_in),
         datacenter=args.datacenter or None,
@@ -213,4 +228,6 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         max_stale=args.max_stale,
         trusted_proxies=trusted_proxies,
         proxy_protocol=args.proxy_protocol,
+        tag_grammars=grammars,
+        expose=args.expose,
     )

@@ -1,15 +1,18 @@
 """Plan: the live route table and the desired one → runtime-API commands, or a reload and why.
 
 Instance churn inside existing backends (a server added, removed, moved, flipped healthy)
-becomes `set server` commands. Anything the runtime API cannot express—a vhost added or
-removed, an exact host changed, a backend's slots grown—needs a reload, and the plan names
-every reason so the reload is logged with them. Pure: no I/O.
+becomes `set server` commands, and a router added, changed or removed (to a backend HAProxy
+has) becomes map commands (`edge.routing.maps`). Anything the runtime API cannot express—a
+vhost added or removed, an exact host changed, a backend's slots grown, the first router or the
+last one (the frontend gains or loses its lookups)—needs a reload, and the plan names every
+reason so the reload is logged with them. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from edge.routing.maps import map_commands, mapped, router_maps
 from edge.routing.table import Route, RouteTable
 
 
@@ -53,6 +56,10 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
             continue
         if old.hosts != route.hosts:
             reasons.append(f"hosts of {route.name} changed: {list(old.hosts)} -> {list(route.hosts)}")
+        if old.vhost != route.vhost:
+            reasons.append(f"vhost of {route.name} {'exposed' if route.vhost else 'withdrawn'}")
+        if old.options != route.options:
+            reasons.append(f"options of {route.name} changed: {' '.join(route.options.words()) or 'defaults'}")
         if len(old.slots) != len(route.slots):
             reasons.append(f"{route.name} grew from {len(old.slots)} to {len(route.slots)} slots")
         route_cmds, route_changes = _slot_commands(old, route)
@@ -60,6 +67,11 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
         changes.extend(route_changes)
     for name in removed:
         changes.extend(f"- {name} {s}" for s in live.get(name).servers)
+    if live.routers is not desired.routers:
+        router_cmds, router_changes, reason = _router_commands(live, desired)
+        commands.extend(router_cmds)
+        changes.extend(router_changes)
+        reasons.extend([reason] if reason else [])
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
     return Plan(commands=tuple(commands), changes=tuple(changes))
@@ -86,6 +98,19 @@ def _slot_commands(old: Route, new: Route) -> tuple[list[str], list[str]]:
     return commands, changes
 
 
+def _router_commands(live: RouteTable, desired: RouteTable) -> tuple[list[str], list[str], str]:
+    """Map commands for the routers that changed, a line for each, and a reason to reload instead."""
+    old = {r.match: r for r in mapped(live.routers)}
+    new = {r.match: r for r in mapped(desired.routers)}
+    changes = [f"{'-' if new.get(m) is None else '~' if m in old else '+'} router {(new.get(m) or old[m]).describe()}"
+               f"{f' -> {new[m].backend}' if m in new else ''}"
+               for m in sorted(old.keys() | new.keys()) if old.get(m) != new.get(m)]
+    if bool(old) != bool(new):
+        return [], changes, "the first HTTP router (the frontend gains its lookups)" if new else \
+            "no HTTP router left (the frontend drops its lookups)"
+    return map_commands(router_maps(old.values()), router_maps(new.values())), changes, ""
+
+
 def _all_servers(table: RouteTable) -> tuple[str, ...]:
     return tuple(f"+ {r.name} {s}" for r in table.routes for s in r.servers)
 
@@ -105,4 +130,4 @@ def runtime_part(live: RouteTable, desired: RouteTable) -> RouteTable:
             routes.append(new)
         else:
             routes.append(route)
-    return RouteTable(tuple(routes), live.problems)
+    return RouteTable(tuple(routes), live.routers, live.problems, live.readings)

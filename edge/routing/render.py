@@ -13,6 +13,18 @@ from dataclasses import dataclass
 import jinja2
 from markupsafe import Markup
 
+from edge.routing.maps import (
+    EXACT_MAP,
+    PATHS_MAP,
+    REDIRECT_CODES,
+    REDIRECTS_MAP,
+    ROUTERS_MAP,
+    STRIP_BITS,
+    STRIP_MAP,
+    map_text,
+    mapped,
+    router_maps,
+)
 from edge.routing.model import Instance
 from edge.routing.plan import slot_name
 from edge.routing.table import Route, RouteTable, build_table
@@ -33,6 +45,7 @@ LANDING_FILE = "landing.lf"
 # headers: a larger page is refused by `haproxy -c`. Past this size, the page lists as many
 # routes as fit and says how many more there are.
 LANDING_MAX_BYTES = 12000
+LANDING_ROUTERS = 20      # routes by path listed at most (`edge routes` lists them all)
 
 
 class TemplateError(Exception):
@@ -87,6 +100,17 @@ class Rendered:
 
 
 @dataclass(frozen=True)
+class RouterMaps:
+    """The router maps' file names, for the template (present only when the table has routers)."""
+
+    paths: str = PATHS_MAP
+    exact: str = EXACT_MAP
+    routers: str = ROUTERS_MAP
+    strip: str = STRIP_MAP
+    redirects: str = REDIRECTS_MAP
+
+
+@dataclass(frozen=True)
 class SlotView:
     name: str
     address: str    # `IP:PORT` for HAProxy; the parked placeholder for a free slot
@@ -129,7 +153,7 @@ def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
         for host in route.hosts:
             seen.setdefault(host, route.backend)
     for route in table.routes:
-        for domain in domains:
+        for domain in domains if route.vhost else ():
             seen.setdefault(f"{route.name}.{domain}", route.backend)
     return seen
 
@@ -137,35 +161,61 @@ def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
 def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
     """(hosts.map, routes.map): exact host → backend, and (without domains) route → backend."""
     hosts = "".join(f"{k} {v}\n" for k, v in vhosts(table, domains).items())
-    routes = "" if domains else "".join(f"{r.name} {r.backend}\n" for r in table.routes)
+    routes = "" if domains else "".join(f"{r.name} {r.backend}\n" for r in table.routes if r.vhost)
     return hosts, routes
 
 
-def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...]) -> str:
-    """The landing page with as many routes as fit in LANDING_MAX_BYTES (binary search)."""
+@dataclass(frozen=True)
+class RouterView:
+    """A route by path, as the landing page lists it."""
 
-    def page(shown: int) -> str:
+    match: str
+    host: str
+    path: str
+    link: bool
+    backend: str
+    healthy: Markup
+
+
+def router_views(table: RouteTable) -> list[RouterView]:
+    return [RouterView(r.describe(), r.host, r.path, bool(r.host) and not r.host.startswith("*."), r.backend,
+                       Markup(f"%[nbsrv(be_{r.backend})]")) for r in mapped(table.routers)]
+
+
+def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...], routers: list[RouterView]) -> str:
+    """The landing page with as many routers (at most LANDING_ROUTERS, in half the page) and then
+    routes as fit in LANDING_MAX_BYTES (binary searches)."""
+
+    def page(shown: int, shown_routers: int) -> str:
         return template.render({**context, "routes": routes[:shown], "total_routes": len(routes),
-                                "hidden_routes": len(routes) - shown})
+                                "hidden_routes": len(routes) - shown, "http_routers": routers[:shown_routers],
+                                "hidden_routers": len(routers) - shown_routers})
 
+    def most(high: int, fits) -> int:
+        if fits(high):
+            return high
+        low = 0  # fits(low), not fits(high)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
+    shown_routers = most(min(len(routers), LANDING_ROUTERS),
+                         lambda k: len(page(0, k).encode()) <= LANDING_MAX_BYTES // 2)
     # A route's row takes well over 40 bytes, so no more than this many can fit.
-    high = min(len(routes), LANDING_MAX_BYTES // 40)
-    text = page(high)
-    if len(text.encode()) <= LANDING_MAX_BYTES:
-        return text
-    low = 0  # page(low) fits, page(high) does not
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if len(page(mid).encode()) <= LANDING_MAX_BYTES else (low, mid)
-    return page(low)
+    shown = most(min(len(routes), LANDING_MAX_BYTES // 40),
+                 lambda k: len(page(k, shown_routers).encode()) <= LANDING_MAX_BYTES)
+    return page(shown, shown_routers)
 
 
 def validate(listeners: Listeners, templates: Mapping[str, str]) -> None:
-    """Render an empty table and a representative one (a route with servers, a free slot and an
-    exact host), so a template error shows at start, not at the first route; raises
+    """Render an empty table and a representative one (a route with servers, a free slot, an
+    exact host and routers), so a template error shows at start, not at the first route; raises
     TemplateError."""
     sample = build_table({"example": (
-        Instance("example", "node", "example-1", "127.0.0.1", 8080, 80, True, ("edge.host=www.example.org",)),
+        Instance("example", "node", "example-1", "127.0.0.1", 8080, 80, True,
+                 ("edge.host=www.example.org", "edge.route=www.example.org/api strip",
+                  "edge.route=example.org/ redirect=301,https://www.example.org$path")),
         Instance("example", "node", "example-2", "127.0.0.1", 8081, 80, False),
     )})
     render(RouteTable(), listeners, templates)
@@ -181,17 +231,22 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
         "hosts_map": HOSTS_MAP,
         "routes_map": ROUTES_MAP,
         "landing_file": LANDING_FILE,
+        "router_maps": RouterMaps() if mapped(table.routers) else None,
+        "strip_bits": STRIP_BITS,
+        "redirect_codes": REDIRECT_CODES,
     }
     try:
         config = env.get_template(CONFIG_TEMPLATE).render(context)
-        landing = _landing(env.get_template(LANDING_TEMPLATE), context, table.routes)
+        landing = _landing(env.get_template(LANDING_TEMPLATE), context, table.routes, router_views(table))
     except jinja2.TemplateError as exc:
         where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
         raise TemplateError(f"{type(exc).__name__}{where}: {exc}") from exc
     hosts, routes = host_maps(table, listeners.domains)
+    maps = router_maps(table.routers) if context["router_maps"] else {}
     return Rendered(files=(
         (CONFIG_FILE, config),
         (HOSTS_MAP, hosts),
         (LANDING_FILE, landing),
         (ROUTES_MAP, routes),
+        *((name, map_text(entries)) for name, entries in sorted(maps.items())),
     ))

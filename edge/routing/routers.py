@@ -107,11 +107,21 @@ class Router:
         return (self.match, self.backend, self.origin, repr(self))
 
     def describe(self) -> str:
+        """`host/path` (`*` for any host; a whole host without the `/`), `sni HOST` or `tcp :PORT`."""
         if self.kind == TCP:
             return f"tcp :{self.port}"
         if self.kind == SNI:
             return f"sni {self.host}"
+        if self.path == "/" and not self.exact:
+            return self.host or "*"
         return f"{self.host or '*'}{self.path}{' (exact)' if self.exact else ''}"
+
+    @property
+    def plain_host(self) -> bool:
+        """A whole exact host to one backend and nothing else: what `edge.host=` always was (the
+        host map holds these, as before routers existed)."""
+        return (self.kind == HTTP and bool(self.host) and not self.host.startswith("*.") and self.path == "/"
+                and not self.exact and self == Router(HTTP, self.backend, self.host, origin=self.origin))
 
     def options(self) -> tuple[str, ...]:
         """The router's options as short words, for `edge routes`."""
@@ -303,7 +313,7 @@ def resolve(routers: Iterable[Router]) -> tuple[tuple[Router, ...], tuple[Proble
         if any(r.share for r in split) and all(_behaviour(r) == _behaviour(winner) for r in split):
             out.extend(split)
             continue
-        problems.append(Problem(winner.describe(), f"claimed by backends {sorted(firsts)}; {winner.backend} keeps it"
+        problems.append(Problem(winner.describe(), f"claimed by routes {sorted(firsts)}; {winner.backend} keeps it"
                                 + ("" if not any(r.share for r in split) else
                                    " (a weighted split needs routers that differ in backend and weight only)")))
         out.append(winner)

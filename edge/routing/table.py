@@ -1,14 +1,17 @@
-"""The route table: which vhost goes to which healthy servers, in stable server slots.
+"""The route table: which hosts and routers go to which healthy servers, in stable server slots.
 
-`build_table(services, previous)` groups instances into routes by their route name, filters
-the healthy ones and places each in a server slot. An instance keeps its slot for as long as it
+`build_table(services, previous)` reads every service's tags through the chosen grammars
+(`edge.routing.grammars`), groups instances into routes (backends) by route name, filters the
+healthy ones and places each in a server slot. An instance keeps its slot for as long as it
 stays healthy, so a change moves as few slots as possible and can be applied through HAProxy's
-runtime API; a backend's slot count only grows (doubling) when it is full.
+runtime API; a backend's slot count only grows (doubling) when it is full. A route exists when
+its service is exposed (its zero-config vhost, `vhost`) or a router sends traffic to it.
 
 `update_table(previous, services, changed)` gives the same result when only the services named
 in `changed` differ, touching only their routes: the work per change does not grow with the
-number of services. Exact hosts (`edge.host` tags) are resolved across all routes, so a change
-that involves them takes the full path. Pure: no I/O.
+number of services. Routers are resolved across all services (two claiming one match), so a
+change that involves routers takes the full path, reading again only the changed services'
+tags. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from edge.routing.model import Instance, Problem, edge_hosts, route_name
+from edge.routing.grammars import DEFAULT, ServiceRouting, read_service
+from edge.routing.model import Instance, Problem, route_name
+from edge.routing.routers import BackendOptions, Router, resolve
 
 MIN_SLOTS = 4
 
@@ -41,13 +46,15 @@ class Server:
 
 @dataclass(frozen=True)
 class Route:
-    """One vhost `<name>.<domain>` (plus exact hosts from tags) and its backend's slots."""
+    """One backend: the vhost `<name>.<domain>` when exposed, exact hosts from tags, and its slots."""
 
     name: str
     hosts: tuple[str, ...]
     slots: tuple[Server | None, ...]
     instances: int
     services: tuple[str, ...] = ()   # the Consul services whose instances make up this route
+    vhost: bool = True               # `<name>.<domain>` routes here (exposure, `--expose`)
+    options: BackendOptions = BackendOptions()
 
     @property
     def backend(self) -> str:
@@ -63,9 +70,22 @@ class Route:
 
 
 @dataclass(frozen=True)
+class TagRules:
+    """Which tag grammars are read (`--tag-grammar`) and which services get vhosts (`--expose`)."""
+
+    grammars: tuple[str, ...] = DEFAULT
+    expose_all: bool = True
+
+
+DEFAULT_RULES = TagRules()
+
+
+@dataclass(frozen=True)
 class RouteTable:
     routes: tuple[Route, ...] = ()
-    problems: tuple[Problem, ...] = field(default=(), compare=False)  # host claims in conflict
+    routers: tuple[Router, ...] = ()  # every router that applies (resolved), whole hosts included
+    problems: tuple[Problem, ...] = field(default=(), compare=False)  # tags refused, claims in conflict
+    readings: Mapping[str, ServiceRouting] = field(default_factory=dict, compare=False, repr=False)
     _by_name: dict[str, Route] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -79,67 +99,86 @@ class RouteTable:
         return tuple(r.name for r in self.routes)
 
 
-def _group(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str],
+def _group(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], readings: Mapping[str, ServiceRouting],
            only: set[str] | None = None) -> dict[str, list[Instance]]:
+    """Instances by route name, of the services that are exposed or routed to."""
     members: dict[str, list[Instance]] = defaultdict(list)
     for service in names:
+        reading = readings[service]
+        routed = {r.backend for r in reading.routers}
         for inst in services.get(service, ()):
             name = route_name(inst.service, inst.container_port)
-            if name is not None and (only is None or name in only):
+            if name is not None and (only is None or name in only) and (reading.vhosts or name in routed):
                 members[name].append(inst)
     return members
 
 
-def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route | None, min_slots: int) -> Route:
-    healthy = {i.key: Server(i.address, i.port, i.node, i.service_id) for i in insts if i.healthy}
+def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route | None, min_slots: int,
+           readings: Mapping[str, ServiceRouting]) -> Route:
+    services = tuple(sorted({i.service for i in insts}))
+    options = readings[services[0]].options_of(name)
+    # A port from the tags (Traefik's `loadbalancer.server.port`) replaces the registered one.
+    healthy = {i.key: Server(i.address, options.port or i.port, i.node, i.service_id) for i in insts if i.healthy}
     return Route(name=name, hosts=hosts, slots=place(healthy, old.slots if old else (), min_slots),
-                 instances=len(insts), services=tuple(sorted({i.service for i in insts})))
+                 instances=len(insts), services=services, vhost=any(readings[s].vhosts for s in services),
+                 options=options)
+
+
+def _read(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], rules: TagRules
+          ) -> dict[str, ServiceRouting]:
+    return {s: read_service(s, services.get(s, ()), rules.grammars, rules.expose_all) for s in names}
 
 
 def build_table(services: Mapping[str, tuple[Instance, ...]], previous: RouteTable | None = None,
-                min_slots: int = MIN_SLOTS) -> RouteTable:
+                min_slots: int = MIN_SLOTS, rules: TagRules = DEFAULT_RULES,
+                readings: Mapping[str, ServiceRouting] | None = None) -> RouteTable:
+    """The whole table; `readings` (service → what its tags say) spares reading tags again."""
     previous = previous or RouteTable()
-    members = _group(services, sorted(services))
-    claims: dict[str, set[str]] = defaultdict(set)
-    for name, insts in members.items():
-        for inst in insts:
-            for host in edge_hosts(inst.tags)[0]:
-                claims[host].add(name)
-    owner: dict[str, list[str]] = defaultdict(list)
-    problems = []
-    for host, names in sorted(claims.items()):
-        winner = min(names)
-        owner[winner].append(host)
-        if len(names) > 1:
-            problems.append(Problem(host, f"claimed by routes {sorted(names)}; {winner} keeps it"))
-    routes = tuple(_route(name, members[name], tuple(sorted(owner.get(name, ()))), previous.get(name), min_slots)
-                   for name in sorted(members))
-    return RouteTable(routes, tuple(problems))
+    readings = readings if readings is not None else _read(services, services, rules)
+    members = _group(services, sorted(services), readings)
+    routers, claims = resolve(r for s in sorted(readings) for r in readings[s].routers if r.backend in members)
+    hosts: dict[str, list[str]] = defaultdict(list)
+    for router in routers:
+        if router.plain_host:
+            hosts[router.backend].append(router.host)
+    routes = tuple(_route(name, members[name], tuple(sorted(hosts.get(name, ()))), previous.get(name), min_slots,
+                          readings) for name in sorted(members))
+    problems = tuple(p for s in sorted(readings) for p in readings[s].problems) + claims
+    return RouteTable(routes, routers, problems, dict(readings))
+
+
+def _plain(reading: ServiceRouting | None) -> bool:
+    """A service whose tags add nothing to its zero-config routes (the fast path's condition)."""
+    return reading is None or (not reading.routers and not reading.options and not reading.weights)
 
 
 def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ...]], changed: set[str],
-                 min_slots: int = MIN_SLOTS) -> RouteTable:
+                 min_slots: int = MIN_SLOTS, rules: TagRules = DEFAULT_RULES) -> RouteTable:
     """`build_table(services, previous)`, computed from the routes of the `changed` services only."""
     if not changed:
         return previous
+    fresh = _read(services, changed & set(services), rules)
+    readings = {**{s: r for s, r in previous.readings.items() if s not in changed}, **fresh}
+    if not all(_plain(previous.readings.get(s)) and _plain(fresh.get(s)) for s in changed):
+        return build_table(services, previous, min_slots, rules, readings)  # routers resolve across services
     affected = {r.name for r in previous.routes if not changed.isdisjoint(r.services)}
-    fresh = _group(services, changed)
-    affected |= set(fresh)
+    new_members = _group(services, sorted(fresh), readings)
+    affected |= set(new_members)
     contributors = {s for name in affected if (r := previous.get(name)) for s in r.services} - changed
-    members = _group(services, sorted(contributors), only=affected)
-    for name, insts in fresh.items():
+    members = _group(services, sorted(contributors), readings, only=affected)
+    for name, insts in new_members.items():
         members[name].extend(insts)
-    old_hosts = any(previous.get(name) and previous.get(name).hosts for name in affected)
-    new_hosts = any(edge_hosts(i.tags)[0] for insts in members.values() for i in insts)
-    if old_hosts or new_hosts:
-        return build_table(services, previous, min_slots)  # host claims are resolved across routes
+    if any(previous.get(name) and previous.get(name).hosts for name in affected):
+        return build_table(services, previous, min_slots, rules, readings)  # a host claim may pass on
     by_name = dict(previous._by_name)
     for name in affected:
         if members.get(name):
-            by_name[name] = _route(name, members[name], (), previous.get(name), min_slots)
+            by_name[name] = _route(name, members[name], (), previous.get(name), min_slots, readings)
         else:
             by_name.pop(name, None)
-    return RouteTable(tuple(by_name[n] for n in sorted(by_name)), previous.problems)
+    problems = tuple(p for p in previous.problems if p.subject not in changed)
+    problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems)
+    return RouteTable(tuple(by_name[n] for n in sorted(by_name)), previous.routers, problems, readings)
 
 
 def place(servers: Mapping[tuple[str, str], Server], old: tuple[Server | None, ...],

@@ -12,9 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class Backend:
     """A real HTTP server on a free loopback port answering `<name>` with status 200; with
     `echo`, the request's header lines instead, as JSON `[[name, value], ...]` in arrival order
-    (a repeated header shows as many times as it came)."""
+    (a repeated header shows as many times as it came); with `echo_path`, `<name> <path as
+    received>`."""
 
-    def __init__(self, name: str, host: str = "127.0.0.1", echo: bool = False):
+    def __init__(self, name: str, host: str = "127.0.0.1", echo: bool = False, echo_path: bool = False):
         self.name = name
         backend = self
 
@@ -27,7 +28,8 @@ class Backend:
                 self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_GET(self):  # noqa: N802 - http.server's naming
-                body = json.dumps(self.headers.items()).encode() if echo else backend.name.encode()
+                body = (json.dumps(self.headers.items()) if echo
+                        else f"{backend.name} {self.path}" if echo_path else backend.name).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json" if echo else "text/plain")
                 self.send_header("Content-Length", str(len(body)))

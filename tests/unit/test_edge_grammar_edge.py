@@ -10,23 +10,23 @@ HASH = "$2y$05$5TYb/9rlrVH4TvRDtP2HJOAAbgNQaBlIfsFpi2T8.YmDdUmR4kTK."
 
 
 @pytest.mark.parametrize("tag, expected", [
-    ("edge.host=www.example.org", ["www.example.org/"]),
-    ("edge.host=WWW.Example.org.", ["www.example.org/"]),
+    ("edge.host=www.example.org", ["www.example.org"]),
+    ("edge.host=WWW.Example.org.", ["www.example.org"]),
     ("edge.route=api.example.com/v1", ["api.example.com/v1"]),
     ("edge.route=/static", ["*/static"]),
-    ("edge.route=*.example.com/", ["*.example.com/"]),
+    ("edge.route=*.example.com/", ["*.example.com"]),
     ("edge.route=example.com/ redirect=301,https://www.example.com$path",
-     ["example.com/ redirect=301,https://www.example.com+path"]),
+     ["example.com redirect=301,https://www.example.com+path"]),
     ("edge.route=example.com/old redirect=302,https://new.example.com/here",
      ["example.com/old redirect=302,https://new.example.com/here"]),
     ("edge.route=a.example.com/api strip", ["a.example.com/api strip=/api"]),
     ("edge.route=a.example.com/api/v1 strip=/api", ["a.example.com/api/v1 strip=/api"]),
     ("edge.route=a.example.com/health exact", ["a.example.com/health (exact)"]),
     ("edge.route=a.example.com/ allow=127.0.0.1,10.0.0.0/8 deny=10.1.2.3",
-     ["a.example.com/ allow=10.0.0.0/8,127.0.0.1/32 deny=10.1.2.3/32"]),
+     ["a.example.com allow=10.0.0.0/8,127.0.0.1/32 deny=10.1.2.3/32"]),
     (f"edge.route=a.example.com/admin auth=alice:{HASH}", ["a.example.com/admin auth=alice"]),
-    ("edge.route=a.example.com/ weight=5", ["a.example.com/ share=5%"]),
-    ("edge.route=a.example.com/ weight=2.5", ["a.example.com/ share=2.5%"]),
+    ("edge.route=a.example.com/ weight=5", ["a.example.com share=5%"]),
+    ("edge.route=a.example.com/ weight=2.5", ["a.example.com share=2.5%"]),
     ("edge.tcp=6379", ["tcp :6379"]),
     ("edge.tcp=6379 allow=127.0.0.1", ["tcp :6379 allow=127.0.0.1/32"]),
     ("edge.sni=db.example.com", ["sni db.example.com"]),
@@ -118,7 +118,7 @@ def test_server_weight_and_exposure():
 def test_meta_keys_read_as_tags_several_routes_by_suffix():
     parsed = edge.parse("web", [], [("edge-route-api", "a.example.com/api strip"), ("edge-route-web", "/"),
                                     ("edge-host", "www.example.org"), ("edge-sticky", "S"), ("other", "x")])
-    assert routes(parsed) == ["*/", "a.example.com/api strip=/api", "www.example.org/"]
+    assert routes(parsed) == ["*", "a.example.com/api strip=/api", "www.example.org"]
     assert options(parsed) == {"sticky": "S"}
     assert {r.origin.tag for r in parsed.routers} >= {"meta edge-route-api=a.example.com/api strip"}
 

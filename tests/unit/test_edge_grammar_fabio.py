@@ -10,7 +10,7 @@ from tests.unit.grammar_cases import options, routes, warnings
     # fabio's quickstart examples
     ("urlprefix-/css", ["*/css"], {}),
     ("urlprefix-i.com/static", ["i.com/static"], {}),
-    ("urlprefix-mysite.com/", ["mysite.com/"], {}),
+    ("urlprefix-mysite.com/", ["mysite.com"], {}),
     ("urlprefix-/foo/bar strip=/foo", ["*/foo/bar strip=/foo"], {}),
     ("urlprefix-/foo/bar proto=https", ["*/foo/bar"], {"protocol": "https"}),
     ("urlprefix-/foo/bar proto=https tlsskipverify=true", ["*/foo/bar"], {"protocol": "https", "verify": False}),
@@ -21,11 +21,11 @@ from tests.unit.grammar_cases import options, routes, warnings
     # the redirect, access-control and traffic-shaping pages
     ("urlprefix-/path redirect=301,https://www.google.com/", ["*/path redirect=301,https://www.google.com/"], {}),
     ("urlprefix-/path redirect=303,https://www.foo.com$path", ["*/path redirect=303,https://www.foo.com+path"], {}),
-    ("urlprefix-/ allow=ip:192.168.1.0/24,ip:fe80::/10", ["*/ allow=192.168.1.0/24,fe80::/10"], {}),
-    ("urlprefix-/ deny=ip:fe80::1234,100.123.0.0/16", ["*/ deny=100.123.0.0/16,fe80::1234/128"], {}),
+    ("urlprefix-/ allow=ip:192.168.1.0/24,ip:fe80::/10", ["* allow=192.168.1.0/24,fe80::/10"], {}),
+    ("urlprefix-/ deny=ip:fe80::1234,100.123.0.0/16", ["* deny=100.123.0.0/16,fe80::1234/128"], {}),
     ("urlprefix-www.kjca.dev/auth/ weight=0.05", ["www.kjca.dev/auth/ share=5%"], {}),
-    ("urlprefix-vault.company.com/ weight=1.00", ["vault.company.com/ share=100%"], {}),
-    ("urlprefix-*.example.com/", ["*.example.com/"], {}),
+    ("urlprefix-vault.company.com/ weight=1.00", ["vault.company.com share=100%"], {}),
+    ("urlprefix-*.example.com/", ["*.example.com"], {}),
     ("urlprefix-MySite.COM/Path", ["mysite.com/Path"], {}),          # fabio lower-cases the host, not the path
     ("  urlprefix-/trimmed  ", ["*/trimmed"], {}),
     ("urlprefix-:6379 proto=tcp allow=127.0.0.1", ["tcp :6379 allow=127.0.0.1/32"], {}),
@@ -64,7 +64,7 @@ def test_refused_routers(tag, warning):
 
 @pytest.mark.parametrize("tag, route, warning", [
     ("urlprefix-/x host=dst", "*/x", "option host='dst' is not supported; ignored"),
-    ("urlprefix-a.com/ register=a", "a.com/", "option register='a' is not supported; ignored"),
+    ("urlprefix-a.com/ register=a", "a.com", "option register='a' is not supported; ignored"),
     ("urlprefix-/x frobnicate=1", "*/x", "option frobnicate='1' is not supported; ignored"),
     ("urlprefix-/x strip=/y", "*/x", "strip=/y never applies to '/x'; ignored"),
 ])

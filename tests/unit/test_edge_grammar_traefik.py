@@ -74,40 +74,40 @@ DOC = [  # Traefik's Consul Catalog documentation: a custom port, a router, midd
 
 
 @pytest.mark.parametrize("tags, expected, backend", [
-    (DOC, ["example.com/"], {"port": 12345}),
+    (DOC, ["example.com"], {"port": 12345}),
     (["traefik.http.routers.myrouter.rule=Host(`example.com`)",
       "traefik.http.routers.myrouter.tls=true", "traefik.http.routers.myrouter.tls.certresolver=myresolver"],
-     ["example.com/"], {}),
+     ["example.com"], {}),
     (["traefik.http.routers.r.rule=Host(`a.com`) && PathPrefix(`/foobar`)", "traefik.http.routers.r.middlewares=sp",
       "traefik.http.middlewares.sp.stripprefix.prefixes=/foobar,/fiibar"], ["a.com/foobar strip=/foobar"], {}),
     (["traefik.http.routers.r.rule=Host(`a.com`)", "traefik.http.routers.r.middlewares=ip@consulcatalog",
       "traefik.http.middlewares.ip.ipallowlist.sourcerange=127.0.0.1/32, 192.168.1.7"],
-     ["a.com/ allow=127.0.0.1/32,192.168.1.7/32"], {}),
+     ["a.com allow=127.0.0.1/32,192.168.1.7/32"], {}),
     (["traefik.http.routers.r.rule=Host(`a.com`)", "traefik.http.routers.r.middlewares=ip",
-      "traefik.http.middlewares.ip.ipwhitelist.sourcerange=10.0.0.0/8"], ["a.com/ allow=10.0.0.0/8"], {}),
+      "traefik.http.middlewares.ip.ipwhitelist.sourcerange=10.0.0.0/8"], ["a.com allow=10.0.0.0/8"], {}),
     (["traefik.http.routers.r.rule=Host(`a.com`)", "traefik.http.routers.r.middlewares=auth",
-      f"traefik.http.middlewares.auth.basicauth.users=test:{HASH}"], ["a.com/ auth=test"], {}),
+      f"traefik.http.middlewares.auth.basicauth.users=test:{HASH}"], ["a.com auth=test"], {}),
     (["traefik.http.routers.r.rule=Host(`a.com`)", "traefik.http.routers.r.middlewares=tohttps",
       "traefik.http.middlewares.tohttps.redirectscheme.scheme=https",
       "traefik.http.middlewares.tohttps.redirectscheme.permanent=true"],
-     ["a.com/ redirect=301,https://<host>+path when http"], {}),
+     ["a.com redirect=301,https://<host>+path when http"], {}),
     (["traefik.http.routers.r.rule=Host(`example.com`)", "traefik.http.routers.r.middlewares=www",
       "traefik.http.middlewares.www.redirectregex.regex=^https?://example\\.com/(.*)",
       "traefik.http.middlewares.www.redirectregex.replacement=https://www.example.com/${1}",
       "traefik.http.middlewares.www.redirectregex.permanent=true"],
-     ["example.com/ redirect=301,https://www.example.com+path"], {}),
+     ["example.com redirect=301,https://www.example.com+path"], {}),
     (["traefik.http.routers.r.rule=Host(`localhost`)", "traefik.http.routers.r.middlewares=m",
       "traefik.http.middlewares.m.redirectregex.regex=^http://localhost/(.*)",
       "traefik.http.middlewares.m.redirectregex.replacement=http://mydomain/${1}"],
-     ["localhost/ redirect=302,http://mydomain+path when http"], {}),
+     ["localhost redirect=302,http://mydomain+path when http"], {}),
     (["traefik.http.routers.r.rule=Host(`a.com`)",
       "traefik.http.services.s.loadbalancer.sticky.cookie=true",
-      "traefik.http.services.s.loadbalancer.sticky.cookie.name=mycookie"], ["a.com/"], {"sticky": "mycookie"}),
+      "traefik.http.services.s.loadbalancer.sticky.cookie.name=mycookie"], ["a.com"], {"sticky": "mycookie"}),
     (["traefik.http.routers.r.rule=Host(`a.com`)", "traefik.http.services.s.loadbalancer.server.scheme=h2c"],
-     ["a.com/"], {"protocol": "h2c"}),
+     ["a.com"], {"protocol": "h2c"}),
     (["traefik.tcp.routers.db.rule=HostSNI(`db.example.com`)", "traefik.tcp.routers.db.tls.passthrough=true"],
      ["sni db.example.com"], {}),
-    (["Traefik.HTTP.Routers.R.Rule=Host(`a.com`)"], ["a.com/"], {}),                  # keys are case-insensitive
+    (["Traefik.HTTP.Routers.R.Rule=Host(`a.com`)"], ["a.com"], {}),                  # keys are case-insensitive
 ])
 def test_documented_tag_sets(tags, expected, backend):
     parsed = traefik.parse("svc", tags)
@@ -169,5 +169,5 @@ def test_refused_routers(tags, warning):
 ])
 def test_ignored_keys_keep_the_router(tags, warning):
     parsed = traefik.parse("svc", tags)
-    assert routes(parsed) == ["a.com/"]
+    assert routes(parsed) == ["a.com"]
     assert any(warning in w for w in warnings(parsed)), warnings(parsed)

@@ -85,7 +85,7 @@ def test_two_services_on_one_match_lowest_backend_wins_logged():
     winners, problems = resolve([router("b-80"), router("a-80"), router("c-80", path="/c")])
     assert [(r.backend, r.path) for r in winners] == [("a-80", "/"), ("c-80", "/c")]
     (problem,) = problems
-    assert str(problem) == "'a.example.com/': claimed by backends ['a-80', 'b-80']; a-80 keeps it"
+    assert str(problem) == "'a.example.com': claimed by routes ['a-80', 'b-80']; a-80 keeps it"
     assert resolve([router("a-80"), router("b-80")]) == resolve([router("b-80"), router("a-80")])
 
 

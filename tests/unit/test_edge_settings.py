@@ -59,6 +59,11 @@ ENV = {
     ([], {}, "proxy_protocol", False),
     ([], {"EDGE_PROXY_PROTOCOL": "1"}, "proxy_protocol", True),
     (["--proxy-protocol"], {}, "proxy_protocol", True),
+    ([], {}, "tag_grammars", ("edge",)),
+    (["--tag-grammar", "edge,fabio,traefik"], {}, "tag_grammars", ("edge", "fabio", "traefik")),
+    ([], {"EDGE_TAG_GRAMMAR": "Traefik, fabio,fabio"}, "tag_grammars", ("traefik", "fabio")),
+    ([], {}, "expose", "all"),
+    ([], {"EDGE_EXPOSE": "tagged"}, "expose", "tagged"),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -84,6 +89,9 @@ def test_precedence(argv, env, attr, expected):
     (["--handover-timeout", "-1"], {}),
     (["--trusted-proxies", "10.0.0.0/33"], {}),
     ([], {"EDGE_TRUSTED_PROXIES": "lb.example"}),
+    (["--tag-grammar", "nginx"], {}),
+    (["--tag-grammar", ","], {}),
+    ([], {"EDGE_EXPOSE": "some"}),
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:

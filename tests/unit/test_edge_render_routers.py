@@ -1,0 +1,113 @@
+"""Rendering routers from tags: golden files per grammar (each passes `haproxy -c`), the lookup
+order in maps, and that a table without routers renders as it always did."""
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from edge import templates_source
+from edge.routing.grammars import GRAMMARS
+from edge.routing.maps import PATHS_MAP, ROUTERS_MAP, router_id
+from edge.routing.model import Instance
+from edge.routing.render import Listeners, render
+from edge.routing.table import TagRules, build_table
+from tests.support.procs import require
+
+GOLDEN = Path(__file__).parent / "golden"
+TEMPLATES = templates_source.load(templates_source.bundled())
+LISTENERS = Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", ("t2.example.com",))
+
+TAGS = {
+    "edge": {
+        "shop": ("edge.route=shop.example.org/api strip", "edge.route=shop.example.org/health exact",
+                 "edge.route=*.apps.example.org/", "edge.route=/static"),
+        "web": ("edge.host=www.example.org", "edge.route=example.org/ redirect=301,https://www.example.org$path"),
+    },
+    "fabio": {   # fabio's quickstart
+        "shop": ("urlprefix-/css", "urlprefix-i.com/static", "urlprefix-/foo/bar strip=/foo"),
+        "web": ("urlprefix-mysite.com/", "urlprefix-/path redirect=301,https://www.google.com/"),
+    },
+    "traefik": {   # Traefik's Consul Catalog and middleware documentation
+        "shop": ("traefik.http.routers.shop.rule=Host(`example.com`) && PathPrefix(`/shop`)",
+                 "traefik.http.routers.shop.middlewares=strip",
+                 "traefik.http.middlewares.strip.stripprefix.prefixes=/shop"),
+        "web": ("traefik.enable=true", "traefik.http.routers.web.rule=Host(`example.com`)",
+                "traefik.http.routers.web.middlewares=tohttps",
+                "traefik.http.middlewares.tohttps.redirectscheme.scheme=https",
+                "traefik.http.middlewares.tohttps.redirectscheme.permanent=true"),
+    },
+}
+
+
+def table_for(grammar: str):
+    services = {name: (Instance(name, "node1", f"{name}-1", "10.0.0.7", 31000 + i, 80, True, tuple(sorted(tags))),)
+                for i, (name, tags) in enumerate(sorted(TAGS[grammar].items()))}
+    return build_table(services, rules=TagRules(tuple(GRAMMARS), True))
+
+
+def haproxy_check(rendered, where: Path) -> None:
+    where.mkdir(parents=True, exist_ok=True)
+    for name, text in rendered.files:
+        (where / name).write_text(text)
+    result = subprocess.run([require("haproxy"), "-c", "-q", "-C", str(where), "-f", str(where / "haproxy.cfg")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("grammar", sorted(TAGS))
+def test_golden_per_grammar(grammar, tmp_path):
+    table = table_for(grammar)
+    assert not table.problems, table.problems
+    rendered = render(table, LISTENERS, TEMPLATES)
+    for file_name, text in rendered.files:
+        golden = GOLDEN / f"routers-{grammar}.{file_name}"
+        if os.environ.get("UPDATE_GOLDEN"):
+            golden.write_text(text)
+        assert text == golden.read_text(), f"{golden} differs (UPDATE_GOLDEN=1 rewrites it after review)"
+    haproxy_check(rendered, tmp_path)
+
+
+def test_routers_are_keyed_by_match_and_bound_to_backends_through_a_map():
+    rendered = render(table_for("edge"), LISTENERS, TEMPLATES)
+    paths = dict(line.split(" ") for line in rendered[PATHS_MAP].splitlines())
+    backends = dict(line.split(" ") for line in rendered[ROUTERS_MAP].splitlines())
+    assert {k: backends[v] for k, v in paths.items()} == {
+        "shop.example.org/api": "be_shop-80", "*.apps.example.org/": "be_shop-80", "/static": "be_shop-80",
+        "example.org/": "be_web-80"}
+    assert "be_shop-80" not in rendered["haproxy.cfg"].split("frontend http")[1].split("\nbackend ")[0], \
+        "no backend is named by a frontend rule of its own"
+    assert "www.example.org be_web-80" in rendered["hosts.map"]          # edge.host stays in the host map
+
+
+def test_no_router_no_router_lines_and_no_router_maps():
+    services = {"web": (Instance("web", "n", "w1", "10.0.0.1", 8080, 80, True),)}
+    rendered = render(build_table(services), LISTENERS, TEMPLATES)
+    assert "txn.router" not in rendered["haproxy.cfg"]
+    assert [name for name, _ in rendered.files] == ["haproxy.cfg", "hosts.map", "landing.lf", "routes.map"]
+
+
+def test_router_ids_are_stable_and_safe():
+    (router, *_) = table_for("edge").routers
+    assert router_id(router) == router_id(table_for("edge").routers[0])
+    assert re.fullmatch(r"r[0-9a-f]{12}", router_id(router))
+
+
+def test_landing_page_lists_routes_by_path():
+    landing = render(table_for("edge"), LISTENERS, TEMPLATES)["landing.lf"]
+    assert '<a href="http://shop.example.org%[var(txn.port_suffix)]/api">shop.example.org/api</a>' in landing
+    assert "<td>*.apps.example.org</td><td>shop-80</td>" in landing   # a wildcard is no link
+    assert "<td>*/static</td>" in landing
+
+
+def test_edge_routes_lists_every_router_backend_options_and_origin():
+    from edge.cli import format_routes
+    text = format_routes(table_for("edge"), ("t2.example.com",))
+    assert text.startswith("VHOST ")                                    # the vhosts first, as before
+    lines = text.split("\n\nROUTER")[1].splitlines()
+    assert any(re.fullmatch(r"shop\.example\.org/api\s+be_shop-80\s+strip=/api\s+"
+                            r"edge 'edge\.route=shop\.example\.org/api strip' of shop", line) for line in lines), lines
+    assert any(line.startswith("www.example.org ") and "edge.host=www.example.org" in line for line in lines)
+    assert text.endswith("6 router(s)\n")
