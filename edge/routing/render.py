@@ -158,6 +158,14 @@ def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
     return seen
 
 
+def served_hosts(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, ...]:
+    """Every exact host the table serves over HTTP, what HTTPS and ACME cover: the vhosts and the
+    hosts HTTP routers name (a wildcard names no one host)."""
+    hosts = dict.fromkeys(vhosts(table, domains))
+    hosts.update(dict.fromkeys(r.host for r in mapped(table.routers) if r.host and not r.host.startswith("*.")))
+    return tuple(hosts)
+
+
 def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
     """(hosts.map, routes.map): exact host → backend, and (without domains) route → backend."""
     hosts = "".join(f"{k} {v}\n" for k, v in vhosts(table, domains).items())

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from edge.haproxy.process import GuardedWrites, HAProxy, RuntimeFailed, atomic_write
 from edge.metrics import NoMetrics
-from edge.routing.render import Https, vhosts
+from edge.routing.render import Https, served_hosts
 from edge.routing.table import RouteTable
 from edge.tls.certs import (
     CertError,
@@ -189,7 +189,7 @@ class CertStage:
         ok = self._apply_certs(serving(certs, self.clock()))
         ok = self._apply_map(self.challenge_map, tokens) and ok
         if self.redirect:
-            hosts = tls_hosts(vhosts(table, self.domains) if table else (), self.live)
+            hosts = tls_hosts(served_hosts(table, self.domains) if table else (), self.live)
             ok = self._apply_map(self.host_map, dict.fromkeys(hosts, "1")) and ok
         self._want(table, certs)
         return ok
@@ -255,7 +255,7 @@ class CertStage:
         if self.issuer is None or table is None:
             return
         names = (frozenset(f"*.{d}" for d in self.domains) if self.wildcards
-                 else frozenset(vhosts(table, self.domains)))
+                 else frozenset(served_hosts(table, self.domains)))
         if (names, certs) != self._wanted:
             self._wanted = (names, certs)
             self.issuer.want(names, certs)

@@ -111,3 +111,10 @@ def test_edge_routes_lists_every_router_backend_options_and_origin():
                             r"edge 'edge\.route=shop\.example\.org/api strip' of shop", line) for line in lines), lines
     assert any(line.startswith("www.example.org ") and "edge.host=www.example.org" in line for line in lines)
     assert text.endswith("6 router(s)\n")
+
+
+def test_https_and_acme_cover_every_host_a_router_names():
+    from edge.routing.render import served_hosts
+    hosts = served_hosts(table_for("edge"), ("t2.example.com",))
+    assert set(hosts) == {"www.example.org", "shop-80.t2.example.com", "web-80.t2.example.com", "shop.example.org",
+                          "example.org"}     # the wildcard and the any-host routes name no one host
