@@ -5,9 +5,13 @@ A router's match is a map key: `host/path` for an exact host, `*.domain/path` fo
 with `map_beg` (the longest prefix wins), `paths_exact.map` with `map_str`. Both give a router
 id; `routers.map` gives that router's backend, so a route is bound to a backend through a map
 and never by a rule of its own: changing either is a runtime map command, not a reload. The
-router's actions are data too: `strip.map` (how many characters leave the path's front) and
+router's actions are data too: `strip.map` (how many characters leave the path's front),
 `redirects.map` (`code|when|prefix|h|suffix|p`: the Location is prefix, the request's host when
-`h`, suffix, its path and query when `p`; `when` limits it to `http` or `https` requests).
+`h`, suffix, its path and query when `p`; `when` limits it to `http` or `https` requests) and
+`splits.map` for a match several backends share by weight (`T1|be_1|T2|be_2|...`, cumulative
+thresholds in permille: a request drawing a number under T1 goes to be_1, else under T2 to be_2
+...). Access rules (allow/deny lists, basic auth) need configuration lines (`access`): a change
+there is a reload.
 
 Only routers that are more than a whole exact host go here: those stay in the host map, as
 before routers existed. Pure: no I/O.
@@ -18,14 +22,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 
-from edge.routing.routers import HTTP, Router
+from edge.routing.routers import HTTP, SPLIT_PARTS, Router
 
 PATHS_MAP = "paths.map"
 EXACT_MAP = "paths_exact.map"
 ROUTERS_MAP = "routers.map"
 STRIP_MAP = "strip.map"
 REDIRECTS_MAP = "redirects.map"
-ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP)
+SPLITS_MAP = "splits.map"
+ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP)
+
 STRIP_BITS = (128, 64, 32, 16, 8, 4, 2, 1)    # a path prefix is at most 200 characters
 REDIRECT_CODES = (301, 302, 303, 307, 308)
 
@@ -40,14 +46,44 @@ def map_key(router: Router) -> str:
 
 
 def mapped(routers: Iterable[Router]) -> list[Router]:
-    """The HTTP routers that need the router maps (the first of a match: a weighted split's
-    other parts are chosen per request from the first)."""
-    seen, out = set(), []
+    """The HTTP routers that need the router maps (the first of each match)."""
+    return [parts[0] for parts in split_groups(routers)]
+
+
+def _http_groups(routers: Iterable[Router]) -> list[list[Router]]:
+    groups: dict[tuple, list[Router]] = {}
     for router in routers:
-        if router.kind == HTTP and not router.plain_host and router.match not in seen:
-            seen.add(router.match)
-            out.append(router)
-    return out
+        if router.kind == HTTP:
+            groups.setdefault(router.match, []).append(router)
+    return list(groups.values())
+
+
+def split_groups(routers: Iterable[Router]) -> list[list[Router]]:
+    """The HTTP routers that need the router maps, by match: one each, or the parts of a split."""
+    return [parts for parts in _http_groups(routers) if len(parts) > 1 or not parts[0].plain_host]
+
+
+def host_routers(routers: Iterable[Router]) -> list[Router]:
+    """The routers the host map serves: a whole exact host to one backend, nothing else."""
+    return [parts[0] for parts in _http_groups(routers) if len(parts) == 1 and parts[0].plain_host]
+
+
+def split_value(parts: list[Router]) -> str:
+    """`T1|be_1|...`, padded to SPLIT_PARTS with the last part. Shares are permille of the match;
+    parts without one share what the others leave; shares adding up to more (or leaving traffic
+    to no one) are scaled to the whole, as fabio does."""
+    fixed = sum(r.share for r in parts)
+    free = [r for r in parts if not r.share]
+    if fixed >= 1000 or not free:
+        shares = [r.share * 1000 / fixed for r in parts]
+    else:
+        shares = [r.share or (1000 - fixed) / len(free) for r in parts]
+    out, total = [], 0.0
+    for router, share in zip(parts, shares, strict=True):
+        total += share
+        out.append((round(total) if router is not parts[-1] else 1000, f"be_{router.backend}"))
+    out += [out[-1]] * (SPLIT_PARTS - len(out))
+    return "|".join(f"{t}|{b}" for t, b in out)
 
 
 def redirect_value(router: Router) -> str:
@@ -60,8 +96,11 @@ def redirect_value(router: Router) -> str:
 def router_maps(routers: Iterable[Router]) -> dict[str, dict[str, str]]:
     """Map name → key → value, for every router map."""
     maps: dict[str, dict[str, str]] = {name: {} for name in ROUTER_MAPS}
-    for router in mapped(routers):
+    for parts in split_groups(routers):
+        router = parts[0]
         rid = router_id(router)
+        if len(parts) > 1:
+            maps[SPLITS_MAP][rid] = split_value(parts)
         maps[EXACT_MAP if router.exact else PATHS_MAP][map_key(router)] = rid
         maps[ROUTERS_MAP][rid] = f"be_{router.backend}"
         if router.strip:
@@ -80,14 +119,20 @@ def map_commands(live: Mapping[str, Mapping[str, str]], desired: Mapping[str, Ma
     redirect are in place before a path key points at it, and a path key is gone before what it
     pointed at goes."""
     adds, dels = [], []
-    for name in (ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, PATHS_MAP, EXACT_MAP):
+    for name in (ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, PATHS_MAP, EXACT_MAP):
         old, new = live.get(name, {}), desired.get(name, {})
         for key in sorted(new):
             if key not in old:
                 adds.append(f"add map {name} {key} {new[key]}")
             elif old[key] != new[key]:
                 adds.append(f"set map {name} {key} {new[key]}")
-    for name in (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP):
+    for name in (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP):
         old, new = live.get(name, {}), desired.get(name, {})
         dels.extend(f"del map {name} {key}" for key in sorted(old) if key not in new)
     return adds + dels
+
+
+def access(routers: Iterable[Router]) -> dict[str, Router]:
+    """Router id → router, for the routers whose access rules (allow, deny, basic auth) are
+    configuration lines of their own."""
+    return {router_id(r): r for r in mapped(routers) if r.allow or r.deny or r.users}

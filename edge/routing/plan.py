@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from edge.routing.maps import map_commands, mapped, router_maps
+from edge.routing.maps import access, map_commands, mapped, router_maps
 from edge.routing.table import Route, RouteTable
 
 
@@ -86,10 +86,15 @@ def _slot_commands(old: Route, new: Route) -> tuple[list[str], list[str]]:
         target = f"{new.backend}/{slot_name(i)}"
         if after is None:
             commands.append(f"set server {target} state maint")
+            if before.weight is not None:     # a free slot has the default weight, as rendered
+                commands.append(f"set server {target} weight 1")
             changes.append(f"- {new.name} {before}")
             continue
         # Address first: a slot is never made ready while it still points at its placeholder.
-        commands.append(f"set server {target} addr {after.address} port {after.port}")
+        if before is None or (before.address, before.port) != (after.address, after.port):
+            commands.append(f"set server {target} addr {after.address} port {after.port}")
+        if (before.weight if before else None) != after.weight:
+            commands.append(f"set server {target} weight {1 if after.weight is None else after.weight}")
         if before is None or before.key != after.key:
             commands.append(f"set server {target} state ready")
         if before is not None and before.key != after.key:
@@ -108,7 +113,14 @@ def _router_commands(live: RouteTable, desired: RouteTable) -> tuple[list[str], 
     if bool(old) != bool(new):
         return [], changes, "the first HTTP router (the frontend gains its lookups)" if new else \
             "no HTTP router left (the frontend drops its lookups)"
-    return map_commands(router_maps(old.values()), router_maps(new.values())), changes, ""
+    rules = {rid: (r.allow, r.deny, r.users) for rid, r in access(live.routers).items()}
+    wanted = {rid: (r.allow, r.deny, r.users) for rid, r in access(desired.routers).items()}
+    if rules != wanted:
+        routers = access(live.routers) | access(desired.routers)
+        which = sorted(routers[rid].describe() for rid in rules.keys() | wanted.keys()
+                       if rules.get(rid) != wanted.get(rid))
+        return [], changes, f"access rules (allow, deny, basic auth) changed: {', '.join(which)}"
+    return map_commands(router_maps(live.routers), router_maps(desired.routers)), changes, ""
 
 
 def _all_servers(table: RouteTable) -> tuple[str, ...]:

@@ -19,14 +19,17 @@ from edge.routing.maps import (
     REDIRECT_CODES,
     REDIRECTS_MAP,
     ROUTERS_MAP,
+    SPLITS_MAP,
     STRIP_BITS,
     STRIP_MAP,
+    access,
     map_text,
     mapped,
     router_maps,
 )
 from edge.routing.model import Instance
 from edge.routing.plan import slot_name
+from edge.routing.routers import SPLIT_PARTS, Credential
 from edge.routing.table import Route, RouteTable, build_table
 
 CONFIG_TEMPLATE = "haproxy.cfg.j2"
@@ -108,6 +111,7 @@ class RouterMaps:
     routers: str = ROUTERS_MAP
     strip: str = STRIP_MAP
     redirects: str = REDIRECTS_MAP
+    splits: str = SPLITS_MAP
 
 
 @dataclass(frozen=True)
@@ -115,12 +119,53 @@ class SlotView:
     name: str
     address: str    # `IP:PORT` for HAProxy; the parked placeholder for a free slot
     free: bool
+    params: str = ""   # the server's keywords from the backend's options (each after a space)
 
 
 def _slots(route: Route) -> list[SlotView]:
-    return [SlotView(slot_name(i), "0.0.0.0:0", True) if s is None
-            else SlotView(slot_name(i), f"{s.address}:{s.port}", False)
+    return [SlotView(slot_name(i), "0.0.0.0:0", True, server_params(route, i, None)) if s is None
+            else SlotView(slot_name(i), f"{s.address}:{s.port}", False, server_params(route, i, s.weight))
             for i, s in enumerate(route.slots)]
+
+
+def server_params(route: Route, index: int, weight: int | None) -> str:
+    """` weight 5 cookie s1 maxconn 10 ssl verify none ...`: every value is validated (routers)."""
+    o = route.options
+    words = [f"weight {weight}"] if weight is not None else []
+    words += [f"cookie {slot_name(index)}"] if o.sticky else []
+    words += [f"maxconn {o.maxconn}"] if o.maxconn else []
+    if o.protocol == "h2c":
+        words.append("proto h2")
+    elif o.protocol in ("https", "h2"):
+        # Verified against the system's CAs and the name the client asked for (sent as SNI).
+        words.append("ssl verify required ca-file @system-ca sni var(txn.host)" if o.verify else "ssl verify none")
+        words += ["alpn h2"] if o.protocol == "h2" else []
+    words += ["send-proxy"] if o.send_proxy else []
+    return "".join(f" {w}" for w in words)
+
+
+def backend_lines(route: Route) -> list[str]:
+    """A backend's own lines from its options (sticky cookie, timeouts)."""
+    o = route.options
+    return ([f"cookie {o.sticky} insert indirect nocache httponly"] if o.sticky else []) + \
+        ([f"timeout connect {o.connect_timeout}ms"] if o.connect_timeout else []) + \
+        ([f"timeout server {o.server_timeout}ms"] if o.server_timeout else [])
+
+
+@dataclass(frozen=True)
+class AccessView:
+    """A router's access rules as the frontend checks them (router id, CIDRs, a userlist)."""
+
+    id: str
+    allow: str
+    deny: str
+    userlist: str
+    users: tuple[Credential, ...]
+
+
+def access_rules(table: RouteTable) -> list[AccessView]:
+    return [AccessView(rid, " ".join(r.allow), " ".join(r.deny), f"users_{rid}" if r.users else "", r.users)
+            for rid, r in sorted(access(table.routers).items())]
 
 
 def healthy_count(route: Route) -> Markup:
@@ -140,7 +185,7 @@ def environment(templates: Mapping[str, str]) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals.update(slots=_slots, healthy_count=healthy_count,
+    env.globals.update(slots=_slots, backend_lines=backend_lines, healthy_count=healthy_count,
                        request_host=Markup("%[var(txn.page_host)]"), port_suffix=Markup("%[var(txn.port_suffix)]"))
     return env
 
@@ -242,6 +287,8 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
         "router_maps": RouterMaps() if mapped(table.routers) else None,
         "strip_bits": STRIP_BITS,
         "redirect_codes": REDIRECT_CODES,
+        "split_parts": range(1, SPLIT_PARTS + 1),
+        "access": access_rules(table),
     }
     try:
         config = env.get_template(CONFIG_TEMPLATE).render(context)

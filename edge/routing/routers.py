@@ -24,6 +24,7 @@ from edge.routing.model import Problem, valid_host, valid_port
 
 HTTP, TCP, SNI = "http", "tcp", "sni"
 REDIRECT_CODES = frozenset({301, 302, 303, 307, 308})
+SPLIT_PARTS = 4     # backends a weighted split shares one match between, at most
 PROTOCOLS = ("h1", "h2c", "https", "h2")      # h2: HTTP/2 over TLS (gRPC over TLS)
 # A path as it can go into a map key, a runtime API command and a regex-free config line: no
 # space, quote, backslash, `#`, `;` (the runtime API's command separator), `%` or `$`.
@@ -310,12 +311,15 @@ def resolve(routers: Iterable[Router]) -> tuple[tuple[Router, ...], tuple[Proble
                 problems.append(Problem(winner.describe(), f"routers disagree ({origins}); {winner.origin} applies"))
             continue
         split = list(firsts.values())
-        if any(r.share for r in split) and all(_behaviour(r) == _behaviour(winner) for r in split):
+        agree = all(_behaviour(r) == _behaviour(winner) for r in split)
+        if any(r.share for r in split) and agree and len(split) <= SPLIT_PARTS:
             out.extend(split)
             continue
-        problems.append(Problem(winner.describe(), f"claimed by routes {sorted(firsts)}; {winner.backend} keeps it"
-                                + ("" if not any(r.share for r in split) else
-                                   " (a weighted split needs routers that differ in backend and weight only)")))
+        why = "" if not any(r.share for r in split) else \
+            " (a weighted split needs routers that differ in backend and weight only)" if not agree else \
+            f" (a weighted split has {SPLIT_PARTS} backends at most)"
+        problems.append(Problem(winner.describe(),
+                                f"claimed by routes {sorted(firsts)}; {winner.backend} keeps it{why}"))
         out.append(winner)
     return tuple(out), tuple(problems)
 

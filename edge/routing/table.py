@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from edge.routing.grammars import DEFAULT, ServiceRouting, read_service
+from edge.routing.maps import host_routers
 from edge.routing.model import Instance, Problem, route_name
 from edge.routing.routers import BackendOptions, Router, resolve
 
@@ -35,13 +36,15 @@ class Server:
     port: int
     node: str
     service_id: str
+    weight: int | None = None     # from the instance's tags (0-256); None: HAProxy's default, 1
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.node, self.service_id)
 
     def __str__(self) -> str:
-        return f"{self.address}:{self.port} ({self.service_id}@{self.node})"
+        weight = "" if self.weight is None else f" weight {self.weight}"
+        return f"{self.address}:{self.port} ({self.service_id}@{self.node}){weight}"
 
 
 @dataclass(frozen=True)
@@ -117,8 +120,10 @@ def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route 
            readings: Mapping[str, ServiceRouting]) -> Route:
     services = tuple(sorted({i.service for i in insts}))
     options = readings[services[0]].options_of(name)
+    weights = {key: w for s in services for key, w in readings[s].weights}
     # A port from the tags (Traefik's `loadbalancer.server.port`) replaces the registered one.
-    healthy = {i.key: Server(i.address, options.port or i.port, i.node, i.service_id) for i in insts if i.healthy}
+    healthy = {i.key: Server(i.address, options.port or i.port, i.node, i.service_id, weights.get(i.key))
+               for i in insts if i.healthy}
     return Route(name=name, hosts=hosts, slots=place(healthy, old.slots if old else (), min_slots),
                  instances=len(insts), services=services, vhost=any(readings[s].vhosts for s in services),
                  options=options)
@@ -138,9 +143,8 @@ def build_table(services: Mapping[str, tuple[Instance, ...]], previous: RouteTab
     members = _group(services, sorted(services), readings)
     routers, claims = resolve(r for s in sorted(readings) for r in readings[s].routers if r.backend in members)
     hosts: dict[str, list[str]] = defaultdict(list)
-    for router in routers:
-        if router.plain_host:
-            hosts[router.backend].append(router.host)
+    for router in host_routers(routers):
+        hosts[router.backend].append(router.host)
     routes = tuple(_route(name, members[name], tuple(sorted(hosts.get(name, ()))), previous.get(name), min_slots,
                           readings) for name in sorted(members))
     problems = tuple(p for s in sorted(readings) for p in readings[s].problems) + claims

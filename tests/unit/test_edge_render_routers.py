@@ -17,14 +17,20 @@ from edge.routing.table import TagRules, build_table
 from tests.support.procs import require
 
 GOLDEN = Path(__file__).parent / "golden"
+HASH = "$2y$05$5TYb/9rlrVH4TvRDtP2HJOAAbgNQaBlIfsFpi2T8.YmDdUmR4kTK."
 TEMPLATES = templates_source.load(templates_source.bundled())
 LISTENERS = Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", ("t2.example.com",))
 
 TAGS = {
     "edge": {
         "shop": ("edge.route=shop.example.org/api strip", "edge.route=shop.example.org/health exact",
-                 "edge.route=*.apps.example.org/", "edge.route=/static"),
-        "web": ("edge.host=www.example.org", "edge.route=example.org/ redirect=301,https://www.example.org$path"),
+                 "edge.route=*.apps.example.org/", "edge.route=/static", "edge.sticky=SHOP", "edge.maxconn=50",
+                 "edge.timeout-server=30s", "edge.timeout-connect=2s", "edge.weight=5"),
+        "canary": ("edge.route=shop.example.org/api strip weight=10", "edge.proto=h2c"),
+        "admin": ("edge.route=admin.example.org/ allow=10.0.0.0/8 deny=10.9.0.0/16 auth=alice:" + HASH,
+                  "edge.proto=https", "edge.tls-verify=false"),
+        "web": ("edge.host=www.example.org", "edge.route=example.org/ redirect=301,https://www.example.org$path",
+                "edge.proto=h2"),
     },
     "fabio": {   # fabio's quickstart
         "shop": ("urlprefix-/css", "urlprefix-i.com/static", "urlprefix-/foo/bar strip=/foo"),
@@ -75,8 +81,8 @@ def test_routers_are_keyed_by_match_and_bound_to_backends_through_a_map():
     paths = dict(line.split(" ") for line in rendered[PATHS_MAP].splitlines())
     backends = dict(line.split(" ") for line in rendered[ROUTERS_MAP].splitlines())
     assert {k: backends[v] for k, v in paths.items()} == {
-        "shop.example.org/api": "be_shop-80", "*.apps.example.org/": "be_shop-80", "/static": "be_shop-80",
-        "example.org/": "be_web-80"}
+        "shop.example.org/api": "be_canary-80", "*.apps.example.org/": "be_shop-80", "/static": "be_shop-80",
+        "example.org/": "be_web-80", "admin.example.org/": "be_admin-80"}   # /api: the first part of a split
     assert "be_shop-80" not in rendered["haproxy.cfg"].split("frontend http")[1].split("\nbackend ")[0], \
         "no backend is named by a frontend rule of its own"
     assert "www.example.org be_web-80" in rendered["hosts.map"]          # edge.host stays in the host map
@@ -107,14 +113,18 @@ def test_edge_routes_lists_every_router_backend_options_and_origin():
     text = format_routes(table_for("edge"), ("t2.example.com",))
     assert text.startswith("VHOST ")                                    # the vhosts first, as before
     lines = text.split("\n\nROUTER")[1].splitlines()
-    assert any(re.fullmatch(r"shop\.example\.org/api\s+be_shop-80\s+strip=/api\s+"
+    assert any(re.fullmatch(r"shop\.example\.org/api\s+be_shop-80\s+strip=/api sticky=SHOP connect_timeout=2000 "
+                            r"server_timeout=30000 maxconn=50\s+"
                             r"edge 'edge\.route=shop\.example\.org/api strip' of shop", line) for line in lines), lines
+    assert any(re.match(r"shop\.example\.org/api\s+be_canary-80\s+strip=/api share=10% protocol=h2c ", line)
+               for line in lines), lines
     assert any(line.startswith("www.example.org ") and "edge.host=www.example.org" in line for line in lines)
-    assert text.endswith("6 router(s)\n")
+    assert text.endswith("8 router(s)\n")
 
 
 def test_https_and_acme_cover_every_host_a_router_names():
     from edge.routing.render import served_hosts
     hosts = served_hosts(table_for("edge"), ("t2.example.com",))
     assert set(hosts) == {"www.example.org", "shop-80.t2.example.com", "web-80.t2.example.com", "shop.example.org",
-                          "example.org"}     # the wildcard and the any-host routes name no one host
+                          "example.org", "admin.example.org", "admin-80.t2.example.com", "canary-80.t2.example.com"}
+    # the wildcard and the any-host routes name no one host

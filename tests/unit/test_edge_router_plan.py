@@ -74,3 +74,46 @@ def test_expose_tagged_routes_only_opted_in_services_and_routers():
 def test_a_whole_host_router_is_a_host_map_entry_as_edge_host_always_was():
     table = build_table(services(web=["urlprefix-www.example.com/", "edge.host=w2.example.com"]), rules=ALL)
     assert table.get("web-80").hosts == ("w2.example.com", "www.example.com")
+
+
+def test_access_rules_are_configuration_a_reload_with_the_router_named():
+    p = plan(services(web=["edge.route=/x"]), services(web=["edge.route=/x allow=127.0.0.1"]))
+    assert p.reload and p.reasons == ("access rules (allow, deny, basic auth) changed: */x",)
+
+
+def test_a_weighted_split_is_map_data_and_its_weights_change_live():
+    before = services(old=["edge.route=/c"], new=["edge.route=/c weight=10"])
+    after = services(old=["edge.route=/c"], new=["edge.route=/c weight=50"])
+    p = plan(before, after)
+    assert not p.reload
+    assert list(p.commands) == [f"set map splits.map {rid('', '/c')} 500|be_new-80|1000|be_old-80|1000|be_old-80|"
+                                "1000|be_old-80"]
+
+
+def test_server_weights_change_live_and_a_freed_slot_gets_the_default_back():
+    p = plan(services(web=["edge.route=/x", "edge.weight=10"]), services(web=["edge.route=/x", "edge.weight=20"]))
+    assert list(p.commands) == ["set server be_web-80/s1 weight 20"] and not p.reload
+    old = build_table(services(web=["edge.weight=10"]), rules=ALL)
+    p = make_plan(old, update_table(old, {"web": ()} | services(x=[]), {"web", "x"}, rules=ALL))
+    assert p.reload   # the route goes: a reload (its slot with it)
+
+
+@pytest.mark.parametrize("shares, value", [
+    ((100, 0), "100|be_a-80|1000|be_b-80"),             # permille
+    ((0, 0, 500), "250|be_a-80|500|be_b-80|1000|be_c-80"),
+    ((600, 600), "500|be_a-80|1000|be_b-80"),          # more than the whole: scaled, as fabio does
+    ((100, 300), "250|be_a-80|1000|be_b-80"),          # less, and no one takes the rest: scaled too
+])
+def test_split_values(shares, value):
+    from edge.routing.maps import split_value
+    parts = [Router(HTTP, backend=f"{n}-80", path="/", share=s) for n, s in zip("abc", shares, strict=False)]
+    assert split_value(parts).startswith(value)
+
+
+def test_a_whole_host_split_between_services_is_routed_by_the_maps():
+    table = build_table(services(stable=["edge.route=w.example.org/"], canary=["edge.route=w.example.org/ weight=20"]),
+                        rules=ALL)
+    assert table.get("stable-80").hosts == () and len(table.routers) == 2
+    from edge.routing.maps import SPLITS_MAP, router_maps
+    assert router_maps(table.routers)[SPLITS_MAP] == {
+        rid("w.example.org"): "200|be_canary-80|1000|be_stable-80|1000|be_stable-80|1000|be_stable-80"}
