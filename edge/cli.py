@@ -107,7 +107,9 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
 
 def _rules(settings: Settings) -> TagRules:
-    return TagRules(settings.tag_grammars, settings.expose == "all")
+    binds = (settings.bind, settings.admin_bind, settings.https_bind or "")
+    return TagRules(settings.tag_grammars, settings.expose == "all",
+                    frozenset(int(b.rsplit(":", 1)[1]) for b in binds if b), settings.https_bind is not None)
 
 
 def _state_dir(path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from edge.routing.maps import access, map_commands, mapped, router_maps
+from edge.routing.routers import HTTP
 from edge.routing.table import Route, RouteTable
 
 
@@ -58,6 +59,8 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
             reasons.append(f"hosts of {route.name} changed: {list(old.hosts)} -> {list(route.hosts)}")
         if old.vhost != route.vhost:
             reasons.append(f"vhost of {route.name} {'exposed' if route.vhost else 'withdrawn'}")
+        if old.tcp != route.tcp:
+            reasons.append(f"TCP backend of {route.name} {'added' if route.tcp else 'removed'}")
         if old.options != route.options:
             reasons.append(f"options of {route.name} changed: {' '.join(route.options.words()) or 'defaults'}")
         if len(old.slots) != len(route.slots):
@@ -68,6 +71,7 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
     for name in removed:
         changes.extend(f"- {name} {s}" for s in live.get(name).servers)
     if live.routers is not desired.routers:
+        reasons.extend(_stream_reasons(live, desired))
         router_cmds, router_changes, reason = _router_commands(live, desired)
         commands.extend(router_cmds)
         changes.extend(router_changes)
@@ -83,24 +87,36 @@ def _slot_commands(old: Route, new: Route) -> tuple[list[str], list[str]]:
         before, after = old.slots[i], new.slots[i]
         if before == after:
             continue
-        target = f"{new.backend}/{slot_name(i)}"
+        targets = [f"{backend}/{slot_name(i)}" for backend in new.backends]
         if after is None:
-            commands.append(f"set server {target} state maint")
+            commands.extend(f"set server {t} state maint" for t in targets)
             if before.weight is not None:     # a free slot has the default weight, as rendered
-                commands.append(f"set server {target} weight 1")
+                commands.extend(f"set server {t} weight 1" for t in targets)
             changes.append(f"- {new.name} {before}")
             continue
         # Address first: a slot is never made ready while it still points at its placeholder.
         if before is None or (before.address, before.port) != (after.address, after.port):
-            commands.append(f"set server {target} addr {after.address} port {after.port}")
+            commands.extend(f"set server {t} addr {after.address} port {after.port}" for t in targets)
         if (before.weight if before else None) != after.weight:
-            commands.append(f"set server {target} weight {1 if after.weight is None else after.weight}")
+            commands.extend(f"set server {t} weight {1 if after.weight is None else after.weight}" for t in targets)
         if before is None or before.key != after.key:
-            commands.append(f"set server {target} state ready")
+            commands.extend(f"set server {t} state ready" for t in targets)
         if before is not None and before.key != after.key:
             changes.append(f"- {new.name} {before}")
         changes.append(f"{'~' if before is not None and before.key == after.key else '+'} {new.name} {after}")
     return commands, changes
+
+
+def _stream_reasons(live: RouteTable, desired: RouteTable) -> list[str]:
+    """TCP and SNI routers are listeners and rules in the configuration: any change is a reload."""
+    old = {r.match: r for r in live.routers if r.kind != HTTP}
+    new = {r.match: r for r in desired.routers if r.kind != HTTP}
+    added = sorted(new[m].describe() for m in new.keys() - old.keys())
+    removed = sorted(old[m].describe() for m in old.keys() - new.keys())
+    changed = sorted(new[m].describe() for m in new.keys() & old.keys() if new[m] != old[m])
+    return ([f"TCP/SNI router added: {', '.join(added)}"] if added else []) + \
+        ([f"TCP/SNI router removed: {', '.join(removed)}"] if removed else []) + \
+        ([f"TCP/SNI router changed: {', '.join(changed)}"] if changed else [])
 
 
 def _router_commands(live: RouteTable, desired: RouteTable) -> tuple[list[str], list[str], str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath as Path
 
 import jinja2
 from markupsafe import Markup
@@ -29,7 +30,7 @@ from edge.routing.maps import (
 )
 from edge.routing.model import Instance
 from edge.routing.plan import slot_name
-from edge.routing.routers import SPLIT_PARTS, Credential
+from edge.routing.routers import SNI, SPLIT_PARTS, TCP, Credential, Router
 from edge.routing.table import Route, RouteTable, build_table
 
 CONFIG_TEMPLATE = "haproxy.cfg.j2"
@@ -41,6 +42,8 @@ REQUIRED_TEMPLATES = (CONFIG_TEMPLATE, LANDING_TEMPLATE)
 CONFIG_FILE = "haproxy.cfg"
 HOSTS_MAP = "hosts.map"
 ROUTES_MAP = "routes.map"
+SNI_MAP = "sni.map"
+TLS_SOCKET = "tls.sock"     # the TLS port's local hop to the terminating frontend, beside the runtime socket
 LANDING_FILE = "landing.lf"
 
 
@@ -144,12 +147,73 @@ def server_params(route: Route, index: int, weight: int | None) -> str:
     return "".join(f" {w}" for w in words)
 
 
-def backend_lines(route: Route) -> list[str]:
-    """A backend's own lines from its options (sticky cookie, timeouts)."""
+def backend_lines(route: Route, tcp: bool = False) -> list[str]:
+    """A backend's own lines from its options (sticky cookie in HTTP, timeouts)."""
     o = route.options
-    return ([f"cookie {o.sticky} insert indirect nocache httponly"] if o.sticky else []) + \
+    return ([f"cookie {o.sticky} insert indirect nocache httponly"] if o.sticky and not tcp else []) + \
         ([f"timeout connect {o.connect_timeout}ms"] if o.connect_timeout else []) + \
         ([f"timeout server {o.server_timeout}ms"] if o.server_timeout else [])
+
+
+def _tcp_slots(route: Route) -> list[SlotView]:
+    """A TCP backend's slots: the same servers, with the keywords that apply to a byte stream."""
+    o = route.options
+
+    def params(weight: int | None) -> str:
+        words = ([f"weight {weight}"] if weight is not None else []) + ([f"maxconn {o.maxconn}"] if o.maxconn else [])
+        return "".join(f" {w}" for w in words + (["send-proxy"] if o.send_proxy else []))
+    return [SlotView(slot_name(i), "0.0.0.0:0", True, params(None)) if s is None
+            else SlotView(slot_name(i), f"{s.address}:{s.port}", False, params(s.weight))
+            for i, s in enumerate(route.slots)]
+
+
+@dataclass(frozen=True)
+class TcpListener:
+    """A TCP router's listener: the edge's port, its access rules, its route's TCP backend."""
+
+    port: int
+    bind: str
+    backend: str
+    rules: tuple[str, ...]
+
+
+def _src_rules(action: str, condition: str, router: Router) -> list[str]:
+    return ([f"{action} if {condition}{{ src {' '.join(router.deny)} }}"] if router.deny else []) + \
+        ([f"{action} if {condition}!{{ src {' '.join(router.allow)} }}"] if router.allow else [])
+
+
+def tcp_listeners(table: RouteTable, listeners: Listeners) -> list[TcpListener]:
+    address = listeners.bind.rsplit(":", 1)[0]
+    return [TcpListener(r.port, f"{address}:{r.port}", f"tcp_{r.backend}",
+                        tuple(_src_rules("tcp-request connection reject", "", r)))
+            for r in sorted((r for r in table.routers if r.kind == TCP), key=lambda r: r.port)]
+
+
+@dataclass(frozen=True)
+class SniView:
+    """TLS passed through by name on the HTTPS port; the rest goes on to be terminated."""
+
+    map: str
+    socket: str                     # `unix@…`: the local hop to `frontend http`, with the PROXY protocol
+    rules: tuple[str, ...]
+
+
+def sni_entries(table: RouteTable) -> dict[str, str]:
+    return {r.host: f"tcp_{r.backend}" for r in table.routers if r.kind == SNI}
+
+
+def sni_view(table: RouteTable, listeners: Listeners) -> SniView | None:
+    routers = [r for r in table.routers if r.kind == SNI]
+    if not routers or listeners.https is None:
+        return None
+    rules = []
+    for r in routers:
+        exact = "{ req.ssl_sni,lower -m str " + r.host + " } "
+        wild = ("{ req.ssl_sni,lower,regsub('^[^.]*','*') -m str " + r.host + " } "
+                "!{ req.ssl_sni,lower,map_str(" + SNI_MAP + ") -m found } ")
+        key = wild if r.host.startswith("*.") else exact
+        rules += _src_rules("tcp-request content reject", key, r)
+    return SniView(SNI_MAP, f"unix@{Path(listeners.runtime_socket).parent / TLS_SOCKET}", tuple(rules))
 
 
 @dataclass(frozen=True)
@@ -185,7 +249,7 @@ def environment(templates: Mapping[str, str]) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals.update(slots=_slots, backend_lines=backend_lines, healthy_count=healthy_count,
+    env.globals.update(slots=_slots, tcp_slots=_tcp_slots, backend_lines=backend_lines, healthy_count=healthy_count,
                        request_host=Markup("%[var(txn.page_host)]"), port_suffix=Markup("%[var(txn.port_suffix)]"))
     return env
 
@@ -289,6 +353,9 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
         "redirect_codes": REDIRECT_CODES,
         "split_parts": range(1, SPLIT_PARTS + 1),
         "access": access_rules(table),
+        "tcp_routes": [r for r in table.routes if r.tcp],
+        "tcp_listeners": tcp_listeners(table, listeners),
+        "sni": sni_view(table, listeners),
     }
     try:
         config = env.get_template(CONFIG_TEMPLATE).render(context)
@@ -298,6 +365,8 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
         raise TemplateError(f"{type(exc).__name__}{where}: {exc}") from exc
     hosts, routes = host_maps(table, listeners.domains)
     maps = router_maps(table.routers) if context["router_maps"] else {}
+    if context["sni"]:
+        maps[SNI_MAP] = sni_entries(table)
     return Rendered(files=(
         (CONFIG_FILE, config),
         (HOSTS_MAP, hosts),

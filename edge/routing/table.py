@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from edge.routing.grammars import DEFAULT, ServiceRouting, read_service
 from edge.routing.maps import host_routers
 from edge.routing.model import Instance, Problem, route_name
-from edge.routing.routers import BackendOptions, Router, resolve
+from edge.routing.routers import SNI, TCP, BackendOptions, Router, resolve
 
 MIN_SLOTS = 4
 
@@ -58,10 +58,20 @@ class Route:
     services: tuple[str, ...] = ()   # the Consul services whose instances make up this route
     vhost: bool = True               # `<name>.<domain>` routes here (exposure, `--expose`)
     options: BackendOptions = BackendOptions()
+    tcp: bool = False                # TCP or SNI routers send here: a TCP backend beside the HTTP one
 
     @property
     def backend(self) -> str:
         return f"be_{self.name}"
+
+    @property
+    def tcp_backend(self) -> str:
+        return f"tcp_{self.name}"
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Every HAProxy backend holding this route's slots (updated together)."""
+        return (self.backend, self.tcp_backend) if self.tcp else (self.backend,)
 
     @property
     def servers(self) -> tuple[Server, ...]:
@@ -74,10 +84,13 @@ class Route:
 
 @dataclass(frozen=True)
 class TagRules:
-    """Which tag grammars are read (`--tag-grammar`) and which services get vhosts (`--expose`)."""
+    """Which tag grammars are read (`--tag-grammar`), which services get vhosts (`--expose`), the
+    edge's own ports (no TCP router may take them) and whether it has an HTTPS port (for SNI)."""
 
     grammars: tuple[str, ...] = DEFAULT
     expose_all: bool = True
+    reserved_ports: frozenset[int] = frozenset()
+    https: bool = False
 
 
 DEFAULT_RULES = TagRules()
@@ -117,7 +130,7 @@ def _group(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], r
 
 
 def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route | None, min_slots: int,
-           readings: Mapping[str, ServiceRouting]) -> Route:
+           readings: Mapping[str, ServiceRouting], tcp: bool = False) -> Route:
     services = tuple(sorted({i.service for i in insts}))
     options = readings[services[0]].options_of(name)
     weights = {key: w for s in services for key, w in readings[s].weights}
@@ -126,7 +139,7 @@ def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route 
                for i in insts if i.healthy}
     return Route(name=name, hosts=hosts, slots=place(healthy, old.slots if old else (), min_slots),
                  instances=len(insts), services=services, vhost=any(readings[s].vhosts for s in services),
-                 options=options)
+                 options=options, tcp=tcp)
 
 
 def _read(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], rules: TagRules
@@ -141,14 +154,33 @@ def build_table(services: Mapping[str, tuple[Instance, ...]], previous: RouteTab
     previous = previous or RouteTable()
     readings = readings if readings is not None else _read(services, services, rules)
     members = _group(services, sorted(services), readings)
-    routers, claims = resolve(r for s in sorted(readings) for r in readings[s].routers if r.backend in members)
+    usable, refused = _listenable((r for s in sorted(readings) for r in readings[s].routers if r.backend in members),
+                                  rules)
+    routers, claims = resolve(usable)
+    claims += refused
+    tcp = {r.backend for r in routers if r.kind in (TCP, SNI)}
     hosts: dict[str, list[str]] = defaultdict(list)
     for router in host_routers(routers):
         hosts[router.backend].append(router.host)
     routes = tuple(_route(name, members[name], tuple(sorted(hosts.get(name, ()))), previous.get(name), min_slots,
-                          readings) for name in sorted(members))
+                          readings, name in tcp) for name in sorted(members))
     problems = tuple(p for s in sorted(readings) for p in readings[s].problems) + claims
     return RouteTable(routes, routers, problems, dict(readings))
+
+
+def _listenable(routers: Iterable[Router], rules: TagRules) -> tuple[list[Router], tuple[Problem, ...]]:
+    """TCP routers on a port of the edge's own, and SNI routers without an HTTPS port, are refused."""
+    out, problems = [], []
+    for router in routers:
+        if router.kind == TCP and router.port in rules.reserved_ports:
+            problems.append(Problem(router.origin.service, f"{router.origin.tag!r}: port {router.port} is one of the "
+                                                           "edge's own listeners; router refused"))
+        elif router.kind == SNI and not rules.https:
+            problems.append(Problem(router.origin.service, f"{router.origin.tag!r}: SNI passthrough needs the HTTPS "
+                                                           "port (--https-bind); router refused"))
+        else:
+            out.append(router)
+    return out, tuple(problems)
 
 
 def _plain(reading: ServiceRouting | None) -> bool:

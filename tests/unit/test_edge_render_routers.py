@@ -4,6 +4,7 @@ order in maps, and that a table without routers renders as it always did."""
 import os
 import re
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ from edge.routing.maps import PATHS_MAP, ROUTERS_MAP, router_id
 from edge.routing.model import Instance
 from edge.routing.render import Listeners, render
 from edge.routing.table import TagRules, build_table
+from edge.tls.certs import self_signed
+from edge.tls.stage import CertPaths
 from tests.support.procs import require
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -128,3 +131,42 @@ def test_https_and_acme_cover_every_host_a_router_names():
     assert set(hosts) == {"www.example.org", "shop-80.t2.example.com", "web-80.t2.example.com", "shop.example.org",
                           "example.org", "admin.example.org", "admin-80.t2.example.com", "canary-80.t2.example.com"}
     # the wildcard and the any-host routes name no one host
+
+
+STREAMS = {"redis": ("edge.tcp=6379 allow=10.0.0.0/8",), "db": ("edge.sni=db.example.org deny=10.9.0.0/16",),
+           "pass": ("traefik.tcp.routers.p.rule=HostSNI(`*.pass.example.org`)",
+                    "traefik.tcp.routers.p.tls.passthrough=true"),
+           "web": ("edge.host=www.example.org",)}
+
+
+def test_golden_tcp_and_sni_passthrough(tmp_path):
+    listeners = Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", ("t2.example.com",),
+                          https=CertPaths(Path("/run/haproxy-consul/certs")).https(":443", True, 0))
+    services = {name: (Instance(name, "node1", f"{name}-1", "10.0.0.7", 32000 + i, 80, True, tuple(sorted(tags))),)
+                for i, (name, tags) in enumerate(sorted(STREAMS.items()))}
+    table = build_table(services, rules=TagRules(tuple(GRAMMARS), True, frozenset({80, 443, 8404}), True))
+    assert not table.problems, table.problems
+    rendered = render(table, listeners, TEMPLATES)
+    for file_name, text in rendered.files:
+        golden = GOLDEN / f"streams.{file_name}"
+        if os.environ.get("UPDATE_GOLDEN"):
+            golden.write_text(text)
+        assert text == golden.read_text(), f"{golden} differs (UPDATE_GOLDEN=1 rewrites it after review)"
+    check = tmp_path / "certs"
+    check.mkdir()
+    config = rendered["haproxy.cfg"].replace("/run/haproxy-consul/certs", str(check))
+    rendered = type(rendered)(tuple((n, config if n == "haproxy.cfg" else t) for n, t in rendered.files))
+    (check / "default.pem").write_text(self_signed("default", datetime.now(UTC)))
+    for name in ("crt-list", "acme-challenges.map", "tls-hosts.map"):
+        (check / name).write_text("")
+    haproxy_check(rendered, tmp_path / "cfg")
+
+
+@pytest.mark.parametrize("tags, https, problem", [
+    (("edge.tcp=80",), True, "port 80 is one of the edge's own listeners; router refused"),
+    (("edge.sni=db.example.org",), False, "SNI passthrough needs the HTTPS port (--https-bind); router refused"),
+])
+def test_streams_the_edge_cannot_listen_for(tags, https, problem):
+    services = {"x": (Instance("x", "n", "x-1", "10.0.0.1", 5000, 80, True, tags),)}
+    table = build_table(services, rules=TagRules(("edge",), True, frozenset({80, 443}), https))
+    assert table.routers == () and any(problem in str(p) for p in table.problems), table.problems
