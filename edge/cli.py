@@ -165,7 +165,8 @@ def format_routes(table: RouteTable, domains: tuple[str, ...]) -> str:
     for router in table.routers:
         route = table.get(router.backend)
         options = " ".join(router.options() + (route.options.words() if route else ())) or "-"
-        rows.append((router.describe(), f"be_{router.backend}", options, str(router.origin)))
+        backend = f"{'be' if router.kind == 'http' else 'tcp'}_{router.backend}"
+        rows.append((router.describe(), backend, options, str(router.origin)))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]}" for r in rows]
     return text + "\n" + "\n".join(lines) + f"\n{len(table.routers)} router(s)\n"
