@@ -183,9 +183,13 @@ def _listenable(routers: Iterable[Router], rules: TagRules) -> tuple[list[Router
     return out, tuple(problems)
 
 
-def _plain(reading: ServiceRouting | None) -> bool:
-    """A service whose tags add nothing to its zero-config routes (the fast path's condition)."""
-    return reading is None or (not reading.routers and not reading.options and not reading.weights)
+def _same_routing(old: ServiceRouting | None, new: ServiceRouting | None) -> bool:
+    """Whether a service's tags say the same as before (only its instances moved): then no
+    router, host or option changes, and only its routes' slots need work (the fast path)."""
+    if old is None or new is None:
+        plain = [r for r in (old, new) if r is not None]
+        return all(not r.routers and not r.options and not r.weights for r in plain)
+    return (old.vhosts, old.routers, old.options, old.weights) == (new.vhosts, new.routers, new.options, new.weights)
 
 
 def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ...]], changed: set[str],
@@ -195,7 +199,7 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
         return previous
     fresh = _read(services, changed & set(services), rules)
     readings = {**{s: r for s, r in previous.readings.items() if s not in changed}, **fresh}
-    if not all(_plain(previous.readings.get(s)) and _plain(fresh.get(s)) for s in changed):
+    if not all(_same_routing(previous.readings.get(s), fresh.get(s)) for s in changed):
         return build_table(services, previous, min_slots, rules, readings)  # routers resolve across services
     affected = {r.name for r in previous.routes if not changed.isdisjoint(r.services)}
     new_members = _group(services, sorted(fresh), readings)
@@ -204,12 +208,12 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
     members = _group(services, sorted(contributors), readings, only=affected)
     for name, insts in new_members.items():
         members[name].extend(insts)
-    if any(previous.get(name) and previous.get(name).hosts for name in affected):
-        return build_table(services, previous, min_slots, rules, readings)  # a host claim may pass on
     by_name = dict(previous._by_name)
     for name in affected:
-        if members.get(name):
-            by_name[name] = _route(name, members[name], (), previous.get(name), min_slots, readings)
+        old = previous.get(name)
+        if members.get(name):   # hosts and TCP come from routers, which are as they were
+            by_name[name] = _route(name, members[name], old.hosts if old else (), old, min_slots, readings,
+                                   old.tcp if old else False)
         else:
             by_name.pop(name, None)
     problems = tuple(p for p in previous.problems if p.subject not in changed)
