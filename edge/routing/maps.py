@@ -8,7 +8,8 @@ and never by a rule of its own: changing either is a runtime map command, not a 
 router's actions are data too: `strip.map` (how many characters leave the path's front),
 `redirects.map` (`code|when|prefix|h|suffix|p`: the Location is prefix, the request's host when
 `h`, suffix, its path and query when `p`; `when` limits it to `http` or `https` requests) and
-`splits.map` for a match several backends share by weight (`T1|be_1|T2|be_2|...`, cumulative
+`host_headers.map` (the Host header the backend gets), `splits.map` for a match several
+backends share by weight (`T1|be_1|T2|be_2|...`, cumulative
 thresholds in permille: a request drawing a number under T1 goes to be_1, else under T2 to be_2
 ...). Access rules (allow/deny lists, basic auth) need configuration lines (`access`): a change
 there is a reload.
@@ -30,7 +31,8 @@ ROUTERS_MAP = "routers.map"
 STRIP_MAP = "strip.map"
 REDIRECTS_MAP = "redirects.map"
 SPLITS_MAP = "splits.map"
-ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP)
+HOST_HEADERS_MAP = "host_headers.map"
+ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP)
 
 STRIP_BITS = (128, 64, 32, 16, 8, 4, 2, 1)    # a path prefix is at most 200 characters
 REDIRECT_CODES = (301, 302, 303, 307, 308)
@@ -107,6 +109,8 @@ def router_maps(routers: Iterable[Router]) -> dict[str, dict[str, str]]:
             maps[STRIP_MAP][rid] = str(len(router.strip))
         if router.redirect:
             maps[REDIRECTS_MAP][rid] = redirect_value(router)
+        if router.set_host:
+            maps[HOST_HEADERS_MAP][rid] = router.set_host
     return maps
 
 
@@ -119,14 +123,14 @@ def map_commands(live: Mapping[str, Mapping[str, str]], desired: Mapping[str, Ma
     redirect are in place before a path key points at it, and a path key is gone before what it
     pointed at goes."""
     adds, dels = [], []
-    for name in (ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, PATHS_MAP, EXACT_MAP):
+    for name in (ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP, PATHS_MAP, EXACT_MAP):
         old, new = live.get(name, {}), desired.get(name, {})
         for key in sorted(new):
             if key not in old:
                 adds.append(f"add map {name} {key} {new[key]}")
             elif old[key] != new[key]:
                 adds.append(f"set map {name} {key} {new[key]}")
-    for name in (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP):
+    for name in (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP):
         old, new = live.get(name, {}), desired.get(name, {})
         dels.extend(f"del map {name} {key}" for key in sorted(old) if key not in new)
     return adds + dels

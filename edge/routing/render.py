@@ -16,6 +16,7 @@ from markupsafe import Markup
 
 from edge.routing.maps import (
     EXACT_MAP,
+    HOST_HEADERS_MAP,
     PATHS_MAP,
     REDIRECT_CODES,
     REDIRECTS_MAP,
@@ -115,6 +116,7 @@ class RouterMaps:
     strip: str = STRIP_MAP
     redirects: str = REDIRECTS_MAP
     splits: str = SPLITS_MAP
+    host_headers: str = HOST_HEADERS_MAP
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,7 @@ class Router:
     deny: tuple[str, ...] = ()      # CIDRs refused
     users: tuple[Credential, ...] = ()   # non-empty: HTTP basic auth
     share: int = 0                  # permille of the match's traffic for this backend (0: an equal part of the rest)
+    set_host: str = ""              # HTTP: the Host header the backend gets ("" the client's)
     origin: Origin = field(default=Origin("", "", ""))
 
     @property
@@ -142,6 +143,8 @@ class Router:
             out.append("auth=" + ",".join(c.user for c in self.users))
         if self.share:
             out.append(f"share={self.share / 10:g}%")
+        if self.set_host:
+            out.append(f"host={self.set_host}")
         return tuple(out)
 
 

@@ -36,7 +36,7 @@ TAGS = {
                 "edge.proto=h2"),
     },
     "fabio": {   # fabio's quickstart
-        "shop": ("urlprefix-/css", "urlprefix-i.com/static", "urlprefix-/foo/bar strip=/foo"),
+        "shop": ("urlprefix-/css", "urlprefix-i.com/static", "urlprefix-/foo/bar strip=/foo host=shop.internal"),
         "web": ("urlprefix-mysite.com/", "urlprefix-/path redirect=301,https://www.google.com/"),
     },
     "traefik": {   # Traefik's Consul Catalog and middleware documentation

@@ -11,9 +11,10 @@
     urlprefix-/path weight=0.05                 5% of the traffic for this prefix (canary)
     urlprefix-/path allow=ip:10.0.0.0/8 / deny=ip:10.1.0.0/16
 
-Not honoured, and said so in one warning per tag: `prepend=` and `auth=` (fabio's own server
-configuration) refuse the router; `host=`, `register=`, `grpcservername=` and unknown options
-are ignored. fabio's `*` in a host matches across dots; here it matches one label. Pure.
+`host=<name>` sets the Host header the backend gets. Not honoured, and said so in one warning per
+tag: `prepend=` and `auth=` (fabio's own server configuration) refuse the router; `host=dst`
+(each server's own name), `register=`, `grpcservername=` and unknown options are ignored.
+fabio's `*` in a host matches across dots; here it matches one label. Pure.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from edge.routing.routers import (
 NAME = "fabio"
 PREFIX = "urlprefix-"
 PROTOCOLS = {"http": "h1", "https": "https", "grpc": "h2c", "grpcs": "h2"}
-IGNORED = ("host", "register", "grpcservername")
+IGNORED = ("register", "grpcservername")
 WEIGHT_RE = re.compile(r"^(0(\.\d+)?|1(\.0*)?|\.\d+)$")
 
 
@@ -67,7 +68,7 @@ def _route(text: str, origin: Origin) -> tuple[Router, list[tuple[str, object]],
     src, _, rest = text.partition(" ")
     opts = dict(_options(rest.split()))
     notes = [f"option {name}={opts.pop(name)!r} is not supported; ignored" for name in sorted(opts)
-             if name in IGNORED or name not in KNOWN]
+             if name in IGNORED or name not in KNOWN or (name, opts[name]) == ("host", "dst")]
     proto = opts.pop("proto", "http")
     options: list[tuple[str, object]] = []
     if proto == "tcp":
@@ -107,6 +108,8 @@ def _route(text: str, origin: Origin) -> tuple[Router, list[tuple[str, object]],
         if not re.fullmatch(r"3\d\d", code):
             raise Refused(f"redirect code {code!r} is not 300-399")
         fields["redirect"] = redirect_target(int(code), url)
+    if "host" in opts:      # the Host header the backend gets (`host=dst`, the server's own, is not known here)
+        fields["set_host"] = route_host(opts.pop("host"), wildcard=False)
     if "strip" in opts:
         strip_prefix = route_path(opts.pop("strip"))
         strip = strip_for(router.path, False, (strip_prefix,)) if router.kind == HTTP else ""
@@ -119,7 +122,7 @@ def _route(text: str, origin: Origin) -> tuple[Router, list[tuple[str, object]],
 
 
 KNOWN = ("proto", "pxyproto", "tlsskipverify", "strip", "prepend", "auth", "allow", "deny", "weight", "redirect",
-         *IGNORED)
+         "host", *IGNORED)
 
 
 def _options(words: list[str]) -> list[tuple[str, str]]:
