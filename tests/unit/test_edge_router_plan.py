@@ -117,3 +117,19 @@ def test_a_whole_host_split_between_services_is_routed_by_the_maps():
     from edge.routing.maps import SPLITS_MAP, router_maps
     assert router_maps(table.routers)[SPLITS_MAP] == {
         rid("w.example.org"): "200|be_canary-80|1000|be_stable-80|1000|be_stable-80|1000|be_stable-80"}
+
+
+def test_a_tcp_route_is_a_reload_and_its_slots_change_in_both_backends_live():
+    rules = TagRules(("edge",), True, frozenset({80}), False)
+    before = {"redis": (Instance("redis", "n1", "r1", "10.0.0.1", 7000, 6379, True, ("edge.tcp=6379",)),)}
+    after = {"redis": before["redis"] + (Instance("redis", "n1", "r2", "10.0.0.2", 7001, 6379, True,
+                                                  ("edge.tcp=6379",)),)}
+    old = build_table({}, rules=rules)
+    first = make_plan(old, update_table(old, before, {"redis"}, rules=rules))
+    assert "TCP/SNI router added: tcp :6379" in first.reasons
+    table = build_table(before, rules=rules)
+    p = make_plan(table, update_table(table, after, {"redis"}, rules=rules))
+    assert not p.reload
+    assert list(p.commands) == ["set server be_redis-6379/s2 addr 10.0.0.2 port 7001",
+                                "set server tcp_redis-6379/s2 addr 10.0.0.2 port 7001",
+                                "set server be_redis-6379/s2 state ready", "set server tcp_redis-6379/s2 state ready"]
