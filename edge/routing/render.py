@@ -2,37 +2,35 @@
 
 Templates come in as a name → source mapping (read from disk by `edge.templates_source`), so
 rendering is pure and a template can only see the finished table: it cannot query Consul or
-the file system. Host maps are data, not configuration, and are generated here directly.
+the file system. Host maps are data, not configuration, and are generated here directly;
+`edge.routing.views` shapes backends and routers for the templates.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import PurePosixPath as Path
 
 import jinja2
 from markupsafe import Markup
 
-from edge.routing.maps import (
-    EXACT_MAP,
-    HOST_HEADERS_MAP,
-    PATHS_MAP,
-    REDIRECT_CODES,
-    REDIRECTS_MAP,
-    ROUTERS_MAP,
-    SPLITS_MAP,
-    STRIP_BITS,
-    STRIP_MAP,
-    access,
-    map_text,
-    mapped,
-    router_maps,
-)
+from edge.routing.maps import REDIRECT_CODES, STRIP_BITS, map_text, mapped, router_maps
 from edge.routing.model import Instance
-from edge.routing.plan import slot_name
-from edge.routing.routers import SNI, SPLIT_PARTS, TCP, Credential, Router
+from edge.routing.routers import SPLIT_PARTS
 from edge.routing.table import Route, RouteTable, build_table
+from edge.routing.views import (
+    SNI_MAP,
+    RouterMaps,
+    RouterView,
+    access_rules,
+    backend_lines,
+    router_views,
+    slots,
+    sni_entries,
+    sni_view,
+    tcp_listeners,
+    tcp_slots,
+)
 
 CONFIG_TEMPLATE = "haproxy.cfg.j2"
 LANDING_TEMPLATE = "landing.html.j2"
@@ -43,8 +41,6 @@ REQUIRED_TEMPLATES = (CONFIG_TEMPLATE, LANDING_TEMPLATE)
 CONFIG_FILE = "haproxy.cfg"
 HOSTS_MAP = "hosts.map"
 ROUTES_MAP = "routes.map"
-SNI_MAP = "sni.map"
-TLS_SOCKET = "tls.sock"     # the TLS port's local hop to the terminating frontend, beside the runtime socket
 LANDING_FILE = "landing.lf"
 
 
@@ -106,134 +102,6 @@ class Rendered:
         return dict(self.files)[name]
 
 
-@dataclass(frozen=True)
-class RouterMaps:
-    """The router maps' file names, for the template (present only when the table has routers)."""
-
-    paths: str = PATHS_MAP
-    exact: str = EXACT_MAP
-    routers: str = ROUTERS_MAP
-    strip: str = STRIP_MAP
-    redirects: str = REDIRECTS_MAP
-    splits: str = SPLITS_MAP
-    host_headers: str = HOST_HEADERS_MAP
-
-
-@dataclass(frozen=True)
-class SlotView:
-    name: str
-    address: str    # `IP:PORT` for HAProxy; the parked placeholder for a free slot
-    free: bool
-    params: str = ""   # the server's keywords from the backend's options (each after a space)
-
-
-def _slots(route: Route) -> list[SlotView]:
-    return [SlotView(slot_name(i), "0.0.0.0:0", True, server_params(route, i, None)) if s is None
-            else SlotView(slot_name(i), f"{s.address}:{s.port}", False, server_params(route, i, s.weight))
-            for i, s in enumerate(route.slots)]
-
-
-def server_params(route: Route, index: int, weight: int | None) -> str:
-    """` weight 5 cookie s1 maxconn 10 ssl verify none ...`: every value is validated (routers)."""
-    o = route.options
-    words = [f"weight {weight}"] if weight is not None else []
-    words += [f"cookie {slot_name(index)}"] if o.sticky else []
-    words += [f"maxconn {o.maxconn}"] if o.maxconn else []
-    if o.protocol == "h2c":
-        words.append("proto h2")
-    elif o.protocol in ("https", "h2"):
-        # Verified against the system's CAs and the name the client asked for (sent as SNI).
-        words.append("ssl verify required ca-file @system-ca sni var(txn.host)" if o.verify else "ssl verify none")
-        words += ["alpn h2"] if o.protocol == "h2" else []
-    words += ["send-proxy"] if o.send_proxy else []
-    return "".join(f" {w}" for w in words)
-
-
-def backend_lines(route: Route, tcp: bool = False) -> list[str]:
-    """A backend's own lines from its options (sticky cookie in HTTP, timeouts)."""
-    o = route.options
-    return ([f"cookie {o.sticky} insert indirect nocache httponly"] if o.sticky and not tcp else []) + \
-        ([f"timeout connect {o.connect_timeout}ms"] if o.connect_timeout else []) + \
-        ([f"timeout server {o.server_timeout}ms"] if o.server_timeout else [])
-
-
-def _tcp_slots(route: Route) -> list[SlotView]:
-    """A TCP backend's slots: the same servers, with the keywords that apply to a byte stream."""
-    o = route.options
-
-    def params(weight: int | None) -> str:
-        words = ([f"weight {weight}"] if weight is not None else []) + ([f"maxconn {o.maxconn}"] if o.maxconn else [])
-        return "".join(f" {w}" for w in words + (["send-proxy"] if o.send_proxy else []))
-    return [SlotView(slot_name(i), "0.0.0.0:0", True, params(None)) if s is None
-            else SlotView(slot_name(i), f"{s.address}:{s.port}", False, params(s.weight))
-            for i, s in enumerate(route.slots)]
-
-
-@dataclass(frozen=True)
-class TcpListener:
-    """A TCP router's listener: the edge's port, its access rules, its route's TCP backend."""
-
-    port: int
-    bind: str
-    backend: str
-    rules: tuple[str, ...]
-
-
-def _src_rules(action: str, condition: str, router: Router) -> list[str]:
-    return ([f"{action} if {condition}{{ src {' '.join(router.deny)} }}"] if router.deny else []) + \
-        ([f"{action} if {condition}!{{ src {' '.join(router.allow)} }}"] if router.allow else [])
-
-
-def tcp_listeners(table: RouteTable, listeners: Listeners) -> list[TcpListener]:
-    address = listeners.bind.rsplit(":", 1)[0]
-    return [TcpListener(r.port, f"{address}:{r.port}", f"tcp_{r.backend}",
-                        tuple(_src_rules("tcp-request connection reject", "", r)))
-            for r in sorted((r for r in table.routers if r.kind == TCP), key=lambda r: r.port)]
-
-
-@dataclass(frozen=True)
-class SniView:
-    """TLS passed through by name on the HTTPS port; the rest goes on to be terminated."""
-
-    map: str
-    socket: str                     # `unix@…`: the local hop to `frontend http`, with the PROXY protocol
-    rules: tuple[str, ...]
-
-
-def sni_entries(table: RouteTable) -> dict[str, str]:
-    return {r.host: f"tcp_{r.backend}" for r in table.routers if r.kind == SNI}
-
-
-def sni_view(table: RouteTable, listeners: Listeners) -> SniView | None:
-    routers = [r for r in table.routers if r.kind == SNI]
-    if not routers or listeners.https is None:
-        return None
-    rules = []
-    for r in routers:
-        exact = "{ req.ssl_sni,lower -m str " + r.host + " } "
-        wild = ("{ req.ssl_sni,lower,regsub('^[^.]*','*') -m str " + r.host + " } "
-                "!{ req.ssl_sni,lower,map_str(" + SNI_MAP + ") -m found } ")
-        key = wild if r.host.startswith("*.") else exact
-        rules += _src_rules("tcp-request content reject", key, r)
-    return SniView(SNI_MAP, f"unix@{Path(listeners.runtime_socket).parent / TLS_SOCKET}", tuple(rules))
-
-
-@dataclass(frozen=True)
-class AccessView:
-    """A router's access rules as the frontend checks them (router id, CIDRs, a userlist)."""
-
-    id: str
-    allow: str
-    deny: str
-    userlist: str
-    users: tuple[Credential, ...]
-
-
-def access_rules(table: RouteTable) -> list[AccessView]:
-    return [AccessView(rid, " ".join(r.allow), " ".join(r.deny), f"users_{rid}" if r.users else "", r.users)
-            for rid, r in sorted(access(table.routers).items())]
-
-
 def healthy_count(route: Route) -> Markup:
     """For the landing page: HAProxy fills in the live count of usable servers per request."""
     return Markup(f"%[nbsrv({route.backend})]")
@@ -251,7 +119,7 @@ def environment(templates: Mapping[str, str]) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals.update(slots=_slots, tcp_slots=_tcp_slots, backend_lines=backend_lines, healthy_count=healthy_count,
+    env.globals.update(slots=slots, tcp_slots=tcp_slots, backend_lines=backend_lines, healthy_count=healthy_count,
                        request_host=Markup("%[var(txn.page_host)]"), port_suffix=Markup("%[var(txn.port_suffix)]"))
     return env
 
@@ -282,23 +150,6 @@ def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
     hosts = "".join(f"{k} {v}\n" for k, v in vhosts(table, domains).items())
     routes = "" if domains else "".join(f"{r.name} {r.backend}\n" for r in table.routes if r.vhost)
     return hosts, routes
-
-
-@dataclass(frozen=True)
-class RouterView:
-    """A route by path, as the landing page lists it."""
-
-    match: str
-    host: str
-    path: str
-    link: bool
-    backend: str
-    healthy: Markup
-
-
-def router_views(table: RouteTable) -> list[RouterView]:
-    return [RouterView(r.describe(), r.host, r.path, bool(r.host) and not r.host.startswith("*."), r.backend,
-                       Markup(f"%[nbsrv(be_{r.backend})]")) for r in mapped(table.routers)]
 
 
 def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...], routers: list[RouterView]) -> str:
@@ -356,8 +207,8 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
         "split_parts": range(1, SPLIT_PARTS + 1),
         "access": access_rules(table),
         "tcp_routes": [r for r in table.routes if r.tcp],
-        "tcp_listeners": tcp_listeners(table, listeners),
-        "sni": sni_view(table, listeners),
+        "tcp_listeners": tcp_listeners(table, listeners.bind),
+        "sni": sni_view(table, listeners.https is not None, listeners.runtime_socket),
     }
     try:
         config = env.get_template(CONFIG_TEMPLATE).render(context)
