@@ -108,6 +108,9 @@ DOC = [  # Traefik's Consul Catalog documentation: a custom port, a router, midd
     (["traefik.tcp.routers.db.rule=HostSNI(`db.example.com`)", "traefik.tcp.routers.db.tls.passthrough=true"],
      ["sni db.example.com"], {}),
     (["Traefik.HTTP.Routers.R.Rule=Host(`a.com`)"], ["a.com"], {}),                  # keys are case-insensitive
+    (["traefik.http.routers.a.rule=Host(`a.com`)", "traefik.http.routers.a.service=api",
+      "traefik.http.services.api.loadbalancer.server.port=9000",
+      "traefik.http.services.admin.loadbalancer.server.port=9001"], ["a.com"], {"port": 9000}),
 ])
 def test_documented_tag_sets(tags, expected, backend):
     parsed = traefik.parse("svc", tags)
@@ -171,3 +174,13 @@ def test_ignored_keys_keep_the_router(tags, warning):
     parsed = traefik.parse("svc", tags)
     assert routes(parsed) == ["a.com"]
     assert any(warning in w for w in warnings(parsed)), warnings(parsed)
+
+
+def test_one_consul_service_is_one_backend_a_router_to_a_differently_set_up_service_is_refused():
+    parsed = traefik.parse("svc", [
+        "traefik.http.routers.a.rule=Host(`a.com`)", "traefik.http.routers.a.service=api",
+        "traefik.http.routers.b.rule=Host(`b.com`)", "traefik.http.routers.b.service=admin",
+        "traefik.http.services.api.loadbalancer.server.port=9000",
+        "traefik.http.services.admin.loadbalancer.server.port=9001"])
+    assert routes(parsed) == ["a.com"] and options(parsed) == {"port": 9000}
+    assert any("router b refused: service admin is set up differently from api" in w for w in warnings(parsed))

@@ -89,15 +89,32 @@ def parse(service: str, tags: Iterable[str], meta: Iterable[tuple[str, str]] = (
     middlewares = _group(keyed, "http.middlewares")
     known = {f"http.services.{s}.{p}" for s, props in services.items() for p in props}
     known |= {f"http.middlewares.{m}.{p}" for m, props in middlewares.items() for p in props}
+    service_options: dict[str, list] = {}
+    for sname, props in sorted(services.items()):
+        try:
+            opts, notes = _service_options(props)
+            service_options[sname] = opts
+        except Refused as exc:
+            problems.append(refusal(service, next(iter(props.values()))[1], f"ignored: {exc}"))
+            continue
+        problems.extend(refusal(service, tag, note) for tag, note in notes)
+    # One Consul service is one backend: the first router's Traefik service gives its options; a
+    # router to another Traefik service that sets them differently would land on the wrong port.
+    owner = next(iter(services), None) if len(services) == 1 else None
     for name, props in sorted(_group(keyed, "http.routers").items()):
         known |= {f"http.routers.{name}.{p}" for p in props}
         try:
             found, notes = _http_router(service, name, props, services, middlewares)
+            target = _target(service, props, services)
+            owner = owner or target
+            if _values(service_options.get(target)) != _values(service_options.get(owner)):
+                raise Refused(f"service {target} is set up differently from {owner}, and {service} is one backend")
             routers.extend(found)
             problems.extend(refusal(service, tag, note) for tag, note in notes)
         except Refused as exc:
             tag = props.get("rule", next(iter(props.values())))[1]
             problems.append(refusal(service, tag, f"router {name} refused: {exc}"))
+    options.extend((field, value, Origin(NAME, service, tag)) for field, value, tag in service_options.get(owner, ()))
     for name, props in sorted(_group(keyed, "tcp.routers").items()):
         known |= {f"tcp.routers.{name}.{p}" for p in props}
         try:
@@ -107,19 +124,13 @@ def parse(service: str, tags: Iterable[str], meta: Iterable[tuple[str, str]] = (
         except Refused as exc:
             tag = props.get("rule", next(iter(props.values())))[1]
             problems.append(refusal(service, tag, f"TCP router {name} refused: {exc}"))
-    used = {r.origin.tag for r in routers}
-    for sname, props in sorted(services.items()):
-        try:
-            opts, notes = _service_options(props)
-        except Refused as exc:
-            problems.append(refusal(service, next(iter(props.values()))[1], f"ignored: {exc}"))
-            continue
-        if len(services) == 1 or any(f"http.services.{sname}." in t.lower() for t in used):
-            options.extend((field, value, Origin(NAME, service, tag)) for field, value, tag in opts)
-        problems.extend(refusal(service, tag, note) for tag, note in notes)
     for key in sorted(set(keyed) - known):
         problems.append(refusal(service, keyed[key][1], "not a key the edge reads; ignored"))
     return Parsed(tuple(routers), tuple(options), expose=expose, problems=tuple(problems))
+
+
+def _values(options: list | None) -> dict:
+    return {field: value for field, value, _ in options or ()}
 
 
 def _http_router(service: str, name: str, props: dict, services: dict, middlewares: dict
@@ -133,7 +144,7 @@ def _http_router(service: str, name: str, props: dict, services: dict, middlewar
     if "rule" not in props:
         raise Refused("no rule (Traefik's default rule is not used: the zero-config vhost serves the service)")
     rule, tag = props["rule"]
-    _target(service, name, props, services)
+    _target(service, props, services)
     reading = read_rule(rule)
     notes.extend((tag, note) for note in reading.notes)
     origin = Origin(NAME, service, tag)
@@ -148,7 +159,7 @@ def _http_router(service: str, name: str, props: dict, services: dict, middlewar
     return routers, notes
 
 
-def _target(service: str, name: str, props: dict, services: dict) -> str:
+def _target(service: str, props: dict, services: dict) -> str:
     """The Traefik service a router sends to: named, the only one defined, or the default one."""
     if "service" in props:
         target = props["service"][0].lower()
