@@ -198,7 +198,10 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
     if not changed:
         return previous
     fresh = _read(services, changed & set(services), rules)
-    readings = {**{s: r for s, r in previous.readings.items() if s not in changed}, **fresh}
+    readings = dict(previous.readings)     # a copy at C speed: the work per change stays small
+    for gone in changed - fresh.keys():
+        readings.pop(gone, None)
+    readings.update(fresh)
     if not all(_same_routing(previous.readings.get(s), fresh.get(s)) for s in changed):
         return build_table(services, previous, min_slots, rules, readings)  # routers resolve across services
     affected = {r.name for r in previous.routes if not changed.isdisjoint(r.services)}
