@@ -180,12 +180,13 @@ def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...]
 
 def validate(listeners: Listeners, templates: Mapping[str, str]) -> None:
     """Render an empty table and a representative one (a route with servers, a free slot, an
-    exact host and routers), so a template error shows at start, not at the first route; raises
-    TemplateError."""
+    exact host, HTTP routers with access rules, a TCP router), so a template error shows at start,
+    not at the first route; raises TemplateError."""
     sample = build_table({"example": (
         Instance("example", "node", "example-1", "127.0.0.1", 8080, 80, True,
                  ("edge.host=www.example.org", "edge.route=www.example.org/api strip",
-                  "edge.route=example.org/ redirect=301,https://www.example.org$path")),
+                  "edge.route=example.org/ redirect=301,https://www.example.org$path", "edge.tcp=6390",
+                  "edge.route=admin.example.org/ allow=127.0.0.1 auth=admin:$6$saltsalt$8Edw2rjMVq0K")),
         Instance("example", "node", "example-2", "127.0.0.1", 8081, 80, False),
     )})
     render(RouteTable(), listeners, templates)
