@@ -104,7 +104,7 @@ def test_allow_and_deny_by_source_address(consul, edge, backends):
 
 
 def test_basic_auth_with_a_hashed_password(consul, edge, backends):
-    hashed = subprocess.run(["openssl", "passwd", "-6", "-salt", "edgesalt", "s3cret"], capture_output=True,
+    hashed = subprocess.run([require("openssl"), "passwd", "-6", "-salt", "edgesalt", "s3cret"], capture_output=True,
                             text=True, check=True).stdout.strip()
     register(consul, "private", "private-1", backends("private"),
              tags=(f"edge.route=private.example.org/ auth=alice:{hashed}",))
