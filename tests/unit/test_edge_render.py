@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+from datetime import UTC, datetime
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from edge.routing.maps import ROUTER_MAPS
 from edge.routing.model import Instance, instances_from_health, route_name
 from edge.routing.render import LANDING_MAX_BYTES, Listeners, TemplateError, render
 from edge.routing.table import RouteTable, TagRules, build_table
+from edge.tls.certs import self_signed
 from edge.tls.stage import CertPaths
 from tests.support.procs import require
 
@@ -106,7 +108,9 @@ ROUTER_TAGS = ["edge.host=", "edge.route=", "edge.route=a.example.com/", "edge.t
 GOOD_TAGS = ["edge.route=a.example.com/api strip", "edge.route=/static", "edge.route=*.example.com/ exact",
              "urlprefix-/foo/bar strip=/foo", "urlprefix-/r redirect=302,https://b.example.com$path",
              "traefik.http.routers.r.rule=Host(`t.example.com`) && PathPrefix(`/t`)", "traefik.enable=true",
-             "traefik.http.routers.r.middlewares=s", "traefik.http.middlewares.s.redirectscheme.scheme=https"]
+             "traefik.http.routers.r.middlewares=s", "traefik.http.middlewares.s.redirectscheme.scheme=https",
+             "edge.tcp=6379 allow=127.0.0.1", "edge.sni=db.example.com deny=10.0.0.0/8", "edge.sni=*.pass.example.com",
+             "edge.route=/a weight=30 auth=u:$6$saltsalt$hashhash", "edge.sticky=S", "edge.proto=https"]
 raw_port = st.one_of(st.integers(-5, 70000), st.sampled_from([0, 70000, "80", "x", None, True]))
 raw_entry = st.fixed_dictionaries({
     "Node": st.fixed_dictionaries({"Node": nasty_text, "Address": st.sampled_from(["10.0.0.1", "", "::1", "bad\n"])}),
@@ -130,12 +134,12 @@ SERVER_LINE = re.compile(r"^    server s\d+ (\d+\.\d+\.\d+\.\d+|[0-9a-f:]+):\d+(
 BACKEND_LINE = re.compile(r"^backend be_[a-z0-9_-]+$")
 
 
-def hostile_table(data) -> tuple[RouteTable, dict]:
+def hostile_table(data, https: bool = False) -> tuple[RouteTable, dict]:
     services = {}
     for name, entries in data.items():
         instances, _ = instances_from_health(name, entries)
         services[name] = instances
-    return build_table(services, rules=TagRules(tuple(GRAMMARS), True)), services
+    return build_table(services, rules=TagRules(tuple(GRAMMARS), True, frozenset({80, 443}), https)), services
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -217,14 +221,22 @@ def test_hostile_consul_strings_never_become_markup_on_the_landing_or_503_pages(
 
 
 HAPROXY_CHECK_DIR = Path(f"/tmp/hostile-routers-{os.getpid()}")
+CERTS = HAPROXY_CHECK_DIR / "certs"
+HTTPS = Listeners(":80", "127.0.0.1:8404", f"{HAPROXY_CHECK_DIR}/haproxy.sock", ("t2.example.com",),
+                  https=CertPaths(CERTS).https(":443", True, 0))
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(nasty_text, st.lists(raw_entry, min_size=1, max_size=3), min_size=1, max_size=4))
-def test_hostile_tags_of_every_grammar_render_what_haproxy_accepts(data):
-    table, _ = hostile_table(data)
-    rendered = render(table, LISTENERS, TEMPLATES)
-    HAPROXY_CHECK_DIR.mkdir(exist_ok=True)
+@given(st.dictionaries(nasty_text, st.lists(raw_entry, min_size=1, max_size=3), min_size=1, max_size=4),
+       st.booleans())
+def test_hostile_tags_of_every_grammar_render_what_haproxy_accepts(data, https):
+    table, _ = hostile_table(data, https)
+    rendered = render(table, HTTPS if https else LISTENERS, TEMPLATES)
+    CERTS.mkdir(parents=True, exist_ok=True)
+    if not (CERTS / "default.pem").exists():
+        (CERTS / "default.pem").write_text(self_signed("default", datetime.now(UTC)))
+        for name in ("crt-list", "acme-challenges.map", "tls-hosts.map"):
+            (CERTS / name).write_text("")
     for name, text in rendered.files:
         (HAPROXY_CHECK_DIR / name).write_text(text)
     result = subprocess.run([require("haproxy"), "-c", "-q", "-C", str(HAPROXY_CHECK_DIR),
