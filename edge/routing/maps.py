@@ -65,11 +65,6 @@ def split_groups(routers: Iterable[Router]) -> list[list[Router]]:
     return [parts for parts in _http_groups(routers) if len(parts) > 1 or not parts[0].plain_host]
 
 
-def host_routers(routers: Iterable[Router]) -> list[Router]:
-    """The routers the host map serves: a whole exact host to one backend, nothing else."""
-    return [parts[0] for parts in _http_groups(routers) if len(parts) == 1 and parts[0].plain_host]
-
-
 def split_value(parts: list[Router]) -> str:
     """`T1|be_1|...`, padded to SPLIT_PARTS with the last part. Shares are permille of the match;
     parts without one share what the others leave; shares adding up to more (or leaving traffic

@@ -158,4 +158,4 @@ def runtime_part(live: RouteTable, desired: RouteTable) -> RouteTable:
             routes.append(new)
         else:
             routes.append(route)
-    return RouteTable(tuple(routes), live.routers, live.problems, live.readings)
+    return replace(live, routes=tuple(routes))

@@ -9,9 +9,9 @@ its service is exposed (its zero-config vhost, `vhost`) or a router sends traffi
 
 `update_table(previous, services, changed)` gives the same result when only the services named
 in `changed` differ, touching only their routes: the work per change does not grow with the
-number of services. Routers are resolved across all services (two claiming one match), so a
-change that involves routers takes the full path, reading again only the changed services'
-tags. Pure: no I/O.
+number of services. Routers are resolved per match across all services (two claiming one
+match): a change to a service's routers resolves again only the matches it claims or claimed,
+and rebuilds only the routes whose routers moved. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from edge.routing.grammars import DEFAULT, ServiceRouting, read_service
-from edge.routing.maps import host_routers
 from edge.routing.model import Instance, Problem, route_name
 from edge.routing.routers import SNI, TCP, BackendOptions, Router, resolve
 
@@ -94,6 +93,7 @@ class TagRules:
 
 
 DEFAULT_RULES = TagRules()
+Resolution = tuple[tuple[Router, ...], tuple[Problem, ...]]   # the routers that apply to a match, and conflicts
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,10 @@ class RouteTable:
     routers: tuple[Router, ...] = ()  # every router that applies (resolved), whole hosts included
     problems: tuple[Problem, ...] = field(default=(), compare=False)  # tags refused, claims in conflict
     readings: Mapping[str, ServiceRouting] = field(default_factory=dict, compare=False, repr=False)
+    # What the next change starts from: routers by match (claims) and each match's resolution.
+    claims: Mapping[tuple, tuple[Router, ...]] = field(default_factory=dict, compare=False, repr=False)
+    resolved: Mapping[tuple, Resolution] = field(default_factory=dict, compare=False, repr=False)
+    refused: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict, compare=False, repr=False)
     _by_name: dict[str, Route] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -148,39 +152,63 @@ def _read(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], ru
 
 
 def build_table(services: Mapping[str, tuple[Instance, ...]], previous: RouteTable | None = None,
-                min_slots: int = MIN_SLOTS, rules: TagRules = DEFAULT_RULES,
-                readings: Mapping[str, ServiceRouting] | None = None) -> RouteTable:
-    """The whole table; `readings` (service → what its tags say) spares reading tags again."""
+                min_slots: int = MIN_SLOTS, rules: TagRules = DEFAULT_RULES) -> RouteTable:
+    """The whole table, reading every service's tags."""
     previous = previous or RouteTable()
-    readings = readings if readings is not None else _read(services, services, rules)
+    readings = _read(services, services, rules)
     members = _group(services, sorted(services), readings)
-    usable, refused = _listenable((r for s in sorted(readings) for r in readings[s].routers if r.backend in members),
-                                  rules)
-    routers, claims = resolve(usable)
-    claims += refused
-    tcp = {r.backend for r in routers if r.kind in (TCP, SNI)}
+    usable, refused = _listenable((r for s in sorted(readings) for r in readings[s].routers), rules)
+    claims: dict[tuple, tuple[Router, ...]] = defaultdict(tuple)
+    for router in usable:
+        claims[router.match] += (router,)
+    resolved = {m: resolve(claims[m]) for m in claims}
+    hosts, tcp = _bindings(resolved, set(members))
+    routes = tuple(_route(name, members[name], hosts.get(name, ()), previous.get(name), min_slots, readings,
+                          name in tcp) for name in sorted(members))
+    return _table(routes, readings, dict(claims), resolved, refused)
+
+
+def _table(routes: tuple[Route, ...], readings: Mapping[str, ServiceRouting],
+           claims: Mapping[tuple, tuple[Router, ...]], resolved: Mapping[tuple, Resolution],
+           refused: Mapping[str, tuple[Problem, ...]]) -> RouteTable:
+    matches = sorted(resolved)
+    problems = (tuple(p for s in sorted(readings) for p in readings[s].problems)
+                + tuple(p for m in matches for p in resolved[m][1])
+                + tuple(p for s in sorted(refused) for p in refused[s]))
+    return RouteTable(routes, tuple(r for m in matches for r in resolved[m][0]), problems, readings, claims, resolved,
+                      refused)
+
+
+def _bindings(resolved: Mapping[tuple, Resolution], backends: set[str]) -> tuple[dict[str, tuple[str, ...]], set[str]]:
+    """For these backends: the whole hosts routed to them (a match with one plain router: the host
+    map), and which of them have TCP or SNI routers (a TCP backend)."""
     hosts: dict[str, list[str]] = defaultdict(list)
-    for router in host_routers(routers):
-        hosts[router.backend].append(router.host)
-    routes = tuple(_route(name, members[name], tuple(sorted(hosts.get(name, ()))), previous.get(name), min_slots,
-                          readings, name in tcp) for name in sorted(members))
-    problems = tuple(p for s in sorted(readings) for p in readings[s].problems) + claims
-    return RouteTable(routes, routers, problems, dict(readings))
+    tcp = set()
+    for winners, _ in resolved.values():
+        for router in winners:
+            if router.backend in backends:
+                if router.kind in (TCP, SNI):
+                    tcp.add(router.backend)
+                elif len(winners) == 1 and router.plain_host:
+                    hosts[router.backend].append(router.host)
+    return {b: tuple(sorted(h)) for b, h in hosts.items()}, tcp
 
 
-def _listenable(routers: Iterable[Router], rules: TagRules) -> tuple[list[Router], tuple[Problem, ...]]:
-    """TCP routers on a port of the edge's own, and SNI routers without an HTTPS port, are refused."""
-    out, problems = [], []
+def _listenable(routers: Iterable[Router], rules: TagRules) -> tuple[list[Router], dict[str, tuple[Problem, ...]]]:
+    """TCP routers on a port of the edge's own, and SNI routers without an HTTPS port, are refused
+    (the problems by service)."""
+    out, problems = [], defaultdict(tuple)
     for router in routers:
+        service = router.origin.service
         if router.kind == TCP and router.port in rules.reserved_ports:
-            problems.append(Problem(router.origin.service, f"{router.origin.tag!r}: port {router.port} is one of the "
-                                                           "edge's own listeners; router refused"))
+            problems[service] += (Problem(service, f"{router.origin.tag!r}: port {router.port} is one of the edge's "
+                                                   "own listeners; router refused"),)
         elif router.kind == SNI and not rules.https:
-            problems.append(Problem(router.origin.service, f"{router.origin.tag!r}: SNI passthrough needs the HTTPS "
-                                                           "port (--https-bind); router refused"))
+            problems[service] += (Problem(service, f"{router.origin.tag!r}: SNI passthrough needs the HTTPS port "
+                                                   "(--https-bind); router refused"),)
         else:
             out.append(router)
-    return out, tuple(problems)
+    return out, dict(problems)
 
 
 def _same_routing(old: ServiceRouting | None, new: ServiceRouting | None) -> bool:
@@ -202,26 +230,51 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
     for gone in changed - fresh.keys():
         readings.pop(gone, None)
     readings.update(fresh)
-    if not all(_same_routing(previous.readings.get(s), fresh.get(s)) for s in changed):
-        return build_table(services, previous, min_slots, rules, readings)  # routers resolve across services
+    same = all(_same_routing(previous.readings.get(s), fresh.get(s)) for s in changed)
+    claims, resolved, refused = previous.claims, previous.resolved, previous.refused
+    touched: set[str] = set()         # backends whose routers changed
+    if not same:                      # re-resolve only the matches the changed services' routers claim(ed)
+        old = [r for s in changed if (rd := previous.readings.get(s)) for r in rd.routers]
+        new, new_refused = _listenable((r for s in sorted(fresh) for r in fresh[s].routers), rules)
+        claims, resolved = dict(claims), dict(resolved)
+        refused = {s: p for s, p in refused.items() if s not in changed} | new_refused
+        for router in old:
+            claims[router.match] = tuple(r for r in claims.get(router.match, ()) if r != router)
+        for router in new:
+            claims[router.match] = claims.get(router.match, ()) + (router,)
+        for match in {r.match for r in old} | {r.match for r in new}:
+            touched |= {r.backend for r in resolved.get(match, ((), ()))[0]}
+            if claims[match]:
+                resolved[match] = resolve(claims[match])
+                touched |= {r.backend for r in resolved[match][0]}
+            else:
+                claims.pop(match)
+                resolved.pop(match, None)
     affected = {r.name for r in previous.routes if not changed.isdisjoint(r.services)}
     new_members = _group(services, sorted(fresh), readings)
-    affected |= set(new_members)
+    affected |= set(new_members) | (touched & set(previous._by_name))
     contributors = {s for name in affected if (r := previous.get(name)) for s in r.services} - changed
     members = _group(services, sorted(contributors), readings, only=affected)
     for name, insts in new_members.items():
         members[name].extend(insts)
+    hosts, tcp = _bindings(resolved, touched) if touched else ({}, set())
     by_name = dict(previous._by_name)
     for name in affected:
-        old = previous.get(name)
-        if members.get(name):   # hosts and TCP come from routers, which are as they were
-            by_name[name] = _route(name, members[name], old.hosts if old else (), old, min_slots, readings,
-                                   old.tcp if old else False)
-        else:
+        old_route = previous.get(name)
+        if not members.get(name):
             by_name.pop(name, None)
+        elif name in touched:
+            by_name[name] = _route(name, members[name], hosts.get(name, ()), old_route, min_slots, readings,
+                                   name in tcp)
+        else:                         # its routers are as they were: so are its hosts and TCP backend
+            by_name[name] = _route(name, members[name], old_route.hosts if old_route else (), old_route, min_slots,
+                                   readings, old_route.tcp if old_route else False)
+    routes = tuple(by_name[n] for n in sorted(by_name))
+    if not same:
+        return _table(routes, readings, claims, resolved, refused)
     problems = tuple(p for p in previous.problems if p.subject not in changed)
-    problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems)
-    return RouteTable(tuple(by_name[n] for n in sorted(by_name)), previous.routers, problems, readings)
+    problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems + refused.get(s, ()))
+    return RouteTable(routes, previous.routers, problems, readings, claims, resolved, refused)
 
 
 def place(servers: Mapping[tuple[str, str], Server], old: tuple[Server | None, ...],

@@ -139,7 +139,8 @@ instance_st = st.builds(
     node=st.sampled_from(["n1", "n2"]),
     tags=st.sampled_from([(), (), (), ("edge.host=w.org",), ("edge.host=a.org",), ("edge.route=w.org/api strip",),
                           ("edge.route=/x", "edge.sticky"), ("edge.expose=false",), ("edge.expose=true",),
-                          ("edge.weight=3",), ("edge.tcp=6379",)]),
+                          ("edge.weight=3",), ("edge.tcp=6379",), ("edge.route=/x weight=20",),
+                          ("edge.route=w.org/",), ("edge.tcp=80",)]),
 )
 
 
@@ -153,7 +154,7 @@ def as_services(instances):
 @settings(max_examples=400, deadline=None)
 @given(st.lists(instance_st, max_size=12), st.lists(instance_st, max_size=12), st.integers(1, 4), st.booleans())
 def test_update_table_equals_a_full_build(before, after, min_slots, expose_all):
-    rules = TagRules(expose_all=expose_all)
+    rules = TagRules(expose_all=expose_all, reserved_ports=frozenset({80}))
     old_services, new_services = as_services(before), as_services(after)
     old = build_table(old_services, None, min_slots, rules)
     changed = {n for n in old_services.keys() | new_services.keys() if old_services.get(n) != new_services.get(n)}
