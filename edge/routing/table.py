@@ -138,9 +138,10 @@ def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route 
     services = tuple(sorted({i.service for i in insts}))
     options = readings[services[0]].options_of(name)
     weights = {key: w for s in services for key, w in readings[s].weights}
-    # A port from the tags (Traefik's `loadbalancer.server.port`) replaces the registered one.
+    # A port from the tags (Traefik's `loadbalancer.server.port`) replaces the registered one. In
+    # order, so that the outcome never depends on how the members were gathered.
     healthy = {i.key: Server(i.address, options.port or i.port, i.node, i.service_id, weights.get(i.key))
-               for i in insts if i.healthy}
+               for i in sorted(insts) if i.healthy}
     return Route(name=name, hosts=hosts, slots=place(healthy, old.slots if old else (), min_slots),
                  instances=len(insts), services=services, vhost=any(readings[s].vhosts for s in services),
                  options=options, tcp=tcp)
