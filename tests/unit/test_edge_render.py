@@ -130,8 +130,10 @@ raw_entry = st.fixed_dictionaries({
 
 SAFE_LINE = re.compile(r"^[\x20-\x7e]*$")
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9._~!*+,=:@/|-]+$")
-SERVER_LINE = re.compile(r"^    server s\d+ (\d+\.\d+\.\d+\.\d+|[0-9a-f:]+):\d+( disabled)?$")
-BACKEND_LINE = re.compile(r"^backend be_[a-z0-9_-]+$")
+SERVER_PARAMS = (r"( weight \d+| cookie s\d+| maxconn \d+| proto h2| ssl verify none| alpn h2| send-proxy"
+                 r"| ssl verify required ca-file @system-ca sni var\(txn\.host\))*")
+SERVER_LINE = re.compile(r"^    server s\d+ (\d+\.\d+\.\d+\.\d+|[0-9a-f:]+):\d+" + SERVER_PARAMS + "( disabled)?$")
+BACKEND_LINE = re.compile(r"^backend (be_[a-z0-9_-]+|tcp_[a-z0-9_-]+ from tcp_streams)$")
 
 
 def hostile_table(data, https: bool = False) -> tuple[RouteTable, dict]:
@@ -152,7 +154,8 @@ def test_hostile_data_never_injects_configuration(data):
         assert SAFE_LINE.match(line), repr(line)
         if line.startswith("    server "):
             assert SERVER_LINE.match(line), repr(line)
-        if line.startswith("backend ") and line not in ("backend landing", "backend admin_stats"):
+        if line.startswith("backend ") and line not in ("backend landing", "backend admin_stats",
+                                                        "backend tls_terminate from tcp_streams"):
             assert BACKEND_LINE.match(line), repr(line)
     for line in rendered["hosts.map"].splitlines():
         key, value = line.split(" ")
@@ -174,7 +177,8 @@ def test_hostile_data_never_injects_configuration(data):
     for route in table.routes:
         section = config.split(f"\nbackend {route.backend}\n")[1].split("\nbackend ")[0]
         for server in route.servers:
-            assert re.search(rf"^    server s\d+ {re.escape(server.address)}:{server.port}$", section, re.M), server
+            assert re.search(rf"^    server s\d+ {re.escape(server.address)}:{server.port}{SERVER_PARAMS}$", section,
+                             re.M), server
 
 
 # --- pages: nothing from Consul becomes markup ---------------------------------------------------
