@@ -162,6 +162,20 @@ def test_golden_tcp_and_sni_passthrough(tmp_path):
     haproxy_check(rendered, tmp_path / "cfg")
 
 
+def test_sni_passthrough_behind_a_load_balancer_speaking_the_proxy_protocol(tmp_path):
+    """--proxy-protocol: the TLS port takes the balancer's header, and the local hop passes the
+    client it names on to the terminating side."""
+    from dataclasses import replace
+    listeners = replace(Listeners(":80", "127.0.0.1:8404", f"{tmp_path}/haproxy.sock", ("t2.example.com",),
+                                  https=CertPaths(tmp_path / "certs").https(":443", True, 0)), proxy_protocol=True)
+    services = {"db": (Instance("db", "n", "db-1", "10.0.0.7", 32000, 80, True, ("edge.sni=db.example.org",)),)}
+    config = render(build_table(services, rules=TagRules(("edge",), True, frozenset({80, 443}), True)), listeners,
+                    TEMPLATES)["haproxy.cfg"]
+    assert "frontend tls from tcp_streams\n    bind :443 accept-proxy\n" in config
+    assert f"    bind unix@{tmp_path}/tls.sock accept-proxy ssl crt" in config
+    assert f"    server edge unix@{tmp_path}/tls.sock send-proxy-v2" in config
+
+
 @pytest.mark.parametrize("tags, https, problem", [
     (("edge.tcp=80",), True, "port 80 is one of the edge's own listeners; router refused"),
     (("edge.sni=db.example.org",), False, "SNI passthrough needs the HTTPS port (--https-bind); router refused"),
