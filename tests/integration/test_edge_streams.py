@@ -59,6 +59,7 @@ def tcp_roundtrip(port: int, text: str) -> str:
 def test_a_tcp_service_on_its_own_port_of_the_edge(consul, edge):
     echo = Echo()
     port = free_ports(1)[0]
+    logged(edge, "because initial sync", timeout=15)       # so that the new port has a reload of its own
     try:
         consul.api("PUT", "/v1/agent/service/register", {
             "Name": "redis", "ID": "redis-1", "Address": "127.0.0.1", "Port": echo.server_address[1],
