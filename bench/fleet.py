@@ -35,9 +35,9 @@ from pathlib import Path
 
 from harness import REPO, cpu_seconds, pct, write_csv
 
-from tests.support.procs import free_ports, require, stop_process, wait_until
+from tests.support.cluster import ConsulCluster
+from tests.support.procs import wait_until
 
-ADDRS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
 NODES = ("node-0", "node-1", "node-2")
 
 
@@ -70,43 +70,11 @@ def edge_main(url: str, api: str, consistency: str) -> None:
 
 
 # --- the cluster ----------------------------------------------------------------------------
-class Cluster:
+class Cluster(ConsulCluster):
+    """The shared three-server cluster with Prometheus telemetry, and what this benchmark reads of it."""
+
     def __init__(self, root: Path):
-        self.root = root
-        self.http, self.serf_lan, self.serf_wan, self.server = free_ports(4)
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self) -> Cluster:
-        consul = require("consul")
-        join = [f"-retry-join={a}:{self.serf_lan}" for a in ADDRS]
-        for n, addr in enumerate(ADDRS):
-            log = open(self.root / f"server{n}.log", "ab")
-            self.procs.append(subprocess.Popen(
-                [consul, "agent", "-server", "-bootstrap-expect=3", f"-bind={addr}", f"-client={addr}",
-                 f"-node=server{n}", f"-data-dir={self.root / f'data{n}'}", f"-http-port={self.http}",
-                 "-dns-port=-1", "-grpc-port=-1", f"-serf-lan-port={self.serf_lan}",
-                 f"-serf-wan-port={self.serf_wan}", f"-server-port={self.server}", "-retry-interval=1s",
-                 "-hcl=disable_update_check = true", "-hcl=performance { raft_multiplier = 1 }",
-                 "-hcl=telemetry { disable_hostname = true prometheus_retention_time = \"1h\" }", *join],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        wait_until(lambda: all(self.get(i, "/v1/status/leader") for i in range(3)), 60, interval=0.2,
-                   what="a leader known to all three servers")
-        return self
-
-    def url(self, i: int) -> str:
-        return f"http://{ADDRS[i % 3]}:{self.http}"
-
-    def get(self, i: int, path: str):
-        with urllib.request.urlopen(self.url(i) + path, timeout=30) as r:
-            return json.loads(r.read() or b"null")
-
-    def put(self, i: int, path: str, body) -> None:
-        req = urllib.request.Request(self.url(i) + path, data=json.dumps(body).encode(), method="PUT")
-        urllib.request.urlopen(req, timeout=60).read()
-
-    def leader(self) -> int:
-        address = self.get(0, "/v1/status/leader").rsplit(":", 1)[0]
-        return ADDRS.index(address)
+        super().__init__(root, hcl=('telemetry { disable_hostname = true prometheus_retention_time = "1h" }',))
 
     def cpu(self) -> list[float]:
         return [cpu_seconds(p.pid) for p in self.procs]
@@ -121,10 +89,6 @@ class Cluster:
             out.append(sum(float(line.split()[-1]) for line in text.splitlines()
                            if line.startswith("consul_rpc_request ")))
         return out
-
-    def stop(self) -> None:
-        for p in self.procs:
-            stop_process(p, timeout=20)
 
 
 def populate(cluster: Cluster, n: int) -> None:

@@ -105,14 +105,41 @@ def agent_argv(consul: str, me: Member, members: Sequence[Member], expect: int, 
     return argv + list(extra)
 
 
-def http_address(extra: Sequence[str]) -> str:
-    """The agent's HTTP address as the `--` arguments set it (`-client`, `-http-port`), for `consul leave`."""
-    client, port = "127.0.0.1", "8500"
+def _client(extra: Sequence[str]) -> str:
+    """The first address `-client` gives (a space-separated list is allowed), as a client reaches it:
+    every address (`0.0.0.0`, `::`) is reached on loopback."""
+    client = "127.0.0.1"
     for arg in extra:
         if arg.startswith("-client="):
-            client = arg.split("=", 1)[1].split()[0] or client
-        elif arg.startswith("-http-port="):
-            port = arg.split("=", 1)[1]
-    if client in ("0.0.0.0", "::"):
-        client = "127.0.0.1"
-    return f"{'[' + client + ']' if ':' in client else client}:{port}"
+            client = (arg.split("=", 1)[1].split() or [client])[0]
+    return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(client, client)
+
+
+def _flag(extra: Sequence[str], name: str, default: str) -> str:
+    value = default
+    for arg in extra:
+        if arg.startswith(f"-{name}="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def http_address(extra: Sequence[str]) -> str:
+    """The agent's HTTP address as the `--` arguments set it (`-client`, `-http-port`), for `consul leave`."""
+    client = _client(extra)
+    return f"{'[' + client + ']' if ':' in client else client}:{_flag(extra, 'http-port', '8500')}"
+
+
+def dns_address(extra: Sequence[str]) -> tuple[str, int] | None:
+    """Where the agent answers DNS as the `--` arguments set it: Consul binds its DNS interface to
+    the `-client` address(es), port `-dns-port` (8600); None when `-dns-port=-1` turns it off.
+    (Not `-advertise`/`-bind`: those carry Serf and RPC, never DNS.)"""
+    port = _flag(extra, "dns-port", "8600")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"-dns-port={port} is not a number") from None
+    if number < 0:
+        return None
+    if not 0 < number < 65536:
+        raise ValueError(f"-dns-port={port} is not a port")
+    return _client(extra), number

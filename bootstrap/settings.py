@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bootstrap.etcd import API_CHOICES
-from bootstrap.plan import MACHINE_ID_RE, http_address
+from bootstrap.plan import MACHINE_ID_RE, dns_address, http_address
 from haproxy_consul import consul_api
 from haproxy_consul.consul_api import ConsulSettings
 from haproxy_consul.options import EnvParser
@@ -29,7 +29,7 @@ class Settings:
     wait_timeout: float
     dns_resolved: bool
     resolved_dir: Path
-    dns_port: int
+    dns_target: tuple[str, int] | None    # where the agent answers DNS: what the drop-in names
     dry_run: bool
     agent_args: tuple[str, ...]
     log_level: str = "INFO"
@@ -70,11 +70,11 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     p.option("--wait-timeout", env="BOOTSTRAP_WAIT_TIMEOUT", default=120.0, type=float,
              help="seconds to wait for --expect servers before starting anyway")
     p.flag("--dns-resolved", env="BOOTSTRAP_DNS_RESOLVED", help="send .consul DNS queries to this agent "
-           "through a systemd-resolved drop-in (removed on exit)")
-    p.option("--resolved-dir", env="BOOTSTRAP_RESOLVED_DIR", default="/etc/systemd/resolved.conf.d",
-             help="where the drop-in goes")
-    p.option("--dns-port", env="BOOTSTRAP_DNS_PORT", default=8600, type=int,
-             help="the agent's DNS port, for the drop-in")
+           "through a systemd-resolved drop-in (removed before the agent leaves)")
+    p.option("--resolved-dir", env="BOOTSTRAP_RESOLVED_DIR", default="/run/systemd/resolved.conf.d",
+             help="where the drop-in goes (under /run: a reboot never keeps it)")
+    p.option("--dns-port", env="BOOTSTRAP_DNS_PORT", type=int,
+             help="the agent's DNS port, for the drop-in [default: the agent's -dns-port, else 8600]")
     p.add_argument("--dry-run", action="store_true", help="print the agent command it would run, touch nothing")
     p.option("--log-level", env="BOOTSTRAP_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     consul_api.add_options(p, address_flag="--consul-http-addr", address_default=None)
@@ -98,10 +98,21 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         p.error("--ttl must be at least 2 seconds")
     if not args.prefix.startswith("/"):
         p.error("--prefix must start with /")
+    try:
+        dns_target = dns_address(extra)
+    except ValueError as exc:
+        p.error(str(exc))
+    if dns_target and args.dns_port is not None:
+        dns_target = (dns_target[0], args.dns_port)
+    if args.dns_resolved and dns_target is None:
+        p.error("--dns-resolved needs the agent's DNS interface, which -dns-port=-1 turns off")
+    etcd = p.resolve_listing(args.etcd, "ETCD_ENDPOINTS")
+    if args.etcd is not None and not etcd:          # `--etcd "$ETCD_ENDPOINTS"` with the variable unset
+        p.error("--etcd names no URL (is ETCD_ENDPOINTS set?)")
     return Settings(
-        etcd=p.resolve_listing(args.etcd, "ETCD_ENDPOINTS") or ("http://127.0.0.1:2379",), etcd_api=args.etcd_api,
+        etcd=etcd or ("http://127.0.0.1:2379",), etcd_api=args.etcd_api,
         prefix=args.prefix.rstrip("/"), machine_id=machine_id, advertise=advertise, expect=args.expect,
         datacenter=args.datacenter or None, data_dir=Path(args.data_dir).absolute(), consul=args.consul,
         ttl=args.ttl, wait_timeout=args.wait_timeout, dns_resolved=args.dns_resolved,
-        resolved_dir=Path(args.resolved_dir), dns_port=args.dns_port, dry_run=args.dry_run,
+        resolved_dir=Path(args.resolved_dir), dns_target=dns_target, dry_run=args.dry_run,
         agent_args=tuple(extra), log_level=args.log_level, client=client)

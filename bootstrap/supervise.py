@@ -4,6 +4,11 @@ The lease is kept alive every ttl/3 seconds while the agent runs; if etcd lost i
 longer than the TTL) a new one is granted and the announcement written again. SIGTERM makes
 the agent leave the cluster gracefully (`consul leave`); Consul's own exit status becomes ours,
 so a unit's restart policy applies.
+
+On the way out, what points at this server from outside is withdrawn first: the DNS drop-in is
+removed and the lease revoked the moment a stop is asked for, and only then does the agent leave
+(a graceful leave can take 15 s, longer than `docker stop` waits by default). A kill in the middle
+of leaving then leaves neither a resolver pointing at a dead agent nor an announcement to join.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class Supervisor:
         self.me = Member(s.machine_id, s.advertise, s.expect)
         self.key = machines_key(s.prefix, s.machine_id)
         self.lease: str | None = None
+        self.dropin: Path | None = None
         self.problems: tuple[str, ...] = ()
 
     def _retrying(self, what: str, fn):
@@ -144,7 +150,6 @@ class Supervisor:
         done = threading.Event()     # not self.stop: the keeper must not outlive the revoke below
         keeper = threading.Thread(target=self.keepalive, args=(done,), name="etcd-keepalive", daemon=True)
         keeper.start()
-        dropin = None
         try:
             members = self.wait_for_peers()
             if members is None:
@@ -153,26 +158,33 @@ class Supervisor:
                               self.s.datacenter, self.s.agent_args)
             log.info("starting: %s", " ".join(argv))
             proc = subprocess.Popen(argv, preexec_fn=_die_with_parent)
-            if self.s.dns_resolved:
-                dropin = resolved.install(self.s.resolved_dir, self.s.advertise, self.s.dns_port)
+            if self.s.dns_resolved and self.s.dns_target:
+                self.dropin = resolved.install(self.s.resolved_dir, *self.s.dns_target)
             while proc.poll() is None:
                 if self.stop.wait(0.2):
+                    self.withdraw(done, keeper)
                     self.leave(proc)
                     break
             status = proc.wait()
             log.info("consul agent exited with status %d", status)
             return 0 if self.stop.is_set() else status
         finally:
-            done.set()
-            keeper.join(10)
-            if dropin is not None:
-                resolved.remove(dropin)
-            if self.lease is not None:
-                try:
-                    self.etcd.revoke(self.lease)
-                    log.info("revoked lease %s: %s is no longer announced", self.lease, self.s.machine_id)
-                except EtcdUnavailable as exc:
-                    log.warning("could not revoke lease %s (it expires in %ds): %s", self.lease, self.s.ttl, exc)
+            self.withdraw(done, keeper)
+
+    def withdraw(self, done: threading.Event, keeper: threading.Thread) -> None:
+        """Remove the DNS drop-in and revoke the announcement (once; again is a no-op)."""
+        done.set()
+        keeper.join(10)
+        if self.dropin is not None:
+            resolved.remove(self.dropin)
+            self.dropin = None
+        if self.lease is not None:
+            lease, self.lease = self.lease, None
+            try:
+                self.etcd.revoke(lease)
+                log.info("revoked lease %s: %s is no longer announced", lease, self.s.machine_id)
+            except EtcdUnavailable as exc:
+                log.warning("could not revoke lease %s (it expires in %ds): %s", lease, self.s.ttl, exc)
 
     def leave(self, proc: subprocess.Popen) -> None:
         """`consul leave` with the Consul client settings in its environment (TLS files, token

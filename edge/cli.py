@@ -28,9 +28,10 @@ from edge.control import Edge
 from edge.haproxy.ownership import Busy, StateLock, check_free, hand_over
 from edge.haproxy.process import HAProxy, HAProxyError, Paths
 from edge.metrics import METRICS_SOCKET, EdgeMetrics, MetricsServer
-from edge.routing.render import REQUIRED_TEMPLATES, Listeners, TemplateError, render, validate
+from edge.routing.render import REQUIRED_TEMPLATES, ConsulUi, Listeners, TemplateError, render, validate
 from edge.routing.table import RouteTable, TagRules, build_table
 from edge.settings import Settings, parse
+from edge.tls.ocsp import Stapler
 from edge.tls.sources import DirSource, KVSource
 from edge.tls.stage import CertPaths, CertStage
 from haproxy_consul import __version__, consul_api, logs
@@ -62,7 +63,10 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
                           https=cert_paths.https(settings.https_bind, settings.https_redirect, settings.hsts)
                           if settings.https_bind else None,
                           metrics_socket=str(metrics_socket) if not (settings.once or settings.dry_run) else "",
-                          trusted_proxies=settings.trusted_proxies, proxy_protocol=settings.proxy_protocol)
+                          trusted_proxies=settings.trusted_proxies, proxy_protocol=settings.proxy_protocol,
+                          landing_list_from=settings.landing_list_from,
+                          consul_ui=ConsulUi(settings.consul_ui_bind, settings.consul_ui_server)
+                          if settings.consul_ui_bind else None)
     stop = threading.Event()
 
     if settings.command == "routes":
@@ -90,7 +94,8 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         log.error("state dir %s: cannot take its lock: %s", settings.state_dir, exc)
         return 1
     haproxy = HAProxy(settings.haproxy, paths)
-    certs = (CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None, redirect=settings.https_redirect)
+    certs = (CertStage(haproxy, cert_paths, settings.domains, wake=lambda: None, redirect=settings.https_redirect,
+                       suffixes=settings.cert_suffixes)
              if settings.https_bind else None)
     try:
         if certs is not None:
@@ -252,7 +257,7 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
         log.error("cannot serve the edge's metrics on %s: %s", listeners.metrics_socket, exc)
         return 1
     edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply, certs, metrics=metrics,
-                rules=_rules(settings))
+                rules=_rules(settings), reconcile_every=settings.reconcile_every)
     watcher = _watcher(settings, stop, edge.on_snapshot, metrics)
     threads = [threading.Thread(target=watcher.run, name="consul-watch", daemon=True)]
     dir_source = None
@@ -264,6 +269,9 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
         threads.append(threading.Thread(target=KVSource(kv, settings.certs_kv, certs.on_certs, certs.on_challenges,
                                                         stop, settings.consul_wait).run,
                                         name="certs-kv", daemon=True))
+        if settings.ocsp_stapling:
+            certs.stapler = Stapler(certs.on_ocsp, stop, certs.clock)
+            threads.append(threading.Thread(target=certs.stapler.run, name="ocsp", daemon=True))
         if settings.certs is not None:
             dir_source = DirSource(settings.certs, certs.on_certs)
             dir_source.start()

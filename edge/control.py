@@ -7,6 +7,12 @@ of new vhosts costs one reload. Each reload is logged with its reasons; a refuse
 or a failed reload leaves the running HAProxy as it was, and the files on disk as it runs them.
 A state dir that cannot be written (full, read-only) is the same: HAProxy keeps serving, runtime
 changes still apply, the error is logged once and the write is retried every RETRY seconds.
+
+What HAProxy serves is compared with the table the edge applied (`reconcile`): every
+`reconcile_every` seconds, after every full sync of Consul (cold start, back from an outage, a
+sweep) and after HAProxy was restarted. Nothing should ever differ; whatever does (a runtime
+change lost, a worker started from an older file, a hand on the runtime socket) is logged and put
+back, so no divergence outlasts the next check.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from edge.haproxy.process import (
 )
 from edge.metrics import NoMetrics
 from edge.routing.model import Problem
-from edge.routing.plan import Plan, make_plan, runtime_part
+from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners, Rendered, TemplateError, render
 from edge.routing.table import DEFAULT_RULES, RouteTable, TagRules, build_table, update_table
 
@@ -38,12 +44,13 @@ QUIET = 0.05        # a reload waits until inputs have been quiet this long...
 MAX_DELAY = 1.0     # ...but never longer than this after the first change that needs it
 SUPERVISE_EVERY = 1.0
 RETRY = 5.0         # seconds between attempts to write a state dir that refused a write
+RECONCILE_EVERY = 10.0
 
 
 class Edge:
     def __init__(self, haproxy: HAProxy, listeners: Listeners, templates: Mapping[str, str],
                  stop: threading.Event, min_slots: int = 4, apply: str = "runtime", certs=None,
-                 metrics=None, rules: TagRules = DEFAULT_RULES):
+                 metrics=None, rules: TagRules = DEFAULT_RULES, reconcile_every: float = RECONCILE_EVERY):
         self.metrics = metrics or NoMetrics()   # edge.metrics: what was applied, how and why
         self.haproxy = haproxy
         self.certs = certs                         # edge.tls.stage.CertStage, with HTTPS
@@ -68,12 +75,16 @@ class Edge:
         self._dirty_since: float | None = None    # live changed at runtime; haproxy.cfg not yet written
         self._write = GuardedWrites("configuration", "HAProxy keeps serving (changes still apply live)", RETRY)
         self._start_error: str | None = None       # why HAProxy last failed to restart; logged once
+        self.reconcile_every = reconcile_every
+        self._reconcile_due: str | None = None     # why HAProxy's servers are to be checked now
 
     # --- inputs, from other threads ----------------------------------------------------------
     def on_snapshot(self, snapshot: Snapshot) -> None:
         with self._lock:
             self._snapshot = snapshot
             self._last_input = time.monotonic()
+            if snapshot.full:
+                self._reconcile_due = "after a full sync of Consul"
         self._wake.set()
 
     def on_templates(self, templates: Mapping[str, str]) -> None:
@@ -119,6 +130,7 @@ class Edge:
             return
         self.step_certs()          # certificates need no routes: serve them before the first sync
         next_supervise = time.monotonic() + SUPERVISE_EVERY
+        next_reconcile = time.monotonic() + self.reconcile_every
         while not self.stop.is_set():
             pending = self._reload_pending_since is not None or self._dirty_since is not None
             self._wake.wait(QUIET if pending else SUPERVISE_EVERY)
@@ -129,6 +141,13 @@ class Edge:
                 self.supervise()
                 next_supervise = time.monotonic() + SUPERVISE_EVERY
             self.step()
+            with self._lock:
+                why, self._reconcile_due = self._reconcile_due, None
+            if why is None and time.monotonic() >= next_reconcile:
+                why = "periodic check"
+            if why is not None:
+                self.reconcile(why)
+                next_reconcile = time.monotonic() + self.reconcile_every
             self.flush()
             self.step_certs()
         self.flush(force=True)
@@ -227,6 +246,8 @@ class Edge:
                 self.haproxy.start()
                 log.info("HAProxy restarted with the last applied configuration")
                 self._start_error = None
+                with self._lock:
+                    self._reconcile_due = "after HAProxy restarted"
             except HAProxyError as exc:
                 (log.debug if str(exc) == self._start_error else log.error)("HAProxy does not start: %s", exc)
                 self._start_error = str(exc)
@@ -237,6 +258,27 @@ class Edge:
                 self.haproxy.reload()
             except HAProxyError as exc:
                 log.error("reload to replace the lost worker failed: %s", exc)
+
+    def reconcile(self, why: str) -> None:
+        """Compare the server slots HAProxy serves with the table the edge applied, and put back
+        whatever differs: runtime commands, or a reload when its backends differ."""
+        if self.live is None:
+            return
+        try:
+            served = self.haproxy.served()
+        except HAProxyError as exc:
+            log.debug("could not read HAProxy's server states (%s): %s", why, exc)
+            return
+        plan = reconcile(self.live, served)
+        if plan.empty:
+            return
+        log.warning("HAProxy does not serve the table the edge applied (%s): %s", why,
+                    "; ".join(plan.reasons + plan.changes))
+        if plan.reload or self.reload_always:
+            self._reload(self.live, plan.reasons or ("HAProxy's servers differed from the applied table",),
+                         plan.changes, self.templates)
+        else:
+            self._runtime(self.live, plan)
 
     # --- applying ----------------------------------------------------------------------------
     def _runtime(self, table: RouteTable, plan: Plan) -> None:

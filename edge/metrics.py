@@ -4,8 +4,8 @@ HAProxy's admin listener serves its own `/metrics`; its `/edge/metrics` is route
 (templates/haproxy.cfg.j2), so one scrape target gives both. Narrow interfaces: the watcher tells
 of Consul requests, stale retries and full refreshes; the control loop of what it applied (live or
 by reload, and why), of refused configurations and of the table it serves; the HTTPS work sets
-certificate expiry. Each recorder keeps its own registry (no global state), so tests can run
-several.
+certificate expiry and counts the certificates it refuses. Each recorder keeps its own registry (no
+global state), so tests can run several.
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ class EdgeMetrics:
         self.servers = Gauge("edge_servers", "Healthy servers across all routes", registry=r)
         self.cert_expiry = Gauge("edge_certificate_expiry_timestamp_seconds",
                                  "When each served certificate expires (Unix time)", ["name"], registry=r)
+        self.cert_refused = Gauge("edge_certificates_refused",
+                                  "Certificates offered but not served, by reason (expired, not_yet_valid, "
+                                  "outside_domains, invalid)", ["reason"], registry=r)
 
     # --- the watcher's interface -------------------------------------------------------------
     def consul_request(self, endpoint: str, outcome: str) -> None:
@@ -88,6 +91,11 @@ class EdgeMetrics:
         else:
             self.cert_expiry.labels(name).set(not_after)
 
+    def certificates_refused(self, counts: dict[str, int]) -> None:
+        """How many offered certificates are not served now, by reason."""
+        for reason, count in counts.items():
+            self.cert_refused.labels(reason).set(count)
+
     def text(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -101,6 +109,7 @@ class NoMetrics:
     def change_applied(self, how, reasons, seen_at, routes, servers) -> None: ...
     def config_rejected(self) -> None: ...
     def certificate_expires(self, name: str, not_after: float | None) -> None: ...
+    def certificates_refused(self, counts: dict[str, int]) -> None: ...
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

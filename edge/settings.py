@@ -12,6 +12,7 @@ from edge.acme import settings as acme_settings
 from edge.acme.settings import AcmeSettings
 from edge.routing.grammars import GRAMMARS
 from edge.routing.model import valid_host
+from edge.routing.render import PRIVATE_NETWORKS
 from haproxy_consul import consul_api
 from haproxy_consul.consul_api import ConsulSettings
 from haproxy_consul.options import EnvParser, host_port, truthy
@@ -41,6 +42,8 @@ class Settings:
     https_bind: str | None = None  # None: no TLS listener
     certs: Path | None = None
     certs_kv: str = "haproxy-consul/certs"
+    cert_suffixes: tuple[str, ...] = ()   # a served certificate's names are under these; (): any name
+    ocsp_stapling: bool = True            # fetch and staple OCSP responses for certificates that name a responder
     https_redirect: bool = True
     hsts: int = 0
     acme: AcmeSettings | None = None
@@ -51,6 +54,15 @@ class Settings:
     proxy_protocol: bool = False  # the listeners take a PROXY protocol header first
     tag_grammars: tuple[str, ...] = ("edge",)   # which routing tags are read: edge, fabio, traefik
     expose: str = "all"           # all: every service gets its zero-config vhosts; tagged: opted-in ones only
+    reconcile_every: float = 10.0  # seconds between comparisons of HAProxy's servers with the table
+    landing_list_from: tuple[str, ...] = PRIVATE_NETWORKS   # who sees the route list on an unknown host
+    consul_ui_bind: str | None = None   # Consul's web UI, read-only, on this ADDR:PORT
+
+    @property
+    def consul_ui_server(self) -> str:
+        """Consul's HTTP address as an HAProxy `server` line reads it."""
+        host = self.consul.address.host
+        return f"{'[' + host + ']' if ':' in host else host}:{self.consul.address.port}"
 
 
 def haproxy_bind(value: str) -> str:
@@ -66,10 +78,17 @@ def domain(value: str) -> str:
     return host
 
 
-def networks(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Addresses or CIDRs as HAProxy's `src` reads them (`10.0.0.0/8`, `2001:db8::/32`), in the
-    order given, each once."""
-    return tuple(dict.fromkeys(str(ipaddress.ip_network(v, strict=False)) for v in values))
+def networks(values: Sequence[str]) -> tuple[str, ...]:
+    """CIDRs (or bare addresses) as HAProxy's `src` reads them; `none` alone: nobody."""
+    if [v.lower() for v in values] == ["none"]:
+        return ()
+    out = []
+    for value in values:
+        try:
+            out.append(str(ipaddress.ip_network(value, strict=False)))
+        except ValueError:
+            raise ValueError(f"{value!r} is not a network (CIDR like 10.0.0.0/8, or an address)") from None
+    return tuple(dict.fromkeys(out))
 
 
 def parser(environ: Mapping[str, str]) -> EnvParser:
@@ -110,6 +129,15 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
              "name.key), picked by SNI; changes apply live")
     p.option("--certs-kv", env="EDGE_CERTS_KV", help="Consul KV prefix of certificates every edge serves and "
              "ACME writes to (default haproxy-consul/certs once HTTPS is on)")
+    p.add_argument("--certs-any-name", action=argparse.BooleanOptionalAction,
+                   default=truthy(environ.get("EDGE_CERTS_ANY_NAME", "0")),
+                   help="serve certificates from --certs and --certs-kv whatever names they carry; by default a "
+                        "certificate with a name outside every --domain and --acme-allow is refused "
+                        "[env EDGE_CERTS_ANY_NAME]")
+    p.add_argument("--ocsp-stapling", action=argparse.BooleanOptionalAction,
+                   default=truthy(environ.get("EDGE_OCSP_STAPLING", "1")),
+                   help="staple OCSP responses, fetched in the background from the responder each certificate "
+                        "names (its AIA), to HTTPS handshakes [env EDGE_OCSP_STAPLING]")
     p.add_argument("--https-redirect", action=argparse.BooleanOptionalAction,
                    default=truthy(environ.get("EDGE_HTTPS_REDIRECT", "1")),
                    help="plain HTTP to a host that has a certificate gets 308 to HTTPS "
@@ -138,6 +166,16 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
              help="all: every service gets its <service>-<port> vhosts (unless tagged edge.expose=false); "
                   "tagged: only services tagged edge.expose=true or traefik.enable=true (routers from tags "
                   "always apply)")
+    p.option("--reconcile-every", env="EDGE_RECONCILE_EVERY", default=10.0, type=float,
+             help="seconds between checks that HAProxy serves the applied table (differences are put back)")
+    p.listing("--landing-list-from", env="EDGE_LANDING_LIST_FROM",
+              help="client networks (CIDR) whose request for an unknown host gets the landing page listing "
+                   "every route; everyone else gets a plain 404; `none`: nobody "
+                   f"[default: loopback and private ranges, {','.join(PRIVATE_NETWORKS)}]")
+    p.option("--consul-ui-bind", env="EDGE_CONSUL_UI_BIND",
+             help="ADDR:PORT where Consul's web UI is shown read-only (its pages and the reads they make; "
+                  "no writes, KV, ACLs or agent endpoints), proxied to --consul, which must be http://IP:PORT "
+                  "with -ui on the agent [default: none]")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -154,6 +192,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     try:
         domains = tuple(sorted({domain(d) for d in p.resolve_listing(args.domain, "EDGE_DOMAIN")}))
         bind, admin_bind = haproxy_bind(args.bind), haproxy_bind(args.admin_bind)
+        listed = p.resolve_listing(args.landing_list_from, "EDGE_LANDING_LIST_FROM")
+        landing_list_from = networks(listed) if listed else PRIVATE_NETWORKS
     except ValueError as exc:
         p.error(str(exc))
     if args.min_slots < 1:
@@ -174,6 +214,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     if not certs_kv:
         p.error("--certs-kv must name a prefix")
     acme = acme_settings.from_args(args, p, domains, certs_kv)
+    cert_suffixes = () if args.certs_any_name else tuple(sorted(set(domains)
+                                                                | set(acme_settings.allowed_suffixes(args, p))))
     https_on = bool(args.https_bind or args.certs or args.certs_kv or acme)
     try:
         https_bind = haproxy_bind(args.https_bind or ":443") if https_on else None
@@ -197,8 +239,27 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         p.error(f"--tag-grammar/EDGE_TAG_GRAMMAR: comma-separated {', '.join(GRAMMARS)}, not {args.tag_grammar!r}")
     if args.expose not in ("all", "tagged"):  # argparse does not check env-provided defaults
         p.error(f"--expose/EDGE_EXPOSE must be all or tagged, not {args.expose!r}")
+    if args.reconcile_every <= 0:
+        p.error("--reconcile-every must be positive")
+    consul = consul_api.from_args(p, args, args_in)
+    consul_ui_bind = None
+    if args.consul_ui_bind:
+        try:
+            consul_ui_bind = haproxy_bind(args.consul_ui_bind)
+        except ValueError as exc:
+            p.error(f"--consul-ui-bind: {exc}")
+        if consul_ui_bind.rsplit(":", 1)[0].strip("[]") in ("", "0.0.0.0", "::", "*"):
+            p.error(f"--consul-ui-bind {args.consul_ui_bind}: give the host's address on the private network "
+                    "(e.g. $HOST_IP:8500), never every address: the UI lists the cluster to whoever reaches it")
+        try:
+            ipaddress.ip_address(consul.address.host)
+        except ValueError:
+            p.error(f"--consul-ui-bind proxies to Consul at an IP address, not {consul.address.host!r}")
+        if consul.address.scheme != "http":
+            p.error("--consul-ui-bind proxies to Consul's plain HTTP listener (its loopback one); "
+                    f"--consul is {consul.address}")
     return Settings(
-        consul=consul_api.from_args(p, args, args_in),
+        consul=consul,
         datacenter=args.datacenter or None,
         domains=domains,
         bind=bind,
@@ -220,6 +281,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         https_bind=https_bind,
         certs=Path(args.certs).absolute() if args.certs else None,
         certs_kv=certs_kv,
+        cert_suffixes=cert_suffixes,
+        ocsp_stapling=args.ocsp_stapling,
         https_redirect=args.https_redirect,
         hsts=args.hsts,
         acme=acme,
@@ -230,4 +293,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         proxy_protocol=args.proxy_protocol,
         tag_grammars=grammars,
         expose=args.expose,
+        reconcile_every=args.reconcile_every,
+        landing_list_from=landing_list_from,
+        consul_ui_bind=consul_ui_bind,
     )

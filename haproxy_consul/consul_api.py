@@ -13,7 +13,7 @@ TLS that was asked for explicitly.
 `ConsulSettings`; the factories build clients from it:
 - `client(settings)`: a py-consul client (the registrator's agent calls, the edge's KV and sessions);
 - `ConsulHTTP(settings)`: raw reads that keep Consul's response headers (index, staleness, ACL
-  filtering), for the edge's watcher;
+  filtering), for the edge's watcher and the registrator's watch on its agent;
 - `child_env(settings)`: the same settings as variables for a `consul` subprocess (bootstrap's
   `consul leave`), so no secret ever goes into argv.
 

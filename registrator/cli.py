@@ -8,8 +8,10 @@ import threading
 from collections.abc import Mapping, Sequence
 
 from haproxy_consul import __version__, logs
+from haproxy_consul.consul_api import ConsulHTTP
 from registrator.consul_sink import ConsulSink
 from registrator.docker_source import DockerSource
+from registrator.feeds import AgentWatch
 from registrator.loop import Registrator
 from registrator.settings import parse
 
@@ -35,5 +37,6 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    Registrator(settings, DockerSource(settings.docker), ConsulSink(settings.consul), stop).run()
+    Registrator(settings, DockerSource(settings.docker), ConsulSink(settings.consul), stop,
+                AgentWatch(ConsulHTTP(settings.consul)).run).run()
     return 0

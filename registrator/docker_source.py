@@ -71,6 +71,20 @@ class DockerSource:
         except (DockerException, requests.RequestException, ValueError) as exc:
             raise self._unavailable("event stream", exc) from exc
 
+    def ping(self) -> None:
+        """Whether the engine takes a new connection and answers `/_ping` on it; DockerUnavailable
+        when it does not. A connection already open proves nothing: told to stop, dockerd 20.10
+        closes its socket at once, and then stops its containers while the connections it had
+        keep answering until it exits."""
+        try:
+            fresh = docker.APIClient(base_url=self.url, timeout=self.timeout, version=self._api().api_version)
+            try:
+                fresh.ping()
+            finally:
+                fresh.close()
+        except (DockerException, requests.RequestException) as exc:
+            raise self._unavailable("ping", exc) from exc
+
     def running(self) -> list[Container]:
         try:
             ids = [c["Id"] for c in self._api().containers(quiet=True)]

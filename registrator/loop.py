@@ -1,13 +1,26 @@
 """The registrator's loop: events for one container at a time, full reconciliation on start and
-every `--resync` seconds, TTL refreshes, drains. Decisions are `mapping.registrations` and the
-functions of `reconcile`; this module only moves values between the Docker and Consul shells.
+every `--resync` seconds, TTL refreshes, drains, and the outages of the Docker Engine and of the
+Consul agent. Decisions are `mapping.registrations` and the functions of `reconcile`; this module
+only moves values between the Docker and Consul shells, fed by the threads of `feeds`, and writes
+to the agent through `writes`.
 
-Order at start: the event stream is opened first, then containers are listed, so a container
-started in between shows up in one or the other. When the stream breaks (the Docker Engine
-restarted) it reconnects with backoff and a full reconciliation follows, since events may
-have been missed. Consul failures are logged; the next reconciliation repairs them. After an
-ACL or TLS failure, the first request Consul accepts again triggers a reconciliation that
-registers every service again (see `consul_sink`), and reconciliations stay frequent until then.
+Start: containers are listed only once the event stream is open, so a container started in
+between shows up in one or the other. An engine that does not answer at start is said once and
+waited for; nothing in Consul changes before it answers, since nothing is known of what it runs.
+
+Docker Engine outage: the first request the engine does not answer (an inspect, a listing, or a
+ping on a new connection after a `kill` event or after its event stream broke) puts every service
+of this host in maintenance at once, with one log line: what the engine ran is not serving any
+more. No inspect can work then, so events are dropped until the engine answers again (as soon as
+the event stream is open again, or every 0.25 s → 1 s while it stayed open); the reconciliation
+that follows, announced by one more line, makes Consul equal what the engine runs (the containers
+it restarted registered again, the others deregistered) and lifts the maintenance.
+
+Consul: failures are logged and the next reconciliation repairs them. `feeds.AgentWatch` asks for
+a reconciliation as soon as an agent that failed answers again, which registers again everything
+a restarted agent forgot. After an ACL or TLS failure, the first request Consul accepts again
+triggers a reconciliation that registers every service again (see `consul_sink`), and
+reconciliations stay frequent until then.
 
 Drain: a `kill` event with a signal that stops the container (what `docker stop` sends first)
 puts its services in maintenance at once, ahead of anything else queued, so the edges stop
@@ -22,106 +35,142 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from registrator.consul_sink import ConsulRejected, ConsulSink, ConsulUnavailable
 from registrator.docker_source import DockerSource, DockerUnavailable
-from registrator.mapping import NOTES_PREFIX, Container, Params, Registration, registrations, stopping_signal
-from registrator.reconcile import (
-    DRAIN_REASON,
-    AgentCheck,
-    Changes,
-    diff,
-    health_updates,
-    maintenance,
-    older_hostnames,
-    stale_drains,
-)
+from registrator.feeds import AGENT, LOST, MARKERS, RESYNC, RETRY_MAX, Put, docker_events
+from registrator.mapping import Container, Params, Registration, registrations, stopping_signal
+from registrator.reconcile import DRAIN_REASON, ENGINE_REASON, Changes, diff, engine_gone, held, older_hostnames
 from registrator.settings import Settings
+from registrator.writes import apply, few, hold, sync_checks
 
 log = logging.getLogger("registrator")
 
-RESYNC = "*resync*"   # queued by the event thread after a reconnect
 STOP = "*stop*"       # queued when the stop event is set, so a long wait for events ends at once
 HEALTH_TTL = 60       # seconds, for Docker health checks when --ttl is not given
 DRAIN_GRACE = 5.0     # seconds past a container's stop timeout before a drain is given up
 
 
 class Registrator:
-    def __init__(self, settings: Settings, docker: DockerSource, consul: ConsulSink, stop: threading.Event):
+    def __init__(self, settings: Settings, docker: DockerSource, consul: ConsulSink, stop: threading.Event,
+                 watch_agent: Callable[[Put, threading.Event], None]):
         self.s = settings
         self.docker = docker
         self.consul = consul
         self.stop = stop
+        self.watch_agent = watch_agent
         self.events: queue.Queue[tuple[str, str, str]] = queue.Queue()
-        self.connected = threading.Event()
+        self.connected = threading.Event()           # the event stream is open
         self.params: Params | None = None
         self.heartbeats: set[str] = set()            # service IDs whose --ttl check we pass
         self.watched: set[str] = set()               # container IDs with a Docker health check
         self.draining: dict[str, float] = {}         # container ID → when to give the drain up
         self.reported: dict[str, tuple[str, ...]] = {}   # container ID → the problems last logged
         self.refresh_every = settings.ttl_refresh or HEALTH_TTL / 3
+        self.synced = False                          # a reconciliation has listed the engine's containers
+        self.down_since: float | None = None         # when the engine stopped answering
+        self.retry = 0.0                             # backoff between listings while it does not answer
+        self.next_try = self.next_resync = self.next_refresh = 0.0
 
-    # --- event stream thread -----------------------------------------------------------------
-    def watch_events(self) -> None:
-        delay = 0.0
-        while not self.stop.is_set():
-            try:
-                stream = self.docker.open_events()
-                if delay:
-                    log.info("docker event stream reconnected; reconciling everything")
-                    self.events.put((RESYNC, "", ""))
-                delay = 0.0
-                self.connected.set()
-                for event in stream:
-                    self.events.put(event)
-                raise DockerUnavailable("event stream ended")
-            except DockerUnavailable as exc:
-                self.connected.clear()
-                # Said once per outage (the first error says why); retries in between are DEBUG.
-                (log.debug if delay else log.error)("docker at %s: %s; reconnecting (backoff up to 5 s)",
-                                                    self.docker.url, exc)
-                delay = min(5.0, delay * 2 or 0.25)
-                self.stop.wait(delay)
-
-    # --- main loop ---------------------------------------------------------------------------
     def wake_on_stop(self) -> None:
         self.stop.wait()
         self.events.put((STOP, "", ""))
 
     def run(self) -> None:
-        threading.Thread(target=self.watch_events, name="docker-events", daemon=True).start()
-        threading.Thread(target=self.wake_on_stop, name="stop-waker", daemon=True).start()
-        while not self.stop.is_set() and not (self.connected.wait(0.5) and self._reconcile(first=True)):
-            self.stop.wait(1.0)
-        if not self.stop.is_set():
-            log.info("in sync; watching Docker events")
-        next_resync = time.monotonic() + self.s.resync
-        next_refresh = time.monotonic() + self.refresh_every
+        for name, target, args in (("docker-events", docker_events, (self.docker, self.events.put, self.connected,
+                                                                      self.stop)),
+                                   ("consul-agent", self.watch_agent, (self.events.put, self.stop)),
+                                   ("stop-waker", self.wake_on_stop, ())):
+            threading.Thread(target=target, args=args, name=name, daemon=True).start()
         while not self.stop.is_set():
-            wake = time.monotonic() if self.consul.recovered else min(
-                next_resync, next_refresh, *self.draining.values())
-            try:
-                pending = [self.events.get(timeout=max(0.0, wake - time.monotonic()))]
-            except queue.Empty:
-                pending = []
-            while not self.events.empty():          # coalesce a burst of events
-                pending.append(self.events.get_nowait())
+            pending = self._next_events()
             actions = {action for action, _, _ in pending}
             if STOP in actions:
                 break
-            for action, cid, sig in pending:        # drains first: the process is exiting
-                if action == "kill":
-                    self._drain(cid, sig)
-            self._give_up_drains()
-            if RESYNC in actions or self.consul.recovered or time.monotonic() >= next_resync:
-                ok = self._reconcile()
-                next_resync = time.monotonic() + (self.s.resync if ok else min(5.0, self.s.resync))
-                continue
-            for cid in sorted({cid for action, cid, _ in pending if action != "kill"}):
-                self._container(cid)
-            if time.monotonic() >= next_refresh:
-                self._refresh()
-                next_refresh = time.monotonic() + self.refresh_every
+            try:
+                if LOST in actions and self.down_since is None:
+                    self.docker.ping()                   # the event stream broke: is the engine gone too?
+                if self.down_since is not None or not self.synced:
+                    self._recover(actions)
+                else:
+                    self._handle(pending, actions)
+            except DockerUnavailable as exc:
+                self._lost(exc)
+
+    def _next_events(self) -> list[tuple[str, str, str]]:
+        """What was queued by the next time something is due (a burst of events coalesced)."""
+        if self.down_since is not None or not self.synced:
+            wake = self.next_try
+        elif self.consul.recovered:
+            wake = time.monotonic()
+        else:
+            wake = min(self.next_resync, self.next_refresh, *self.draining.values())
+        try:
+            pending = [self.events.get(timeout=max(0.0, wake - time.monotonic()))]
+        except queue.Empty:
+            pending = []
+        while not self.events.empty():
+            pending.append(self.events.get_nowait())
+        return pending
+
+    def _handle(self, pending: list[tuple[str, str, str]], actions: set[str]) -> None:
+        if "kill" in actions:
+            self.docker.ping()                  # an engine told to stop kills its containers
+        for action, cid, sig in pending:        # drains first: the process is exiting
+            if action == "kill" and self.s.drain:
+                self._drain(cid, sig)
+        self._give_up_drains()
+        if actions & {RESYNC, AGENT} or self.consul.recovered or time.monotonic() >= self.next_resync:
+            self._reconcile(self.docker.running())
+            return
+        for cid in sorted({cid for action, cid, _ in pending if action not in (*MARKERS, "kill")}):
+            self._container(cid)
+        if time.monotonic() >= self.next_refresh:
+            self._refresh()
+            self.next_refresh = time.monotonic() + self.refresh_every
+
+    # --- the engine's outages ----------------------------------------------------------------
+    def _recover(self, actions: set[str]) -> None:
+        """At start or while the engine is down: list its containers once the event stream is open
+        (RESYNC), or when a retry is due and the stream stayed open; then reconcile."""
+        now = time.monotonic()
+        if RESYNC not in actions and now < self.next_try:
+            return
+        self.retry = min(RETRY_MAX, self.retry * 2 or 0.25)
+        self.next_try = now + self.retry
+        if not self.connected.is_set():
+            return                                  # the stream's RESYNC says when it is open again
+        self.docker.ping()                          # a connection still open to a stopping engine may answer
+        containers = self.docker.running()
+        if self.synced:
+            log.info("docker engine at %s answers again after %.1f s; reconciling (%d containers run)",
+                     self.docker.url, now - self.down_since, len(containers))
+        first, self.synced, self.down_since, self.retry = not self.synced, True, None, 0.0
+        ok = self._reconcile(containers, first=first)
+        if first:
+            log.info("in sync; watching Docker events" if ok else "watching Docker events; Consul not in sync yet")
+        self.next_refresh = time.monotonic() + self.refresh_every
+
+    def _lost(self, exc: DockerUnavailable) -> None:
+        """The engine does not answer: said once per outage; what it ran goes in maintenance."""
+        if self.down_since is not None:
+            log.debug("docker engine at %s still does not answer: %s", self.docker.url, exc)
+            return
+        self.down_since, self.retry, self.next_try = time.monotonic(), 0.0, time.monotonic()
+        self.draining.clear()                       # no stop under way survives the engine
+        if not self.synced:
+            log.error("docker engine at %s: %s; waiting for it (nothing changes in Consul before it answers)",
+                      self.docker.url, exc)
+            return
+        try:
+            done, refused = hold(self.consul, engine_gone(self.consul.registered(), self.consul.checks(),
+                                                          self.s.hostname), ENGINE_REASON)
+        except ConsulUnavailable as c_exc:
+            done, refused = (), (f"all ({c_exc})",)
+        log.error("docker engine at %s does not answer (%s): %d services of its containers in maintenance "
+                  "until it answers again%s", self.docker.url, exc, len(done),
+                  f"; not put in maintenance: {few(refused)}" if refused else "")
 
     def _params(self) -> Params:
         if self.params is None:
@@ -143,9 +192,10 @@ class Registrator:
             out.extend(regs)
         return out
 
-    def _reconcile(self, first: bool = False) -> bool:
+    def _reconcile(self, containers: list[Container], first: bool = False) -> bool:
+        """Consul made equal to the running `containers`. False when Consul failed or still refuses
+        us: the next reconciliation comes soon. DockerUnavailable is the caller's."""
         try:
-            containers = self.docker.running()
             self.reported = {cid: p for cid, p in self.reported.items() if cid in {c.id for c in containers}}
             desired = self._desired(containers)
             registered = self.consul.registered()
@@ -160,19 +210,22 @@ class Registrator:
             if self.consul.recovered:
                 self.consul.recovered = False
                 changes = Changes(tuple(desired), changes.deregister)
-            self._apply(changes, "reconcile", checks)
+            plan = held(checks, [r.id for r in desired],
+                        {sid for sid, r in registered.items() if r.container_id in self.draining})
+            apply(self.consul, changes, "reconcile", dict(plan.keep))
             if self.s.cleanup:
-                self._apply(Changes(deregister=older_hostnames(registered, self.s.hostname)),
-                            "cleanup (registered under an older --hostname)", checks)
-            draining = {sid for sid, r in registered.items() if r.container_id in self.draining}
+                apply(self.consul, Changes(deregister=older_hostnames(registered, self.s.hostname)),
+                      "cleanup (registered under an older --hostname)", dict(plan.keep))
             # At start every Docker health check is sent: its TTL ran on while we were not running.
-            self._sync_checks(desired, checks, changes, draining, "reconcile", force=first)
+            sync_checks(self.consul, desired, checks, changes, plan.lift, "reconcile", force=first)
             self.heartbeats = {r.id for r in desired if any(c.kind == "heartbeat" for c in r.checks)}
             self.watched = {r.container_id for r in desired if r.health is not None}
-            return self.consul.trouble is None   # still refused (ACL, TLS): come back soon
-        except (DockerUnavailable, ConsulUnavailable) as exc:
+            ok = self.consul.trouble is None   # still refused (ACL, TLS): come back soon
+        except ConsulUnavailable as exc:
             log.error("reconciliation failed: %s; retrying", exc)
-            return False
+            ok = False
+        self.next_resync = time.monotonic() + (self.s.resync if ok else min(5.0, self.s.resync))
+        return ok
 
     def _container(self, cid: str, refresh: bool = False) -> None:
         try:
@@ -181,9 +234,10 @@ class Registrator:
             checks = self.consul.checks()
             changes = diff(desired, self.consul.registered(), checks, self.s.hostname, scope={cid})
             why = f"container {container.name if container else cid[:12]}"
-            self._apply(changes, why, checks)
-            self._sync_checks(desired, checks, changes, {r.id for r in desired} if cid in self.draining else set(),
-                              why, force=refresh)
+            plan = held(checks, [r.id for r in desired], [r.id for r in desired] if cid in self.draining else [])
+            apply(self.consul, changes, why, dict(plan.keep))
+            sync_checks(self.consul, desired, checks, changes, plan.lift, why, force=refresh)
+            self.heartbeats.difference_update(changes.deregister)
             if container is None or not container.running:
                 self.draining.pop(cid, None)
                 self.reported.pop(cid, None)
@@ -194,51 +248,11 @@ class Registrator:
                 self.watched.add(cid)
             else:
                 self.watched.discard(cid)
-        except (DockerUnavailable, ConsulUnavailable) as exc:
+        except ConsulUnavailable as exc:
             log.error("container %s: %s; the next reconciliation retries", cid[:12], exc)
-
-    def _apply(self, changes: Changes, why: str, checks: list[AgentCheck]) -> None:
-        """A refused request (4xx) skips that one service; an unavailable agent stops the batch."""
-        held = maintenance(checks)
-        for reg in changes.register:
-            try:
-                self.consul.register(reg)
-                log.info("%s: registered %s as %s at %s:%d%s", why, reg.id, reg.name, reg.address, reg.port,
-                         "".join(f"; {c.notes[len(NOTES_PREFIX) + 1:]}" for c in reg.checks))
-                if reg.id in held:
-                    # Registering again replaces the checks, maintenance mode included: put it back.
-                    self.consul.maintenance(reg.id, True, held[reg.id])
-            except ConsulRejected as exc:
-                log.warning("%s: Consul refused %s; skipped: %s", why, reg.id, exc)
-        for sid in changes.deregister:
-            try:
-                self.consul.deregister(sid)
-                log.info("%s: deregistered %s", why, sid)
-            except ConsulRejected as exc:
-                log.warning("%s: Consul refused to deregister %s: %s", why, sid, exc)
-            self.heartbeats.discard(sid)
-
-    def _sync_checks(self, desired: list[Registration], checks: list[AgentCheck], changes: Changes,
-                     draining: set[str], why: str, force: bool = False) -> None:
-        """Docker health into its TTL checks; drains that did not end in a stop lifted."""
-        fresh = {r.id for r in changes.register}     # just registered: the listed checks are gone
-        for check_id, health in health_updates(desired, [c for c in checks if c.service_id not in fresh], force):
-            try:
-                self.consul.update_check(check_id, health)
-                log.debug("%s: %s is %s", why, check_id, health.status)
-            except ConsulRejected as exc:
-                log.warning("%s: Consul refused to update %s: %s", why, check_id, exc)
-        for sid in stale_drains(checks, [r.id for r in desired], draining):
-            try:
-                self.consul.maintenance(sid, False)
-                log.info("%s: %s out of maintenance (its container still runs)", why, sid)
-            except ConsulRejected as exc:
-                log.warning("%s: Consul refused to end maintenance of %s: %s", why, sid, exc)
 
     def _drain(self, cid: str, sig: str) -> None:
         """Maintenance for a container's services as it is being stopped (before it exits)."""
-        if not self.s.drain:
-            return
         try:
             container: Container | None = self.docker.inspect(cid)
             if container is None or not container.running or not stopping_signal(sig, container.stop_signal):
@@ -253,7 +267,7 @@ class Registrator:
                                  container.name, sig, sid)
                     except ConsulRejected as exc:
                         log.warning("container %s: Consul refused maintenance for %s: %s", container.name, sid, exc)
-        except (DockerUnavailable, ConsulUnavailable) as exc:
+        except ConsulUnavailable as exc:
             log.error("container %s: drain failed: %s", cid[:12], exc)
 
     def _give_up_drains(self) -> None:

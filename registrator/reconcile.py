@@ -1,5 +1,6 @@
 """Desired registrations vs what this host has in its Consul agent → what to register,
-deregister, update and take out of maintenance. Pure.
+deregister, update, put in or take out of maintenance; and when the agent may have lost what was
+registered with it. Pure.
 
 Only services whose ID starts with `<hostname>:` are ours to remove: the registrator never
 touches another host's (or a human's) registrations. The one exception is `--cleanup`'s
@@ -18,6 +19,8 @@ from registrator.mapping import OUR_META, Health, Registration
 
 MAINTENANCE = "_service_maintenance:"                 # Consul's check ID prefix for maintenance mode
 DRAIN_REASON = "haproxy-consul registrator: container stopping"
+ENGINE_REASON = "haproxy-consul registrator: docker engine unavailable"
+OUR_REASONS = (DRAIN_REASON, ENGINE_REASON)           # maintenance the registrator starts, and lifts
 CONTAINER_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -107,10 +110,48 @@ def maintenance(checks: Iterable[AgentCheck]) -> dict[str, str]:
     return {c.id[len(MAINTENANCE):]: c.notes for c in checks if c.id.startswith(MAINTENANCE)}
 
 
-def stale_drains(checks: Iterable[AgentCheck], running: Iterable[str], draining: Iterable[str]) -> tuple[str, ...]:
-    """Services the registrator put in maintenance for a stop that did not come: their container
-    still runs and no drain of it is under way (the process survived the signal, or the
-    registrator restarted in between). A human's maintenance (another reason) is never lifted."""
+@dataclass(frozen=True)
+class Held:
+    """What becomes of the services in maintenance mode."""
+
+    keep: tuple[tuple[str, str], ...] = ()   # (service ID, reason): put back if it is registered again
+    lift: tuple[str, ...] = ()               # the registrator's own, whose reason is over: taken off
+
+
+def held(checks: Iterable[AgentCheck], running: Iterable[str], draining: Iterable[str]) -> Held:
+    """Maintenance the registrator started is over when the service's container runs and no drain
+    of it is under way: a stop that did not come (the process survived the signal, or the
+    registrator restarted in between), or a Docker Engine that answers again. Every other
+    maintenance is kept, and a human's (another reason) is never lifted. Registering a service
+    again replaces its checks, maintenance included: `keep` is what must be put back then."""
     running, draining = set(running), set(draining)
-    return tuple(sorted(sid for sid, reason in maintenance(checks).items()
-                        if reason.startswith(DRAIN_REASON) and sid in running and sid not in draining))
+    keep, lift = [], []
+    for sid, reason in sorted(maintenance(checks).items()):
+        if reason.startswith(OUR_REASONS) and sid in running and sid not in draining:
+            lift.append(sid)
+        else:
+            keep.append((sid, reason))
+    return Held(tuple(keep), tuple(lift))
+
+
+def engine_gone(registered: Mapping[str, Registration], checks: Iterable[AgentCheck], hostname: str
+                ) -> tuple[str, ...]:
+    """This host's services to put in maintenance when its Docker Engine stops answering: the
+    engine stops its containers on the way down, and the userland proxy of their published ports
+    dies with it (even with live-restore), so none of them is served. Services already in
+    maintenance (a drain, a human's) keep theirs."""
+    prefix, down = f"{hostname}:", maintenance(checks)
+    return tuple(sorted(sid for sid in registered if sid.startswith(prefix) and sid not in down))
+
+
+def agent_reset(last_index: int, index: int, after_failure: bool) -> str:
+    """Why the local Consul agent may have lost the services registered with it, from one answer
+    of the blocking query on this node's services ('' when nothing says so): it answers again
+    after failing (it may have restarted: a dev agent, or one whose data dir was wiped, forgets
+    every service), or its index went backwards (a new agent with a fresh Raft log, restarted
+    between two queries). A higher index is a change; the same index is nothing new."""
+    if after_failure:
+        return "it answers again after failing"
+    if index < last_index:
+        return f"its index went back from {last_index} to {index}"
+    return ""

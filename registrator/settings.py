@@ -58,6 +58,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     p.option("--log-level", env="REGISTRATOR_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     args = p.parse_args(list(argv))
     consul = consul_api.from_args(p, args, argv)
+    if args.ip is not None and not args.ip.strip():     # `--ip "$HOST_IP"` with the variable unset
+        p.error("--ip is empty (is HOST_IP set?); leave it out to register the agent's address")
     try:
         ip = str(ipaddress.ip_address(args.ip)) if args.ip else None
     except ValueError as exc:

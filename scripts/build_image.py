@@ -11,8 +11,13 @@
    lists or caches, no docs, manuals or translations) and imported once per engine.
 4. `docker build` (classic builder) through the Docker SDK, tagged `<repository>:latest` and
    `<repository>:<version>`; then the size of every layer.
+5. The consul binary bootstrap runs: Debian 11's Consul 1.8.7 package by default; `--consul-from
+   IMAGE` copies /bin/consul (`--consul-path`) out of another image, e.g. the official
+   hashicorp/consul:<version> where a registry answers; `--consul-binary FILE` puts a binary of
+   your own (e.g. from Consul's release zip) in build/image/consul/ and uses that.
 
 Usage: python scripts/build_image.py [--docker URL] [--repository haproxy-consul] [--base IMAGE | --debootstrap]
+       [--consul-from IMAGE [--consul-path PATH] | --consul-binary FILE]
 """
 
 from __future__ import annotations
@@ -181,9 +186,30 @@ def choose_base(client: docker.DockerClient, base: str | None, use_debootstrap: 
     return debootstrap_base(client, cache)
 
 
-def build(client: docker.DockerClient, tags: Sequence[str], base: str) -> None:
+def consul_source(consul_from: str | None, consul_path: str | None, consul_binary: str | None,
+                  directory: Path = BUILD / "consul") -> dict[str, str]:
+    """The build arguments that pick the image's consul, with build/image/consul/ made to match
+    (the Dockerfile's consul-file stage copies it whatever is chosen, so it always exists)."""
+    if consul_from and consul_binary:
+        raise ValueError("--consul-from and --consul-binary are two sources: give one")
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in directory.iterdir():
+        old.unlink()
+    if consul_binary:
+        source = Path(consul_binary)
+        if not source.is_file() or not os.access(source, os.X_OK):
+            raise ValueError(f"--consul-binary {consul_binary}: not an executable file")
+        shutil.copy2(source, directory / "consul")
+        return {"CONSUL_FROM": "consul-file", "CONSUL_PATH": "/bin/consul"}
+    if consul_from:
+        return {"CONSUL_FROM": consul_from, "CONSUL_PATH": consul_path or "/bin/consul"}
+    return {}
+
+
+def build(client: docker.DockerClient, tags: Sequence[str], base: str, consul: dict[str, str]) -> None:
     recent: collections.deque[str] = collections.deque(maxlen=40)   # the failing step's output, if one fails
-    for chunk in client.api.build(path=str(REPO), tag=tags[0], buildargs={"BASE": base, "VERSION": __version__},
+    for chunk in client.api.build(path=str(REPO), tag=tags[0],
+                                  buildargs={"BASE": base, "VERSION": __version__, **consul},
                                   rm=True, forcerm=True, decode=True):
         if "error" in chunk:
             raise SystemExit("".join(recent) + f"docker build failed: {chunk['error']}")
@@ -220,7 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", help=f"base image (default {DEFAULT_BASE}, or debootstrap when it cannot be pulled)")
     p.add_argument("--debootstrap", action="store_true", help="base from debootstrap (no registry needed)")
     p.add_argument("--cache", default=str(REPO / "build" / "base"), help="where the debootstrap rootfs is kept")
+    p.add_argument("--consul-from", help="take the consul binary from this image (e.g. hashicorp/consul:1.20) "
+                   "instead of Debian 11's Consul 1.8.7 package")
+    p.add_argument("--consul-path", help="where --consul-from's image keeps it (default /bin/consul)")
+    p.add_argument("--consul-binary", help="use this consul binary (e.g. unzipped from a Consul release)")
     args = p.parse_args(argv)
+    try:
+        consul = consul_source(args.consul_from, args.consul_path, args.consul_binary)
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         client = connect(args.docker)
     except NoEngine:
@@ -229,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     wheels()
     base = choose_base(client, args.base, args.debootstrap, Path(args.cache))
     tags = image_tags(args.repository, __version__)
-    build(client, tags, base)
+    build(client, tags, base, consul)
     size = client.images.get(tags[0]).attrs["Size"]
+    version = client.containers.run(tags[0], ["version"], entrypoint="consul", remove=True).decode().splitlines()[0]
+    print(f"consul in the image: {version} (from {consul.get('CONSUL_FROM', 'Debian 11 package')})")
     print(f"built {' and '.join(tags)} from {base}: {size / 1e6:.0f} MB; layers:")
     print(layer_report(layers(client, tags[0])), flush=True)
     return 0

@@ -31,6 +31,8 @@ command -v dig >/dev/null || need+=(bind9-dnsutils)
 command -v openssl >/dev/null || need+=(openssl)
 command -v certutil >/dev/null || need+=(libnss3-tools)              # trust a test CA in headless Chromium
 command -v curl >/dev/null || need+=(curl)                 # the README walkthrough's own checks
+command -v docker-compose >/dev/null || need+=(docker-compose)   # checks deploy/docker-compose.yml
+command -v dbus-daemon >/dev/null || need+=(dbus-daemon)   # a private bus for bootstrap's resolved reload (tests)
 # `python3 -m venv` needs ensurepip, which Debian ships separately.
 python3 -c "import ensurepip" 2>/dev/null || need+=(python3-venv python3-pip)
 [ "${#need[@]}" -eq 0 ] && exit 0

@@ -9,15 +9,18 @@ fence, saying where it runs:
                                       for the three hosts', so once, as t1
 
 `on_host` rewrites a block for host tN on one machine, by the substitutions the README
-documents (its table "The walkthrough on one machine"): the hosts 10.0.0.1-3 become 127.0.0.1-3,
-tN's own loopback and wildcard addresses become 127.0.0.N, names of containers and volumes get a
-`-tN` suffix, `$(hostname -f)` is tN.example.com and `$(hostname -s)` tN, and the host side of the Docker socket and
-machine-id mounts point at the walkthrough's own.
+documents (its table "The walkthrough on one machine"): the hosts' addresses 10.0.0.1-3 become
+127.0.0.1-3 and their wildcard addresses the same; tN's own loopback 127.0.0.1 becomes 127.1.0.N,
+an address apart, so that what a host keeps on its loopback is not reachable at its address on
+one machine either; names of containers and volumes get a `-tN` suffix, `$(hostname -f)` is
+tN.example.com and `$(hostname -s)` tN, and the host side of a mount (the Docker socket,
+machine-id, resolved's drop-in directory, D-Bus) points where the caller says.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 HOSTS = ("t1", "t2", "t3")
@@ -72,19 +75,27 @@ _VOLUME = re.compile(r"(-v\s+)([A-Za-z0-9][\w.-]*)(?=:/)")       # a named volum
 _HOST_SIDE = r"(?<![:\w/]){}(?=[^\w./-]|$)"
 
 
-def on_host(text: str, host: str, docker_socket: str, machine_id_file: str) -> str:
-    """The block as it runs on host `host` (t1..t3) of the one-machine walkthrough."""
+def loopback(host: str) -> str:
+    """Host tN's own 127.0.0.1 on one machine."""
+    return f"127.1.0.{host_number(host)}"
+
+
+def on_host(text: str, host: str, host_paths: Mapping[str, str]) -> str:
+    """The block as it runs on host `host` (t1..t3) of the one-machine walkthrough; `host_paths`
+    maps a host-side path (a mount's source, e.g. /var/run/docker.sock) to the one to use."""
     n = host_number(host)
 
     def address(m: re.Match) -> str:
-        return f"127.0.0.{m.group('host')}" if m.group("host") else f"127.0.0.{n}"
+        if m.group("host"):
+            return f"127.0.0.{m.group('host')}"
+        return loopback(host) if m.group("own") == "127.0.0.1" else f"127.0.0.{n}"
 
     text = _ADDRESS.sub(address, text)
     text = _ALL_ADDRESSES.sub(f"127.0.0.{n}:", text)
     text = _NAME.sub(rf"\g<1>\g<2>-{host}", text)
     text = _VOLUME.sub(rf"\g<1>\g<2>-{host}", text)
-    text = re.sub(_HOST_SIDE.format(re.escape("/var/run/docker.sock")), docker_socket, text, flags=re.M)
-    text = re.sub(_HOST_SIDE.format(re.escape("/etc/machine-id")) + "(?=:)", machine_id_file, text, flags=re.M)
+    for path, replacement in host_paths.items():
+        text = re.sub(_HOST_SIDE.format(re.escape(path)), replacement, text, flags=re.M)
     return text.replace("$(hostname -f)", f"{host}.example.com").replace("$(hostname -s)", host)
 
 

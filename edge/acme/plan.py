@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from edge.tls.certs import Certificate, CertSet
+from edge.tls.certs import Certificate, CertSet, within
 
 HOUR = timedelta(hours=1)
 LDH_LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -89,8 +89,7 @@ def host_name(name: str) -> str | None:
 def allowed(name: str, suffixes: Iterable[str]) -> bool:
     """Whether `name` (a host name from `host_name`) is a configured suffix or under one.
     A wildcard `*.X` is judged by X."""
-    base = name[2:] if name.startswith("*.") else name
-    return any(base == s or base.endswith("." + s) for s in suffixes)
+    return within(name, tuple(suffixes))
 
 
 def orders_in_last_hour(times: Iterable[datetime], now: datetime) -> tuple[datetime, ...]:
@@ -125,8 +124,7 @@ def after_failure(previous: Failure | None, error: str, now: datetime, first: fl
 def best_cover(certs: CertSet, name: str) -> Certificate | None:
     """Of the certificates that cover `name`, the one valid longest. (Not yet valid counts:
     another host's clock may run a little ahead of ours.)"""
-    fits = [c for c in certs.certs if c.covers(name)]
-    return max(fits, key=lambda c: (c.not_after, c.name), default=None)
+    return max(certs.candidates(name), key=lambda c: (c.not_after, c.name), default=None)
 
 
 def renewal_due(cert: Certificate, fraction: float) -> datetime:
@@ -183,7 +181,9 @@ def plan(wanted: Iterable[str], certs: CertSet, failures: Mapping[str, Failure],
             state = "expired" if now >= cert.not_after else "expires"
             needed.append(Decision(name, RENEW, f"{cert.name} {state} {cert.not_after:%Y-%m-%d %H:%M:%S}",
                                    cert.not_after))
-    order_times = tuple(order_times)
+    # Names being ordered may not have counted their order yet: they count as orders made now, so a
+    # round that runs while they reserve cannot give their slot to another name.
+    order_times = (*order_times, *[now] * len(busy))
     budget = max(0, max_per_hour - len(orders_in_last_hour(order_times, now)))
     ordered = AcmePlan(tuple(needed)).to_order
     decisions.extend(ordered[:budget])

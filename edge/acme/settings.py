@@ -55,7 +55,8 @@ def add_options(p: EnvParser) -> None:
     p.option("--acme-ca-bundle", env="EDGE_ACME_CA_BUNDLE",
              help="CA file that signs the ACME server's own HTTPS (a private ACME server)")
     p.listing("--acme-allow", env="EDGE_ACME_ALLOW",
-              help="suffix outside --domain whose edge.host names may get certificates")
+              help="suffix outside --domain whose edge.host names may get certificates (ordered, or served "
+                   "from --certs and --certs-kv)")
     p.option("--acme-max-orders-per-hour", env="EDGE_ACME_MAX_ORDERS_PER_HOUR", default=10, type=int,
              help="new ACME orders per hour for the whole fleet")
     p.option("--acme-dns-rfc2136", env="EDGE_ACME_DNS_RFC2136",
@@ -68,6 +69,17 @@ def add_options(p: EnvParser) -> None:
              help="seconds between a DNS-01 TXT update and asking the CA to check it")
 
 
+def allowed_suffixes(args: argparse.Namespace, p: EnvParser) -> tuple[str, ...]:
+    """`--acme-allow`, checked: suffixes outside the domains whose names may have certificates."""
+    allow = []
+    for item in p.resolve_listing(args.acme_allow, "EDGE_ACME_ALLOW"):
+        host = host_name(item.lstrip("."))
+        if host is None or host.startswith("*."):
+            p.error(f"--acme-allow {item!r} is not a domain name")
+        allow.append(host)
+    return tuple(sorted(set(allow)))
+
+
 def from_args(args: argparse.Namespace, p: EnvParser, domains: tuple[str, ...], prefix: str) -> AcmeSettings | None:
     if not args.acme_directory:
         for flag in ("acme_dns_rfc2136", "acme_dns_tsig_key_file"):
@@ -77,13 +89,7 @@ def from_args(args: argparse.Namespace, p: EnvParser, domains: tuple[str, ...], 
     url = urllib.parse.urlsplit(args.acme_directory)
     if url.scheme != "https" or not url.hostname:
         p.error(f"--acme-directory {args.acme_directory!r}: an https:// URL (RFC 8555 requires HTTPS)")
-    allow = []
-    for item in p.resolve_listing(args.acme_allow, "EDGE_ACME_ALLOW"):
-        host = host_name(item.lstrip("."))
-        if host is None or host.startswith("*."):
-            p.error(f"--acme-allow {item!r} is not a domain name")
-        allow.append(host)
-    suffixes = tuple(sorted(set(domains) | set(allow)))
+    suffixes = tuple(sorted(set(domains) | set(allowed_suffixes(args, p))))
     if not suffixes:
         p.error("ACME needs --domain or --acme-allow: it never orders a name outside them")
     if args.acme_email is not None and "@" not in args.acme_email:

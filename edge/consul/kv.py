@@ -1,8 +1,9 @@
 """The Consul KV shell for certificates: read and watch a prefix, write with CAS, session locks.
 
-The certificate sources (`edge.tls.sources`) watch the prefix with a blocking query; the ACME
-issuer writes certificates, challenges and its account here and orders a name only while it
-holds that name's session lock, so one edge of the fleet orders and every edge serves the result.
+The certificate sources (`edge.tls.sources`) watch the prefix's keys with a blocking query and
+read its values when it changed; the ACME issuer writes certificates, challenges and its account
+here and orders a name only while it holds that name's session lock, so one edge of the fleet
+orders and every edge serves the result.
 
 Narrow on purpose: values are text, keys are full paths, errors are two types. `KVUnavailable`
 (Consul down, timeouts, 5xx: retry later) and `KVDenied` (403: an ACL forbids it, retrying will
@@ -65,6 +66,15 @@ class ConsulKV:
             kwargs.update(index=str(index), wait=f"{wait or 30:g}s")
         raw_index, entries = self._call(f"list {prefix}", self._c().kv.get, prefix, **kwargs)
         return int(raw_index or 0), {e["Key"]: _text(e.get("Value")) for e in entries or () if "Key" in e}
+
+    def keys(self, prefix: str, index: int = 0, wait: float | None = None) -> tuple[int, tuple[str, ...]]:
+        """The keys under `prefix`, without their values: a blocking query as cheap to repeat as
+        the prefix is large (its index moves as `list`'s does)."""
+        kwargs = {"keys": True}
+        if index:
+            kwargs.update(index=str(index), wait=f"{wait or 30:g}s")
+        raw_index, keys = self._call(f"keys {prefix}", self._c().kv.get, prefix, **kwargs)
+        return int(raw_index or 0), tuple(keys or ())
 
     def put(self, key: str, value: str, cas: int | None = None, acquire: str | None = None,
             release: str | None = None) -> bool:

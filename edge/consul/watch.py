@@ -17,16 +17,27 @@ A services write that no answer attributes (an instance re-registered in place, 
 is found by a sweep: a full sync that compares per-instance data, logged and counted as a full
 refresh. In internal mode the ui index also moves for check and node writes; a cheap read of
 `/v1/catalog/services` (whose index is the services table's) tells them apart, so those never
-cost a full refresh. Two services writes in one answer can hide an in-place change behind an
-attributed one: such windows get a verification sweep, rate-limited so bursts coalesce.
+cost a full refresh: every services write up to an attributed answer counts as explained
+(`_accounted`), and only a services index beyond it is a write no answer explained. Two services
+writes in one answer can hide an in-place change behind an attributed one: such windows get a
+verification sweep, rate-limited so bursts coalesce.
 
-Reads are `?stale` by default (any server answers; `--consistency`), and an answer whose
-`X-Consul-LastContact` exceeds `--max-stale` is read again consistently. Index rules as
-consul-template's `watch/view.go`: the same index means nothing new, a lower one (a restarted
-agent) means a full sync; errors back off exponentially (capped at 2 s) and a full sync follows
-an outage. A snapshot that would remove every route, or more than half, is published only once
-an independent read through the public API confirms it (`edge.consul.safety`); nothing here publishes
-an empty catalog because of an error or an ACL filter.
+What is kept must stay comparable with the next answer: a full sync keeps summaries and a dump
+of the same catalog index, and a fetch that saw a write beyond the answers folded in is fetched
+again with the next answer (else a service that changed back would look unchanged).
+
+Reads are `?stale` by default (any server answers; `--consistency`). Index rules as
+consul-template's `watch/view.go`, with what consul-template lacks for stale reads
+(`edge.consul.freshness`): the same index means nothing new; an index below what the endpoint
+already answered, a server without a leader or an `X-Consul-LastContact` over `--max-stale`
+means the server is behind (a restarted one replaying its log): the answer is read again from
+the leader and never applied as it is, and reads other than long-polls go to the leader until
+the server has caught up. Only a leader below it too means Consul's state went back: a full
+sync. Errors back off exponentially (capped at 2 s) and a full sync follows an outage; the
+long-polls then start from what it read, never from 0. A snapshot that would remove every
+route, or more than half, is published only once an independent read through the public API
+confirms it (`edge.consul.safety`); nothing here publishes an empty catalog because of an error
+or an ACL filter.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from urllib.parse import quote
 
+from edge.consul.freshness import Clocks, behind, proves_caught_up
 from edge.consul.safety import PublicView, judge, needs_confirmation, start_problem
 from edge.metrics import NoMetrics
 from edge.routing.model import (
@@ -61,7 +73,15 @@ from edge.routing.model import (
     services_from_catalog,
     summaries_from_ui_raw,
 )
-from haproxy_consul.consul_api import Answer, ConsulDenied, ConsulError, ConsulHTTP, ConsulRefused, ConsulSettings
+from haproxy_consul.consul_api import (
+    Answer,
+    ConsulDenied,
+    ConsulError,
+    ConsulHTTP,
+    ConsulRefused,
+    ConsulSettings,
+    ConsulUnavailable,
+)
 
 log = logging.getLogger("edge.watch")
 
@@ -74,6 +94,7 @@ NONPASSING_FILTER = ("filter", 'Status != "passing"')
 CONSUL_ERRORS = (ConsulError, ShapeError)
 VERIFY_MIN_INTERVAL = 2.0      # seconds between verification sweeps at least...
 VERIFY_COST_FACTOR = 10.0      # ...and at least this many times what the last sweep took
+SYNC_READS = 3                 # dumps a full sync reads at most to match its summaries' index
 
 
 @dataclass(frozen=True)
@@ -85,6 +106,7 @@ class Snapshot:
     problems: tuple[Problem, ...] = ()
     index: int = 0
     seen_at: float = 0.0
+    full: bool = False         # from a full sync (cold start, after an outage, a sweep)
 
 
 class Backoff:
@@ -126,27 +148,65 @@ def endpoint(path: str) -> str:
 
 
 class Reader:
-    """Reads with the consistency mode; an answer older than `max_stale` is read again consistently."""
+    """Reads in the consistency mode, never handing on an answer that is behind what was seen
+    (`edge.consul.freshness`): such an answer is read again from the leader (consistent), and
+    reads that are not long-polls go to the leader until the server has shown it is caught up.
 
-    def __init__(self, http: ConsulHTTP, consistency: str, max_stale: float, stats: Stats, metrics):
+    `at_least`: an index the answer must reach beside its own endpoint's (a dump read after the
+    summaries it completes)."""
+
+    def __init__(self, http: ConsulHTTP, consistency: str, max_stale: float, stats: Stats, metrics,
+                 address: object = ""):
         self.http, self.consistency, self.max_stale_ms = http, consistency, max_stale * 1000
-        self.stats, self.metrics = stats, metrics
+        self.stats, self.metrics, self.address = stats, metrics, address
+        self.clocks = Clocks()
+        self.trusted = False          # earned: at start and after every outage, the leader answers
 
-    def read(self, path: str, params=(), index: int = 0, wait: float | None = None,
-             consistency: str | None = None, raw: bool = False) -> Answer:
-        mode = consistency or self.consistency
+    def read(self, path: str, params=(), index: int = 0, wait: float | None = None, raw: bool = False,
+             at_least: int = 0) -> Answer:
+        mode = self.consistency
+        if mode == "stale" and not index and not self.trusted:
+            mode = "default"          # the leader's state, without a leadership check per read
+        answer = self._get(path, params, index, wait, mode, raw)
+        floor = self.clocks.floor(path)
+        reason = None if mode == "consistent" else behind(
+            answer.index, max(floor, at_least), answer.known_leader, answer.last_contact_ms, self.max_stale_ms)
+        if reason is not None:
+            # Consul's documented pattern for stale reads: ask the leader now.
+            self.stats.stale_retries += 1
+            self.metrics.stale_retry()
+            if self.trusted:
+                log.info("consul at %s answered %s from behind (%s): reading from the leader until it has "
+                         "caught up", self.address, path, reason)
+                self.trusted = False
+            else:
+                log.debug("%s answered from behind (%s): read again from the leader", path, reason)
+            answer = self._get(path, params, 0, None, "consistent", raw)
+        elif index and mode == "stale" and not self.trusted and proves_caught_up(
+                answer.index, self.clocks.highest(), answer.last_contact_ms):
+            log.info("consul at %s has caught up (index %d): stale reads again", self.address, answer.index)
+            self.trusted = True
+        if answer.index < floor:
+            log.warning("consul's leader answers %s at index %d, below %d already seen: Consul's state went back "
+                        "(a cluster rebuilt, a snapshot restored); starting over from it", path, answer.index, floor)
+            self.clocks.clear()
+        self.clocks.advance(path, answer.index)
+        return answer
+
+    def side_read(self, path: str) -> Answer:
+        """A consistent read beside the watch (the ACL guard's confirmations): its index is neither
+        checked nor remembered, so the leader being ahead of the server the watch reads is no news."""
+        return self._get(path, (), 0, None, "consistent", False)
+
+    def _get(self, path: str, params, index: int, wait: float | None, mode: str, raw: bool) -> Answer:
         query = list(params) + ([("index", str(index)), ("wait", f"{wait:g}s")] if index else [])
         if mode != "default":
             query.append((mode, ""))
-        answer = self.http.get(path, query, wait=wait if index else None, raw=raw)
-        if mode == "stale" and (answer.last_contact_ms > self.max_stale_ms or not answer.known_leader):
-            # Consul's documented pattern: too stale (or no leader known), ask the leader now.
-            self.stats.stale_retries += 1
-            self.metrics.stale_retry()
-            log.debug("%s: answer %d ms stale (max %d): read again consistently", path, answer.last_contact_ms,
-                      self.max_stale_ms)
-            answer = self.http.get(path, [*params, ("consistent", "")], raw=raw)
-        return answer
+        try:
+            return self.http.get(path, query, wait=wait if index else None, raw=raw)
+        except ConsulUnavailable:
+            self.trusted = False      # the server may be restarting: it will replay its log
+            raise
 
 
 @dataclass
@@ -155,21 +215,23 @@ class Update:
 
     value: object = None
     index: int = 0
-    reset: bool = False            # the index went back: a restarted agent
+    reset: bool = False            # the index went back at the leader too: Consul's state was rebuilt
     error: Exception | None = None
     seen_at: float = 0.0
 
 
 class Poller:
-    """One long-poll loop in its own thread; hands its newest answer to the watcher's inbox."""
+    """One long-poll loop in its own thread; hands its newest answer to the watcher's inbox. It
+    starts from `start`, the index of what the watcher already holds from this endpoint (never 0
+    after a full sync: a server still replaying its log then waits until it has passed it)."""
 
     def __init__(self, name: str, path: str, params: tuple, parse: Callable[[object], object], raw: bool,
                  reader: Reader, wait: float, post: Callable[[str, Update], None], stop: threading.Event,
-                 stats: Stats):
+                 stats: Stats, start: int = 0):
         self.name, self.path, self.params, self.parse, self.raw = name, path, params, parse, raw
         self.reader, self.wait, self.post, self.stop, self.stats = reader, wait, post, stop, stats
         self.done = threading.Event()          # the watcher retired this poller (mode switch)
-        self.index = 0
+        self.index = start
         self.thread = threading.Thread(target=self.run, name=f"consul-{name}", daemon=True)
 
     def run(self) -> None:
@@ -207,7 +269,7 @@ class ConsulWatcher:
         self.stats = Stats()
         self.http = ConsulHTTP(consul, datacenter, timeout=10.0,
                                on_request=lambda path, outcome: self.metrics.consul_request(endpoint(path), outcome))
-        self.reader = Reader(self.http, consistency, max_stale, self.stats, self.metrics)
+        self.reader = Reader(self.http, consistency, max_stale, self.stats, self.metrics, consul.address)
         self.publish_to = publish
         self.stop = stop
         self.wait = wait
@@ -217,8 +279,9 @@ class ConsulWatcher:
         self._summaries: dict[str, ServiceSummary] = {}
         self._checks: dict[tuple[str, str], CheckState] = {}
         self._nodes: dict[str, str] = {}
-        self._services_index = 0             # the services table's index when last known
-        self._ui_index = 0                   # internal mode: the summary's index (all tables)
+        self._folded: dict[str, int] = {}    # long-poll name -> index of the answer folded in
+        self._accounted = 0                  # internal mode: every services write up to here is explained
+        self._ahead: set[str] = set()        # fetched ahead of the answers folded in: fetched again
         self._services: dict[str, tuple[Instance, ...]] = {}
         self._problems: dict[str, tuple[Problem, ...]] = {}
         self._retry: set[str] = set()
@@ -240,26 +303,31 @@ class ConsulWatcher:
         self._last_verify = 0.0
 
     # --- Consul reads ------------------------------------------------------------------------
-    def _summaries_now(self) -> tuple[int, dict[str, ServiceSummary]]:
+    def _summaries_now(self, at_least: int = 0) -> tuple[int, dict[str, ServiceSummary]]:
         """The services list in the current mode, read now (no blocking)."""
         if self.mode == "internal":
-            answer = self.reader.read(UI_SERVICES, raw=True)
+            answer = self.reader.read(UI_SERVICES, raw=True, at_least=at_least)
             return answer.index, summaries_from_ui_raw(answer.body)
         answer = self.reader.read(CATALOG_SERVICES)
-        self._services_index = answer.index
         return answer.index, services_from_catalog(answer.body)
 
-    def _dump(self) -> dict[str, list[dict]]:
-        """Every local node with its services and checks, grouped as health entries."""
+    def _dump(self, at_least: int) -> tuple[int, dict[str, list[dict]]]:
+        """Every local node with its services and checks, grouped as health entries, and the
+        catalog index it was read at (internal mode: at least `at_least`, the summaries' index;
+        public mode: 0, its reads each have their own table's index)."""
         self.stats.dumps += 1
         if self.mode == "internal":
-            return instances_from_node_dump(self.reader.read(UI_NODES).body)
-        nodes = node_addresses(self.reader.read(CATALOG_NODES).body)
-        checks = nonpassing_checks(self.reader.read(NONPASSING, (NONPASSING_FILTER,)).body)
-        answers = dict(zip(nodes, self._pool.map(
-            lambda n: self.reader.read(f"/v1/catalog/node-services/{quote(n, safe='')}").body, nodes), strict=True))
-        self._nodes, self._checks = nodes, checks
-        return entries_from_node_services(answers, checks)
+            answer = self.reader.read(UI_NODES, at_least=at_least)
+            self._nodes = node_addresses(answer.body)
+            return answer.index, instances_from_node_dump(answer.body)
+        nodes = self.reader.read(CATALOG_NODES)
+        checks = self.reader.read(NONPASSING, (NONPASSING_FILTER,))
+        self._nodes, self._checks = node_addresses(nodes.body), nonpassing_checks(checks.body)
+        self._folded.update(nodes=nodes.index, checks=checks.index)
+        answers = dict(zip(self._nodes, self._pool.map(
+            lambda n: self.reader.read(f"/v1/catalog/node-services/{quote(n, safe='')}").body, self._nodes),
+            strict=True))
+        return 0, entries_from_node_services(answers, self._checks)
 
     def _fetch(self, name: str) -> tuple[tuple[Instance, ...], tuple[Problem, ...], int]:
         self.stats.fetches += 1
@@ -267,10 +335,8 @@ class ConsulWatcher:
         return (*instances_from_health(name, answer.body), answer.index)
 
     def _services_table_index(self) -> int:
-        """The index of the last services write: the public long-poll knows it; in internal mode
-        (whose index also moves for check and node writes) a non-blocking catalog read tells."""
-        if self.mode == "public":
-            return self._services_index
+        """Internal mode: the index of the last services write (the summary's index also moves for
+        check and node writes); a non-blocking catalog read tells."""
         return self.reader.read(CATALOG_SERVICES).index
 
     # --- one full sync -------------------------------------------------------------------------
@@ -285,18 +351,32 @@ class ConsulWatcher:
             return self._sync(strict=True)
 
     def _sync(self, strict: bool, reason: str = "") -> Snapshot:
+        """Every service from one dump. In internal mode the summaries kept must describe the very
+        instances kept (one catalog index): the next answer's summaries are compared with them,
+        and a service that changed between the two reads and back later would look unchanged.
+        So they are read again until both agree, a bounded number of times (under constant writes
+        the last pair is kept)."""
         t0 = time.monotonic()
         index, summaries = self._summaries_now()
-        if self.mode == "internal":
-            self._ui_index = index
-            self._services_index = self._services_table_index()
-            self._nodes = node_addresses(self.reader.read(CATALOG_NODES).body)
-        self._apply(summaries, set(summaries), strict=strict, full=True)
+        dump = None
+        try:
+            for _ in range(SYNC_READS):
+                dumped_at, dump = self._dump(at_least=index)
+                if self.mode == "public" or dumped_at == index:
+                    break
+                index, summaries = self._summaries_now(at_least=dumped_at)
+                if index == dumped_at:
+                    break
+        except CONSUL_ERRORS:
+            if strict:
+                raise
+        self._folded["services"] = self._accounted = index
+        self._apply(summaries, set(summaries), strict=strict, dump=dump)
         self._last_sweep_s = time.monotonic() - t0
         if reason:
             self.stats.full_refreshes += 1
             self.metrics.full_refresh(reason)
-        return self.snapshot(index, t0)
+        return self.snapshot(index, t0, full=True)
 
     def _fallback(self, exc: Exception) -> bool:
         """auto: leave the internal API for the public one (logged once). False: no fallback."""
@@ -311,25 +391,22 @@ class ConsulWatcher:
         return True
 
     def _apply(self, summaries: dict[str, ServiceSummary], changed: set[str], strict: bool,
-               full: bool = False) -> set[str]:
+               dump: dict[str, list[dict]] | None = None) -> set[int]:
         """Fetch `changed` routable services and fold them in; what failed is retried next round.
-        `full`: every service, from one dump instead of one request per service. Returns the
-        per-service indexes the fetches answered with."""
+        `dump`: every service's entries, read at once, instead of one request per service. Returns
+        the per-service indexes the fetches answered with.
+
+        A fetch answering at an index above every answer folded in saw a write those answers do
+        not show yet: a summary kept from before it could later equal the summary after a change
+        back, hiding it. Such a service is fetched again with the next answer."""
         routable = self._routable_names(summaries)
         todo = sorted((changed | self._retry) & routable)
-        if full:
-            try:
-                dump = self._dump()
-            except CONSUL_ERRORS:
-                if strict:
-                    raise
-                dump = None
-            if dump is not None:
-                # A service registered after the summaries were read is fetched on its own next round.
-                results = {name: instances_from_health(name, dump[name]) for name in todo if name in dump}
-                self._retry = {name for name in todo if name not in dump}
-                self._store(results, routable, summaries)
-                return set()
+        if dump is not None:
+            # A service registered after the summaries were read is fetched on its own next round.
+            results = {name: instances_from_health(name, dump[name]) for name in todo if name in dump}
+            self._retry = {name for name in todo if name not in dump}
+            self._store(results, routable, summaries)
+            return set()
         # One service (the usual change) is fetched right here: a hand-off to the pool costs more.
         fetched = map(self._fetch_safely, todo) if len(todo) == 1 else self._pool.map(self._fetch_safely, todo)
         results = dict(zip(todo, fetched, strict=True))
@@ -338,9 +415,15 @@ class ConsulWatcher:
             raise next(r for r in results.values() if isinstance(r, Exception))
         for name in failed:
             log.warning("could not fetch service %r, keeping its last known instances: %s", name, results[name])
-        self._store({n: r[:2] for n, r in results.items() if n not in failed}, routable, summaries)
+        fetched_ok = {n: r for n, r in results.items() if n not in failed}
+        self._store({n: r[:2] for n, r in fetched_ok.items()}, routable, summaries)
         self._retry = failed
-        return {r[2] for n, r in results.items() if n not in failed}
+        known = max(self._folded.values(), default=0)
+        self._ahead = {n for n, r in fetched_ok.items() if r[2] > known}
+        if self._ahead:
+            log.debug("fetched %s at an index above %d, the newest answer folded in: fetched again with the next",
+                      sorted(self._ahead), known)
+        return {r[2] for r in fetched_ok.values()}
 
     def _routable_names(self, summaries: dict[str, ServiceSummary]) -> set[str]:
         """The names that can be routes, worked out again only when the set of names changed: at
@@ -381,11 +464,11 @@ class ConsulWatcher:
         except CONSUL_ERRORS as exc:
             return exc
 
-    def snapshot(self, index: int, seen_at: float = 0.0) -> Snapshot:
+    def snapshot(self, index: int, seen_at: float = 0.0, full: bool = False) -> Snapshot:
         if self._flat_problems is None:
             self._flat_problems = tuple(sorted(p for ps in self._problems.values() for p in ps))
         return Snapshot(MappingProxyType(dict(self._services)), self._flat_problems, index,
-                        seen_at or time.monotonic())
+                        seen_at or time.monotonic(), full)
 
     # --- the ACL guard -------------------------------------------------------------------------
     def publish(self, snapshot: Snapshot) -> bool:
@@ -420,13 +503,13 @@ class ConsulWatcher:
     def _public_view(self, removed: set[str]) -> PublicView:
         """An independent, consistent read through the documented API."""
         try:
-            nodes = self.reader.read(CATALOG_NODES, consistency="consistent")
-            services = self.reader.read(CATALOG_SERVICES, consistency="consistent")
+            nodes = self.reader.side_read(CATALOG_NODES)
+            services = self.reader.side_read(CATALOG_SERVICES)
             names = frozenset(services.body) if isinstance(services.body, dict) else frozenset()
             filtered = nodes.filtered_by_acls or services.filtered_by_acls
             invisible = []
             for name in sorted(removed & names)[:3]:
-                health = self.reader.read(f"/v1/health/service/{quote(name, safe='')}", consistency="consistent")
+                health = self.reader.side_read(f"/v1/health/service/{quote(name, safe='')}")
                 filtered = filtered or health.filtered_by_acls
                 if not health.body:
                     invisible.append(name)
@@ -452,8 +535,8 @@ class ConsulWatcher:
         if acl != "on":
             return start_problem(acl, self.has_token, 1, 1)
         try:
-            nodes = self.reader.read(CATALOG_NODES, consistency="consistent").body or ()
-            services = self.reader.read(CATALOG_SERVICES, consistency="consistent").body or {}
+            nodes = self.reader.side_read(CATALOG_NODES).body or ()
+            services = self.reader.side_read(CATALOG_SERVICES).body or {}
         except CONSUL_ERRORS as exc:
             return f"Consul ACLs are on and the edge cannot read the catalog: {exc}"
         return start_problem(acl, self.has_token, len(nodes), len(services))
@@ -477,7 +560,8 @@ class ConsulWatcher:
         for p in self._pollers:
             p.done.set()
         self._pollers = [Poller(name, path, params, parse, raw, self.reader, self.wait, self._post, self.stop,
-                                self.stats) for name, path, params, parse, raw in self.poller_specs()]
+                                self.stats, self._folded.get(name, 0))
+                         for name, path, params, parse, raw in self.poller_specs()]
         with self._lock:
             self._inbox.clear()
         for p in self._pollers:
@@ -557,7 +641,7 @@ class ConsulWatcher:
             if u.error is not None:
                 raise u.error
             if u.reset:
-                log.info("consul index of %s went back to %d (agent restarted?): full refresh", name, u.index)
+                log.info("consul index of %s went back to %d at the leader too: full refresh", name, u.index)
                 self.stats.full_refreshes += 1
                 self.metrics.full_refresh("index reset")
                 return False
@@ -566,6 +650,8 @@ class ConsulWatcher:
             return self._sweep("acl recheck", now)     # a fixed token changes no index: look again
         seen_at = min((u.seen_at for u in updates.values()), default=now)
         changed: set[str] = set()
+        if updates:
+            changed, self._ahead = self._ahead, set()
         removed: set[str] = set()
         summaries = self._summaries
         services_moved = False
@@ -573,14 +659,12 @@ class ConsulWatcher:
         if "services" in updates:
             u = updates["services"]
             summaries = u.value
-            changed, removed = changed_summaries(self._summaries, summaries)
-            if self.mode == "public":
-                window = (self._services_index, u.index)
-                self._services_index = u.index
-                services_moved = window[0] != window[1]
-            else:
-                window = (self._ui_index, u.index)
-                self._ui_index = u.index
+            named, removed = changed_summaries(self._summaries, summaries)
+            changed |= named
+            window = (self._folded.get("services", 0), u.index)
+            services_moved = self.mode == "public" and window[0] != window[1]
+        for name, u in updates.items():
+            self._folded[name] = u.index
         if "checks" in updates:
             services, nodes = changed_checks(self._checks, updates["checks"].value)
             self._checks = updates["checks"].value
@@ -589,19 +673,21 @@ class ConsulWatcher:
             new_nodes = updates["nodes"].value
             changed |= self._on_nodes(changed_nodes(self._nodes, new_nodes))
             self._nodes = new_nodes
+        services_index = window[1]
         if self.mode == "internal" and "services" in updates and not changed and not removed:
-            # The ui index moves for check and node writes too: was it the services table?
-            before = self._services_index
-            self._services_index = self._services_table_index()
-            services_moved = self._services_index != before
+            # The ui index moves for check and node writes too: is there a services write that no
+            # answer explained? (A health flip that went back, a check's output, a node's meta: no.)
+            services_index = self._services_table_index()
+            services_moved = services_index > self._accounted
             if not services_moved:
+                self._accounted = window[1]
                 new_nodes = node_addresses(self.reader.read(CATALOG_NODES).body)
                 changed |= self._on_nodes(changed_nodes(self._nodes, new_nodes))
                 self._nodes = new_nodes
         changed = {n for n in changed if n in summaries}
-        if services_moved and not changed and not removed:
+        if services_moved and not changed and not removed and self._verify_due is None:
             log.info("services changed at index %d with nothing to attribute it to (an instance re-registered "
-                     "in place, or service meta): sweeping every service", self._services_index)
+                     "in place, or service meta): sweeping every service", services_index)
             return self._sweep("unattributed", seen_at)
         if not (changed or removed or self._retry or self._verify_due_now()):
             self._summaries = summaries
@@ -609,27 +695,33 @@ class ConsulWatcher:
         indexes = self._apply(summaries, changed, strict=False)
         if self._verify_due_now():
             return self._sweep("verify", seen_at)
-        self.publish(self.snapshot(window[1] or self._services_index, seen_at))
+        self.publish(self.snapshot(window[1] or max(self._folded.values(), default=0), seen_at))
         log.debug("%d changed, %d removed, published %.1f ms after the answer arrived (%s)", len(changed),
                   len(removed), (time.monotonic() - seen_at) * 1000, self.stats)
-        if (changed or removed) and window[1] - window[0] > 1 and window[0]:
+        if (changed or removed) and window[0]:
             self._check_window(window, indexes)
         return True
 
     def _check_window(self, window: tuple[int, int], indexes: set[int]) -> None:
-        """Several writes in one answer: an attributed one may hide an in-place change of another
-        service. Internal mode asks the services table's index first (check and node writes move
-        the ui index too); a window with more than its own services write gets a verification."""
+        """An attributed answer may hide an in-place change of another service when it spans
+        several writes. Internal mode: one write is the attributed one, and every services write
+        up to the answer is explained; over several, the services table's index tells whether a
+        services write other than the fetched services' own is left (check and node writes move
+        the summary's index too). Public mode: the services long-poll's own window tells. Such an
+        answer gets a verification sweep."""
         if self.mode == "internal":
-            before = self._services_index
-            try:
-                self._services_index = self._services_table_index()
-            except CONSUL_ERRORS:
-                return
-            window = (before, self._services_index)
-            if window[1] - window[0] <= 1 and (window[1] == window[0] or window[1] in indexes):
-                return
-        self._schedule_verify()
+            if window[1] - window[0] > 1:
+                try:
+                    services_index = self._services_table_index()
+                except CONSUL_ERRORS:
+                    return
+                if services_index > self._accounted + 1 or (services_index > self._accounted
+                                                            and services_index not in indexes):
+                    self._schedule_verify()
+                    return
+            self._accounted = window[1]
+        elif window[1] - window[0] > 1:
+            self._schedule_verify()
 
     def _on_nodes(self, nodes: set[str]) -> set[str]:
         """Services with an instance on one of `nodes`."""

@@ -16,6 +16,8 @@
 - `runtime()` sends `set server` (and map) batches through the runtime socket (haproxyadmin)
   and raises `RuntimeFailed` on any answer that is not a success; `ssl()` sends certificate
   commands, one connection each since `set ssl cert` carries a PEM payload.
+- `served()` reads every server slot as the current worker runs it (`show servers state`), for
+  the control loop to compare with the table it applied.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from haproxyadmin import exceptions as hapexc
 from haproxyadmin import haproxy as hapadmin
 
+from edge.routing.plan import ServedSlot
 from edge.routing.render import CONFIG_FILE, Rendered
 
 log = logging.getLogger("edge.haproxy")
@@ -48,6 +51,10 @@ RUNTIME_OK = re.compile(r"^(IP changed from|no need to change|port changed from|
 SSL_OK = re.compile(r"^(New empty certificate store|Transaction created|Committing|Success!|Inserting certificate|"
                     r"Entry '.*' deleted|Certificate '.*' deleted|$)")
 UNIX_PATH_MAX = 107
+# `srv_admin_state` bits: CMAINT only records that the configuration said `disabled` (a slot made
+# ready at runtime keeps it); any other bit (maintenance forced, inherited or from resolution,
+# draining) means the slot takes no new traffic.
+ADMIN_CMAINT = 0x04
 
 
 class HAProxyError(Exception):
@@ -104,12 +111,13 @@ class Paths:
                 raise ValueError(f"state dir {self.state_dir} is too long for a unix socket path ({path})")
 
 
-def atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, rename: readers see the old or the new file."""
+def atomic_write(path: Path, text: str | bytes, mode: int = 0o644) -> None:
+    """Temp file in the same directory, fsync, rename: readers see the old or the new file.
+    Text is written as UTF-8, bytes as they are (an OCSP response beside its certificate)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
@@ -397,6 +405,17 @@ class HAProxy:
             if bad:
                 raise RuntimeFailed("; ".join(bad[:5]))
 
+    def served(self) -> tuple[ServedSlot, ...]:
+        """Every server slot as the current worker runs it; RuntimeFailed when it cannot be read."""
+        if self._admin is None and not self._runtime_answers():
+            raise RuntimeFailed(f"runtime socket {self.paths.runtime_socket} does not answer")
+        try:
+            results = self._admin.command("show servers state")
+        except (OSError, ValueError, hapexc.HAProxyBaseError) as exc:
+            self._admin = None
+            raise RuntimeFailed(f"runtime socket: {exc}") from exc
+        return servers_state([line for _, lines in results for line in lines])
+
     def ssl(self, commands: tuple[tuple[str, str], ...]) -> None:
         """Certificate commands `(command, payload)`; a payload goes after `<<`, ended by an
         empty line. Any answer other than success raises RuntimeFailed (the caller reloads)."""
@@ -437,6 +456,28 @@ def stop_pid(pid: int, grace: float) -> None:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
+
+
+def servers_state(lines: list[str]) -> tuple[ServedSlot, ...]:
+    """`show servers state` (format 1: a version line, a `#` line naming the columns, a line per
+    server) as slots; RuntimeFailed when the columns it needs are not there."""
+    header = next((line[1:].split() for line in lines if line.startswith("#")), [])
+    try:
+        backend, name, addr, admin, port = (header.index(c) for c in (
+            "be_name", "srv_name", "srv_addr", "srv_admin_state", "srv_port"))
+    except ValueError:
+        raise RuntimeFailed(f"show servers state: unexpected columns {header}") from None
+    slots = []
+    for line in lines:
+        fields = line.split()
+        if line.startswith("#") or len(fields) < len(header):
+            continue
+        try:
+            slots.append(ServedSlot(fields[backend], fields[name], fields[addr], int(fields[port]),
+                                    int(fields[admin]) & ~ADMIN_CMAINT == 0))
+        except ValueError:
+            raise RuntimeFailed(f"show servers state: unexpected line {line!r}") from None
+    return tuple(slots)
 
 
 def _batches(commands: tuple[str, ...]) -> list[str]:

@@ -5,11 +5,15 @@ becomes `set server` commands, and a router added, changed or removed (to a back
 has) becomes map commands (`edge.routing.maps`). Anything the runtime API cannot express—a
 vhost added or removed, an exact host changed, a backend's slots grown, the first router or the
 last one (the frontend gains or loses its lookups)—needs a reload, and the plan names every
-reason so the reload is logged with them. Pure: no I/O.
+reason so the reload is logged with them.
+
+`reconcile` is the same for what HAProxy really serves (its server states) against the table
+the edge applied: nothing should differ, and whatever does is put back. Pure: no I/O.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from edge.routing.maps import access, map_commands, mapped, router_maps
@@ -159,3 +163,54 @@ def runtime_part(live: RouteTable, desired: RouteTable) -> RouteTable:
         else:
             routes.append(route)
     return replace(live, routes=tuple(routes))
+
+
+@dataclass(frozen=True)
+class ServedSlot:
+    """One server slot as HAProxy runs it now (from `show servers state`)."""
+
+    backend: str
+    name: str
+    address: str
+    port: int
+    ready: bool          # takes traffic: neither in maintenance nor draining
+
+
+def reconcile(table: RouteTable, served: Iterable[ServedSlot]) -> Plan:
+    """What HAProxy serves against the table the edge applied: the commands that make every slot
+    of every route's backend what the table says (address and port, ready or in maintenance), or
+    a reload when backends or their slots differ. Backends that are not routes' are not looked at."""
+    backends: dict[str, dict[str, ServedSlot]] = {}
+    for slot in served:
+        if slot.backend.startswith(("be_", "tcp_")):
+            backends.setdefault(slot.backend, {})[slot.name] = slot
+    expected = {backend for route in table.routes for backend in route.backends}
+    reasons = [f"HAProxy has no backend {name}" for name in sorted(expected - set(backends))]
+    reasons += [f"HAProxy still has backend {name}" for name in sorted(set(backends) - expected)]
+    commands: list[str] = []
+    changes: list[str] = []
+    for route, backend in ((r, b) for r in table.routes for b in r.backends):
+        slots = backends.get(backend)
+        if slots is None:
+            continue
+        names = [slot_name(i) for i in range(len(route.slots))]
+        if set(slots) != set(names):
+            reasons.append(f"{backend} has {len(slots)} server slots in HAProxy, {len(names)} in the table")
+            continue
+        for name, want in zip(names, route.slots, strict=True):
+            have, target = slots[name], f"{backend}/{name}"
+            if want is None:
+                if have.ready:
+                    commands.append(f"set server {target} state maint")
+                    changes.append(f"{target} served {have.address}:{have.port}, a free slot: now in maintenance")
+                continue
+            if (have.address, have.port) == (want.address, want.port) and have.ready:
+                continue
+            commands.append(f"set server {target} addr {want.address} port {want.port}")
+            if not have.ready:
+                commands.append(f"set server {target} state ready")
+            changes.append(f"{target} served {have.address}:{have.port}"
+                           f"{'' if have.ready else ' in maintenance'}: now {want}")
+    if reasons:
+        return Plan(reasons=tuple(reasons), changes=tuple(changes))
+    return Plan(commands=tuple(commands), changes=tuple(changes))

@@ -51,6 +51,12 @@ LANDING_MAX_BYTES = 12000
 LANDING_ROUTERS = 20      # routes by path listed at most (`edge routes` lists them all)
 
 
+# Who sees the landing page's list of routes when no route matches: loopback and the private
+# ranges (RFC 1918, RFC 4193). Everyone else gets a plain 404 that names nothing.
+PRIVATE_NETWORKS = ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+PLAIN_404 = "<!doctype html><title>404 Not Found</title><h1>404 Not Found</h1>"
+
+
 class TemplateError(Exception):
     """A template is missing, does not parse, or fails while rendering."""
 
@@ -76,6 +82,20 @@ class Https:
 
 
 @dataclass(frozen=True)
+class ConsulUi:
+    """Consul's web UI shown read-only on `bind`, in front of Consul's HTTP API at `server`
+    (`IP:PORT`, plain HTTP). The template lets only GET/HEAD of the UI and of READ_PATHS through."""
+
+    bind: str
+    server: str
+
+    # What Consul's UI (1.8) reads to list services, nodes, checks, sessions and intentions.
+    # Never KV (certificates' private keys live there), ACLs, agent, operator, snapshot, events.
+    READ_PATHS = ("/ui/", "/v1/catalog/", "/v1/health/", "/v1/internal/ui/", "/v1/coordinate/", "/v1/status/",
+                  "/v1/session/", "/v1/discovery-chain/", "/v1/connect/intentions")
+
+
+@dataclass(frozen=True)
 class Listeners:
     """What the rendered configuration needs to know of the settings."""
 
@@ -90,6 +110,9 @@ class Listeners:
     metrics_socket: str = ""  # the edge's own metrics (edge.metrics), proxied at /edge/metrics
     trusted_proxies: tuple[str, ...] = ()   # networks whose forwarding headers are kept
     proxy_protocol: bool = False    # the HTTP and HTTPS listeners take a PROXY protocol header first
+    landing_list_from: tuple[str, ...] = PRIVATE_NETWORKS   # client networks shown the route list; () nobody
+    plain_404: str = PLAIN_404      # what every other client gets for an unknown host
+    consul_ui: ConsulUi | None = None   # None: no Consul UI listener
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,18 @@
-"""Certificates as frozen values: parse a PEM bundle, match names, hold the set the edge serves.
+"""Certificates as frozen values: parse a PEM bundle, match names, hold the set a source offers.
 
 Every certificate source (a directory, Consul KV, the ACME issuer's results in KV) hands its
 bundles to `parse_bundle`, which checks them the way HAProxy would need them (a leaf, its
 chain, one unencrypted RSA or ECDSA key that matches the leaf) and normalises the text to
-leaf, chain, key: the exact text written to disk and sent through the runtime API. A bundle
-that fails raises `CertError` naming the problem; the caller logs it with the bundle's name and
-keeps every other certificate. Expired certificates parse (their dates are visible): serving or
-replacing them is the caller's decision.
+leaf, chain in order (each certificate followed by the one that issued it), key: the exact text
+written to disk and sent through the runtime API. A bundle that fails raises `CertError` naming
+the problem and the fix; the caller logs it with the bundle's name and keeps every other
+certificate. Expired certificates parse (their dates are visible): serving or replacing them is
+the caller's decision (`edge.tls.plan`).
 
-`CertSet` is what the edge serves: sorted, frozen, `==` means "same certificates". Names are
-chosen by the source and prefixed by it (`dir/…`, `kv/…`), so two sources never collide.
-
-Below that, the plan (as `edge.routing.plan` is for routes): which certificates HAProxy should load
-(`serving`), the runtime commands and files that get it there from what it has (`cert_plan`,
-`crt_list`), the HTTP-01 challenge map and the map of hosts that get the HTTPS redirect
-(`challenges`, `tls_hosts`, `map_commands`), and the self-signed default certificate.
+`CertSet` is what a source offers: sorted, frozen, `==` means "same certificates", and the names
+it refused to parse. Names are chosen by the source and prefixed by it (`dir/…`, `kv/…`), so two
+sources never collide. `candidates(host)` goes through an index by DNS name built once per set: a
+host is covered by the certificates naming it and by those naming `*.` + its parent, nothing else.
 Pure: no I/O.
 """
 
@@ -22,14 +20,15 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, NameOID
 
 MAX_BUNDLE_BYTES = 256 * 1024
 PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----", re.DOTALL)
@@ -39,7 +38,7 @@ class CertError(ValueError):
     """A PEM bundle HAProxy could not serve."""
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True)
 class Certificate:
     name: str                                   # source-qualified: "dir/example.com", "kv/nginx-80.a.example"
     names: tuple[str, ...]                      # lower-cased DNS names it is valid for (SANs, else the CN)
@@ -47,10 +46,12 @@ class Certificate:
     not_after: datetime
     fingerprint: str                            # sha256 of the leaf, hex
     pem: str = field(repr=False, compare=True)  # leaf, chain, key: what HAProxy loads
+    ocsp_url: str | None = None                 # the leaf's OCSP responder, when its issuer is in the chain
 
-    @property
-    def lifetime(self) -> float:
-        return (self.not_after - self.not_before).total_seconds()
+    @cached_property
+    def file(self) -> str:
+        """Its file name in the state dir (computed once: a hash and a regex per certificate add up)."""
+        return file_name(self.name)
 
     def covers(self, host: str) -> bool:
         return any(covers(pattern, host) for pattern in self.names)
@@ -61,23 +62,35 @@ class Certificate:
                 f"valid until {self.not_after:%Y-%m-%d %H:%M} UTC; sha256 {self.fingerprint[:16]})")
 
 
+def normal(host: str) -> str:
+    return host.lower().rstrip(".")
+
+
 def covers(pattern: str, host: str) -> bool:
     """Whether a certificate name matches a host: exactly, or `*.rest` for one more label."""
-    pattern, host = pattern.lower().rstrip("."), host.lower().rstrip(".")
-    if pattern == host:
-        return True
-    if pattern.startswith("*."):
-        label, _, rest = host.partition(".")
-        return bool(label) and rest == pattern[2:]
-    return False
+    pattern, host = normal(pattern), normal(host)
+    return pattern == host or (pattern.startswith("*.") and wildcard_of(host) == pattern)
+
+
+def wildcard_of(host: str) -> str | None:
+    """The one wildcard name that covers `host` (normalised) besides the host itself: `*.` + its
+    parent, or None when it has no parent."""
+    label, _, rest = host.partition(".")
+    return f"*.{rest}" if label and rest else None
+
+
+def within(name: str, suffixes: tuple[str, ...]) -> bool:
+    """Whether a DNS name is one of `suffixes` or under one. A wildcard `*.X` is judged by X."""
+    base = name[2:] if name.startswith("*.") else name
+    return any(base == s or base.endswith("." + s) for s in suffixes)
 
 
 def _names(cert: x509.Certificate) -> tuple[str, ...]:
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+        names = [normal(n) for n in san.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
-        names = [str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        names = [normal(str(a.value)) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     return tuple(sorted({n for n in names if n}))
 
 
@@ -86,18 +99,62 @@ def _public(obj) -> bytes:
                                          serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+def _issued(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    if child.issuer != parent.subject:
+        return False
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _ordered_chain(leaf: x509.Certificate, others: list[tuple[x509.Certificate, str]]) -> list[tuple]:
+    """The other certificates of a bundle from the leaf's issuer up, each followed by its own issuer
+    (the order TLS requires, whatever order the bundle had), or CertError naming one that is not
+    part of that chain."""
+    chain, rest, current = [], list(others), leaf
+    while rest:
+        parent = next((c for c in rest if _issued(current, c[0])), None)
+        if parent is None:
+            break
+        chain.append(parent)
+        rest.remove(parent)
+        current = parent[0]
+    if rest:
+        raise CertError(f"the certificate {rest[0][0].subject.rfc4514_string()} in it is not in the leaf's chain "
+                        f"(the next one up would be {current.issuer.rfc4514_string()}); remove it, or add the "
+                        f"missing certificates between them")
+    return chain
+
+
+def _ocsp_url(cert: x509.Certificate) -> str | None:
+    try:
+        aia = cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    except x509.ExtensionNotFound:
+        return None
+    return next((d.access_location.value for d in aia
+                 if d.access_method == AuthorityInformationAccessOID.OCSP
+                 and isinstance(d.access_location, x509.UniformResourceIdentifier)
+                 and d.access_location.value.startswith(("http://", "https://"))), None)
+
+
 def parse_bundle(name: str, text: str) -> Certificate:
     """PEM text (certificates and one private key, any order) → a Certificate, or CertError."""
     if len(text.encode(errors="replace")) > MAX_BUNDLE_BYTES:
         raise CertError(f"larger than {MAX_BUNDLE_BYTES // 1024} kB")
     blocks = [(m.group(1), m.group(0)) for m in PEM_BLOCK.finditer(text)]
-    certs, keys = [], []
+    certs, keys, seen = [], [], set()
     for kind, block in blocks:
         if kind == "CERTIFICATE":
             try:
-                certs.append((x509.load_pem_x509_certificate(block.encode()), block))
+                cert = x509.load_pem_x509_certificate(block.encode())
             except ValueError as exc:
                 raise CertError(f"a CERTIFICATE block does not parse: {exc}") from None
+            der = cert.public_bytes(serialization.Encoding.DER)
+            if der not in seen:                     # the same certificate twice: once is enough
+                seen.add(der)
+                certs.append((cert, block))
         elif kind == "ENCRYPTED PRIVATE KEY" or (kind.endswith("PRIVATE KEY") and "ENCRYPTED" in block):
             raise CertError("the private key is encrypted; HAProxy needs it unencrypted")
         elif kind.endswith("PRIVATE KEY"):
@@ -119,8 +176,8 @@ def parse_bundle(name: str, text: str) -> Certificate:
     names = _names(leaf)
     if not names:
         raise CertError("the certificate names no DNS host (no SAN, no CN)")
-    chain = [pem for i, (_, pem) in enumerate(certs) if i != leaf_at]
-    pem = "\n".join([leaf_pem, *chain, key_pem]) + "\n"
+    chain = _ordered_chain(leaf, [c for i, c in enumerate(certs) if i != leaf_at])
+    pem = "\n".join([leaf_pem, *(block for _, block in chain), key_pem]) + "\n"
     return Certificate(
         name=name,
         names=names,
@@ -128,41 +185,49 @@ def parse_bundle(name: str, text: str) -> Certificate:
         not_after=leaf.not_valid_after_utc,
         fingerprint=hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest(),
         pem=pem,
+        ocsp_url=_ocsp_url(leaf) if chain else None,
     )
+
+
+def _key(cert: Certificate) -> tuple[str, str]:
+    return cert.name, cert.fingerprint
 
 
 @dataclass(frozen=True)
 class CertSet:
-    """The certificates one source (or all of them) offers, sorted by name."""
+    """The certificates one source (or all of them) offers, sorted by name, and the names of the
+    bundles it refused (they did not parse)."""
 
     certs: tuple[Certificate, ...] = ()
+    refused: tuple[str, ...] = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "certs", tuple(sorted(self.certs)))
+        object.__setattr__(self, "certs", tuple(sorted(self.certs, key=_key)))
+        object.__setattr__(self, "refused", tuple(sorted(self.refused)))
 
-    def get(self, name: str) -> Certificate | None:
-        return next((c for c in self.certs if c.name == name), None)
+    @cached_property
+    def _by_name(self) -> dict[str, list[Certificate]]:
+        """DNS name → the certificates naming it (built on first use; the set never changes)."""
+        index: dict[str, list[Certificate]] = {}
+        for cert in self.certs:
+            for n in cert.names:
+                index.setdefault(n, []).append(cert)
+        return index
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(c.name for c in self.certs)
-
-    def covering(self, host: str, now: datetime | None = None) -> Certificate | None:
-        """The certificate HAProxy should present for `host`: an exact name before a wildcard,
-        then the one valid longest. With `now`, certificates not valid at `now` are left out."""
-        fits = [c for c in self.certs if c.covers(host) and (now is None or c.not_before <= now < c.not_after)]
-        if not fits:
-            return None
-        return max(fits, key=lambda c: (host.lower().rstrip(".") in c.names, c.not_after, c.name))
+    def candidates(self, host: str) -> list[Certificate]:
+        """Every certificate that covers `host` (any validity), from the index."""
+        host = normal(host)
+        wild = wildcard_of(host)
+        found = self._by_name.get(host, [])
+        return found + self._by_name.get(wild, []) if wild and wild != host else list(found)
 
     def __or__(self, other: CertSet) -> CertSet:
-        return CertSet(self.certs + other.certs)
+        return CertSet(self.certs + other.certs, self.refused + other.refused)
 
 
-# --- what HAProxy loads, and how to get there from what it has ----------------------------------
+# --- certificate files in the state dir ----------------------------------------------------------
 SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
-TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")                  # RFC 8555 tokens: base64url
-KEY_AUTHORIZATION = re.compile(r"^[A-Za-z0-9_-]{1,256}\.[A-Za-z0-9_-]{1,128}$")
+FILE_HEADER = "# haproxy-consul certificate "
 
 
 def file_name(name: str) -> str:
@@ -170,9 +235,6 @@ def file_name(name: str) -> str:
     `kv/*.a.example` and `kv/_.a.example` apart)."""
     safe = re.sub(r"\.{2,}", ".", SAFE_FILE.sub("_", name.replace("*", "_wildcard_"))).strip("._")[:100]
     return f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}.pem"
-
-
-FILE_HEADER = "# haproxy-consul certificate "
 
 
 def file_text(cert: Certificate) -> str:
@@ -184,97 +246,6 @@ def file_text(cert: Certificate) -> str:
 def name_in_file(text: str) -> str | None:
     first = text.split("\n", 1)[0]
     return first[len(FILE_HEADER):].strip() or None if first.startswith(FILE_HEADER) else None
-
-
-def serving(certs: CertSet, now: datetime) -> dict[str, Certificate]:
-    """File name → certificate, for every certificate valid now that is the best one for at least
-    one of its names: a renewed or replaced certificate shadows the old one instead of both being
-    loaded (HAProxy would pick either)."""
-    chosen = {}
-    for cert in certs.certs:
-        if cert.not_before <= now < cert.not_after and any(certs.covering(n, now) is cert for n in cert.names):
-            chosen[file_name(cert.name)] = cert
-    return chosen
-
-
-@dataclass(frozen=True)
-class CertPlan:
-    """Live certificates → desired ones: files to write and remove, runtime commands, the crt-list."""
-
-    writes: tuple[tuple[str, str], ...] = ()             # (file name, file text)
-    removes: tuple[str, ...] = ()                        # file names
-    commands: tuple[tuple[str, str], ...] = ()           # (runtime command, payload or "")
-    changes: tuple[str, ...] = ()                        # one readable line per certificate, for the log
-
-    @property
-    def empty(self) -> bool:
-        return not self.writes and not self.removes
-
-
-def crt_list(directory: str, files: Mapping[str, Certificate]) -> str:
-    """The crt-list file: one certificate file per line; HAProxy takes the names from each
-    certificate (no SNI filter), exact names before wildcards."""
-    return "".join(f"{directory}/{f}\n" for f in sorted(files))
-
-
-def cert_plan(live: Mapping[str, Certificate], desired: Mapping[str, Certificate], directory: str,
-              crt_list_path: str) -> CertPlan:
-    """Runtime commands that make HAProxy serve `desired`, new and replaced certificates first
-    so no name goes without one in between."""
-    writes, commands, changes = [], [], []
-    for f, cert in sorted(desired.items()):
-        old = live.get(f)
-        if old is not None and old.pem == cert.pem:
-            continue
-        path = f"{directory}/{f}"
-        writes.append((f, file_text(cert)))
-        if old is None:
-            commands += [(f"new ssl cert {path}", ""), (f"set ssl cert {path}", cert.pem),
-                         (f"commit ssl cert {path}", ""), (f"add ssl crt-list {crt_list_path} {path}", "")]
-            changes.append(f"+ {cert.describe()}")
-        else:
-            commands += [(f"set ssl cert {path}", cert.pem), (f"commit ssl cert {path}", "")]
-            changes.append(f"~ {cert.describe()}")
-    removes = tuple(sorted(set(live) - set(desired)))
-    for f in removes:
-        path = f"{directory}/{f}"
-        commands += [(f"del ssl crt-list {crt_list_path} {path}", ""), (f"del ssl cert {path}", "")]
-        changes.append(f"- {live[f].describe()}")
-    return CertPlan(tuple(writes), removes, tuple(commands), tuple(changes))
-
-
-def map_text(entries: Mapping[str, str]) -> str:
-    return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
-
-
-def map_commands(path: str, live: Mapping[str, str], desired: Mapping[str, str]) -> tuple[str, ...]:
-    """Runtime commands turning the map `path` from `live` into `desired` (values without spaces)."""
-    commands = [f"del map {path} {k}" for k in sorted(set(live) - set(desired))]
-    for key, value in sorted(desired.items()):
-        if key not in live:
-            commands.append(f"add map {path} {key} {value}")
-        elif live[key] != value:
-            commands.append(f"set map {path} {key} {value}")
-    return tuple(commands)
-
-
-def challenges(raw: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
-    """HTTP-01 token → key authorization from KV (token → value), and what was refused. Anyone
-    who can write the prefix can put anything there: only base64url shapes reach HAProxy."""
-    good, bad = {}, []
-    for token, value in sorted(raw.items()):
-        value = value.strip()
-        if TOKEN.match(token) and KEY_AUTHORIZATION.match(value) and value.startswith(token + "."):
-            good[token] = value
-        else:
-            bad.append(token)
-    return good, tuple(bad)
-
-
-def tls_hosts(hosts: Iterable[str], served: Mapping[str, Certificate]) -> frozenset[str]:
-    """Of the routed host names, those a served certificate covers: they get the HTTPS redirect."""
-    certs = CertSet(tuple(served.values()))
-    return frozenset(h for h in hosts if certs.covering(h) is not None)
 
 
 def self_signed(common_name: str, now: datetime) -> str:

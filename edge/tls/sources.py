@@ -4,12 +4,15 @@ the newest `CertSet` on (latest wins), as the Consul watcher does for services.
 - `DirSource` reads `*.pem` bundles (chain and key in one file) and `name.crt` + `name.key`
   pairs, and reads again on any change in the directory (watchdog): adding, replacing or
   removing a file takes effect live.
-- `KVSource` long-polls the prefix. Direct children `P/<name>` are certificate bundles (written
-  by users or by the ACME issuer); `P/_acme/challenges/<token>` are HTTP-01 key authorizations,
-  handed on as a map every edge serves; the rest of `P/_acme/` is the issuer's.
+- `KVSource` long-polls the prefix's keys (a timeout with nothing new costs a list of names, not
+  every bundle again: 20 MB at 10,000 certificates) and reads the values once the index moved.
+  Direct children `P/<name>` are certificate bundles (written by users or by the ACME issuer);
+  `P/_acme/challenges/<token>` are HTTP-01 key authorizations, handed on as a map every edge
+  serves; the rest of `P/_acme/` is the issuer's.
 
 A bundle that does not parse is logged once (naming the file or key and why) and left out; the
-others are unaffected. Parsed bundles are cached by content, so a change costs one parse.
+others are unaffected. Parsed bundles are cached by content, so a change costs one parse, and a
+set is handed on only when it changed (ACME's writes under the prefix wake the KV watch too).
 Consul unreachable: logged once per outage, retried with capped backoff, and nothing is
 published, so the edge keeps serving what it has.
 """
@@ -27,7 +30,8 @@ from watchdog.observers import Observer
 
 from edge.consul.kv import ConsulKV, KVDenied, KVUnavailable
 from edge.consul.watch import Backoff
-from edge.tls.certs import CertError, Certificate, CertSet, challenges, parse_bundle
+from edge.tls.certs import CertError, Certificate, CertSet, parse_bundle
+from edge.tls.plan import challenges
 
 log = logging.getLogger("edge.certs")
 CHALLENGES = "_acme/challenges/"
@@ -44,12 +48,16 @@ class Parser:
         self.what = what
         self._cache: dict[tuple[str, str], Certificate | None] = {}
         self._good: dict[str, Certificate] = {}
+        self._set: CertSet | None = None
 
-    def parse(self, bundles: dict[str, str]) -> CertSet:
-        fresh = {}
+    def parse(self, bundles: dict[str, str]) -> CertSet | None:
+        """The set these bundles make, or None when it is the one returned last time (a write
+        elsewhere under the prefix, an ACME challenge): nothing to hand on."""
+        fresh, new = {}, False
         for name, text in bundles.items():
             key = (name, text)
             if key not in self._cache:
+                new = True
                 try:
                     self._cache[key] = parse_bundle(name, text)
                 except CertError as exc:
@@ -58,10 +66,13 @@ class Parser:
                               name.split("/", 1)[1], exc, kept)
                     self._cache[key] = None
             fresh[key] = self._cache[key]
+        if self._set is not None and not new and len(fresh) == len(self._cache):
+            return None
         self._cache = fresh
         self._good = {name: cert if cert is not None else self._good[name]
                       for (name, _), cert in fresh.items() if cert is not None or name in self._good}
-        return CertSet(tuple(self._good.values()))
+        self._set = CertSet(tuple(self._good.values()), tuple(name for (name, _), c in fresh.items() if c is None))
+        return self._set
 
 
 class DirSource:
@@ -98,7 +109,9 @@ class DirSource:
     def scan(self) -> None:
         with self._lock:
             self._timer = None
-            self.publish("dir", self._parser.parse(self.read()))
+            certs = self._parser.parse(self.read())
+            if certs is not None:
+                self.publish("dir", certs)
 
     def _soon(self) -> None:
         """A write comes as several events (truncate, write, close): read once they settle."""
@@ -136,6 +149,7 @@ class KVSource:
         self.stop, self.wait = stop, wait
         self._parser = Parser(f"certificate in Consul KV under {self.prefix}:")
         self._refused_tokens: tuple[str, ...] = ()
+        self._challenges: dict[str, str] | None = None
 
     def split(self, entries: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
         """(bundles as `kv/<name>` → PEM, challenge token → value)."""
@@ -155,7 +169,9 @@ class KVSource:
         backoff, index, failing = Backoff(cap=10.0), 0, False
         while not self.stop.is_set():
             try:
-                new_index, entries = self.kv.list(self.prefix, index, self.wait)
+                new_index, _ = self.kv.keys(self.prefix, index, self.wait)
+                if new_index != index:         # something changed (or a first read): now the values
+                    new_index, entries = self.kv.list(self.prefix)
             except KVUnavailable as exc:
                 if not failing:
                     hint = (" (the edge's token needs key_prefix read on it)" if isinstance(exc, KVDenied) else "")
@@ -179,5 +195,9 @@ class KVSource:
                     log.warning("ACME challenge %s%s%s is not a token and key authorization; ignored",
                                 self.prefix, CHALLENGES, token[:80])
                 self._refused_tokens = refused
-            self.publish("kv", self._parser.parse(bundles))
-            self.publish_challenges(good)
+            certs = self._parser.parse(bundles)
+            if certs is not None:
+                self.publish("kv", certs)
+            if good != self._challenges:
+                self._challenges = good
+                self.publish_challenges(good)

@@ -5,21 +5,30 @@ It sits beside the route pipeline and runs on the control loop's thread (one wri
 runtime socket and the state dir): the sources (`edge.tls.sources`, other threads) only hand
 over their newest sets and wake the loop; `step(table)` then
 
-1. merges every source's newest set (a source that has not answered yet counts with what is
-   on disk from the last run, so a restart with Consul down serves the same certificates),
-2. picks what HAProxy should load (`certs.serving`) and plans the difference (`certs.cert_plan`),
-3. writes each certificate file and the crt-list first (a reload or restart then loads the same
-   set), then applies the runtime commands (`new/set/commit ssl cert`, `add/del ssl crt-list`),
-4. updates the challenge map and the map of hosts that get the HTTPS redirect (`add/set/del
-   map`), file first too,
+1. takes in what changed: each source's new set against the one before (a source that has not
+   answered yet counts with what is on disk from the last run, so a restart with Consul down
+   serves the same set), and the certificates whose validity date has come; `plan.Served` turns
+   that into files to load or unload and refusals (logged once each, counted in the metrics),
+2. applies those changes, for at most BUDGET seconds a step so a large set never holds the
+   routes up (the rest comes at the next step): CHUNK certificates at a time, their files and the
+   crt-list first (a reload or restart then loads the same set), then the runtime commands
+   (`new/set/commit ssl cert`, `add/del ssl crt-list`), and tells the OCSP stapler,
+3. staples the OCSP responses the stapler (`edge.tls.ocsp`, its own thread) handed over, within
+   the same budget: `<file>.ocsp` beside the certificate (a replaced or removed certificate loses
+   its old one first), then `set ssl cert <file>.ocsp` and a commit,
+4. updates the challenge map and, once every certificate is in, the map of hosts that get the
+   HTTPS redirect (`add/set/del map`), file first too,
 5. tells the ACME issuer (if any) which names the routes want and which certificates exist.
 
-A failed write (full or read-only state dir) is logged once and retried; a runtime command that
-fails falls back to the control loop's reload, which loads the files.
+A step where nothing changed costs a few comparisons. A failed write (full or read-only state
+dir) is logged once and retried; a runtime command that fails falls back to the control loop's
+reload, which loads the files.
 """
 
 from __future__ import annotations
 
+import base64
+import itertools
 import logging
 import threading
 import time
@@ -32,25 +41,13 @@ from edge.haproxy.process import GuardedWrites, HAProxy, RuntimeFailed, atomic_w
 from edge.metrics import NoMetrics
 from edge.routing.render import Https, served_hosts
 from edge.routing.table import RouteTable
-from edge.tls.certs import (
-    CertError,
-    Certificate,
-    CertSet,
-    cert_plan,
-    crt_list,
-    file_name,
-    map_commands,
-    map_text,
-    name_in_file,
-    parse_bundle,
-    self_signed,
-    serving,
-    tls_hosts,
-)
+from edge.tls.certs import CertError, Certificate, CertSet, name_in_file, parse_bundle, self_signed
+from edge.tls.plan import INVALID, REASONS, Delta, Served, cert_plan, crt_list, map_commands, map_text, tls_hosts
 
 log = logging.getLogger("edge.certs")
 RETRY = 5.0
-RECHECK = 60.0                            # seconds: certificates expire and become valid with time alone
+CHUNK = 10                                # certificates per write of the crt-list and batch of commands
+BUDGET = 0.05                             # seconds of certificate changes per step; the routes' turn in between
 DEFAULT_NAME = "haproxy-consul.invalid"   # the default certificate's name: never a real host
 
 
@@ -105,10 +102,21 @@ def _lines(path: Path) -> list[str]:
         return []
 
 
+def _same_names(old: RouteTable | None, new: RouteTable | None) -> bool:
+    """Whether two tables serve the same host names, from vhosts and from routers (an instance
+    change keeps every other route object and the routers as they were, so this is mostly
+    identity checks)."""
+    if old is new or old is None or new is None:
+        return old is new
+    return (old.routers is new.routers or old.routers == new.routers) and len(old.routes) == len(new.routes) and all(
+        a is b or (a.name == b.name and a.hosts == b.hosts and a.vhost == b.vhost)
+        for a, b in zip(old.routes, new.routes, strict=True))
+
 
 class CertStage:
     def __init__(self, haproxy: HAProxy, paths: CertPaths, domains: tuple[str, ...], wake: Callable[[], None],
-                 redirect: bool = True, issuer=None, wildcards: bool = False, clock: Callable[[], datetime] = utc_now):
+                 redirect: bool = True, issuer=None, wildcards: bool = False, clock: Callable[[], datetime] = utc_now,
+                 suffixes: tuple[str, ...] = ()):
         self.haproxy = haproxy
         self.paths = paths
         self.redirect = redirect             # the configuration uses the map of HTTPS hosts only then
@@ -117,32 +125,43 @@ class CertStage:
         self.issuer = issuer                 # edge.acme.issuer.Issuer, or None without ACME
         self.wildcards = wildcards           # DNS-01: order `*.<domain>` instead of one name per route
         self.clock = clock
-        self.metrics = NoMetrics()           # edge.metrics: the expiry of each served certificate
+        self.metrics = NoMetrics()           # edge.metrics: expiry of each served certificate, refusals
+        self.served = Served(suffixes)       # what HAProxy should have (suffixes: names a certificate may carry)
         self.live: dict[str, Certificate] = {}          # file name → certificate HAProxy has
         self.challenge_map = LiveMap(paths.challenges)   # ACME token → key authorization
         self.host_map = LiveMap(paths.tls_hosts)         # hosts with a certificate → "1" (the redirect)
-        self._sources: dict[str, CertSet] = {}           # newest set per source
-        self._disk: dict[str, Certificate] = {}          # what the last run left, until its source answers
+        self._new: dict[str, CertSet] = {}               # newest set per source, not taken in yet
+        self._offered: dict[str, dict[str, Certificate]] = {}   # source → certificate name → certificate taken in
+        self._invalid: dict[str, int] = {}               # source → bundles it refused to parse
+        self._pending: dict[str, Certificate | None] = {}       # file → certificate to load (None: unload)
         self._challenges: dict[str, str] = {}
         self._lock = threading.Lock()
-        self._changed = True
         self._table: RouteTable | None = None
-        self._wanted: tuple | None = None
+        self._vhosts: frozenset[str] = frozenset()
+        self._hosts_due = True               # the map of HTTPS hosts may differ from what it should be
+        self._want_due = True                # the issuer has not heard of the latest names or certificates
+        self._counted: dict[str, int] = {}   # refusals by reason, as the metrics last heard them
+        self.stapler = None                  # edge.tls.ocsp.Stapler, or None without OCSP stapling
+        self._staples: dict[str, tuple[Certificate, bytes]] = {}   # file → OCSP response to staple
+        self._known: dict[str, bytes] | None = {}                  # responses the last run left, for the stapler
         self._write = GuardedWrites(f"certificates in {paths.directory}", "HAProxy keeps serving the ones it has",
                                     RETRY)
-        self._recheck_at = 0.0
 
     # --- inputs, from other threads -------------------------------------------------------------
     def on_certs(self, source: str, certs: CertSet) -> None:
         with self._lock:
-            self._sources[source] = certs
-            self._changed = True
+            self._new[source] = certs
+        self.wake()
+
+    def on_ocsp(self, file: str, cert: Certificate, der: bytes) -> None:
+        """From the stapler's thread: a checked OCSP response for the certificate served from `file`."""
+        with self._lock:
+            self._staples[file] = (cert, der)
         self.wake()
 
     def on_challenges(self, tokens: dict[str, str]) -> None:
         with self._lock:
             self._challenges = dict(tokens)
-            self._changed = True
         self.wake()
 
     # --- start-up --------------------------------------------------------------------------------
@@ -165,11 +184,16 @@ class CertStage:
             except (OSError, CertError) as exc:
                 log.warning("certificate %s from the last run not served again: %s", path, exc)
                 continue
-            if file_name(cert.name) == path.name and path.parent == self.paths.directory:
-                self._disk[path.name] = cert
-        self.live = dict(self._disk)
+            if cert.file == path.name and path.parent == self.paths.directory:
+                self.live[path.name] = cert
+                self._offered.setdefault(cert.name.split("/", 1)[0], {})[cert.name] = cert
         if len(self.live) != len(listed) or not self.paths.crt_list.is_file():
             atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), self.live))
+        self._take_in(self.served.update({c.name: c for c in self.live.values()}, self.clock()))
+        for f, cert in self.live.items():
+            if cert.ocsp_url is not None and (self.paths.directory / f"{f}.ocsp").is_file():
+                self._known[f] = (self.paths.directory / f"{f}.ocsp").read_bytes()
+        self._pending.update(dict.fromkeys(self.live.keys() - self.served.files.keys()))   # refused now
         for live_map in (self.challenge_map, self.host_map):
             live_map.read()
 
@@ -177,62 +201,156 @@ class CertStage:
     def step(self, table: RouteTable | None) -> bool:
         """Bring HAProxy's certificates and maps up to date; False when the runtime API failed
         (the caller reloads: the files already hold the new state)."""
-        now = time.monotonic()
+        if self._write.waiting:
+            return True                    # the state dir refused a write: wait for RETRY
+        t0 = time.perf_counter()
         with self._lock:
-            due = self._changed or table is not self._table or now >= self._recheck_at
-            if not due or self._write.waiting:
-                return True                # nothing new, or the state dir refused a write: wait for RETRY
-            sources, tokens = dict(self._sources), dict(self._challenges)
-            self._changed = False
-        self._table, self._recheck_at = table, now + RECHECK
-        certs = self._merged(sources)
-        ok = self._apply_certs(serving(certs, self.clock()))
+            new, self._new = self._new, {}
+            tokens = self._challenges
+        now = self.clock()
+        if new:
+            self._take_in(self.served.update(self._changes(new), now))
+        if self.served.next_change is not None and now >= self.served.next_change:
+            self._take_in(self.served.advance(now))
+        self._count()
+        if self._known is not None:              # the first step: what is served, and the responses known
+            if self.stapler is not None:
+                self.stapler.serve(dict(self.live), self._known)
+            self._known = None
+        ok = self._apply_certs(t0)
+        ok = self._apply_staples(t0) and ok
         ok = self._apply_map(self.challenge_map, tokens) and ok
-        if self.redirect:
-            hosts = tls_hosts(served_hosts(table, self.domains) if table else (), self.live)
-            ok = self._apply_map(self.host_map, dict.fromkeys(hosts, "1")) and ok
-        self._want(table, certs)
+        if not _same_names(self._table, table):
+            self._vhosts = frozenset(served_hosts(table, self.domains)) if table else frozenset()
+            self._hosts_due = self._want_due = True
+        self._table = table
+        if self.redirect and self._hosts_due and not self._pending:
+            self._hosts_due = False
+            ok = self._apply_map(self.host_map, dict.fromkeys(tls_hosts(self._vhosts, self.served), "1")) and ok
+        self._want(table)
+        if self._pending or self._staples:
+            self.wake()                    # the rest of a large change comes next, after the routes' turn
         return ok
 
-    def _merged(self, sources: dict[str, CertSet]) -> CertSet:
-        """Every source's newest set; for a source that has not answered, what is on disk of it."""
-        from_disk = tuple(c for f, c in self._disk.items()
-                          if not any(f.startswith(f"{s}_") for s in sources))
-        return CertSet(tuple(c for s in sources.values() for c in s.certs) + from_disk)
+    def _changes(self, new: dict[str, CertSet]) -> dict[str, Certificate | None]:
+        """Certificate name → what is offered under it now (None: withdrawn), over the sources
+        that sent a new set."""
+        changes: dict[str, Certificate | None] = {}
+        for source, certs in new.items():
+            old = self._offered.get(source, {})
+            fresh = {c.name: c for c in certs.certs}
+            changes.update(dict.fromkeys(old.keys() - fresh.keys()))
+            changes.update((name, c) for name, c in fresh.items() if old.get(name) is not c)
+            self._offered[source] = fresh
+            self._invalid[source] = len(certs.refused)
+        self._want_due = True
+        return changes
 
-    def _apply_certs(self, desired: dict[str, Certificate]) -> bool:
-        plan = cert_plan(self.live, desired, str(self.paths.directory), str(self.paths.crt_list))
+    def _take_in(self, delta: Delta) -> None:
+        for refusal in delta.refused:
+            log.warning("%s", refusal.line())
+        for f, cert in delta.files:
+            if self.live.get(f) is cert:
+                self._pending.pop(f, None)          # back to what HAProxy has
+            else:
+                self._pending[f] = cert
+
+    def _count(self) -> None:
+        counts = {reason: self.served.refused[reason] for reason in REASONS}
+        counts[INVALID] = sum(self._invalid.values())
+        if counts != self._counted:
+            self.metrics.certificates_refused(counts)
+            self._counted = counts
+
+    def _apply_certs(self, t0: float) -> bool:
+        """Pending certificates, CHUNK at a time, until they are all in or BUDGET is spent since
+        the step began at `t0` (the rest comes at the next step): additions and replacements
+        before any removal. The log line's time is the step's, from taking the sources' sets in."""
+        changes: list[str] = []
+        ok = True
+        while self._pending and ok and not self._write.waiting:
+            batch = list(itertools.islice((f for f, c in self._pending.items() if c is not None), CHUNK))
+            ok = self._apply_batch({f: self._pending[f] for f in batch or itertools.islice(self._pending, CHUNK)},
+                                   changes)
+            if time.perf_counter() - t0 >= BUDGET:
+                break
+        if changes:
+            log.info("certificates applied live in %.1f ms, no reload: %s%s%s", (time.perf_counter() - t0) * 1000,
+                     "; ".join(changes[:20]), f"; and {len(changes) - 20} more" if len(changes) > 20 else "",
+                     f" ({len(self._pending)} to go)" if self._pending else "")
+        return ok
+
+    def _apply_batch(self, batch: dict[str, Certificate | None], changes: list[str]) -> bool:
+        plan = cert_plan(self.live, batch, str(self.paths.directory), str(self.paths.crt_list))
+        desired = {**self.live, **{f: c for f, c in batch.items() if c is not None}}
+        for f in plan.removes:
+            del desired[f]
+        if not plan.empty and not self._write(lambda: self._write_certs(plan, desired)):
+            return True                    # kept pending: tried again after RETRY
+        for f in batch:
+            del self._pending[f]
         if plan.empty:
+            self.live = desired
             return True
-        t0 = time.perf_counter()
-        if not self._write(lambda: self._write_certs(plan.writes, desired)):
-            self._again()
-            return True
+        self._hosts_due = True
         try:
             self.haproxy.ssl(plan.commands)
         except RuntimeFailed as exc:
             log.warning("certificate change through the runtime API failed (%s); reloading instead", exc)
-            self._served(desired)
             return False
         finally:
             for f in plan.removes:
                 (self.paths.directory / f).unlink(missing_ok=True)
-        self._served(desired)
-        log.info("certificates applied live in %.1f ms, no reload: %s", (time.perf_counter() - t0) * 1000,
-                 "; ".join(plan.changes))
+                (self.paths.directory / f"{f}.ocsp").unlink(missing_ok=True)
+            self._served(desired, batch)
+            if self.stapler is not None:
+                self.stapler.serve({f: batch[f] for f in (*dict(plan.writes), *plan.removes)})
+        changes += plan.changes
         return True
 
-    def _served(self, desired: dict[str, Certificate]) -> None:
-        for f in set(self.live) - set(desired):
-            self.metrics.certificate_expires(self.live[f].name, None)
-        for cert in desired.values():
-            self.metrics.certificate_expires(cert.name, cert.not_after.timestamp())
+    def _apply_staples(self, t0: float) -> bool:
+        """OCSP responses from the stapler, within the step's BUDGET: each beside its certificate
+        (a reload loads it), then in HAProxy (`set ssl cert <file>.ocsp` and a commit)."""
+        with self._lock:
+            staples, self._staples = list(self._staples.items()), {}
+        for n, (f, (cert, der)) in enumerate(staples):
+            if n and time.perf_counter() - t0 >= BUDGET:
+                self._later(staples[n:])
+                return True
+            if self.live.get(f) is not cert or f in self._pending:
+                continue                         # no longer served as it was: the stapler has been told
+            path = self.paths.directory / f
+            if not self._write(lambda p=path, d=der: atomic_write(Path(f"{p}.ocsp"), d, mode=0o600)):
+                self._later(staples[n:])
+                return True
+            try:
+                self.haproxy.ssl(((f"set ssl cert {path}.ocsp", base64.b64encode(der).decode()),
+                                  (f"commit ssl cert {path}", "")))
+            except RuntimeFailed as exc:
+                log.warning("OCSP response for %s through the runtime API failed (%s); reloading instead",
+                            cert.name, exc)
+                self._later(staples[n + 1:])     # this one's file is written: the reload loads it
+                return False
+            log.debug("OCSP response stapled for %s", cert.name)
+        return True
+
+    def _later(self, staples: list[tuple[str, tuple[Certificate, bytes]]]) -> None:
+        with self._lock:                         # a newer response for the same file wins
+            self._staples = {**dict(staples), **self._staples}
+
+    def _served(self, desired: dict[str, Certificate], batch: dict[str, Certificate | None]) -> None:
+        for f in batch:
+            if f in self.live and f not in desired:
+                self.metrics.certificate_expires(self.live[f].name, None)
+            elif f in desired:
+                self.metrics.certificate_expires(desired[f].name, desired[f].not_after.timestamp())
         self.live = desired
 
-    def _write_certs(self, writes, desired) -> None:
-        for f, pem in writes:
+    def _write_certs(self, plan, desired) -> None:
+        for f, pem in plan.writes:
+            (self.paths.directory / f"{f}.ocsp").unlink(missing_ok=True)   # never a staple of the old one
             atomic_write(self.paths.directory / f, pem, mode=0o600)
-        if set(desired) != set(self.live):          # a renewal or replacement keeps the list as it is
+        if desired.keys() != self.live.keys():          # a renewal or replacement keeps the list as it is
             atomic_write(self.paths.crt_list, crt_list(str(self.paths.directory), desired))
 
     def _apply_map(self, live: LiveMap, desired: dict[str, str]) -> bool:
@@ -240,7 +358,7 @@ class CertStage:
         if not commands:
             return True
         if not self._write(lambda: atomic_write(live.path, map_text(desired))):
-            self._again()
+            self._hosts_due = self._hosts_due or live is self.host_map
             return True
         live.entries = desired
         try:
@@ -251,16 +369,9 @@ class CertStage:
         log.debug("map %s: %s", live.path.name, "; ".join(commands))
         return True
 
-    def _want(self, table: RouteTable | None, certs: CertSet) -> None:
-        if self.issuer is None or table is None:
+    def _want(self, table: RouteTable | None) -> None:
+        if self.issuer is None or table is None or not self._want_due:
             return
-        names = (frozenset(f"*.{d}" for d in self.domains) if self.wildcards
-                 else frozenset(served_hosts(table, self.domains)))
-        if (names, certs) != self._wanted:
-            self._wanted = (names, certs)
-            self.issuer.want(names, certs)
-
-    def _again(self) -> None:
-        """A refused write: the whole step runs again once the retry delay is over."""
-        with self._lock:
-            self._changed = True
+        self._want_due = False
+        names = frozenset(f"*.{d}" for d in self.domains) if self.wildcards else self._vhosts
+        self.issuer.want(names, CertSet(tuple(c for offered in self._offered.values() for c in offered.values())))

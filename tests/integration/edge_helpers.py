@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
+import socket
+import ssl
 from pathlib import Path
 
 from tests.support.http import Backend
@@ -65,3 +69,40 @@ def status_of(edge, host: str, status: int, timeout: float = 10.0) -> None:
 
 def config_text(edge) -> str:
     return Path(edge.state_dir, "haproxy.cfg").read_text()
+
+
+def put_kv_many(consul: ConsulAgent, items: dict[str, str]) -> None:
+    """Many KV writes, in Consul transactions of 64 operations (Consul's limit per transaction)."""
+    ops = [{"KV": {"Verb": "set", "Key": k, "Value": base64.b64encode(v.encode()).decode()}} for k, v in items.items()]
+    for i in range(0, len(ops), 64):
+        consul.api("PUT", "/v1/txn", ops[i:i + 64], timeout=60)
+
+
+PEEK = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)        # made once: a context per handshake costs ~40 ms
+PEEK.check_hostname, PEEK.verify_mode = False, ssl.CERT_NONE
+
+
+def presented_fingerprint(edge, host: str) -> str:
+    """sha256 of the certificate the edge presents for `host` (SNI), unverified."""
+    with socket.create_connection((edge.address, edge.https_port), timeout=2) as raw, \
+            PEEK.wrap_socket(raw, server_hostname=host) as tls:
+        return hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest()
+
+
+def leaf_fingerprint(bundle: str) -> str:
+    """sha256 of a bundle's first certificate."""
+    leaf = re.search(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", bundle, re.S).group(0)
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(leaf)).hexdigest()
+
+
+def https_bodies(edge, host: str, context: ssl.SSLContext, n: int = 6) -> set[str]:
+    """The bodies of `n` HTTPS requests to `host` answered 200, each a new verified connection."""
+    out = set()
+    for _ in range(n):
+        with socket.create_connection((edge.address, edge.https_port), timeout=2) as raw, \
+                context.wrap_socket(raw, server_hostname=host) as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            head, _, body = b"".join(iter(lambda t=tls: t.recv(65536), b"")).partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.1 200"):
+            out.add(body.decode())
+    return out

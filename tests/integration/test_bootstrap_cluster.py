@@ -161,7 +161,8 @@ def test_dry_run_prints_the_agent_command(cluster, etcd, tmp_path):
     assert "-retry-join=127.0.0.1 " not in out.stdout         # never joins itself
 
 
-def test_sigterm_leaves_gracefully_revokes_and_removes_the_dns_dropin(cluster, etcd):
+def test_sigterm_leaves_gracefully_and_revokes(cluster, etcd):
+    """(The DNS drop-in on the same path: tests/integration/test_bootstrap_dns.py.)"""
     root, servers = cluster
     victim = servers[1]
     stop_process(victim.proc, timeout=30)                       # the SIGTERM path
@@ -169,10 +170,5 @@ def test_sigterm_leaves_gracefully_revokes_and_removes_the_dns_dropin(cluster, e
     assert "leaving the cluster gracefully" in victim.log() and "revoked lease" in victim.log()
     assert f"{PREFIX}/machines/machine1" not in etcd_keys(etcd)
     wait_until(lambda: len(servers[0].api("/v1/status/peers")) == 2, 15, what="the leaver gone from the peers")
-    dropins = root / "resolved"
-    servers[1] = Bootstrap(etcd.url, 1, root, "--dns-resolved", "--resolved-dir", str(dropins)).start()
-    wait_until(lambda: (dropins / "consul.conf").exists(), 30, what="the resolved drop-in")
-    assert "DNS=127.0.0.2:8600" in (dropins / "consul.conf").read_text()
+    servers[1] = Bootstrap(etcd.url, 1, root).start()
     wait_until(lambda: one_cluster(servers), 60, interval=0.2, what="three servers again")
-    stop_process(servers[1].proc, timeout=30)
-    assert not (dropins / "consul.conf").exists()

@@ -279,6 +279,18 @@ def test_keepalive_load_sees_no_error_across_reloads(edge_factory, consul, backe
         deregister(consul, f"extra-{i}")
 
 
+def test_what_haproxy_serves_is_put_back_when_it_differs_from_the_table(edge_factory, consul, backend):
+    edge = edge_factory(extra=("--reconcile-every", "1"))
+    register(consul, "kept", "kept-1", backend)
+    answers(edge, f"kept-80.{DOMAIN}", {"alpha"})
+    # A hand on the runtime socket, behind the edge's back: its only server in maintenance.
+    HAProxy(require("haproxy"), Paths(edge.state_dir)).runtime(("set server be_kept-80/s1 state maint",))
+    assert edge.get(f"kept-80.{DOMAIN}")[0] == 503
+    answers(edge, f"kept-80.{DOMAIN}", {"alpha"}, timeout=5)
+    logged(edge, "HAProxy does not serve the table the edge applied (periodic check): be_kept-80/s1 served")
+    deregister(consul, "kept-1")
+
+
 def run_cli(*args, env=None, timeout=30):
     return subprocess.run([sys.executable, "-m", "haproxy_consul", "edge", *args], capture_output=True, text=True,
                           cwd=REPO, timeout=timeout, env={**os.environ, **(env or {})})

@@ -115,12 +115,14 @@ def pebble(tmp_path_factory, ports):
 
 @pytest.fixture(scope="module")
 def fleet(consul, pebble, ports, tmp_path_factory):
-    """Edge A (127.0.0.1) orders through ACME; edge B (127.0.0.2) serves KV's certificates only."""
+    """Edge A (127.0.0.1) orders through ACME; edge B (127.0.0.2) serves KV's certificates only
+    (those under apps.test, and under other.test: --acme-allow widens what may be served)."""
     http, https = ports
     acme = ("--acme-directory", pebble.directory, "--acme-ca-bundle", str(pebble.ca_bundle),
             "--acme-email", "ops@apps.test", "--acme-propagation-wait", "1", "--hsts", "300")
     a = Edge(consul.url, "127.0.0.1", http, https, extra=acme).start()
-    b = Edge(consul.url, "127.0.0.2", http, https, extra=("--certs-kv", "haproxy-consul/certs")).start()
+    b = Edge(consul.url, "127.0.0.2", http, https,
+             extra=("--certs-kv", "haproxy-consul/certs", "--acme-allow", "other.test")).start()
     yield a, b
     a.stop()
     b.stop()

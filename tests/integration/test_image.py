@@ -84,6 +84,11 @@ def test_the_readme_walkthrough_runs_verbatim_on_one_machine(walkthrough):
         line = next(x for x in stdout.splitlines() if f"t{n}'s edge:" in x)
         assert len(set(re.findall(r"container (\w+)", line))) == 2, line
     assert re.search(r"redis at 127\.0\.0\.1:\d+ \(1 instance\)", stdout)
+    for n in (1, 2, 3):        # Consul DNS answered redis where each host's resolved drop-in points
+        assert f"dig +short -p 8600 @127.1.0.{n} redis.service.consul    t{n}'s Consul DNS" in stdout
+    assert "Consul lists consul, nginx, redis; no edge routes etcd" in stdout               # SERVICE_IGNORE
+    assert "http://127.0.0.1:8500/ui/, http://127.0.0.2:8500/ui/, http://127.0.0.3:8500/ui/" in stdout
+    assert "no resolved drop-in left (3 hosts)" in stdout
     assert "removed 11 containers and 3 volumes" in stdout and "stopped the walkthrough's dockerd" in stdout
     assert mounts_after == []                        # its stopped engine left nothing mounted
     print(re.search(r"The walkthrough is up in \d+s", stdout).group(0))
@@ -111,6 +116,27 @@ def test_image_tags_size_and_layers(dockerd):
     assert config["Healthcheck"]["Test"] == ["CMD", "haproxy-consul", "health"]
     assert config["Labels"]["org.opencontainers.image.version"] == "0.1.0"
     assert client.containers.run(TAG, ["--version"], remove=True).decode().strip() == "haproxy-consul 0.1.0"
+
+
+def test_make_image_takes_another_consul_binary(dockerd, tmp_path):
+    """`IMAGE_ARGS=--consul-binary FILE` (here a stand-in that names its version; no registry has
+    the official images in CI) replaces Debian 11's 1.8.7 in the image: only its layer and the
+    package's are rebuilt. Tagged apart, so the other tests keep the walkthrough's image."""
+    fake = tmp_path / "consul"
+    fake.write_text("#!/bin/sh\necho 'Consul v1.99.0 (a stand-in)'\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "DOCKER_HOST": dockerd.url,
+           "IMAGE_ARGS": f"--debootstrap --repository haproxy-consul-other --consul-binary {fake}"}
+    out = subprocess.run(["make", "-s", "image"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "consul in the image: Consul v1.99.0 (a stand-in) (from consul-file)" in out.stdout
+    client = dockerd.client()
+    version = client.containers.run("haproxy-consul-other:latest", ["version"], entrypoint="consul", remove=True)
+    assert version.decode().startswith("Consul v1.99.0")
+    assert client.containers.run(TAG, ["version"], entrypoint="consul", remove=True).decode().startswith(
+        "Consul v1.8.7")
+    client.images.remove("haproxy-consul-other:latest")
+    client.images.remove("haproxy-consul-other:0.1.0")
 
 
 def test_edge_from_the_image_runs_unprivileged_and_reports_healthy(dockerd, consul):

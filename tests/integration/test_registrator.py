@@ -214,9 +214,9 @@ def test_dockerd_restart_is_survived(dockerd, registrator, run, consul):
     run("before")
     wait_until(lambda: f"{HOST}:before:80" in ours(consul), 5, what="registration")
     dockerd.stop()                                                  # stops its containers too
-    wait_until(lambda: "reconnecting" in r.log(), 10, what="event stream loss noticed")
+    wait_until(lambda: "does not answer" in r.log(), 10, what="engine loss noticed")
     dockerd.start()
-    wait_until(lambda: "reconnected" in r.log(), 15, what="event stream back")
+    wait_until(lambda: "answers again" in r.log(), 15, what="engine back")
     wait_until(lambda: f"{HOST}:before:80" not in ours(consul), 10, what="stopped container deregistered")
     run("after")
     wait_until(lambda: f"{HOST}:after:80" in ours(consul), 5, what="registration after the restart")

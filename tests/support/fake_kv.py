@@ -15,6 +15,7 @@ class FakeKV:
         self.sessions: set[str] = set()
         self.writes: list[tuple[str, str]] = []       # ("put"/"delete", key), in order
         self.down = False
+        self.lists = self.key_reads = 0               # reads with values, reads of keys only
         self._index = itertools.count(1)
         self.index = 0
         self._changed = threading.Condition()
@@ -35,10 +36,19 @@ class FakeKV:
 
     def list(self, prefix, index=0, wait=None):
         self._up()
+        self.lists += 1
         if index:
             with self._changed:
                 self._changed.wait_for(lambda: self.index != index, timeout=wait or 0.1)
         return self.index, {k: v for k, (_, v) in self.data.items() if k.startswith(prefix)}
+
+    def keys(self, prefix, index=0, wait=None):
+        self._up()
+        self.key_reads += 1
+        if index:
+            with self._changed:
+                self._changed.wait_for(lambda: self.index != index, timeout=wait or 0.1)
+        return self.index, tuple(k for k in self.data if k.startswith(prefix))
 
     def put(self, key, value, cas=None, acquire=None, release=None):
         self._up()

@@ -64,9 +64,10 @@ class Backend:
 
 
 def get(port: int, host_header: str, path: str = "/", timeout: float = 5.0,
-        address: str = "127.0.0.1") -> tuple[int, str]:
-    """GET through the edge with a given Host header: (status, body)."""
-    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+        address: str = "127.0.0.1", source: str | None = None) -> tuple[int, str]:
+    """GET through the edge with a given Host header, from `source` if given: (status, body)."""
+    conn = http.client.HTTPConnection(address, port, timeout=timeout,
+                                      source_address=(source, 0) if source else None)
     try:
         conn.request("GET", path, headers={"Host": host_header, "Connection": "close"})
         resp = conn.getresponse()

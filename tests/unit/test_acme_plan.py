@@ -177,6 +177,16 @@ def test_the_hourly_cap_limits_orders_fleet_wide(recent, cap, ordered):
         assert d.at == NOW + timedelta(minutes=10 + max(0, recent - cap))
 
 
+@pytest.mark.parametrize("recent, ordered", [(7, ["b", "c"]), (8, ["b"]), (9, [])])
+def test_a_name_being_ordered_holds_its_slot_until_its_order_is_counted(recent, ordered):
+    """Its worker reserves the slot in KV a moment later: a round in between must not give it away."""
+    orders = [NOW - timedelta(minutes=30)] * recent
+    p, kinds = decide({"a.apps.example.com", "b.apps.example.com", "c.apps.example.com"}, orders=orders, cap=10,
+                      busy={"a.apps.example.com"})
+    assert [d.name for d in p.to_order] == [f"{n}.apps.example.com" for n in ordered]
+    assert all(d.at == NOW + timedelta(minutes=30) for d in p.of_kind(WAIT) if d.name != "a.apps.example.com")
+
+
 @pytest.mark.parametrize("times, cap, ok", [
     ((), 1, True),
     ((NOW - timedelta(minutes=59),), 1, False),

@@ -1,9 +1,20 @@
 """bootstrap's pure decisions: members from etcd, when to start, the agent's argv, settings."""
 
+from pathlib import Path
+
 import pytest
 
 from bootstrap.etcd import prefix_end
-from bootstrap.plan import ExpectMismatch, Member, agent_argv, announcement, decide, http_address, members_from_kv
+from bootstrap.plan import (
+    ExpectMismatch,
+    Member,
+    agent_argv,
+    announcement,
+    decide,
+    dns_address,
+    http_address,
+    members_from_kv,
+)
 from bootstrap.settings import parse
 
 P = "/consul.io/bootstrap"
@@ -58,6 +69,35 @@ def test_agent_argv_joins_every_other_server_once():
 ])
 def test_http_address(extra, address):
     assert http_address(extra) == address
+
+
+@pytest.mark.parametrize("extra, address", [
+    ([], ("127.0.0.1", 8600)),
+    (["-bind=10.0.0.1", "-client=127.0.0.1"], ("127.0.0.1", 8600)),        # where DNS listens, never -bind
+    (["-client=0.0.0.0", "-dns-port=53"], ("127.0.0.1", 53)),
+    (["-client=127.0.0.1 10.0.0.1"], ("127.0.0.1", 8600)),                  # a list: the first
+    (["-client=::"], ("::1", 8600)),
+    (["-dns-port=-1"], None),                                               # DNS off
+])
+def test_dns_address(extra, address):
+    assert dns_address(extra) == address
+
+
+@pytest.mark.parametrize("extra, error", [
+    (["-dns-port=-1"], "-dns-port=-1 turns off"), (["-dns-port=x"], "not a number"), (["-dns-port=70000"], "port"),
+])
+def test_dns_resolved_needs_a_dns_interface(extra, error, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(["--machine-id", "m", "--advertise", "10.0.0.1", "--dns-resolved", "--", *extra], {})
+    assert exc.value.code == 2 and error in capsys.readouterr().err
+
+
+def test_the_dropin_goes_under_run_and_names_the_client_address():
+    s = parse(["--machine-id", "m", "--advertise", "10.0.0.1", "--dns-resolved", "--", "-bind=10.0.0.1",
+               "-client=127.0.0.1"], {})
+    assert s.resolved_dir == Path("/run/systemd/resolved.conf.d") and s.dns_target == ("127.0.0.1", 8600)
+    assert parse(["--machine-id", "m", "--advertise", "10.0.0.1", "--dns-port", "5353"], {}).dns_target == \
+        ("127.0.0.1", 5353)
 
 
 def test_prefix_end():

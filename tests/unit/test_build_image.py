@@ -68,3 +68,22 @@ def test_no_engine_is_one_line_naming_how_to_start_one(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert f"no Docker engine answers at unix://{tmp_path}/nothing.sock" in err and "DOCKER_HOST" in err
+
+
+def test_the_image_consul_comes_from_debian_another_image_or_a_given_binary(tmp_path):
+    directory = tmp_path / "consul"
+    assert build_image.consul_source(None, None, None, directory) == {}          # Debian 11's 1.8.7 stage
+    assert list(directory.iterdir()) == []                                      # made, empty: COPY needs it
+    assert build_image.consul_source("hashicorp/consul:1.20", None, None, directory) == {
+        "CONSUL_FROM": "hashicorp/consul:1.20", "CONSUL_PATH": "/bin/consul"}
+    binary = tmp_path / "my-consul"
+    binary.write_text("#!/bin/sh\necho Consul v9.9.9\n")
+    binary.chmod(0o755)
+    assert build_image.consul_source(None, None, str(binary), directory) == {
+        "CONSUL_FROM": "consul-file", "CONSUL_PATH": "/bin/consul"}
+    assert (directory / "consul").read_text() == binary.read_text()
+    build_image.consul_source(None, None, None, directory)
+    assert list(directory.iterdir()) == []                                      # a later default build drops it
+    for bad in (("x:1", None, str(binary)), (None, None, str(tmp_path / "none"))):
+        with pytest.raises(ValueError):
+            build_image.consul_source(*bad[:2], bad[2], directory)

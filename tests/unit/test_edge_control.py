@@ -10,6 +10,7 @@ from edge import control, templates_source
 from edge.consul.watch import Snapshot
 from edge.haproxy.process import ConfigInvalid, Paths, RuntimeFailed, StateDirError
 from edge.routing.model import Instance
+from edge.routing.plan import ServedSlot
 from edge.routing.render import Listeners
 
 TEMPLATES = dict(templates_source.load(templates_source.bundled()))
@@ -22,6 +23,10 @@ class FakeHAProxy:
         self.fail_install = None
         self.fail_runtime = None
         self.disk_full = False
+        self.serving: list[ServedSlot] = []      # what `show servers state` says
+
+    def served(self):
+        return tuple(self.serving)
 
     def install(self, rendered):
         if self.disk_full:
@@ -216,3 +221,24 @@ def test_while_a_reload_is_held_back_instance_changes_of_existing_routes_go_live
     edge.on_snapshot(snap(("api", [9001])))                           # web is gone: its slots go to maintenance
     edge.step()
     assert edge.haproxy.calls == [("runtime", ("set server be_web-80/s1 state maint",))]
+
+
+def slots_of(backend, *servers, size=4):
+    """A backend's slots as HAProxy shows them: (address, port, ready) per used slot, the rest free."""
+    used = [ServedSlot(backend, f"s{i + 1}", a, p, r) for i, (a, p, r) in enumerate(servers)]
+    return used + [ServedSlot(backend, f"s{i + 1}", "0.0.0.0", 0, False) for i in range(len(used), size)]
+
+
+def test_what_haproxy_serves_is_compared_with_the_applied_table_and_put_back(edge, caplog):
+    edge.haproxy.serving = slots_of("be_web-80", ("10.0.0.1", 8001, True))
+    edge.reconcile("periodic check")
+    assert edge.haproxy.calls == []                                   # the same: nothing to do
+    edge.haproxy.serving = slots_of("be_web-80", ("10.0.0.1", 8001, False))   # lost behind the edge's back
+    edge.reconcile("periodic check")
+    assert edge.haproxy.calls == [("runtime", ("set server be_web-80/s1 addr 10.0.0.1 port 8001",
+                                               "set server be_web-80/s1 state ready"))]
+    assert "HAProxy does not serve the table the edge applied (periodic check)" in caplog.text
+    edge.haproxy.calls.clear()
+    edge.haproxy.serving = slots_of("be_other-80", ("10.0.0.1", 8001, True))  # another configuration
+    edge.reconcile("after HAProxy restarted")
+    assert edge.haproxy.kinds() == ["install", "reload"]

@@ -1,10 +1,12 @@
-"""HAProxy's output in the edge's log: what stays an error or a warning, what goes to DEBUG."""
+"""HAProxy's output: in the edge's log, what stays an error or a warning and what goes to DEBUG;
+from the runtime API, what the HAProxy shell reads back (answers HAProxy 2.6 gave)."""
 
 import logging
 
 import pytest
 
-from edge.haproxy.process import classify
+from edge.haproxy.process import RuntimeFailed, classify, servers_state
+from edge.routing.plan import ServedSlot
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -26,3 +28,35 @@ from edge.haproxy.process import classify
 ])
 def test_classify(line, expected):
     assert classify(line) == expected
+
+
+# `show servers state` after: s1 set ready from the configuration, s2 (`disabled` in the
+# configuration) given an address and made ready, s3 left free, s4 put in maintenance at runtime.
+SHOW_SERVERS_STATE = """1
+# be_id be_name srv_id srv_name srv_addr srv_op_state srv_admin_state srv_uweight srv_iweight \
+srv_time_since_last_change srv_check_status srv_check_result srv_check_health srv_check_state srv_agent_state \
+bk_f_forced_id srv_f_forced_id srv_fqdn srv_port srvrecord srv_use_ssl srv_check_port srv_check_addr \
+srv_agent_addr srv_agent_port
+3 be_web-80 1 s1 127.0.0.1 2 0 1 1 2 1 0 2 0 0 0 0 - 8001 - 0 0 - - 0
+3 be_web-80 2 s2 127.0.0.1 2 4 1 1 0 1 0 0 8 0 0 0 - 8002 - 0 0 - - 0
+3 be_web-80 3 s3 0.0.0.0 0 5 1 1 2 1 0 0 8 0 0 0 - 0 - 0 0 - - 0
+3 be_web-80 4 s4 127.0.0.1 0 1 1 1 0 1 0 0 0 0 0 0 - 8004 - 0 0 - - 0
+4 edge_metrics 1 edge /run/x/metrics.sock 2 0 1 1 9 1 0 2 0 0 0 0 - 0 - 0 0 - - 0
+
+"""
+
+
+def test_servers_state_reads_address_port_and_whether_a_slot_takes_traffic():
+    assert servers_state(SHOW_SERVERS_STATE.splitlines()) == (
+        ServedSlot("be_web-80", "s1", "127.0.0.1", 8001, True),
+        ServedSlot("be_web-80", "s2", "127.0.0.1", 8002, True),     # `disabled` in the file, ready at runtime
+        ServedSlot("be_web-80", "s3", "0.0.0.0", 0, False),
+        ServedSlot("be_web-80", "s4", "127.0.0.1", 8004, False),
+        ServedSlot("edge_metrics", "edge", "/run/x/metrics.sock", 0, True),
+    )
+
+
+@pytest.mark.parametrize("text", ["1\n# be_id be_name srv_id\n3 be 1\n", "Unknown command.\n"])
+def test_servers_state_in_another_shape_fails(text):
+    with pytest.raises(RuntimeFailed):
+        servers_state(text.splitlines())

@@ -48,6 +48,16 @@ ENV = {
     (["--https-redirect"], {"EDGE_HTTPS_REDIRECT": "0"}, "https_redirect", True),
     ([], {"EDGE_HSTS": "31536000"}, "hsts", 31536000),
     ([], {}, "acme", None),
+    # Certificates served: names under the domains and --acme-allow, or any with --certs-any-name or no domain.
+    ([], ENV, "cert_suffixes", ("a.example", "b.example")),
+    (["--acme-allow", "other.org"], ENV, "cert_suffixes", ("a.example", "b.example", "other.org")),
+    ([], {"EDGE_ACME_ALLOW": ".Other.org"}, "cert_suffixes", ("other.org",)),
+    (["--certs-any-name"], ENV, "cert_suffixes", ()),
+    ([], {**ENV, "EDGE_CERTS_ANY_NAME": "1"}, "cert_suffixes", ()),
+    ([], {}, "cert_suffixes", ()),
+    ([], {}, "ocsp_stapling", True),
+    (["--no-ocsp-stapling"], {}, "ocsp_stapling", False),
+    ([], {"EDGE_OCSP_STAPLING": "0"}, "ocsp_stapling", False),
     ([], {}, "handover_timeout", 10.0),
     ([], {"EDGE_HANDOVER_TIMEOUT": "0"}, "handover_timeout", 0.0),
     ([], {"EDGE_TIMEOUT_TUNNEL": "120"}, "timeout_tunnel", 120),
@@ -64,6 +74,19 @@ ENV = {
     ([], {"EDGE_TAG_GRAMMAR": "Traefik, fabio,fabio"}, "tag_grammars", ("traefik", "fabio")),
     ([], {}, "expose", "all"),
     ([], {"EDGE_EXPOSE": "tagged"}, "expose", "tagged"),
+    ([], {}, "reconcile_every", 10.0),
+    (["--reconcile-every", "2"], {"EDGE_RECONCILE_EVERY": "30"}, "reconcile_every", 2.0),
+    # Who sees the route list on an unknown host: loopback and private ranges unless told.
+    ([], {}, "landing_list_from", ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                   "fc00::/7")),
+    (["--landing-list-from", "10.1.2.3,192.168.7.0/24"], {}, "landing_list_from", ("10.1.2.3/32", "192.168.7.0/24")),
+    ([], {"EDGE_LANDING_LIST_FROM": "10.9.0.0/16"}, "landing_list_from", ("10.9.0.0/16",)),
+    (["--landing-list-from", "none"], {"EDGE_LANDING_LIST_FROM": "10.9.0.0/16"}, "landing_list_from", ()),
+    (["--landing-list-from", "0.0.0.0/0,::/0"], {}, "landing_list_from", ("0.0.0.0/0", "::/0")),
+    ([], {}, "consul_ui_bind", None),
+    (["--consul-ui-bind", "10.0.0.1:8500"], {}, "consul_ui_bind", "10.0.0.1:8500"),
+    ([], {"EDGE_CONSUL_UI_BIND": "10.0.0.1:8500", "CONSUL_HTTP_ADDR": "127.0.0.1:8501"}, "consul_ui_server",
+     "127.0.0.1:8501"),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -92,6 +115,14 @@ def test_precedence(argv, env, attr, expected):
     (["--tag-grammar", "nginx"], {}),
     (["--tag-grammar", ","], {}),
     ([], {"EDGE_EXPOSE": "some"}),
+    (["--reconcile-every", "0"], {}),
+    (["--landing-list-from", "the office"], {}),
+    ([], {"EDGE_LANDING_LIST_FROM": "10.0.0.0/33"}),
+    (["--consul-ui-bind", "8500"], {}),
+    (["--consul-ui-bind", ":8500"], {}),                                           # every address: no
+    (["--consul-ui-bind", "0.0.0.0:8500"], {}),
+    (["--consul-ui-bind", "10.0.0.1:8500", "--consul", "consul.service:8500"], {}),     # HAProxy needs an IP
+    (["--consul-ui-bind", "10.0.0.1:8500", "--consul", "https://127.0.0.1:8501"], {}),  # the plain HTTP one
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:

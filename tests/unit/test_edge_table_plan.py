@@ -3,7 +3,7 @@
 import pytest
 
 from edge.routing.model import Instance
-from edge.routing.plan import make_plan
+from edge.routing.plan import ServedSlot, make_plan, reconcile
 from edge.routing.table import RouteTable, build_table
 
 
@@ -116,6 +116,47 @@ def test_structure_changes_reload_with_a_reason(before, after, reason):
     assert plan.reload
     assert any(r.startswith(reason) for r in plan.reasons), plan.reasons
     assert plan.commands == ()
+
+
+def served(t, **overrides):
+    """HAProxy's slots exactly as table `t` says, with some slots replaced: name -> (addr, port, ready)."""
+    out = []
+    for route in t.routes:
+        for i, s in enumerate(route.slots):
+            name = f"{route.backend}/s{i + 1}"
+            addr, port, ready = overrides.get(name, ("0.0.0.0", 0, False) if s is None else (s.address, s.port, True))
+            out.append(ServedSlot(route.backend, f"s{i + 1}", addr, port, ready))
+    return out
+
+
+@pytest.mark.parametrize("overrides, commands", [
+    ({}, ()),                                                                   # HAProxy serves the table
+    ({"be_web-80/s2": ("10.0.0.1", 8002, False)},                                # lost its `state ready`
+     ("set server be_web-80/s2 addr 10.0.0.1 port 8002", "set server be_web-80/s2 state ready")),
+    ({"be_web-80/s1": ("10.0.0.1", 7999, True)},                                 # an older address
+     ("set server be_web-80/s1 addr 10.0.0.1 port 8001",)),
+    ({"be_web-80/s3": ("10.0.0.1", 8003, True)},                                 # a free slot still serving
+     ("set server be_web-80/s3 state maint",)),
+    ({"be_web-80/s4": ("10.0.0.9", 9, False)},                                   # a free slot's old address: fine
+     ()),
+])
+def test_reconcile_puts_back_what_haproxy_serves(overrides, commands):
+    t, _ = table(inst("a", 8001), inst("b", 8002))
+    plan = reconcile(t, served(t, **overrides))
+    assert (plan.reasons, plan.commands) == ((), commands)
+    assert len(plan.changes) == (1 if commands else 0)
+
+
+def test_reconcile_reloads_when_backends_differ():
+    t, _ = table(inst("a", 8001), inst("b", 8002, service="api"))
+    web_only, _ = table(inst("a", 8001))
+    plan = reconcile(t, served(web_only) + [ServedSlot("landing", "x", "1.2.3.4", 1, True)])
+    assert plan.reasons == ("HAProxy has no backend be_api-80",)
+    bigger, _ = table(*(inst(s, 8000 + i) for i, s in enumerate("abcde")))
+    api = [slot for slot in served(t) if slot.backend == "be_api-80"]
+    assert reconcile(t, served(bigger) + api).reasons == (
+        "be_web-80 has 8 server slots in HAProxy, 4 in the table",)
+    assert reconcile(web_only, served(t)).reasons == ("HAProxy still has backend be_api-80",)
 
 
 def test_empty_table_is_a_valid_table():

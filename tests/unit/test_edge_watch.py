@@ -3,6 +3,7 @@ per kind of write, in both watch modes."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import threading
@@ -26,7 +27,9 @@ from haproxy_consul.consul_api import Answer, ConsulRefused, ConsulSettings, Con
 class FakeConsul:
     """A tiny catalog with Consul's index rules: every write takes the next raft index and moves
     the index of its table (services, checks, nodes); `/v1/health/service/<name>` answers with that
-    service's own index. Records every request path."""
+    service's own index. Records every request path. `lagging`: an older copy of the catalog that
+    answers the stale reads, as a restarted server replaying its log does (the others go to the
+    leader: this one)."""
 
     def __init__(self):
         self.raft = 10
@@ -42,6 +45,7 @@ class FakeConsul:
         self.last_contact = 0
         self.filtered = False
         self.hide_nodes = False                               # an ACL without node:read
+        self.lagging: FakeConsul | None = None
 
     # --- writes, as agents make them ---
     def _write(self, table: str, service: str | None = None) -> None:
@@ -76,7 +80,8 @@ class FakeConsul:
             raise ConsulUnavailable("connection refused")
         if path in self.refuse:
             raise ConsulRefused(self.refuse[path], path, "nope")
-        body, index = self._body(path)
+        state = self.lagging if self.lagging is not None and ("stale", "") in params else self
+        body, index = state._body(path)
         body = self.shape.get(path, body)
         return Answer(json.dumps(body).encode() if raw else body, index, self.last_contact, True, self.filtered)
 
@@ -138,12 +143,15 @@ def make(api="internal", consul=None, **kwargs):
 
 
 def round_(w):
-    """One round, as the pollers would have posted now: every long-poll whose index moved."""
+    """One round, as the pollers would have posted now: every long-poll whose index moved (a
+    long-poll read through the watcher's reader, from the index it last answered)."""
     updates = {}
     for name, path, params, parse, raw in w.poller_specs():
-        answer = w.http.get(path, params, raw=raw)
-        if answer.index != w._last_polled.get(name, 0):
-            updates[name] = Update(parse(answer.body), answer.index, seen_at=time.monotonic())
+        last = w._last_polled.get(name, 0)
+        answer = w.reader.read(path, params, index=last, wait=1.0, raw=raw)
+        if answer.index != last:
+            updates[name] = Update(parse(answer.body), answer.index, reset=answer.index < last,
+                                   seen_at=time.monotonic())
             w._last_polled[name] = answer.index
     w.http.requests.clear()
     return w._round(updates)
@@ -211,6 +219,45 @@ def test_what_each_kind_of_write_costs(api, write, fetches, refreshes, expected)
         assert len(w.published) == before, "nothing routable changed: nothing published"
     elif expected is not None:
         assert ports(w) == expected
+
+
+@pytest.mark.parametrize("write", [
+    lambda c: c.check("n1", "ttl-web-1", "passing", sid="web-1", output="ok 2"),     # a TTL check's output
+    lambda c: (c.check("n1", "ttl-web-1", "critical", sid="web-1"),                 # a flip and back within
+               c.check("n1", "ttl-web-1", "passing", sid="web-1")),                 # one answer
+    lambda c: c.node("n2", "10.0.0.2", meta={"rack": "b"}),                          # node meta
+])
+def test_check_and_node_writes_after_an_attributed_one_sweep_nothing(write):
+    """Issue 20 item 8: every services write up to an attributed answer is explained, so a later
+    answer the summaries do not explain is a check or node write, not a services one."""
+    w, consul = synced("internal")
+    consul.register("n2", "db-1", "db", 5432)               # a services write, attributed by its summary
+    round_(w)
+    write(consul)
+    round_(w)
+    assert w.stats.full_refreshes == 0 and fetched(consul) == []
+
+
+def test_a_fetch_that_saw_a_later_write_is_fetched_again_with_the_next_answer():
+    """A health flip between an answer and the fetch it asked for, then back before the next
+    answer: that answer's summaries equal the kept ones, and only the second fetch sees it back."""
+    w, consul = synced("internal")
+    consul.check("n1", "ttl-api-1", "passing", sid="api-1")
+    round_(w)
+    consul.register("n2", "api-2", "api", 9002)
+    real = consul.get
+
+    def flip_first(path, params=(), wait=None, raw=False):
+        if path.endswith("/api"):
+            consul.get = real
+            consul.check("n1", "ttl-api-1", "critical", sid="api-1")
+        return real(path, params, wait, raw)
+    consul.get = flip_first
+    round_(w)
+    assert ports(w)["api"] == [9002]
+    consul.check("n1", "ttl-api-1", "passing", sid="api-1")
+    round_(w)
+    assert ports(w)["api"] == [9001, 9002] and w.stats.full_refreshes == 0
 
 
 def test_a_new_instance_of_a_known_service_is_attributed_by_the_internal_summary():
@@ -313,16 +360,110 @@ def test_internal_mode_does_not_fall_back():
         w.sync_once()
 
 
-def test_stale_reads_by_default_and_too_stale_answers_read_again_consistently():
+def modes(consul):
+    """The consistency parameter of each request so far."""
+    return [next((k for k, _ in params if k in ("stale", "consistent")), "default") for _, params in consul.requests]
+
+
+def test_reads_go_to_the_leader_until_the_server_has_shown_it_caught_up():
     w, consul = make(max_stale=2.0)
     consul.register("n1", "web-1", "web", 8001)
-    w.sync_once()
-    assert all(("stale", "") in params for _, params in consul.requests)
+    w.sync_once()                                          # nothing earned yet: the leader answers
+    assert set(modes(consul)) == {"default"}
     consul.requests.clear()
-    consul.last_contact = 2500
+    index = w.reader.clocks.floor(UI_SERVICES)
+    w.reader.read(UI_SERVICES, index=index, wait=1.0, raw=True)   # a long-poll: stale, answered by...
+    assert modes(consul) == ["stale"] and not w.reader.trusted    # ...the leader (last contact 0)
+    consul.last_contact = 5                                # a follower's own state, as new as all seen
+    w.reader.read(UI_SERVICES, index=index, wait=1.0, raw=True)
+    assert w.reader.trusted
+    consul.requests.clear()
     w.reader.read(CATALOG_SERVICES)
-    assert [params for _, params in consul.requests] == [(("stale", ""),), (("consistent", ""),)]
-    assert w.stats.stale_retries == 1
+    assert modes(consul) == ["stale"]
+    consul.requests.clear()
+    consul.last_contact = 2500                             # too stale: read again from the leader
+    w.reader.read(CATALOG_SERVICES)
+    assert modes(consul) == ["stale", "consistent"]
+    assert w.stats.stale_retries == 1 and not w.reader.trusted
+
+
+def trusted(api="internal"):
+    """Synced, and the server the watcher reads has shown it is caught up: stale reads."""
+    w, consul = synced(api)
+    consul.last_contact = 5
+    for _, path, params, _, raw in w.poller_specs():
+        w.reader.read(path, params, index=w.reader.clocks.floor(path), wait=1.0, raw=raw)
+    assert w.reader.trusted
+    consul.requests.clear()
+    return w, consul
+
+
+@pytest.mark.parametrize("api", MODES)
+def test_a_server_answering_from_an_older_state_removes_nothing(api, caplog):
+    """A restarted server replays its log: its stale answers come from before what was applied."""
+    caplog.set_level(logging.INFO, "edge.watch")
+    w, consul = trusted(api)
+    older = copy.deepcopy(consul)                          # the state the restarted server is at
+    consul.register("n2", "db-1", "db", 5432)
+    round_(w)
+    assert ports(w)["db"] == [5432]
+    consul.lagging = older
+    consul.register("n2", "api-2", "api", 9002)
+    round_(w)
+    assert ports(w) == {"web": [8001, 8002], "api": [9001, 9002], "db": [5432]}
+    assert consul.requests and set(modes(consul)) == {"default"}      # what followed the polls: the leader
+    assert not w.reader.trusted and w.stats.stale_retries >= 1
+    assert "answered /v1/" in caplog.text and "reading from the leader" in caplog.text
+
+
+@pytest.mark.parametrize("api", MODES)
+def test_a_sweep_from_a_server_that_fell_behind_reads_the_leader(api):
+    """No outage seen (an agent switching to another server): the summaries and the dump each
+    answer below what was seen and are read again from the leader."""
+    w, consul = trusted(api)
+    older = copy.deepcopy(consul)
+    consul.register("n2", "db-1", "db", 5432)
+    round_(w)
+    consul.lagging = older
+    w._sweep("verify", time.monotonic())
+    assert ports(w) == {"web": [8001, 8002], "api": [9001], "db": [5432]}
+    assert w.stats.stale_retries >= 1 and not w.reader.trusted
+
+
+def test_after_an_outage_the_full_sync_reads_the_leader():
+    w, consul = trusted()
+    older = copy.deepcopy(consul)
+    consul.register("n2", "db-1", "db", 5432)
+    round_(w)
+    consul.down = True
+    with pytest.raises(ConsulUnavailable):
+        w.sync_once()
+    assert not w.reader.trusted
+    consul.down, consul.lagging = False, older             # back, replaying its log
+    consul.requests.clear()
+    w.publish(w.sync_once())
+    assert ports(w)["db"] == [5432]
+    assert set(modes(consul)) == {"default"}
+
+
+def test_pollers_start_from_what_the_full_sync_read():
+    w, consul = synced("public")
+    w._start_pollers()
+    w.stop.set()
+    starts = {p.name: p.index for p in w._pollers}
+    assert starts == {"services": consul.tables["services"], "checks": consul.tables["checks"],
+                      "nodes": consul.tables["nodes"]}
+
+
+def test_an_index_gone_back_at_the_leader_too_is_a_reset(caplog):
+    w, consul = trusted()
+    rebuilt = FakeConsul()                                 # a new cluster: its indexes start over
+    rebuilt.register("n1", "web-9", "web", 8009)
+    w.http = w.reader.http = rebuilt
+    assert round_(w) is False                              # a full sync follows
+    assert "Consul's state went back" in caplog.text
+    w.publish(w.sync_once())
+    assert ports(w) == {"web": [8009]}
 
 
 @pytest.mark.parametrize("consistency, param", [("consistent", ("consistent", "")), ("default", None)])

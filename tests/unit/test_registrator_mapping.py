@@ -20,12 +20,16 @@ from registrator.mapping import (
 )
 from registrator.reconcile import (
     DRAIN_REASON,
+    ENGINE_REASON,
     AgentCheck,
+    Held,
+    agent_reset,
     diff,
+    engine_gone,
     health_updates,
+    held,
     maintenance,
     older_hostnames,
-    stale_drains,
 )
 
 P = Params(hostname="t2", ip=None, agent_ip="10.0.0.2")
@@ -388,10 +392,44 @@ def test_health_updates_only_what_differs_unless_forced():
     assert health_updates([r], []) == (("service:t2:a:80:docker-health", r.health),)
 
 
-def test_stale_drains_lift_only_our_maintenance_of_running_containers_not_draining():
-    def m(sid, reason):
-        return AgentCheck(f"_service_maintenance:{sid}", sid, "maintenance", reason, "critical")
-    checks = [m("t2:a:80", f"{DRAIN_REASON} (signal 15)"), m("t2:b:80", f"{DRAIN_REASON} (signal 15)"),
-              m("t2:c:80", "human: disk swap"), m("t2:d:80", f"{DRAIN_REASON} (signal 9)")]
-    assert maintenance(checks)["t2:c:80"] == "human: disk swap"
-    assert stale_drains(checks, running=["t2:a:80", "t2:b:80", "t2:c:80"], draining=["t2:b:80"]) == ("t2:a:80",)
+def m(sid, reason):
+    return AgentCheck(f"_service_maintenance:{sid}", sid, "maintenance", reason, "critical")
+
+
+DRAINED, HUMAN = f"{DRAIN_REASON} (signal 15)", "human: disk swap"
+
+
+@pytest.mark.parametrize("reason, running, draining, kept", [
+    (DRAINED, True, False, False),     # the stop did not come: lifted
+    (DRAINED, True, True, True),       # the stop is under way
+    (DRAINED, False, False, True),     # not running: deregistered, not lifted
+    (ENGINE_REASON, True, False, False),   # the engine answers again and the container runs
+    (ENGINE_REASON, False, False, True),
+    (HUMAN, True, False, True),        # a human's is never lifted
+    (f"x {DRAIN_REASON}", True, False, True),
+])
+def test_held_lifts_only_our_maintenance_of_running_containers_not_draining(reason, running, draining, kept):
+    checks = [m("t2:a:80", reason), AgentCheck("service:t2:a:80", "t2:a:80", "http", "n")]
+    plan = held(checks, running=["t2:a:80"] if running else [], draining=["t2:a:80"] if draining else [])
+    assert plan == (Held(keep=(("t2:a:80", reason),)) if kept else Held(lift=("t2:a:80",)))
+    assert maintenance(checks) == {"t2:a:80": reason}
+
+
+def test_engine_gone_holds_this_hosts_services_not_already_in_maintenance():
+    registered = {sid: reg(sid) for sid in ("t2:a:80", "t2:b:80", "t2:c:80", "t3:a:80", "by-hand")}
+    checks = [m("t2:b:80", HUMAN), m("t2:c:80", DRAINED)]
+    assert engine_gone(registered, checks, "t2") == ("t2:a:80",)
+    assert engine_gone(registered, [], "t2") == ("t2:a:80", "t2:b:80", "t2:c:80")
+    assert engine_gone({}, [], "t2") == ()
+
+
+@pytest.mark.parametrize("last, index, after_failure, why", [
+    (0, 12, False, ""),                # the first answer
+    (12, 15, False, ""),               # a change of this node's services
+    (12, 12, False, ""),               # the wait ran out
+    (12, 4, False, "its index went back from 12 to 4"),
+    (0, 3, True, "it answers again after failing"),
+    (12, 40, True, "it answers again after failing"),
+])
+def test_agent_reset(last, index, after_failure, why):
+    assert agent_reset(last, index, after_failure) == why

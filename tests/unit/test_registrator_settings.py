@@ -37,7 +37,7 @@ def test_precedence(argv, env, attr, expected):
 
 @pytest.mark.parametrize("argv", [
     ["--ip", "not-an-ip"], ["--hostname", "a:b"], ["--hostname", " "], ["--resync", "0"], ["--ttl", "0"],
-    ["--ttl", "10", "--ttl-refresh", "10"], ["--consul", "ftp://x"],
+    ["--ttl", "10", "--ttl-refresh", "10"], ["--consul", "ftp://x"], ["--ip", ""],
 ])
 def test_bad_input_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -14,6 +14,8 @@ import walkthrough_blocks as wb  # noqa: E402
 
 README = (REPO / "README.md").read_text()
 SOCK, MID = "/tmp/dk-x/docker.sock", "/tmp/w/machine-id-t2"
+PATHS = {"/var/run/docker.sock": SOCK, "/etc/machine-id": MID, "/run/systemd/resolved.conf.d": "/tmp/w/resolved-t2",
+         "/run/dbus": "/tmp/w/dbus-t2"}
 
 
 def test_the_readme_walks_from_make_image_to_reading_the_catalog():
@@ -30,8 +32,9 @@ def test_the_readme_walks_from_make_image_to_reading_the_catalog():
 @pytest.mark.parametrize("line, as_t2", [
     ("--etcd http://10.0.0.1:2379", "--etcd http://127.0.0.1:2379"),              # another host's address
     ('curl http://10.0.0.$n/', 'curl http://127.0.0.$n/'),
-    ("-client=127.0.0.1", "-client=127.0.0.2"),                                     # its own loopback
-    ("--bind :80 --admin-bind 127.0.0.1:8404", "--bind 127.0.0.2:80 --admin-bind 127.0.0.2:8404"),
+    ("-client=127.0.0.1", "-client=127.1.0.2"),                                     # its own loopback:
+    ("--bind :80 --admin-bind 127.0.0.1:8404", "--bind 127.0.0.2:80 --admin-bind 127.1.0.2:8404"),  # apart
+    ('--advertise "$HOST_IP" -- -bind="$HOST_IP"', '--advertise "$HOST_IP" -- -bind="$HOST_IP"'),  # 127.0.0.2
     ("-client=0.0.0.0", "-client=127.0.0.2"),
     ("10.0.0.10 and 110.0.0.1", "127.0.0.10 and 110.0.0.1"),                        # whole addresses only
     ("docker run -d --name edge --net host haproxy-consul", "docker run -d --name edge-t2 --net host haproxy-consul"),
@@ -40,12 +43,15 @@ def test_the_readme_walks_from_make_image_to_reading_the_catalog():
     ("-v /srv/data:/data", "-v /srv/data:/data"),                                   # a host path is not
     ("-v /etc/machine-id:/etc/machine-id:ro", f"-v {MID}:/etc/machine-id:ro"),
     ("-v /var/run/docker.sock:/var/run/docker.sock:ro", f"-v {SOCK}:/var/run/docker.sock:ro"),
+    ("-v /run/systemd/resolved.conf.d:/run/systemd/resolved.conf.d -v /run/dbus:/run/dbus:ro",
+     "-v /tmp/w/resolved-t2:/run/systemd/resolved.conf.d -v /tmp/w/dbus-t2:/run/dbus:ro"),
+    ("-v /run/dbus/x:/y", "-v /run/dbus/x:/y"),                                    # only the whole path
     ('--group-add "$(stat -c %g /var/run/docker.sock)"', f'--group-add "$(stat -c %g {SOCK})"'),
     ('--domain "$(hostname -f)" -node="$(hostname -s)"', '--domain "t2.example.com" -node="t2"'),
     ("make image", "make image"),
 ])
 def test_substitutions_as_host_t2(line, as_t2):
-    assert wb.on_host(line, "t2", SOCK, MID) == as_t2
+    assert wb.on_host(line, "t2", PATHS) == as_t2
 
 
 def test_every_marked_block_is_found_and_a_bad_marker_is_an_error():
@@ -57,7 +63,7 @@ def test_every_marked_block_is_found_and_a_bad_marker_is_an_error():
             wb.blocks(bad)
 
 
-VALUE_OPTIONS = {"--name", "--net", "--restart", "-v", "--group-add", "--user", "-e", "-p"}
+VALUE_OPTIONS = {"--name", "--net", "--restart", "-v", "--group-add", "--user", "-e", "-p", "--stop-timeout"}
 
 
 def images_run(text: str):
@@ -80,5 +86,5 @@ def test_every_image_the_blocks_run_has_a_stand_in():
 
 def test_names_are_what_a_rewritten_block_creates_so_leftovers_can_be_removed():
     text = wb.on_host("docker run -d --name consul \\\n  -v consul-data:/var/lib/consul -v /etc/machine-id:/x \\\n"
-                      "  haproxy-consul bootstrap -- -node=x\ndocker run -dP nginx\n", "t3", SOCK, MID)
+                      "  haproxy-consul bootstrap -- -node=x\ndocker run -dP nginx\n", "t3", PATHS)
     assert wb.names(text) == (("consul-t3",), ("consul-data-t3",))
