@@ -5,8 +5,8 @@
 For each version it starts `$HAPROXY_CONSUL_CACHE/bin/haproxy-X.Y` (scripts/haproxy-rootfs.sh)
 with a small configuration in /tmp/haproxy-answers-X.Y (fixed, so paths inside answers are the
 same at every recording), sends the start-up probes of edge.haproxy.capabilities and one command
-for each case the edge meets (an address changed or not, a missing server, map and certificate
-commands, a `;`-joined batch), and writes the raw answers to
+for each case the edge meets (an address changed or not, a server weight, a missing server, map
+and certificate commands, a `;`-joined batch), and writes the raw answers to
 tests/unit/recorded/haproxy-X.Y.json. The unit tests classify those answers: re-record when a
 supported release changes, and read the diff.
 """
@@ -70,6 +70,11 @@ def steps(d: str, pem: str) -> list[tuple[str, str, str | None]]:
         ("state.ready-again", "set server be_web/s1 state ready", None),
         ("state.maint", "set server be_web/s1 state maint", None),
         ("state.no-server", "set server be_web/s9 state maint", None),
+        ("weight.set", "set server be_web/s1 weight 50", None),
+        ("weight.same", "set server be_web/s1 weight 50", None),
+        ("weight.zero", "set server be_web/s1 weight 0", None),
+        ("weight.too-big", "set server be_web/s1 weight 300", None),
+        ("weight.no-server", "set server be_web/s9 weight 1", None),
         ("batch", "set server be_web/s2 addr 127.0.0.4 port 4; set server be_web/s2 state ready; "
                   "set server be_web/s2 addr 127.0.0.4 port 4; set server be_web/s9 state maint; "
                   "set server be_web/s2 state maint", None),
@@ -78,6 +83,7 @@ def steps(d: str, pem: str) -> list[tuple[str, str, str | None]]:
         ("map.del", f"del map {hosts} b.example", None),
         ("map.del-absent", f"del map {hosts} b.example", None),
         ("map.set-absent", f"set map {hosts} c.example be_web", None),
+        ("map.add-split", f"add map {hosts} r1 300|be_a|1000|be_b", None),
         ("map.unknown", f"add map {d}/nosuch.map b.example be_web", None),
         ("ssl.new", f"new ssl cert {cert}", None),
         ("ssl.new-exists", f"new ssl cert {cert}", None),

@@ -147,7 +147,9 @@ RULES: tuple[Rule, ...] = (
     _rule(_ADDR, re.escape(_NO_CHANGE_30), N, since=(3, 0)),
     # set server … state ready|maint|drain: silent when it worked, also when the state was already so
     _rule(r"set server \S+ state (ready|maint|drain)", r"", S),
-    # maps (the ACME HTTP-01 challenges): silent when they worked
+    # set server … weight W (a route's per-instance weights): silent when it worked, also unchanged
+    _rule(r"set server \S+ weight \d+", r"", S),
+    # maps (routers, the ACME HTTP-01 challenges): silent when they worked
     _rule(r"(add|set|del) map \S+ \S+( \S+)?", r"", S),
     _rule(r"del map \S+ \S+", r"Key not found\.", N),
     # certificates (`ssl()`: one command per connection)
