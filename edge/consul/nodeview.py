@@ -1,0 +1,79 @@
+"""Pure: the catalog as per-node answers (`/v1/catalog/node-services/<node>`) and the checks that
+are not passing (`/v1/health/state/critical` and `…/warning`), turned into the instances of one
+service at a time. The per-node reader (`edge.consul.nodes`) keeps these and asks, per change,
+only about the services a node's answer or a check touched.
+
+Raw answers become compact rows here (what an instance needs, nothing else: a node with thousands
+of services stays small in memory); `instances` rebuilds health entries shaped as
+`/v1/health/service/<name>` returns them and hands them to `edge.routing.model.instances_from_health`,
+so every rule about untrusted data, health and naming is the model's. No I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from edge.routing.model import CheckState, Instance, Problem, instances_from_health, peered
+
+# One instance as a node's answer gives it: service, ID, address, port, tags, container_port meta.
+Row = tuple[str, str, str, object, tuple[str, ...], object]
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def node_rows(body: object) -> tuple[str | None, dict[str, Row]]:
+    """A `/v1/catalog/node-services/<node>` answer → (the node's address, or None when the node
+    is gone; its instances by service ID). Proxies, gateways and peers' entries are left out."""
+    if not isinstance(body, dict) or not isinstance(body.get("Node"), dict) or peered(body["Node"]):
+        return None, {}
+    rows = {}
+    for svc in body.get("Services") or ():
+        if not isinstance(svc, dict) or svc.get("Kind") or peered(svc) or not isinstance(svc.get("Service"), str):
+            continue
+        meta = svc.get("Meta") if isinstance(svc.get("Meta"), dict) else {}
+        tags = tuple(sorted({t for t in svc.get("Tags") or () if isinstance(t, str)}))
+        sid = _text(svc.get("ID"))
+        rows[sid] = (svc["Service"], sid, _text(svc.get("Address")), svc.get("Port"), tags,
+                     meta.get("container_port"))
+    return _text(body["Node"].get("Address")), rows
+
+
+def changed_services(old: Mapping[str, Row], new: Mapping[str, Row]) -> set[str]:
+    """Services with an instance added, removed or changed between two answers of one node."""
+    out = set()
+    for sid in old.keys() | new.keys():
+        before, after = old.get(sid), new.get(sid)
+        if before != after:
+            out.update(row[0] for row in (before, after) if row is not None)
+    return out
+
+
+def by_node(checks: Mapping[tuple[str, str], CheckState]) -> dict[str, list[CheckState]]:
+    """The non-passing checks grouped by node."""
+    out: dict[str, list[CheckState]] = {}
+    for (node, _), state in checks.items():
+        out.setdefault(node, []).append(state)
+    return out
+
+
+def instances(service: str, placements: Iterable[tuple[str, str, Iterable[Row]]],
+              checks: Mapping[str, list[CheckState]]) -> tuple[tuple[Instance, ...], tuple[Problem, ...]]:
+    """The instances of `service` from (node, node address, rows of that node) for each node that
+    hosts it, with the non-passing checks per node: healthy when no check of the instance or of
+    its node is failing, as Consul's `passing` filter says."""
+    entries = []
+    for node, address, rows in placements:
+        failing = checks.get(node, ())
+        node_checks = [{"Status": c.status} for c in failing if not c.service_id]
+        for name, sid, svc_address, port, tags, cport in rows:
+            if name != service:
+                continue
+            own = [{"Status": c.status} for c in failing if c.service_id and c.service_id == sid]
+            entries.append({"Node": {"Node": node, "Address": address},
+                            "Service": {"ID": sid, "Service": name, "Address": svc_address, "Port": port,
+                                        "Tags": list(tags),
+                                        "Meta": {} if cport is None else {"container_port": cport}},
+                            "Checks": node_checks + own})
+    return instances_from_health(service, entries)
