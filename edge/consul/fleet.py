@@ -366,6 +366,9 @@ class Member:
         with self._lock:
             self.role, self._session, self._pending = "publisher", session, None
         self._holder, self._changed_at = session, time.monotonic()   # ours, whatever a stale read says next
+        # What we followed is the reader's to say now; held twice it would double our memory at 10,000 services.
+        self._services, self._names, self._problems = {}, [set() for _ in range(SHARDS)], ()
+        self._following, self._dirty = None, True
         self._lost.clear()
         log.info("fleet: this edge publishes the route table to %s (chain %s, from seq %d)", self.store.prefix,
                  published.head.chain[:8], published.head.seq)

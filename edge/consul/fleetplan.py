@@ -32,7 +32,7 @@ from __future__ import annotations
 import base64
 import zlib
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import msgspec
@@ -87,18 +87,17 @@ class Shard:
 
 @dataclass(frozen=True)
 class Published:
-    """What the publisher knows KV holds: its head and every shard's services."""
+    """What the publisher knows KV holds: its head, every service (flat: after the first write it
+    is the reader's own mapping, so nothing is held twice) and the names in each shard."""
 
     head: Head
-    shards: tuple[Services, ...] = tuple(MappingProxyType({}) for _ in range(SHARDS))
+    services: Services = field(default_factory=lambda: MappingProxyType({}))
+    members: tuple[frozenset[str], ...] = (frozenset(),) * SHARDS
     problems: tuple[Problem, ...] = ()
     dirty: frozenset[int] = frozenset()   # shards the next write must rewrite whatever changed
 
-    def get(self, name: str) -> tuple[Instance, ...] | None:
-        return self.shards[shard_of(name)].get(name)
-
-    def names(self) -> set[str]:
-        return {n for shard in self.shards for n in shard}
+    def shard(self, k: int) -> Services:
+        return MappingProxyType({n: self.services[n] for n in self.members[k]})
 
 
 @dataclass(frozen=True)
@@ -255,7 +254,9 @@ def adopt(head: Head | None, shards: Mapping[int, Shard], problems: tuple[str, i
         problems_ok = head.problems_version == 0 or (problems is not None and problems[0] == head.chain
                                                      and problems[1] >= head.problems_version)
         if not late and problems_ok:
-            return Published(replace(head, delta=None), tuple(usable[k].services for k in range(SHARDS)),
+            services = {n: insts for shard in usable.values() for n, insts in shard.services.items()}
+            return Published(replace(head, delta=None), MappingProxyType(services),
+                             tuple(frozenset(usable[k].services) for k in range(SHARDS)),
                              problems[2] if problems is not None and head.problems_version else (),
                              frozenset(k for k, shard in usable.items() if shard.version > head.versions[k]))
     return Published(Head(new_chain, 0))
@@ -266,9 +267,9 @@ def plan_write(published: Published, services: Services, problems: tuple[Problem
     """What to write for a new snapshot, or None when KV already says the same (`force`: write
     head anyway, so followers see this publisher has caught up). Identity first: the reader keeps
     the same tuple for an unchanged service. A new chain (seq 0) writes every shard."""
-    changed = {n for n, insts in services.items()
-               if (old := published.get(n)) is not insts and old != insts}
-    changed |= {n for n in published.names() if n not in services}
+    old = published.services
+    changed = {n for n, insts in services.items() if (was := old.get(n)) is not insts and was != insts}
+    changed |= old.keys() - services.keys()
     new_problems = problems if problems != published.problems else None
     head = published.head
     full = head.seq == 0
@@ -276,24 +277,21 @@ def plan_write(published: Published, services: Services, problems: tuple[Problem
         return None
     seq = head.seq + 1
     touched = set(range(SHARDS)) if full else {shard_of(n) for n in changed} | published.dirty
-    shards = list(published.shards)
-    for k in touched:
-        current = dict(shards[k])
-        for name in [n for n in changed if shard_of(n) == k]:
-            if name in services:
-                current[name] = services[name]
-            else:
-                current.pop(name, None)
-        shards[k] = MappingProxyType(current)
+    members = list(published.members)
+    for name in changed:
+        k = shard_of(name)
+        members[k] = members[k] | {name} if name in services else members[k] - {name}
+    after = Published(head, MappingProxyType(services) if isinstance(services, dict) else services,
+                      tuple(members), problems)
     versions = tuple(seq if k in touched else v for k, v in enumerate(head.versions))
     new_head = Head(head.chain, seq, head.beat, index, publisher, versions,
                     seq if new_problems is not None else head.problems_version,
                     MappingProxyType({n: services.get(n) for n in changed}))
     if full or len(encode_head(new_head)) > DELTA_MAX:
         new_head = replace(new_head, delta=None)
-    write = Write(new_head, MappingProxyType({k: Shard(head.chain, seq, shards[k]) for k in sorted(touched)}),
+    write = Write(new_head, MappingProxyType({k: Shard(head.chain, seq, after.shard(k)) for k in sorted(touched)}),
                   new_problems)
-    return Published(new_head, tuple(shards), problems), write
+    return replace(after, head=new_head), write
 
 
 def beat(published: Published, publisher: str) -> tuple[Published, Head]:

@@ -24,16 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from urllib.parse import quote
 
-import msgspec
-
-from edge.consul.nodeview import by_node, changed_services, instances, node_rows
+from edge.consul.nodeview import by_node, changed_services, instances, node_rows_raw
 from edge.consul.watch import CONSUL_ERRORS, Backoff, Poller, Reader, Snapshot, Stats, Update, endpoint
 from edge.metrics import NoMetrics
 from edge.routing.model import (
     EXCLUDED_SERVICES,
     Instance,
     Problem,
-    ShapeError,
     changed_checks,
     node_addresses,
     nonpassing_checks,
@@ -51,13 +48,6 @@ MAX_NODES = 64
 
 def node_path(node: str) -> str:
     return f"/v1/catalog/node-services/{quote(node, safe='')}"
-
-
-def _decode(raw: bytes) -> object:
-    try:
-        return msgspec.json.decode(raw)
-    except msgspec.DecodeError as exc:
-        raise ShapeError(f"not JSON: {exc}") from None
 
 
 class TooManyNodes(Exception):
@@ -83,6 +73,7 @@ class NodesWatcher:
         self._failing: dict[str, list] = {}                    # node -> its non-passing checks
         self._services: dict[str, tuple[Instance, ...]] = {}
         self._problems: dict[str, tuple[Problem, ...]] = {}
+        self._flat_problems: tuple[Problem, ...] | None = None
         self._skipped: set[str] = set()
         self._lock = threading.Lock()
         self._inbox: dict[str, Update] = {}
@@ -90,9 +81,10 @@ class NodesWatcher:
         self._pollers: dict[str, Poller] = {}
 
     # --- reads ------------------------------------------------------------------------------------
-    def _node(self, node: str) -> tuple[int, object]:
+    def _node(self, node: str) -> tuple[int, tuple[str | None, dict[str, tuple]]]:
+        """(index, (address, rows)) of one node: parsed where it was read, so no answer waits whole."""
         answer = self.reader.read(node_path(node), raw=True)
-        return answer.index, _decode(answer.body)
+        return answer.index, node_rows_raw(answer.body)
 
     def _nonpassing(self) -> tuple[dict, int, int]:
         critical = self.reader.read(CRITICAL)
@@ -111,10 +103,10 @@ class NodesWatcher:
         checks, critical_index, warning_index = self._nonpassing()
         bodies = dict(zip(addresses, self._pool.map(self._node, addresses), strict=True))
         self._addresses, self._rows, self._placed = addresses, {}, {}
-        for node, (_, body) in bodies.items():
-            self._place(node, node_rows(body)[1])
+        for node, (_, (_, rows)) in bodies.items():
+            self._place(node, rows)
         self._set_checks(checks)
-        self._services, self._problems = {}, {}
+        self._services, self._problems, self._flat_problems = {}, {}, None
         self._rebuild(set(self._placed))
         indexes = {"nodes": answer.index, "critical": critical_index, "warning": warning_index,
                    **{f"node:{n}": index for n, (index, _) in bodies.items()}}
@@ -154,13 +146,16 @@ class NodesWatcher:
             placed = self._placed.get(name)
             if not placed:
                 self._services.pop(name, None)
-                self._problems.pop(name, None)
+                if self._problems.pop(name, None):
+                    self._flat_problems = None
                 continue
             found, problems = instances(name, ((n, self._addresses.get(n, ""), rows) for n, rows in placed.items()),
                                         self._failing)
             if self._services.get(name) != found:
                 self._services[name] = found
-            self._problems[name] = problems
+            if self._problems.get(name, ()) != problems:
+                self._problems[name] = problems
+                self._flat_problems = None
 
     def _routable(self, name: str) -> bool:
         if name in self._skipped:
@@ -176,8 +171,9 @@ class NodesWatcher:
         return False
 
     def snapshot(self, index: int, seen_at: float) -> Snapshot:
-        problems = tuple(sorted(p for ps in self._problems.values() for p in ps))
-        return Snapshot(MappingProxyType(dict(self._services)), problems, index, seen_at)
+        if self._flat_problems is None:
+            self._flat_problems = tuple(sorted(p for ps in self._problems.values() for p in ps))
+        return Snapshot(MappingProxyType(dict(self._services)), self._flat_problems, index, seen_at)
 
     # --- the loop ---------------------------------------------------------------------------------
     def _post(self, name: str, update: Update) -> None:
@@ -203,7 +199,7 @@ class NodesWatcher:
         self._poll("critical", CRITICAL, nonpassing_checks, False, indexes["critical"])
         self._poll("warning", WARNING, nonpassing_checks, False, indexes["warning"])
         for node in self._addresses:
-            self._poll(f"node:{node}", node_path(node), _decode, True, indexes.get(f"node:{node}", 0))
+            self._poll(f"node:{node}", node_path(node), node_rows_raw, True, indexes.get(f"node:{node}", 0))
 
     def _retire(self, names) -> None:
         for name in names:
@@ -272,7 +268,7 @@ class NodesWatcher:
             changed |= self._on_checks(checks)
         for name, u in updates.items():
             if name.startswith("node:") and name[5:] in self._addresses:
-                address, rows = node_rows(u.value)
+                address, rows = u.value
                 if address is not None and address != self._addresses[name[5:]]:
                     self._addresses[name[5:]] = address
                     changed |= {s for s, placed in self._placed.items() if name[5:] in placed}
@@ -294,7 +290,7 @@ class NodesWatcher:
             changed |= self._place(node, {})
         for node, address in addresses.items():
             if node not in self._addresses:
-                self._poll(f"node:{node}", node_path(node), _decode, True, 0)
+                self._poll(f"node:{node}", node_path(node), node_rows_raw, True, 0)
             elif self._addresses[node] != address:
                 changed |= {s for s, placed in self._placed.items() if node in placed}
         self._addresses = dict(addresses)

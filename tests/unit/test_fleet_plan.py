@@ -52,10 +52,11 @@ def services(**kw: int) -> dict[str, tuple[Instance, ...]]:
 
 def published(svcs: dict, seq: int = 5, chain: str = "c1") -> Published:
     """KV holding `svcs` at `seq`, every shard written then."""
-    shards = [dict() for _ in range(SHARDS)]
-    for name, insts in svcs.items():
-        shards[shard_of(name)][name] = insts
-    return Published(Head(chain, seq, versions=(seq,) * SHARDS), tuple(MappingProxyType(s) for s in shards))
+    members = [set() for _ in range(SHARDS)]
+    for name in svcs:
+        members[shard_of(name)].add(name)
+    return Published(Head(chain, seq, versions=(seq,) * SHARDS), MappingProxyType(dict(svcs)),
+                     tuple(frozenset(m) for m in members))
 
 
 # --- encodings ----------------------------------------------------------------------------------------------
@@ -133,11 +134,12 @@ def test_one_changed_service_writes_its_shard_and_a_delta():
     svcs = services(web=2, api=1)
     changed = {**svcs, "web": services(web=3)["web"]}
     new, write = plan_write(published(svcs), changed, (), 99, "me")
+    assert new.services is not published(svcs).services and "web" in new.members[shard_of("web")]
     k = shard_of("web")
     assert list(write.shards) == [k] and write.shards[k].version == 6
     assert write.head.versions[k] == 6 and all(v == 5 for i, v in enumerate(write.head.versions) if i != k)
     assert dict(write.head.delta) == {"web": changed["web"]} and write.head.index == 99
-    assert new.get("web") == changed["web"] and new.get("api") == svcs["api"]
+    assert new.services["web"] == changed["web"] and new.services["api"] == svcs["api"]
     assert write.problems is None and write.head.problems_version == 0
 
 
@@ -187,7 +189,7 @@ def test_a_beat_moves_the_counter_and_keeps_the_delta():
 
 # --- what a new publisher starts from -------------------------------------------------------------------------
 def _shards_of(kv: Published, version: int | None = None, chain: str = "c1") -> dict[int, Shard]:
-    return {k: Shard(chain, version or kv.head.versions[k], kv.shards[k]) for k in range(SHARDS)}
+    return {k: Shard(chain, version or kv.head.versions[k], kv.shard(k)) for k in range(SHARDS)}
 
 
 def test_taking_the_lock_keeps_the_publication_and_marks_it_not_ready():
@@ -206,7 +208,7 @@ def test_the_first_write_after_taking_over_is_ready_and_beats_before_it_are_not(
 def test_a_new_publisher_continues_a_complete_chain():
     kv = published(services(web=2, api=1))
     started = adopt(kv.head, _shards_of(kv), None, "fresh")
-    assert started.head.chain == "c1" and started.head.seq == 5 and started.get("web") == kv.get("web")
+    assert started.head.chain == "c1" and started.head.seq == 5 and started.services == kv.services
     assert not started.dirty
 
 
@@ -228,7 +230,7 @@ def test_a_new_publisher_starts_a_new_chain_when_kv_is_incomplete(what):
     else:
         head = Head("c1", 0)
     started = adopt(head, shards, problems, "fresh")
-    assert started.head == Head("fresh", 0) and started.get("web") is None
+    assert started.head == Head("fresh", 0) and not started.services
 
 
 def test_a_shard_newer_than_head_is_rewritten_by_the_first_write():
