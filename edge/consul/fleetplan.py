@@ -295,9 +295,10 @@ def plan_write(published: Published, services: Services, problems: tuple[Problem
 
 
 def beat(published: Published, publisher: str) -> tuple[Published, Head]:
-    """The heartbeat: head again with the counter moved (its delta kept: a follower that missed
-    the last write can still apply it)."""
-    head = replace(published.head, beat=published.head.beat + 1, publisher=publisher)
+    """The heartbeat: head again with the counter moved and without a delta, so that every
+    follower's answer stays small while nothing changes (one that missed the last write reads
+    the shards it changed)."""
+    head = replace(published.head, beat=published.head.beat + 1, publisher=publisher, delta=None)
     return replace(published, head=head), head
 
 

@@ -179,12 +179,13 @@ def test_dirty_shards_are_rewritten_by_the_next_write():
     assert set(write.shards) == {shard_of("web"), shard_of("api")} and not new.dirty
 
 
-def test_a_beat_moves_the_counter_and_keeps_the_delta():
+def test_a_beat_moves_the_counter_and_drops_the_delta():
     svcs = services(web=1)
     kv, _ = plan_write(published(svcs), services(web=2), (), 1, "me")
     kv2, head = beat(kv, "me")
-    assert head.beat == kv.head.beat + 1 and head.seq == kv.head.seq and head.delta == kv.head.delta
-    assert kv2.head == head
+    assert head.beat == kv.head.beat + 1 and head.seq == kv.head.seq and head.delta is None
+    assert kv2.head == head and len(encode_head(head)) < 700
+    assert follow(Following("c1", 5, (5,) * SHARDS, 0), head) == Step("shards", (shard_of("web"),))
 
 
 # --- what a new publisher starts from -------------------------------------------------------------------------
