@@ -10,7 +10,8 @@ as an edge talks to the agent next to it. Designs, side by side in one run:
 - nodes: every edge reads per node itself (`NodesWatcher`), no KV.
 
 N services × 3 instances over 3 nodes (catalog API). Per run (design, M edges, N services) it prints:
-the servers' CPU seconds per 100 changes (and per server), the per-change latency at the slowest
+the servers' CPU seconds per 100 changes (and per server), the edges' CPU per change (all of
+them together), the per-change latency at the slowest
 edge (write returned → the last edge publishing it: p50, p90, p99, max), the bytes Consul sent per
 change (per edge: mean and max; and in total), requests per change, and the load average.
 
@@ -177,6 +178,7 @@ def run(cluster: ConsulCluster, design: str, m: int, n: int, consistency: str, c
         time.sleep(3)
         load0 = os.getloadavg()[0]
         cpu0 = [cpu_seconds(p.pid) for p in cluster.procs]
+        edges0 = sum(cpu_seconds(p.pid) for p in fleet.procs)
         rng = random.Random(tag)
         latencies, marks = [], []
         writer = cluster.leader()
@@ -190,6 +192,7 @@ def run(cluster: ConsulCluster, design: str, m: int, n: int, consistency: str, c
             marks.append(entries)
         elapsed = time.time() - t_start
         cpu = [(cpu_seconds(p.pid) - a) * 100 / changes for p, a in zip(cluster.procs, cpu0, strict=True)]
+        edge_cpu = (sum(cpu_seconds(p.pid) for p in fleet.procs) - edges0) * 1000 / changes
         # Bytes and requests each edge received between the first and the last change it saw.
         per_edge_b = [(last["b"] - first["b"]) / (changes - 1) for first, last in zip(marks[0], marks[-1],
                                                                                     strict=True)]
@@ -197,7 +200,7 @@ def run(cluster: ConsulCluster, design: str, m: int, n: int, consistency: str, c
                                                                                     strict=True)]
         r = {"design": design, "edges": m, "services": n, "consistency": consistency, "changes": changes,
              "cpu_s_per_100": round(sum(cpu), 2), "cpu_per_server": "/".join(f"{c:.2f}" for c in cpu),
-             "cpu_ms_per_change": round(sum(cpu) * 10, 1),
+             "cpu_ms_per_change": round(sum(cpu) * 10, 1), "edges_cpu_ms_per_change": round(edge_cpu, 1),
              "slowest_p50_ms": round(pct(latencies, 50), 1), "slowest_p90_ms": round(pct(latencies, 90), 1),
              "slowest_p99_ms": round(pct(latencies, 99), 1), "slowest_max_ms": round(max(latencies), 1),
              "kb_per_change_edge_mean": round(sum(per_edge_b) / m / 1024, 2),
@@ -305,7 +308,8 @@ def main() -> None:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
     keys = ["design", "edges", "services", "consistency", "changes", "cpu_s_per_100", "cpu_per_server",
-            "cpu_ms_per_change", "slowest_p50_ms", "slowest_p90_ms", "slowest_p99_ms", "slowest_max_ms",
+            "cpu_ms_per_change", "edges_cpu_ms_per_change", "slowest_p50_ms", "slowest_p90_ms", "slowest_p99_ms",
+            "slowest_max_ms",
             "kb_per_change_edge_mean", "kb_per_change_edge_max", "kb_per_change_total", "requests_per_change",
             "lost", "load"]
     print("\n" + " | ".join(keys))
