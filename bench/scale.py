@@ -44,6 +44,13 @@ def populate(consul, n: int, backends: list[Backend]) -> float:
     return time.perf_counter() - t0
 
 
+def settled(edge) -> bool:
+    """No reload for 2 s."""
+    before = edge.log().count("reloaded HAProxy")
+    time.sleep(2)
+    return edge.log().count("reloaded HAProxy") == before
+
+
 def consul_connections(edge_pid: int, consul_port: int) -> int:
     out = subprocess.run(["ss", "-tnpH", "state", "established", f"dport = :{consul_port}"],
                          capture_output=True, text=True).stdout
@@ -75,6 +82,9 @@ def run(n: int, mode: str, design: str, changes: int, backends: list[Backend]) -
             time.sleep(1)
             r["haproxy_rss_mb"] = round(sum(rss_mb(p) for p in haproxy_pids(cold)), 1)
             r["consul_connections"] = consul_connections(cold.proc.pid, int(consul.url.rsplit(":", 1)[1]))
+            # Settled: no reload for 2 s (a fleet edge that found an older table in KV reloads again
+            # once it has read the catalog itself).
+            until(lambda: settled(cold), timeout=300)
             # Instance changes of existing services, one at a time.
             before = consul_requests(cold.log())
             rng, ms = random.Random(n + 1), []

@@ -164,7 +164,9 @@ class Member:
                     self._logged_format = str(exc)
         if self._head is not None and self._holder and read.seen_at - self._changed_at < SILENCE:
             self._live_at = read.seen_at
-        if self.role == "follower" and self._head is not None and self._head.seq > 0:
+        if self.role == "follower" and self._head is not None and self._head.seq > 0 and self._holder:
+            # An unlocked head has no publisher: this edge takes the lock or reads the catalog itself
+            # next (`_decide`), and either way reading every shard now would be for nothing.
             self._apply(self._head, read.seen_at)
         self._decide(read.seen_at)
 

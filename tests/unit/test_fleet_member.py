@@ -231,7 +231,10 @@ def never_lost(edge: Edge) -> bool:
     return all(b >= a for a, b in zip(sizes, sizes[1:], strict=False))
 
 
-def test_one_edge_publishes_and_the_others_follow_one_key():
+def test_one_edge_publishes_and_the_others_follow_one_key(monkeypatch):
+    for module in (fleet, fleetplan):                     # no beat between the write and the reads here
+        monkeypatch.setattr(module, "BEAT", 30.0)
+        monkeypatch.setattr(module, "SILENCE", 90.0)
     kv, catalog, edges = fleet_of(3, catalog_of("web", "api"))
     try:
         pub = publisher(edges)
