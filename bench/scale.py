@@ -2,10 +2,10 @@
 
 Per N, per design (today: the summary watcher; fleet: `--fleet`, a lone edge that publishes to KV
 and reads per node) and per apply mode: cold start of the edge to a complete, routable table;
-haproxy.cfg size, `haproxy -c` time and reload time; the edge's and HAProxy's RSS; Consul
-requests at cold start and per change; connections to Consul; and the time for an instance
-change (an instance registered through the agent, as the registrator does) to be routed, p50 and
-p99 over `--changes` changes. Writes bench/out/scale.csv.
+haproxy.cfg size, `haproxy -c` time and reload time; the edge's RSS (after the cold start and after
+the changes) and HAProxy's; Consul requests at cold start and per change; connections to Consul;
+and the time for an instance change (an instance registered through the agent, as the registrator
+does) to be routed, p50 and p99 over `--changes` changes. Writes bench/out/scale.csv.
 
 Usage: .venv/bin/python bench/scale.py [N ...] [--designs today,fleet] [--modes runtime,reload] [--changes 30]
        (default: 1000 5000 10000, both designs, both modes, 30 changes)
@@ -80,6 +80,7 @@ def run(n: int, mode: str, design: str, changes: int, backends: list[Backend]) -
             subprocess.run(["haproxy", "-c", "-q", "-C", str(cold.state_dir), "-f", str(cfg)], check=True)
             r["check_s"] = round(time.perf_counter() - t0, 2)
             time.sleep(1)
+            r["edge_rss_cold_mb"] = round(rss_mb(cold.proc.pid), 1)
             r["haproxy_rss_mb"] = round(sum(rss_mb(p) for p in haproxy_pids(cold)), 1)
             r["consul_connections"] = consul_connections(cold.proc.pid, int(consul.url.rsplit(":", 1)[1]))
             # Settled: no reload for 2 s (a fleet edge that found an older table in KV reloads again
@@ -134,8 +135,8 @@ def main() -> None:
         for b in backends:
             b.close()
     keys = ["services", "design", "mode", "register_s", "cold_start_s", "cold_requests", "config_mb", "check_s",
-            "reload_ms", "edge_rss_mb", "haproxy_rss_mb", "consul_connections", "change_p50_ms", "change_p99_ms",
-            "requests_per_change", "load"]
+            "reload_ms", "edge_rss_cold_mb", "edge_rss_mb", "haproxy_rss_mb", "consul_connections", "change_p50_ms",
+            "change_p99_ms", "requests_per_change", "load"]
     print("\n" + " | ".join(keys))
     for r in results:
         print(" | ".join(str(r.get(k)) for k in keys))
