@@ -20,7 +20,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 from urllib.parse import quote
 
@@ -65,7 +64,6 @@ class NodesWatcher:
         self.reader = Reader(http, consistency, max_stale, self.stats, self.metrics)
         self.publish, self.stop, self.wait, self.max_nodes = publish, stop, wait, max_nodes
         self.address = consul.address
-        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="consul-node")
         self._addresses: dict[str, str] = {}                   # node -> address
         self._rows: dict[str, dict[str, tuple]] = {}           # node -> service ID -> row
         self._placed: dict[str, dict[str, list[tuple]]] = {}   # service -> node -> rows
@@ -101,7 +99,9 @@ class NodesWatcher:
         if len(addresses) > self.max_nodes:
             raise TooManyNodes(f"{len(addresses)} nodes, more than {self.max_nodes}")
         checks, critical_index, warning_index = self._nonpassing()
-        bodies = dict(zip(addresses, self._pool.map(self._node, addresses), strict=True))
+        # One node after the other on this thread's connection: a pool would keep its own
+        # connections to the agent open for good, and hold several large answers at once.
+        bodies = {node: self._node(node) for node in addresses}
         self._addresses, self._rows, self._placed = addresses, {}, {}
         for node, (_, (_, rows)) in bodies.items():
             self._place(node, rows)
@@ -243,7 +243,6 @@ class NodesWatcher:
             log.warning("consul: %s: reading through the catalog summary instead of per node", exc)
         finally:
             self._retire(list(self._pollers))
-            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _round(self, updates: dict[str, Update]) -> bool:
         """Fold the long-polls' newest answers in and publish; False when a full sync is needed."""

@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -55,6 +56,13 @@ def head(cluster: Cluster, prefix: str, via: int = 0) -> dict:
 def publisher_pid(cluster: Cluster, prefix: str, via: int = 0) -> int | None:
     h = head(cluster, prefix, via)
     return int(h["by"].rsplit(":", 1)[1]) if h["session"] and h["r"] else None
+
+
+def connections(edge: EdgeProcess, port: int) -> int:
+    """Established TCP connections from the edge's process to Consul's HTTP port."""
+    out = subprocess.run(["ss", "-tnpH", "state", "established", f"dport = :{port}"], capture_output=True,
+                         text=True).stdout
+    return sum(f"pid={edge.proc.pid}," in line for line in out.splitlines())
 
 
 class Fleet:
@@ -123,10 +131,16 @@ def test_one_edge_publishes_and_the_others_follow(cluster, backends):
         for e in fleet.edges:
             answers(e, f"web-80.{DOMAIN}", {"a", "b"})
         assert time.monotonic() - t0 < 5
-        # The followers asked Consul for head and shards only: no catalog read at all.
+        # The followers asked Consul for head and shards only: no catalog read at all, over their one
+        # long-poll's connection (and the ACL guard's, idle); the publisher's do not grow with services.
         for e in fleet.edges[1:]:
             assert "reading the catalog ourselves" not in e.log()
             assert "publishes the route table" not in e.log()
+            assert connections(e, cluster.http) <= 2
+        nodes = len(cluster.get(0, "/v1/catalog/nodes"))
+        # Long-polls: 3, one per node and head's; then the idle keep-alive connections of the
+        # threads that write, elect, guard and did the cold sync (requests keep one per thread).
+        assert connections(fleet.edges[0], cluster.http) <= (3 + nodes + 1) + 5
     finally:
         fleet.stop()
 
