@@ -469,6 +469,9 @@ class Member:
                         published, force = planned[0], False
                         self.stats.writes += 1
                         last_write = last_beat = time.monotonic()
+                        log.debug("fleet: seq %d written (%d service(s), %d shard(s)) %.1f ms after Consul's answer",
+                                  published.head.seq, len(published.head.delta or ()), len(planned[1].shards),
+                                  (last_write - snapshot.seen_at) * 1000)
                 elif time.monotonic() - last_beat >= BEAT:
                     errors = self._reader_errors()
                     failing_since = (failing_since or now) if errors > errors_seen else None
