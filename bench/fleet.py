@@ -10,7 +10,8 @@ as an edge talks to the agent next to it. Designs, side by side in one run:
 - nodes: every edge reads per node itself (`NodesWatcher`), no KV.
 
 N services × 3 instances over 3 nodes (catalog API). Per run (design, M edges, N services) it prints:
-the servers' CPU seconds per 100 changes (and per server), the edges' CPU per change (all of
+the servers' CPU seconds per 100 changes (and per server; first for the writes alone, with no
+edge), the edges' CPU per change (all of
 them together), the per-change latency at the slowest
 edge (write returned → the last edge publishing it: p50, p90, p99, max), the bytes Consul sent per
 change (per edge: mean and max; and in total), requests per change, and the load average.
@@ -122,10 +123,12 @@ class Fleet:
     def __init__(self, cluster: ConsulCluster, m: int, n: int, design: str, consistency: str, prefix: str):
         self.procs: list[subprocess.Popen] = []
         self.lines: list[list[dict]] = []
+        self.errors = [cluster.root / f"{prefix.replace('/', '-')}-edge{i}.err" for i in range(m)]
         for i in range(m):
-            p = subprocess.Popen([sys.executable, __file__, "--edge", cluster.url(i), design, consistency, prefix,
-                                  str(n)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO,
-                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+            with open(self.errors[i], "wb") as err:
+                p = subprocess.Popen([sys.executable, __file__, "--edge", cluster.url(i), design, consistency, prefix,
+                                      str(n)], stdout=subprocess.PIPE, stderr=err, text=True, cwd=REPO,
+                                     env={**os.environ, "PYTHONPATH": str(REPO)})
             self.procs.append(p)
             out: list[dict] = []
             self.lines.append(out)
@@ -133,8 +136,15 @@ class Fleet:
                              daemon=True).start()
 
     def ready(self, timeout: float = 600) -> None:
-        wait_until(lambda: all(any(e.get("ready") for e in out) for out in self.lines), timeout, interval=0.2,
-                   what="every edge's first complete snapshot")
+        """Every edge's first complete snapshot; an edge that died says why at once."""
+        deadline = time.monotonic() + timeout
+        while not all(any(e.get("ready") for e in out) for out in self.lines):
+            for p, err in zip(self.procs, self.errors, strict=True):
+                if p.poll() is not None:
+                    raise RuntimeError(f"edge {p.pid} exited {p.returncode}: {err.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("not every edge had its first complete snapshot")
+            time.sleep(0.2)
 
     def seen(self, mark: str, alive: list[int] | None = None) -> list[dict | None]:
         return [next((e for e in self.lines[i] if e.get("mark") == mark), None)
@@ -212,6 +222,19 @@ def run(cluster: ConsulCluster, design: str, m: int, n: int, consistency: str, c
         return r
     finally:
         fleet.stop()
+
+
+def writes_only(cluster: ConsulCluster, n: int, changes: int) -> dict:
+    """The same changes with no edge at all: what the writes alone cost the servers."""
+    cpu0, rng, writer = [cpu_seconds(p.pid) for p in cluster.procs], random.Random("w"), cluster.leader()
+    for k in range(changes):
+        mark(cluster, writer, n, rng, "w", k)
+        time.sleep(0.05)
+    cpu = [(cpu_seconds(p.pid) - a) * 100 / changes for p, a in zip(cluster.procs, cpu0, strict=True)]
+    r = {"design": "writes only", "edges": 0, "services": n, "changes": changes, "cpu_s_per_100": round(sum(cpu), 2),
+         "cpu_per_server": "/".join(f"{c:.2f}" for c in cpu), "cpu_ms_per_change": round(sum(cpu) * 10, 1)}
+    print(r, flush=True)
+    return r
 
 
 def publisher_pid(cluster: ConsulCluster, prefix: str) -> int:
@@ -299,6 +322,7 @@ def main() -> None:
             populate(cluster, populated, n)
             populated = n
             print(f"{n} services x 3 instances registered ({time.time() - t0:.0f}s)", flush=True)
+            results.append(writes_only(cluster, n, args.changes))
             for i, (design, m, size) in enumerate(runs):
                 if size == n:
                     results.append(run(cluster, design, m, n, args.consistency, args.changes, f"r{i}"))
@@ -314,12 +338,12 @@ def main() -> None:
             "lost", "load"]
     print("\n" + " | ".join(keys))
     for r in results:
-        print(" | ".join(str(r[k]) for k in keys))
+        print(" | ".join(str(r.get(k, "")) for k in keys))
     for r in failovers:
         print(f"failover ({r['design']}, {r['edges']} edges, {r['services']} services, {r['changes']} changes): "
               f"every surviving edge applies changes again {r['recovered_s']} s after the publisher's kill -9; "
               f"instances lost {r['lost']}; changes missing {r['missing']}; load {r['load']}")
-    print(f"csv: {write_csv('fleet.csv', keys, [[r[k] for k in keys] for r in results])}")
+    print(f"csv: {write_csv('fleet.csv', keys, [[r.get(k, '') for k in keys] for r in results])}")
 
 
 if __name__ == "__main__":
