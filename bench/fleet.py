@@ -58,7 +58,7 @@ def edge_main(url: str, design: str, consistency: str, prefix: str, expected: st
     `mark` per marker instance (`mark-<k>`) with the time and the bytes and requests it received
     from Consul so far, and `lost` when an instance it had disappears."""
     sys.path.insert(0, str(REPO))
-    import requests.adapters
+    import urllib3.response
 
     from edge.cli import fleet_member
     from edge.consul.nodes import NodesWatcher
@@ -67,18 +67,24 @@ def edge_main(url: str, design: str, consistency: str, prefix: str, expected: st
     from edge.settings import parse
     from haproxy_consul import consul_api
 
+    # Every byte Consul sends this process, whichever client reads it (urllib3 under both).
     counted = {"b": 0, "r": 0}
     lock = threading.Lock()
-    send = requests.adapters.HTTPAdapter.send
+    init, read = urllib3.response.HTTPResponse.__init__, urllib3.response.HTTPResponse.read
 
-    def counting(adapter, request, **kwargs):
-        response = send(adapter, request, **kwargs)
-        size = len(response.content) + sum(len(k) + len(v) + 4 for k, v in response.headers.items()) + 17
+    def counting_init(response, *args, **kwargs):
+        init(response, *args, **kwargs)
         with lock:
-            counted["b"] += size
+            counted["b"] += sum(len(k) + len(v) + 4 for k, v in response.headers.items()) + 17
             counted["r"] += 1
-        return response
-    requests.adapters.HTTPAdapter.send = counting
+
+    def counting_read(response, *args, **kwargs):
+        data = read(response, *args, **kwargs)
+        with lock:
+            counted["b"] += len(data or b"")
+        return data
+    urllib3.response.HTTPResponse.__init__ = counting_init
+    urllib3.response.HTTPResponse.read = counting_read
 
     seen: set[str] = set()
     state = {"ready": False, "instances": 0}
