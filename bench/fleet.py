@@ -11,17 +11,17 @@ as an edge talks to the agent next to it. Designs, side by side in one run:
 
 N services × 3 instances over 3 nodes (catalog API). Per run (design, M edges, N services) it prints:
 the servers' CPU seconds per 100 changes (and per server; first for the writes alone, with no
-edge), the edges' CPU per change (all of
-them together), the per-change latency at the slowest
-edge (write returned → the last edge publishing it: p50, p90, p99, max), the bytes Consul sent per
-change (per edge: mean and max; and in total), requests per change, and the load average.
+edge), the edges' CPU per change (all of them together), the RPC requests each server handled,
+the per-change latency at the slowest edge (write returned → the last edge publishing it: p50,
+p90, p99, max), the bytes Consul sent per change (per edge: mean and max; and in total), requests
+per change, and the load average.
 
 `--failover DESIGN:M:N`: churn (a change every 100 ms) while the fleet's publisher is killed with
 SIGKILL: the time until every surviving edge applies changes again (the first change written after
 the kill, seen by all), and the instances any edge lost on the way (target 0).
 
 Usage: .venv/bin/python bench/fleet.py [--run DESIGN:EDGES:SERVICES ...] [--changes 100]
-       [--failover DESIGN:EDGES:SERVICES] [--consistency stale|consistent]
+       [--failover DESIGN:EDGES:SERVICES | --no-failover] [--consistency stale|consistent]
 Default runs: today:30:1000 fleet:30:1000 fleet:100:2000, failover fleet:30:1000.
 Writes bench/out/fleet.csv. Not run by the tests.
 """
@@ -39,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -166,6 +167,17 @@ class Fleet:
             p.wait()
 
 
+def rpc_requests(cluster: ConsulCluster) -> list[float]:
+    """RPC requests each server handled so far (`consul_rpc_request`, cumulative in the Prometheus
+    format): a forwarded read counts at the server that answers it."""
+    out = []
+    for i in range(3):
+        with urllib.request.urlopen(cluster.url(i) + "/v1/agent/metrics?format=prometheus", timeout=30) as r:
+            text = r.read().decode()
+        out.append(sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("consul_rpc_request ")))
+    return out
+
+
 def populate(cluster: ConsulCluster, start: int, end: int) -> None:
     def one(i: int) -> None:
         for j, node in enumerate(NODES):
@@ -193,7 +205,7 @@ def run(cluster: ConsulCluster, design: str, m: int, n: int, consistency: str, c
         fleet.ready()
         time.sleep(3)
         load0 = os.getloadavg()[0]
-        cpu0 = [cpu_seconds(p.pid) for p in cluster.procs]
+        cpu0, rpc0 = [cpu_seconds(p.pid) for p in cluster.procs], rpc_requests(cluster)
         edges0 = sum(cpu_seconds(p.pid) for p in fleet.procs)
         rng = random.Random(tag)
         latencies, marks = [], []
@@ -209,6 +221,7 @@ def run(cluster: ConsulCluster, design: str, m: int, n: int, consistency: str, c
         elapsed = time.time() - t_start
         cpu = [(cpu_seconds(p.pid) - a) * 100 / changes for p, a in zip(cluster.procs, cpu0, strict=True)]
         edge_cpu = (sum(cpu_seconds(p.pid) for p in fleet.procs) - edges0) * 1000 / changes
+        rpc = [b - a for a, b in zip(rpc0, rpc_requests(cluster), strict=True)]
         # Bytes and requests each edge received between the first and the last change it saw.
         per_edge_b = [(last["b"] - first["b"]) / (changes - 1) for first, last in zip(marks[0], marks[-1],
                                                                                     strict=True)]
@@ -217,6 +230,7 @@ def run(cluster: ConsulCluster, design: str, m: int, n: int, consistency: str, c
         r = {"design": design, "edges": m, "services": n, "consistency": consistency, "changes": changes,
              "cpu_s_per_100": round(sum(cpu), 2), "cpu_per_server": "/".join(f"{c:.2f}" for c in cpu),
              "cpu_ms_per_change": round(sum(cpu) * 10, 1), "edges_cpu_ms_per_change": round(edge_cpu, 1),
+             "rpc_per_server": "/".join(f"{x:.0f}" for x in rpc),
              "slowest_p50_ms": round(pct(latencies, 50), 1), "slowest_p90_ms": round(pct(latencies, 90), 1),
              "slowest_p99_ms": round(pct(latencies, 99), 1), "slowest_max_ms": round(max(latencies), 1),
              "kb_per_change_edge_mean": round(sum(per_edge_b) / m / 1024, 2),
@@ -338,7 +352,8 @@ def main() -> None:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
     keys = ["design", "edges", "services", "consistency", "changes", "cpu_s_per_100", "cpu_per_server",
-            "cpu_ms_per_change", "edges_cpu_ms_per_change", "slowest_p50_ms", "slowest_p90_ms", "slowest_p99_ms",
+            "cpu_ms_per_change", "edges_cpu_ms_per_change", "rpc_per_server", "slowest_p50_ms", "slowest_p90_ms",
+            "slowest_p99_ms",
             "slowest_max_ms",
             "kb_per_change_edge_mean", "kb_per_change_edge_max", "kb_per_change_total", "requests_per_change",
             "lost", "load"]
