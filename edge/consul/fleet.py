@@ -235,7 +235,8 @@ class Member:
             self._following = applied(self._following, head, step, {})
         if self._dirty:
             self._dirty = False
-            self._guarded(Snapshot(MappingProxyType(dict(self._services)), self._problems, head.index, seen_at))
+            self._guarded(Snapshot(MappingProxyType(dict(self._services)), self._problems, head.index, seen_at,
+                                   full=step.kind == "full"))
 
     def _really_older(self, head: Head) -> bool:
         """A head older than what we applied: a lagging server (ignored), unless the leader says

@@ -77,9 +77,15 @@ class Store:
 
     # --- reads -----------------------------------------------------------------------------------
     def _get(self, key: str, params=(), index: int = 0, wait: float | None = None, consistency: str | None = None):
-        """(answer, entries): entries is None when the key (or prefix) does not exist."""
+        """(answer, entries): entries is None when the key (or prefix) does not exist. Stale reads
+        go through the watcher's `Reader` (an answer behind what was seen is read again from the
+        leader); `consistent` ones (elections, a shard behind head) straight to the leader."""
+        path = f"/v1/kv/{key}"
         try:
-            answer = self.reader.read(f"/v1/kv/{key}", params, index, wait, consistency)
+            if consistency == "consistent":
+                answer = self.reader.http.get(path, [*params, ("consistent", "")])
+            else:
+                answer = self.reader.read(path, params, index, wait)
         except ConsulRefused as exc:
             if exc.status == 404:
                 return None, None

@@ -110,7 +110,7 @@ class NodesWatcher:
         self._rebuild(set(self._placed))
         indexes = {"nodes": answer.index, "critical": critical_index, "warning": warning_index,
                    **{f"node:{n}": index for n, (index, _) in bodies.items()}}
-        return self.snapshot(max(indexes.values(), default=0), t0), indexes
+        return self.snapshot(max(indexes.values(), default=0), t0, full=True), indexes
 
     # --- state -------------------------------------------------------------------------------------
     def _place(self, node: str, rows: dict[str, tuple]) -> set[str]:
@@ -170,10 +170,10 @@ class NodesWatcher:
                         "characters)", name)
         return False
 
-    def snapshot(self, index: int, seen_at: float) -> Snapshot:
+    def snapshot(self, index: int, seen_at: float, full: bool = False) -> Snapshot:
         if self._flat_problems is None:
             self._flat_problems = tuple(sorted(p for ps in self._problems.values() for p in ps))
-        return Snapshot(MappingProxyType(dict(self._services)), self._flat_problems, index, seen_at)
+        return Snapshot(MappingProxyType(dict(self._services)), self._flat_problems, index, seen_at, full)
 
     # --- the loop ---------------------------------------------------------------------------------
     def _post(self, name: str, update: Update) -> None:
@@ -186,8 +186,8 @@ class NodesWatcher:
         self._wake.set()
 
     def _poll(self, name: str, path: str, parse, raw: bool, index: int) -> None:
-        poller = Poller(name, path, (), parse, raw, self.reader, self.wait, self._post, self.stop, self.stats)
-        poller.index = index
+        poller = Poller(name, path, (), parse, raw, self.reader, self.wait, self._post, self.stop, self.stats,
+                        start=index)
         self._pollers[name] = poller
         poller.thread.start()
 

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.integration.edge_helpers import answers
-from tests.support.cluster import ADDRS, Cluster, Partition
+from tests.support.cluster import ADDRS, ConsulCluster, Partition
 from tests.support.edge import EdgeProcess
 from tests.support.http import Backend
 from tests.support.procs import wait_until
@@ -27,7 +27,7 @@ DOMAIN = "fleet.example"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("cluster")).start()
+    c = ConsulCluster(tmp_path_factory.mktemp("cluster")).start()
     yield c
     c.stop()
 
@@ -40,20 +40,20 @@ def backends():
         b.close()
 
 
-def register(cluster: Cluster, node: str, name: str, backend: Backend, via: int = 0):
-    """An instance on `node` through the catalog API of the leader (as server `via` knows it)."""
+def register(cluster: ConsulCluster, node: str, name: str, backend: Backend):
+    """An instance on `node` through the catalog API of the leader."""
     body = {"Node": node, "Address": "127.0.0.1",
             "Service": {"ID": f"{name}-{backend.name}", "Service": name, "Address": backend.host,
                         "Port": backend.port, "Meta": {"container_port": "80"}}}
-    cluster.put(cluster.leader(via), "/v1/catalog/register", body)
+    cluster.put(cluster.leader(), "/v1/catalog/register", body)
 
 
-def head(cluster: Cluster, prefix: str, via: int = 0) -> dict:
+def head(cluster: ConsulCluster, prefix: str, via: int = 0) -> dict:
     entry = cluster.get(via, f"/v1/kv/{prefix}/head")[0]
     return {**json.loads(base64.b64decode(entry["Value"])), "session": entry.get("Session")}
 
 
-def publisher_pid(cluster: Cluster, prefix: str, via: int = 0) -> int | None:
+def publisher_pid(cluster: ConsulCluster, prefix: str, via: int = 0) -> int | None:
     h = head(cluster, prefix, via)
     return int(h["by"].rsplit(":", 1)[1]) if h["session"] and h["r"] else None
 
@@ -210,8 +210,8 @@ def test_the_consul_leader_killed(cluster, backends):
         with RouteWatch(fleet.edges, f"api-80.{DOMAIN}", {"a", "d"}) as watch:
             cluster.kill(leader)
             others = [i for i in range(3) if i != leader]
-            wait_until(lambda: cluster.leader(others[0]) != leader, 30, interval=0.2, what="a new leader")
-            register(cluster, "host-4", "api", backends["d"], via=others[0])
+            wait_until(lambda: cluster.leader() != leader, 30, interval=0.2, what="a new leader")
+            register(cluster, "host-4", "api", backends["d"])
             for i in others:
                 answers(fleet.edges[i], f"api-80.{DOMAIN}", {"a", "d"}, timeout=20)
             cluster.start_server(leader)                   # its edge converges once its server is back
