@@ -34,7 +34,7 @@ from edge.haproxy.ownership import Busy, StateLock, check_free, hand_over
 from edge.haproxy.process import HAProxy, HAProxyError, Paths
 from edge.metrics import METRICS_SOCKET, EdgeMetrics, MetricsServer
 from edge.routing.render import REQUIRED_TEMPLATES, ConsulUi, Listeners, TemplateError, render, validate
-from edge.routing.table import RouteTable, build_table
+from edge.routing.table import RouteTable, TagRules, build_table
 from edge.settings import Settings, parse
 from edge.tls.ocsp import Stapler
 from edge.tls.sources import DirSource, KVSource
@@ -116,6 +116,12 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
         lock.release()
 
 
+def _rules(settings: Settings) -> TagRules:
+    binds = (settings.bind, settings.admin_bind, settings.https_bind or "")
+    return TagRules(settings.tag_grammars, settings.expose == "all",
+                    frozenset(int(b.rsplit(":", 1)[1]) for b in binds if b), settings.https_bind is not None)
+
+
 def _state_dir(path) -> None:
     """Create the state dir (0750) if missing; an existing one is used as it is (e.g. a 2770 dir of
     another owner shared through its group) as long as we can create and remove files in it."""
@@ -170,7 +176,7 @@ def _routes(settings: Settings, stop: threading.Event) -> int:
     snapshot = _snapshot_now(settings, stop)
     if snapshot is None:
         return 1
-    table = build_table(snapshot.services)
+    table = build_table(snapshot.services, rules=_rules(settings))
     for problem in snapshot.problems + table.problems:
         log.warning("skipped %s", problem)
     sys.stdout.write(format_routes(table, settings.domains))
@@ -178,15 +184,27 @@ def _routes(settings: Settings, stop: threading.Event) -> int:
 
 
 def format_routes(table: RouteTable, domains: tuple[str, ...]) -> str:
+    """The vhosts with their health, then every router: its match, backend, options and origin."""
     rows = [("VHOST", "HEALTHY", "SERVERS")]
     for route in table.routes:
-        hosts = [f"{route.name}.{d}" for d in domains] or [f"{route.name}.*"]
+        hosts = ([f"{route.name}.{d}" for d in domains] or [f"{route.name}.*"]) if route.vhost else []
         servers = ", ".join(f"{s.address}:{s.port}" for s in route.servers) or "-"
         for host in hosts + list(route.hosts):
             rows.append((host, f"{route.healthy}/{route.instances}", servers))
     width = [max(len(r[i]) for r in rows) for i in range(2)]
     lines = [f"{r[0]:<{width[0]}}  {r[1]:>{width[1]}}  {r[2]}".rstrip() for r in rows]
-    return "\n".join(lines) + f"\n{len(table.routes)} route(s)\n"
+    text = "\n".join(lines) + f"\n{len(table.routes)} route(s)\n"
+    if not table.routers:
+        return text
+    rows = [("ROUTER", "BACKEND", "OPTIONS", "ORIGIN")]
+    for router in table.routers:
+        route = table.get(router.backend)
+        options = " ".join(router.options() + (route.options.words() if route else ())) or "-"
+        backend = f"{'be' if router.kind == 'http' else 'tcp'}_{router.backend}"
+        rows.append((router.describe(), backend, options, str(router.origin)))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0]:<{width[0]}}  {r[1]:<{width[1]}}  {r[2]:<{width[2]}}  {r[3]}" for r in rows]
+    return text + "\n" + "\n".join(lines) + f"\n{len(table.routers)} router(s)\n"
 
 
 def _dry_run(settings: Settings, listeners: Listeners, templates, stop) -> int:
@@ -195,7 +213,7 @@ def _dry_run(settings: Settings, listeners: Listeners, templates, stop) -> int:
         snapshot = _snapshot_now(settings, stop)
         if snapshot is None:
             return 1
-        table = build_table(snapshot.services, None, settings.min_slots)
+        table = build_table(snapshot.services, None, settings.min_slots, _rules(settings))
     try:
         sys.stdout.write(render(table, listeners, templates)["haproxy.cfg"])
     except TemplateError as exc:
@@ -208,7 +226,7 @@ def _once(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates,
     snapshot = _snapshot_now(settings, stop)
     if snapshot is None:
         return 1
-    table = build_table(snapshot.services, None, settings.min_slots)
+    table = build_table(snapshot.services, None, settings.min_slots, _rules(settings))
     for problem in snapshot.problems + table.problems:
         log.warning("skipped %s", problem)
     try:
@@ -269,7 +287,7 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
         log.error("cannot serve the edge's metrics on %s: %s", listeners.metrics_socket, exc)
         return 1
     edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply, certs, metrics=metrics,
-                reconcile_every=settings.reconcile_every)
+                rules=_rules(settings), reconcile_every=settings.reconcile_every)
     watcher = (fleet_member(settings, stop, edge.on_snapshot, metrics) if settings.fleet
                else _watcher(settings, stop, edge.on_snapshot, metrics))
     threads = [threading.Thread(target=watcher.run, name="consul-watch", daemon=True)]

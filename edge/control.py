@@ -36,7 +36,7 @@ from edge.metrics import NoMetrics
 from edge.routing.model import Problem
 from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners, Rendered, TemplateError, render
-from edge.routing.table import RouteTable, build_table, update_table
+from edge.routing.table import DEFAULT_RULES, RouteTable, TagRules, build_table, update_table
 
 log = logging.getLogger("edge")
 
@@ -55,7 +55,7 @@ RECONCILE_EVERY = 10.0
 class Edge:
     def __init__(self, haproxy: HAProxy, listeners: Listeners, templates: Mapping[str, str],
                  stop: threading.Event, min_slots: int = 4, apply: str = "runtime", certs=None,
-                 metrics=None, reconcile_every: float = RECONCILE_EVERY):
+                 metrics=None, rules: TagRules = DEFAULT_RULES, reconcile_every: float = RECONCILE_EVERY):
         self.metrics = metrics or NoMetrics()   # edge.metrics: what was applied, how and why
         self.haproxy = haproxy
         self.certs = certs                         # edge.tls.stage.CertStage, with HTTPS
@@ -63,6 +63,7 @@ class Edge:
         self.templates = templates
         self.stop = stop
         self.min_slots = min_slots
+        self.rules = rules                         # tag grammars and exposure (--tag-grammar, --expose)
         self.reload_always = apply == "reload"   # the baseline: no runtime API at all
         self.live: RouteTable | None = None       # what HAProxy runs now (None: not known yet)
         self.live_render: Rendered | None = None
@@ -188,10 +189,10 @@ class Edge:
     def _table(self, snapshot: Snapshot) -> RouteTable:
         """The desired table: only the routes of services that changed since `live` was built."""
         if self.live is None or self._base is None:
-            return build_table(snapshot.services, self.live, self.min_slots)
+            return build_table(snapshot.services, self.live, self.min_slots, self.rules)
         old, new = self._base.services, snapshot.services
         changed = {n for n in old.keys() | new.keys() if old.get(n) is not new.get(n) and old.get(n) != new.get(n)}
-        return update_table(self.live, new, changed, self.min_slots)
+        return update_table(self.live, new, changed, self.min_slots, self.rules)
 
     def flush(self, force: bool = False) -> None:
         """Write haproxy.cfg after runtime changes, once inputs are quiet (at most MAX_DELAY late,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge.acme import settings as acme_settings
 from edge.acme.settings import AcmeSettings
+from edge.routing.grammars import GRAMMARS
 from edge.routing.model import valid_host
 from edge.routing.render import PRIVATE_NETWORKS
 from haproxy_consul import consul_api
@@ -51,6 +52,8 @@ class Settings:
     max_stale: float = 10.0       # a stale answer older than this is read again consistently
     trusted_proxies: tuple[str, ...] = ()  # networks whose forwarding headers are kept (README)
     proxy_protocol: bool = False  # the listeners take a PROXY protocol header first
+    tag_grammars: tuple[str, ...] = ("edge",)   # which routing tags are read: edge, fabio, traefik
+    expose: str = "all"           # all: every service gets its zero-config vhosts; tagged: opted-in ones only
     reconcile_every: float = 10.0  # seconds between comparisons of HAProxy's servers with the table
     landing_list_from: tuple[str, ...] = PRIVATE_NETWORKS   # who sees the route list on an unknown host
     consul_ui_bind: str | None = None   # Consul's web UI, read-only, on this ADDR:PORT
@@ -159,6 +162,13 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.flag("--proxy-protocol", env="EDGE_PROXY_PROTOCOL",
            help="connections to the HTTP and HTTPS listeners start with a PROXY protocol header (from a load "
                 "balancer); the client address it gives is the one the edge forwards")
+    p.option("--tag-grammar", env="EDGE_TAG_GRAMMAR", default="edge",
+             help="routing tags read, comma-separated: edge (edge.route=, edge.host=, ...), fabio (urlprefix-), "
+                  "traefik (traefik.http.routers..., Consul Catalog)")
+    p.option("--expose", env="EDGE_EXPOSE", default="all", choices=("all", "tagged"),
+             help="all: every service gets its <service>-<port> vhosts (unless tagged edge.expose=false); "
+                  "tagged: only services tagged edge.expose=true or traefik.enable=true (routers from tags "
+                  "always apply)")
     p.option("--reconcile-every", env="EDGE_RECONCILE_EVERY", default=10.0, type=float,
              help="seconds between checks that HAProxy serves the applied table (differences are put back)")
     p.listing("--landing-list-from", env="EDGE_LANDING_LIST_FROM",
@@ -235,6 +245,11 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         trusted_proxies = networks(p.resolve_listing(args.trusted_proxies, "EDGE_TRUSTED_PROXIES"))
     except ValueError as exc:
         p.error(f"--trusted-proxies: {exc}")
+    grammars = tuple(dict.fromkeys(g.strip().lower() for g in args.tag_grammar.split(",") if g.strip()))
+    if not grammars or any(g not in GRAMMARS for g in grammars):
+        p.error(f"--tag-grammar/EDGE_TAG_GRAMMAR: comma-separated {', '.join(GRAMMARS)}, not {args.tag_grammar!r}")
+    if args.expose not in ("all", "tagged"):  # argparse does not check env-provided defaults
+        p.error(f"--expose/EDGE_EXPOSE must be all or tagged, not {args.expose!r}")
     if args.reconcile_every <= 0:
         p.error("--reconcile-every must be positive")
     consul = consul_api.from_args(p, args, args_in)
@@ -292,6 +307,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         max_stale=args.max_stale,
         trusted_proxies=trusted_proxies,
         proxy_protocol=args.proxy_protocol,
+        tag_grammars=grammars,
+        expose=args.expose,
         reconcile_every=args.reconcile_every,
         landing_list_from=landing_list_from,
         consul_ui_bind=consul_ui_bind,

@@ -37,7 +37,7 @@ from types import MappingProxyType
 
 import msgspec
 
-from edge.routing.model import Instance, Problem, routable_service, route_name, valid_address, valid_port
+from edge.routing.model import EDGE_META, Instance, Problem, routable_service, route_name, valid_address, valid_port
 
 FORMAT = 1
 SHARDS = 64
@@ -55,8 +55,9 @@ class FormatError(ValueError):
 
 
 Services = Mapping[str, tuple[Instance, ...]]
-# One instance in KV: node, service ID, address, port, container port, healthy, tags.
-Row = tuple[str, str, str, int, int, bool, tuple[str, ...]]
+# One instance in KV: node, service ID, address, port, container port, healthy, tags, and the
+# `edge-` keys of its service meta (the edge grammar reads routes from them).
+Row = tuple[str, str, str, int, int, bool, tuple[str, ...], tuple[tuple[str, str], ...]]
 
 
 def shard_of(name: str) -> int:
@@ -144,7 +145,7 @@ _ENCODE = msgspec.json.Encoder()
 
 
 def _rows(instances: tuple[Instance, ...]) -> list[Row]:
-    return [(i.node, i.service_id, i.address, i.port, i.container_port, i.healthy, i.tags) for i in instances]
+    return [(i.node, i.service_id, i.address, i.port, i.container_port, i.healthy, i.tags, i.meta) for i in instances]
 
 
 def _instances(service: str, rows: tuple[Row, ...]) -> tuple[Instance, ...]:
@@ -152,11 +153,14 @@ def _instances(service: str, rows: tuple[Row, ...]) -> tuple[Instance, ...]:
     if not routable_service(service):
         raise FormatError(f"service name {service!r} cannot be a route")
     out = []
-    for node, sid, address, port, cport, healthy, tags in rows:
+    for node, sid, address, port, cport, healthy, tags, meta in rows:
         if valid_address(address) != address or valid_port(port) != port or valid_port(cport) != cport \
                 or route_name(service, cport) is None:
             raise FormatError(f"instance {sid!r} of {service!r}: address, port or container port not usable")
-        out.append(Instance(service, node, sid, address, port, cport, healthy, tuple(sorted(set(tags)))))
+        if any(not key.startswith(EDGE_META) for key, _ in meta):
+            raise FormatError(f"instance {sid!r} of {service!r}: service meta other than {EDGE_META}* keys")
+        out.append(Instance(service, node, sid, address, port, cport, healthy, tuple(sorted(set(tags))),
+                            tuple(sorted(dict(meta).items()))))
     return tuple(sorted(out))
 
 

@@ -15,10 +15,19 @@ from collections.abc import Iterable, Mapping
 
 import msgspec
 
-from edge.routing.model import CheckState, Instance, Problem, ShapeError, instances_from_health, peered
+from edge.routing.model import EDGE_META, CheckState, Instance, Problem, ShapeError, instances_from_health, peered
 
-# One instance as a node's answer gives it: service, ID, address, port, tags, container_port meta.
-Row = tuple[str, str, str, object, tuple[str, ...], object]
+# One instance as a node's answer gives it: service, ID, address, port, tags, and the service meta
+# the edge reads (`container_port` and the `edge-` keys), as sorted pairs.
+Row = tuple[str, str, str, object, tuple[str, ...], tuple[tuple[str, object], ...]]
+
+
+def _meta(meta: object) -> tuple[tuple[str, object], ...]:
+    """The service meta the edge reads, as sorted pairs (the rest is not kept)."""
+    if not isinstance(meta, dict):
+        return ()
+    return tuple(sorted((k, v) for k, v in meta.items()
+                        if isinstance(k, str) and (k == "container_port" or k.startswith(EDGE_META))))
 
 
 def _text(value: object) -> str:
@@ -34,11 +43,9 @@ def node_rows(body: object) -> tuple[str | None, dict[str, Row]]:
     for svc in body.get("Services") or ():
         if not isinstance(svc, dict) or svc.get("Kind") or peered(svc) or not isinstance(svc.get("Service"), str):
             continue
-        meta = svc.get("Meta") if isinstance(svc.get("Meta"), dict) else {}
         tags = tuple(sorted({t for t in svc.get("Tags") or () if isinstance(t, str)}))
         sid = _text(svc.get("ID"))
-        rows[sid] = (svc["Service"], sid, _text(svc.get("Address")), svc.get("Port"), tags,
-                     meta.get("container_port"))
+        rows[sid] = (svc["Service"], sid, _text(svc.get("Address")), svc.get("Port"), tags, _meta(svc.get("Meta")))
     return _text(body["Node"].get("Address")), rows
 
 
@@ -86,7 +93,7 @@ def node_rows_raw(raw: bytes) -> tuple[str | None, dict[str, Row]]:
         if svc.Kind or svc.PeerName or svc.Service is None:
             continue
         rows[svc.ID] = (svc.Service, svc.ID, svc.Address, svc.Port, tuple(sorted(set(svc.Tags or ()))),
-                        (svc.Meta or {}).get("container_port"))
+                        _meta(svc.Meta))
     return doc.Node.Address, rows
 
 
@@ -117,13 +124,13 @@ def instances(service: str, placements: Iterable[tuple[str, str, Iterable[Row]]]
     for node, address, rows in placements:
         failing = checks.get(node, ())
         node_checks = [{"Status": c.status} for c in failing if not c.service_id]
-        for name, sid, svc_address, port, tags, cport in rows:
+        for name, sid, svc_address, port, tags, meta in rows:
             if name != service:
                 continue
             own = [{"Status": c.status} for c in failing if c.service_id and c.service_id == sid]
             entries.append({"Node": {"Node": node, "Address": address},
                             "Service": {"ID": sid, "Service": name, "Address": svc_address, "Port": port,
                                         "Tags": list(tags),
-                                        "Meta": {} if cport is None else {"container_port": cport}},
+                                        "Meta": dict(meta)},
                             "Checks": node_checks + own})
     return instances_from_health(service, entries)

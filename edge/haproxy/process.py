@@ -241,9 +241,11 @@ class HAProxy:
             raise StateDirError(f"cannot install the configuration in {self.paths.state_dir}: {exc}") from exc
 
     def write_config(self, rendered: Rendered) -> None:
-        """After runtime updates: only server lines changed, so the file set stays valid."""
+        """After runtime updates: server lines and router map entries changed, so the file set
+        stays valid; the maps first, the configuration last."""
         try:
-            atomic_write(self.paths.config, rendered[CONFIG_FILE])
+            for name, text in sorted(rendered.files, key=lambda f: f[0] == CONFIG_FILE):
+                atomic_write(self.paths.state_dir / name, text)
         except OSError as exc:
             raise StateDirError(f"cannot write {self.paths.config}: {exc}") from exc
 

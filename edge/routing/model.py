@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -19,7 +19,7 @@ import msgspec
 # HAProxy backend name, so it may only hold characters that are safe in both.
 ROUTE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
 HOST_LABEL_RE = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
-EDGE_HOST_TAG = "edge.host="
+EDGE_META = "edge-"
 # Services never published through the edge: Consul's own server RPC port is not HTTP.
 EXCLUDED_SERVICES = frozenset({"consul"})
 
@@ -36,6 +36,7 @@ class Instance:
     container_port: int
     healthy: bool
     tags: tuple[str, ...] = ()
+    meta: tuple[tuple[str, str], ...] = ()   # the `edge-` keys of the service meta (the edge grammar's)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -133,17 +134,6 @@ def route_name(service: str, port: int) -> str | None:
     return name if ROUTE_RE.match(name) else None
 
 
-def edge_hosts(tags: Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Hosts named by `edge.host=<fqdn>` tags: (valid hosts sorted, invalid values sorted)."""
-    good, bad = set(), set()
-    for tag in tags:
-        if tag.startswith(EDGE_HOST_TAG):
-            raw = tag[len(EDGE_HOST_TAG):]
-            host = valid_host(raw)
-            (good.add(host) if host else bad.add(raw))
-    return tuple(sorted(good)), tuple(sorted(bad))
-
-
 def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
@@ -185,7 +175,8 @@ def instances_from_health(service: str, entries: object) -> tuple[tuple[Instance
             problems.append(Problem(where, f"route name for port {cport} is not a safe host label"))
             continue
         tags = tuple(sorted({t for t in svc.get("Tags") or () if isinstance(t, str)}))
-        problems.extend(Problem(where, f"edge.host tag {b!r} is not a host name") for b in edge_hosts(tags)[1])
+        edge_meta = tuple(sorted((k, v) for k, v in meta.items()
+                                 if isinstance(k, str) and k.startswith(EDGE_META) and isinstance(v, str)))
         checks = entry.get("Checks") if isinstance(entry.get("Checks"), list) else []
         healthy = all(isinstance(c, dict) and c.get("Status") == "passing" for c in checks)
         instances.append(Instance(
@@ -197,6 +188,7 @@ def instances_from_health(service: str, entries: object) -> tuple[tuple[Instance
             container_port=cport,
             healthy=healthy,
             tags=tags,
+            meta=edge_meta,
         ))
     return tuple(sorted(instances)), tuple(problems)
 

@@ -1,9 +1,11 @@
 """Plan: the live route table and the desired one → runtime-API commands, or a reload and why.
 
 Instance churn inside existing backends (a server added, removed, moved, flipped healthy)
-becomes `set server` commands. Anything the runtime API cannot express—a vhost added or
-removed, an exact host changed, a backend's slots grown—needs a reload, and the plan names
-every reason so the reload is logged with them.
+becomes `set server` commands, and a router added, changed or removed (to a backend HAProxy
+has) becomes map commands (`edge.routing.maps`). Anything the runtime API cannot express—a
+vhost added or removed, an exact host changed, a backend's slots grown, the first router or the
+last one (the frontend gains or loses its lookups)—needs a reload, and the plan names every
+reason so the reload is logged with them.
 
 `reconcile` is the same for what HAProxy really serves (its server states) against the table
 the edge applied: nothing should differ, and whatever does is put back. Pure: no I/O.
@@ -14,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from edge.routing.maps import access, map_commands, mapped, router_maps
+from edge.routing.routers import HTTP
 from edge.routing.table import Route, RouteTable
 
 
@@ -57,6 +61,12 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
             continue
         if old.hosts != route.hosts:
             reasons.append(f"hosts of {route.name} changed: {list(old.hosts)} -> {list(route.hosts)}")
+        if old.vhost != route.vhost:
+            reasons.append(f"vhost of {route.name} {'exposed' if route.vhost else 'withdrawn'}")
+        if old.tcp != route.tcp:
+            reasons.append(f"TCP backend of {route.name} {'added' if route.tcp else 'removed'}")
+        if old.options != route.options:
+            reasons.append(f"options of {route.name} changed: {' '.join(route.options.words()) or 'defaults'}")
         if len(old.slots) != len(route.slots):
             reasons.append(f"{route.name} grew from {len(old.slots)} to {len(route.slots)} slots")
         route_cmds, route_changes = _slot_commands(old, route)
@@ -64,6 +74,12 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
         changes.extend(route_changes)
     for name in removed:
         changes.extend(f"- {name} {s}" for s in live.get(name).servers)
+    if live.routers is not desired.routers:
+        reasons.extend(_stream_reasons(live, desired))
+        router_cmds, router_changes, reason = _router_commands(live, desired)
+        commands.extend(router_cmds)
+        changes.extend(router_changes)
+        reasons.extend([reason] if reason else [])
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
     return Plan(commands=tuple(commands), changes=tuple(changes))
@@ -75,19 +91,56 @@ def _slot_commands(old: Route, new: Route) -> tuple[list[str], list[str]]:
         before, after = old.slots[i], new.slots[i]
         if before == after:
             continue
-        target = f"{new.backend}/{slot_name(i)}"
+        targets = [f"{backend}/{slot_name(i)}" for backend in new.backends]
         if after is None:
-            commands.append(f"set server {target} state maint")
+            commands.extend(f"set server {t} state maint" for t in targets)
+            if before.weight is not None:     # a free slot has the default weight, as rendered
+                commands.extend(f"set server {t} weight 1" for t in targets)
             changes.append(f"- {new.name} {before}")
             continue
         # Address first: a slot is never made ready while it still points at its placeholder.
-        commands.append(f"set server {target} addr {after.address} port {after.port}")
+        if before is None or (before.address, before.port) != (after.address, after.port):
+            commands.extend(f"set server {t} addr {after.address} port {after.port}" for t in targets)
+        if (before.weight if before else None) != after.weight:
+            commands.extend(f"set server {t} weight {1 if after.weight is None else after.weight}" for t in targets)
         if before is None or before.key != after.key:
-            commands.append(f"set server {target} state ready")
+            commands.extend(f"set server {t} state ready" for t in targets)
         if before is not None and before.key != after.key:
             changes.append(f"- {new.name} {before}")
         changes.append(f"{'~' if before is not None and before.key == after.key else '+'} {new.name} {after}")
     return commands, changes
+
+
+def _stream_reasons(live: RouteTable, desired: RouteTable) -> list[str]:
+    """TCP and SNI routers are listeners and rules in the configuration: any change is a reload."""
+    old = {r.match: r for r in live.routers if r.kind != HTTP}
+    new = {r.match: r for r in desired.routers if r.kind != HTTP}
+    added = sorted(new[m].describe() for m in new.keys() - old.keys())
+    removed = sorted(old[m].describe() for m in old.keys() - new.keys())
+    changed = sorted(new[m].describe() for m in new.keys() & old.keys() if new[m] != old[m])
+    return ([f"TCP/SNI router added: {', '.join(added)}"] if added else []) + \
+        ([f"TCP/SNI router removed: {', '.join(removed)}"] if removed else []) + \
+        ([f"TCP/SNI router changed: {', '.join(changed)}"] if changed else [])
+
+
+def _router_commands(live: RouteTable, desired: RouteTable) -> tuple[list[str], list[str], str]:
+    """Map commands for the routers that changed, a line for each, and a reason to reload instead."""
+    old = {r.match: r for r in mapped(live.routers)}
+    new = {r.match: r for r in mapped(desired.routers)}
+    changes = [f"{'-' if new.get(m) is None else '~' if m in old else '+'} router {(new.get(m) or old[m]).describe()}"
+               f"{f' -> {new[m].backend}' if m in new else ''}"
+               for m in sorted(old.keys() | new.keys()) if old.get(m) != new.get(m)]
+    if bool(old) != bool(new):
+        return [], changes, "the first HTTP router (the frontend gains its lookups)" if new else \
+            "no HTTP router left (the frontend drops its lookups)"
+    rules = {rid: (r.allow, r.deny, r.users) for rid, r in access(live.routers).items()}
+    wanted = {rid: (r.allow, r.deny, r.users) for rid, r in access(desired.routers).items()}
+    if rules != wanted:
+        routers = access(live.routers) | access(desired.routers)
+        which = sorted(routers[rid].describe() for rid in rules.keys() | wanted.keys()
+                       if rules.get(rid) != wanted.get(rid))
+        return [], changes, f"access rules (allow, deny, basic auth) changed: {', '.join(which)}"
+    return map_commands(router_maps(live.routers), router_maps(desired.routers)), changes, ""
 
 
 def _all_servers(table: RouteTable) -> tuple[str, ...]:
@@ -109,7 +162,7 @@ def runtime_part(live: RouteTable, desired: RouteTable) -> RouteTable:
             routes.append(new)
         else:
             routes.append(route)
-    return RouteTable(tuple(routes), live.problems)
+    return replace(live, routes=tuple(routes))
 
 
 @dataclass(frozen=True)
@@ -129,23 +182,23 @@ def reconcile(table: RouteTable, served: Iterable[ServedSlot]) -> Plan:
     a reload when backends or their slots differ. Backends that are not routes' are not looked at."""
     backends: dict[str, dict[str, ServedSlot]] = {}
     for slot in served:
-        if slot.backend.startswith("be_"):
+        if slot.backend.startswith(("be_", "tcp_")):
             backends.setdefault(slot.backend, {})[slot.name] = slot
-    expected = {route.backend for route in table.routes}
+    expected = {backend for route in table.routes for backend in route.backends}
     reasons = [f"HAProxy has no backend {name}" for name in sorted(expected - set(backends))]
     reasons += [f"HAProxy still has backend {name}" for name in sorted(set(backends) - expected)]
     commands: list[str] = []
     changes: list[str] = []
-    for route in table.routes:
-        slots = backends.get(route.backend)
+    for route, backend in ((r, b) for r in table.routes for b in r.backends):
+        slots = backends.get(backend)
         if slots is None:
             continue
         names = [slot_name(i) for i in range(len(route.slots))]
         if set(slots) != set(names):
-            reasons.append(f"{route.backend} has {len(slots)} server slots in HAProxy, {len(names)} in the table")
+            reasons.append(f"{backend} has {len(slots)} server slots in HAProxy, {len(names)} in the table")
             continue
         for name, want in zip(names, route.slots, strict=True):
-            have, target = slots[name], f"{route.backend}/{name}"
+            have, target = slots[name], f"{backend}/{name}"
             if want is None:
                 if have.ready:
                     commands.append(f"set server {target} state maint")

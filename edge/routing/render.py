@@ -2,7 +2,8 @@
 
 Templates come in as a name → source mapping (read from disk by `edge.templates_source`), so
 rendering is pure and a template can only see the finished table: it cannot query Consul or
-the file system. Host maps are data, not configuration, and are generated here directly.
+the file system. Host maps are data, not configuration, and are generated here directly;
+`edge.routing.views` shapes backends and routers for the templates.
 """
 
 from __future__ import annotations
@@ -13,9 +14,23 @@ from dataclasses import dataclass
 import jinja2
 from markupsafe import Markup
 
+from edge.routing.maps import REDIRECT_CODES, STRIP_BITS, map_text, mapped, router_maps
 from edge.routing.model import Instance
-from edge.routing.plan import slot_name
+from edge.routing.routers import SPLIT_PARTS
 from edge.routing.table import Route, RouteTable, build_table
+from edge.routing.views import (
+    SNI_MAP,
+    RouterMaps,
+    RouterView,
+    access_rules,
+    backend_lines,
+    router_views,
+    slots,
+    sni_entries,
+    sni_view,
+    tcp_listeners,
+    tcp_slots,
+)
 
 CONFIG_TEMPLATE = "haproxy.cfg.j2"
 LANDING_TEMPLATE = "landing.html.j2"
@@ -33,6 +48,7 @@ LANDING_FILE = "landing.lf"
 # headers: a larger page is refused by `haproxy -c`. Past this size, the page lists as many
 # routes as fit and says how many more there are.
 LANDING_MAX_BYTES = 12000
+LANDING_ROUTERS = 20      # routes by path listed at most (`edge routes` lists them all)
 
 
 # Who sees the landing page's list of routes when no route matches: loopback and the private
@@ -109,19 +125,6 @@ class Rendered:
         return dict(self.files)[name]
 
 
-@dataclass(frozen=True)
-class SlotView:
-    name: str
-    address: str    # `IP:PORT` for HAProxy; the parked placeholder for a free slot
-    free: bool
-
-
-def _slots(route: Route) -> list[SlotView]:
-    return [SlotView(slot_name(i), "0.0.0.0:0", True) if s is None
-            else SlotView(slot_name(i), f"{s.address}:{s.port}", False)
-            for i, s in enumerate(route.slots)]
-
-
 def healthy_count(route: Route) -> Markup:
     """For the landing page: HAProxy fills in the live count of usable servers per request."""
     return Markup(f"%[nbsrv({route.backend})]")
@@ -139,7 +142,7 @@ def environment(templates: Mapping[str, str]) -> jinja2.Environment:
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.globals.update(slots=_slots, healthy_count=healthy_count,
+    env.globals.update(slots=slots, tcp_slots=tcp_slots, backend_lines=backend_lines, healthy_count=healthy_count,
                        request_host=Markup("%[var(txn.page_host)]"), port_suffix=Markup("%[var(txn.port_suffix)]"))
     return env
 
@@ -152,43 +155,61 @@ def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
         for host in route.hosts:
             seen.setdefault(host, route.backend)
     for route in table.routes:
-        for domain in domains:
+        for domain in domains if route.vhost else ():
             seen.setdefault(f"{route.name}.{domain}", route.backend)
     return seen
+
+
+def served_hosts(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, ...]:
+    """Every exact host the table serves over HTTP, what HTTPS and ACME cover: the vhosts and the
+    hosts HTTP routers name (a wildcard names no one host)."""
+    hosts = dict.fromkeys(vhosts(table, domains))
+    hosts.update(dict.fromkeys(r.host for r in mapped(table.routers) if r.host and not r.host.startswith("*.")))
+    return tuple(hosts)
 
 
 def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
     """(hosts.map, routes.map): exact host → backend, and (without domains) route → backend."""
     hosts = "".join(f"{k} {v}\n" for k, v in vhosts(table, domains).items())
-    routes = "" if domains else "".join(f"{r.name} {r.backend}\n" for r in table.routes)
+    routes = "" if domains else "".join(f"{r.name} {r.backend}\n" for r in table.routes if r.vhost)
     return hosts, routes
 
 
-def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...]) -> str:
-    """The landing page with as many routes as fit in LANDING_MAX_BYTES (binary search)."""
+def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...], routers: list[RouterView]) -> str:
+    """The landing page with as many routers (at most LANDING_ROUTERS, in half the page) and then
+    routes as fit in LANDING_MAX_BYTES (binary searches)."""
 
-    def page(shown: int) -> str:
+    def page(shown: int, shown_routers: int) -> str:
         return template.render({**context, "routes": routes[:shown], "total_routes": len(routes),
-                                "hidden_routes": len(routes) - shown})
+                                "hidden_routes": len(routes) - shown, "http_routers": routers[:shown_routers],
+                                "hidden_routers": len(routers) - shown_routers})
 
+    def most(high: int, fits) -> int:
+        if fits(high):
+            return high
+        low = 0  # fits(low), not fits(high)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid)
+        return low
+
+    shown_routers = most(min(len(routers), LANDING_ROUTERS),
+                         lambda k: len(page(0, k).encode()) <= LANDING_MAX_BYTES // 2)
     # A route's row takes well over 40 bytes, so no more than this many can fit.
-    high = min(len(routes), LANDING_MAX_BYTES // 40)
-    text = page(high)
-    if len(text.encode()) <= LANDING_MAX_BYTES:
-        return text
-    low = 0  # page(low) fits, page(high) does not
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if len(page(mid).encode()) <= LANDING_MAX_BYTES else (low, mid)
-    return page(low)
+    shown = most(min(len(routes), LANDING_MAX_BYTES // 40),
+                 lambda k: len(page(k, shown_routers).encode()) <= LANDING_MAX_BYTES)
+    return page(shown, shown_routers)
 
 
 def validate(listeners: Listeners, templates: Mapping[str, str]) -> None:
-    """Render an empty table and a representative one (a route with servers, a free slot and an
-    exact host), so a template error shows at start, not at the first route; raises
-    TemplateError."""
+    """Render an empty table and a representative one (a route with servers, a free slot, an
+    exact host, HTTP routers with access rules, a TCP router), so a template error shows at start,
+    not at the first route; raises TemplateError."""
     sample = build_table({"example": (
-        Instance("example", "node", "example-1", "127.0.0.1", 8080, 80, True, ("edge.host=www.example.org",)),
+        Instance("example", "node", "example-1", "127.0.0.1", 8080, 80, True,
+                 ("edge.host=www.example.org", "edge.route=www.example.org/api strip",
+                  "edge.route=example.org/ redirect=301,https://www.example.org$path", "edge.tcp=6390",
+                  "edge.route=admin.example.org/ allow=127.0.0.1 auth=admin:$6$saltsalt$8Edw2rjMVq0K")),
         Instance("example", "node", "example-2", "127.0.0.1", 8081, 80, False),
     )})
     render(RouteTable(), listeners, templates)
@@ -204,17 +225,29 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
         "hosts_map": HOSTS_MAP,
         "routes_map": ROUTES_MAP,
         "landing_file": LANDING_FILE,
+        "router_maps": RouterMaps() if mapped(table.routers) else None,
+        "strip_bits": STRIP_BITS,
+        "redirect_codes": REDIRECT_CODES,
+        "split_parts": range(1, SPLIT_PARTS + 1),
+        "access": access_rules(table),
+        "tcp_routes": [r for r in table.routes if r.tcp],
+        "tcp_listeners": tcp_listeners(table, listeners.bind),
+        "sni": sni_view(table, listeners.https is not None, listeners.runtime_socket),
     }
     try:
         config = env.get_template(CONFIG_TEMPLATE).render(context)
-        landing = _landing(env.get_template(LANDING_TEMPLATE), context, table.routes)
+        landing = _landing(env.get_template(LANDING_TEMPLATE), context, table.routes, router_views(table))
     except jinja2.TemplateError as exc:
         where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
         raise TemplateError(f"{type(exc).__name__}{where}: {exc}") from exc
     hosts, routes = host_maps(table, listeners.domains)
+    maps = router_maps(table.routers) if context["router_maps"] else {}
+    if context["sni"]:
+        maps[SNI_MAP] = sni_entries(table)
     return Rendered(files=(
         (CONFIG_FILE, config),
         (HOSTS_MAP, hosts),
         (LANDING_FILE, landing),
         (ROUTES_MAP, routes),
+        *((name, map_text(entries)) for name, entries in sorted(maps.items())),
     ))

@@ -1,14 +1,17 @@
-"""The route table: which vhost goes to which healthy servers, in stable server slots.
+"""The route table: which hosts and routers go to which healthy servers, in stable server slots.
 
-`build_table(services, previous)` groups instances into routes by their route name, filters
-the healthy ones and places each in a server slot. An instance keeps its slot for as long as it
+`build_table(services, previous)` reads every service's tags through the chosen grammars
+(`edge.routing.grammars`), groups instances into routes (backends) by route name, filters the
+healthy ones and places each in a server slot. An instance keeps its slot for as long as it
 stays healthy, so a change moves as few slots as possible and can be applied through HAProxy's
-runtime API; a backend's slot count only grows (doubling) when it is full.
+runtime API; a backend's slot count only grows (doubling) when it is full. A route exists when
+its service is exposed (its zero-config vhost, `vhost`) or a router sends traffic to it.
 
 `update_table(previous, services, changed)` gives the same result when only the services named
 in `changed` differ, touching only their routes: the work per change does not grow with the
-number of services. Exact hosts (`edge.host` tags) are resolved across all routes, so a change
-that involves them takes the full path. Pure: no I/O.
+number of services. Routers are resolved per match across all services (two claiming one
+match): a change to a service's routers resolves again only the matches it claims or claimed,
+and rebuilds only the routes whose routers moved. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from edge.routing.model import Instance, Problem, edge_hosts, route_name
+from edge.routing.grammars import DEFAULT, ServiceRouting, read_service
+from edge.routing.model import Instance, Problem, route_name
+from edge.routing.routers import SNI, TCP, BackendOptions, Router, resolve
 
 MIN_SLOTS = 4
 
@@ -30,28 +35,42 @@ class Server:
     port: int
     node: str
     service_id: str
+    weight: int | None = None     # from the instance's tags (0-256); None: HAProxy's default, 1
 
     @property
     def key(self) -> tuple[str, str]:
         return (self.node, self.service_id)
 
     def __str__(self) -> str:
-        return f"{self.address}:{self.port} ({self.service_id}@{self.node})"
+        weight = "" if self.weight is None else f" weight {self.weight}"
+        return f"{self.address}:{self.port} ({self.service_id}@{self.node}){weight}"
 
 
 @dataclass(frozen=True)
 class Route:
-    """One vhost `<name>.<domain>` (plus exact hosts from tags) and its backend's slots."""
+    """One backend: the vhost `<name>.<domain>` when exposed, exact hosts from tags, and its slots."""
 
     name: str
     hosts: tuple[str, ...]
     slots: tuple[Server | None, ...]
     instances: int
     services: tuple[str, ...] = ()   # the Consul services whose instances make up this route
+    vhost: bool = True               # `<name>.<domain>` routes here (exposure, `--expose`)
+    options: BackendOptions = BackendOptions()
+    tcp: bool = False                # TCP or SNI routers send here: a TCP backend beside the HTTP one
 
     @property
     def backend(self) -> str:
         return f"be_{self.name}"
+
+    @property
+    def tcp_backend(self) -> str:
+        return f"tcp_{self.name}"
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        """Every HAProxy backend holding this route's slots (updated together)."""
+        return (self.backend, self.tcp_backend) if self.tcp else (self.backend,)
 
     @property
     def servers(self) -> tuple[Server, ...]:
@@ -63,9 +82,30 @@ class Route:
 
 
 @dataclass(frozen=True)
+class TagRules:
+    """Which tag grammars are read (`--tag-grammar`), which services get vhosts (`--expose`), the
+    edge's own ports (no TCP router may take them) and whether it has an HTTPS port (for SNI)."""
+
+    grammars: tuple[str, ...] = DEFAULT
+    expose_all: bool = True
+    reserved_ports: frozenset[int] = frozenset()
+    https: bool = False
+
+
+DEFAULT_RULES = TagRules()
+Resolution = tuple[tuple[Router, ...], tuple[Problem, ...]]   # the routers that apply to a match, and conflicts
+
+
+@dataclass(frozen=True)
 class RouteTable:
     routes: tuple[Route, ...] = ()
-    problems: tuple[Problem, ...] = field(default=(), compare=False)  # host claims in conflict
+    routers: tuple[Router, ...] = ()  # every router that applies (resolved), whole hosts included
+    problems: tuple[Problem, ...] = field(default=(), compare=False)  # tags refused, claims in conflict
+    readings: Mapping[str, ServiceRouting] = field(default_factory=dict, compare=False, repr=False)
+    # What the next change starts from: routers by match (claims) and each match's resolution.
+    claims: Mapping[tuple, tuple[Router, ...]] = field(default_factory=dict, compare=False, repr=False)
+    resolved: Mapping[tuple, Resolution] = field(default_factory=dict, compare=False, repr=False)
+    refused: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict, compare=False, repr=False)
     _by_name: dict[str, Route] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -79,67 +119,163 @@ class RouteTable:
         return tuple(r.name for r in self.routes)
 
 
-def _group(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str],
+def _group(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], readings: Mapping[str, ServiceRouting],
            only: set[str] | None = None) -> dict[str, list[Instance]]:
+    """Instances by route name, of the services that are exposed or routed to."""
     members: dict[str, list[Instance]] = defaultdict(list)
     for service in names:
+        reading = readings[service]
+        routed = {r.backend for r in reading.routers}
         for inst in services.get(service, ()):
             name = route_name(inst.service, inst.container_port)
-            if name is not None and (only is None or name in only):
+            if name is not None and (only is None or name in only) and (reading.vhosts or name in routed):
                 members[name].append(inst)
     return members
 
 
-def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route | None, min_slots: int) -> Route:
-    healthy = {i.key: Server(i.address, i.port, i.node, i.service_id) for i in insts if i.healthy}
+def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route | None, min_slots: int,
+           readings: Mapping[str, ServiceRouting], tcp: bool = False) -> Route:
+    services = tuple(sorted({i.service for i in insts}))
+    options = readings[services[0]].options_of(name)
+    weights = {key: w for s in services for key, w in readings[s].weights}
+    # A port from the tags (Traefik's `loadbalancer.server.port`) replaces the registered one. In
+    # order, so that the outcome never depends on how the members were gathered.
+    healthy = {i.key: Server(i.address, options.port or i.port, i.node, i.service_id, weights.get(i.key))
+               for i in sorted(insts) if i.healthy}
     return Route(name=name, hosts=hosts, slots=place(healthy, old.slots if old else (), min_slots),
-                 instances=len(insts), services=tuple(sorted({i.service for i in insts})))
+                 instances=len(insts), services=services, vhost=any(readings[s].vhosts for s in services),
+                 options=options, tcp=tcp)
+
+
+def _read(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], rules: TagRules
+          ) -> dict[str, ServiceRouting]:
+    return {s: read_service(s, services.get(s, ()), rules.grammars, rules.expose_all) for s in names}
 
 
 def build_table(services: Mapping[str, tuple[Instance, ...]], previous: RouteTable | None = None,
-                min_slots: int = MIN_SLOTS) -> RouteTable:
+                min_slots: int = MIN_SLOTS, rules: TagRules = DEFAULT_RULES) -> RouteTable:
+    """The whole table, reading every service's tags."""
     previous = previous or RouteTable()
-    members = _group(services, sorted(services))
-    claims: dict[str, set[str]] = defaultdict(set)
-    for name, insts in members.items():
-        for inst in insts:
-            for host in edge_hosts(inst.tags)[0]:
-                claims[host].add(name)
-    owner: dict[str, list[str]] = defaultdict(list)
-    problems = []
-    for host, names in sorted(claims.items()):
-        winner = min(names)
-        owner[winner].append(host)
-        if len(names) > 1:
-            problems.append(Problem(host, f"claimed by routes {sorted(names)}; {winner} keeps it"))
-    routes = tuple(_route(name, members[name], tuple(sorted(owner.get(name, ()))), previous.get(name), min_slots)
-                   for name in sorted(members))
-    return RouteTable(routes, tuple(problems))
+    readings = _read(services, services, rules)
+    members = _group(services, sorted(services), readings)
+    usable, refused = _listenable((r for s in sorted(readings) for r in readings[s].routers), rules)
+    claims: dict[tuple, tuple[Router, ...]] = defaultdict(tuple)
+    for router in usable:
+        claims[router.match] += (router,)
+    resolved = {m: resolve(claims[m]) for m in claims}
+    hosts, tcp = _bindings(resolved, set(members))
+    routes = tuple(_route(name, members[name], hosts.get(name, ()), previous.get(name), min_slots, readings,
+                          name in tcp) for name in sorted(members))
+    return _table(routes, readings, dict(claims), resolved, refused)
+
+
+def _table(routes: tuple[Route, ...], readings: Mapping[str, ServiceRouting],
+           claims: Mapping[tuple, tuple[Router, ...]], resolved: Mapping[tuple, Resolution],
+           refused: Mapping[str, tuple[Problem, ...]]) -> RouteTable:
+    matches = sorted(resolved)
+    problems = (tuple(p for s in sorted(readings) for p in readings[s].problems)
+                + tuple(p for m in matches for p in resolved[m][1])
+                + tuple(p for s in sorted(refused) for p in refused[s]))
+    return RouteTable(routes, tuple(r for m in matches for r in resolved[m][0]), problems, readings, claims, resolved,
+                      refused)
+
+
+def _bindings(resolved: Mapping[tuple, Resolution], backends: set[str]) -> tuple[dict[str, tuple[str, ...]], set[str]]:
+    """For these backends: the whole hosts routed to them (a match with one plain router: the host
+    map), and which of them have TCP or SNI routers (a TCP backend)."""
+    hosts: dict[str, list[str]] = defaultdict(list)
+    tcp = set()
+    for winners, _ in resolved.values():
+        for router in winners:
+            if router.backend in backends:
+                if router.kind in (TCP, SNI):
+                    tcp.add(router.backend)
+                elif len(winners) == 1 and router.plain_host:
+                    hosts[router.backend].append(router.host)
+    return {b: tuple(sorted(h)) for b, h in hosts.items()}, tcp
+
+
+def _listenable(routers: Iterable[Router], rules: TagRules) -> tuple[list[Router], dict[str, tuple[Problem, ...]]]:
+    """TCP routers on a port of the edge's own, and SNI routers without an HTTPS port, are refused
+    (the problems by service)."""
+    out, problems = [], defaultdict(tuple)
+    for router in routers:
+        service = router.origin.service
+        if router.kind == TCP and router.port in rules.reserved_ports:
+            problems[service] += (Problem(service, f"{router.origin.tag!r}: port {router.port} is one of the edge's "
+                                                   "own listeners; router refused"),)
+        elif router.kind == SNI and not rules.https:
+            problems[service] += (Problem(service, f"{router.origin.tag!r}: SNI passthrough needs the HTTPS port "
+                                                   "(--https-bind); router refused"),)
+        else:
+            out.append(router)
+    return out, dict(problems)
+
+
+def _same_routing(old: ServiceRouting | None, new: ServiceRouting | None) -> bool:
+    """Whether a service's tags say the same as before (only its instances moved): then no
+    router, host or option changes, and only its routes' slots need work (the fast path)."""
+    if old is None or new is None:
+        plain = [r for r in (old, new) if r is not None]
+        return all(not r.routers and not r.options and not r.weights for r in plain)
+    return (old.vhosts, old.routers, old.options, old.weights) == (new.vhosts, new.routers, new.options, new.weights)
 
 
 def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ...]], changed: set[str],
-                 min_slots: int = MIN_SLOTS) -> RouteTable:
+                 min_slots: int = MIN_SLOTS, rules: TagRules = DEFAULT_RULES) -> RouteTable:
     """`build_table(services, previous)`, computed from the routes of the `changed` services only."""
     if not changed:
         return previous
+    fresh = _read(services, changed & set(services), rules)
+    readings = dict(previous.readings)     # a copy at C speed: the work per change stays small
+    for gone in changed - fresh.keys():
+        readings.pop(gone, None)
+    readings.update(fresh)
+    same = all(_same_routing(previous.readings.get(s), fresh.get(s)) for s in changed)
+    claims, resolved, refused = previous.claims, previous.resolved, previous.refused
+    touched: set[str] = set()         # backends whose routers changed
+    if not same:                      # re-resolve only the matches the changed services' routers claim(ed)
+        old = [r for s in changed if (rd := previous.readings.get(s)) for r in rd.routers]
+        new, new_refused = _listenable((r for s in sorted(fresh) for r in fresh[s].routers), rules)
+        claims, resolved = dict(claims), dict(resolved)
+        refused = {s: p for s, p in refused.items() if s not in changed} | new_refused
+        for router in old:
+            claims[router.match] = tuple(r for r in claims.get(router.match, ()) if r != router)
+        for router in new:
+            claims[router.match] = claims.get(router.match, ()) + (router,)
+        for match in {r.match for r in old} | {r.match for r in new}:
+            touched |= {r.backend for r in resolved.get(match, ((), ()))[0]}
+            if claims[match]:
+                resolved[match] = resolve(claims[match])
+                touched |= {r.backend for r in resolved[match][0]}
+            else:
+                claims.pop(match)
+                resolved.pop(match, None)
     affected = {r.name for r in previous.routes if not changed.isdisjoint(r.services)}
-    fresh = _group(services, changed)
-    affected |= set(fresh)
+    new_members = _group(services, sorted(fresh), readings)
+    affected |= set(new_members) | (touched & set(previous._by_name))
     contributors = {s for name in affected if (r := previous.get(name)) for s in r.services} - changed
-    members = _group(services, sorted(contributors), only=affected)
-    for name, insts in fresh.items():
+    members = _group(services, sorted(contributors), readings, only=affected)
+    for name, insts in new_members.items():
         members[name].extend(insts)
-    old_hosts = any(previous.get(name) and previous.get(name).hosts for name in affected)
-    new_hosts = any(edge_hosts(i.tags)[0] for insts in members.values() for i in insts)
-    if old_hosts or new_hosts:
-        return build_table(services, previous, min_slots)  # host claims are resolved across routes
+    hosts, tcp = _bindings(resolved, touched) if touched else ({}, set())
     by_name = dict(previous._by_name)
     for name in affected:
-        if members.get(name):
-            by_name[name] = _route(name, members[name], (), previous.get(name), min_slots)
-        else:
+        old_route = previous.get(name)
+        if not members.get(name):
             by_name.pop(name, None)
-    return RouteTable(tuple(by_name[n] for n in sorted(by_name)), previous.problems)
+        elif name in touched:
+            by_name[name] = _route(name, members[name], hosts.get(name, ()), old_route, min_slots, readings,
+                                   name in tcp)
+        else:                         # its routers are as they were: so are its hosts and TCP backend
+            by_name[name] = _route(name, members[name], old_route.hosts if old_route else (), old_route, min_slots,
+                                   readings, old_route.tcp if old_route else False)
+    routes = tuple(by_name[n] for n in sorted(by_name))
+    if not same:
+        return _table(routes, readings, claims, resolved, refused)
+    problems = tuple(p for p in previous.problems if p.subject not in changed)
+    problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems + refused.get(s, ()))
+    return RouteTable(routes, previous.routers, problems, readings, claims, resolved, refused)
 
 
 def place(servers: Mapping[tuple[str, str], Server], old: tuple[Server | None, ...],

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from edge.haproxy.process import GuardedWrites, HAProxy, RuntimeFailed, atomic_write
 from edge.metrics import NoMetrics
-from edge.routing.render import Https, vhosts
+from edge.routing.render import Https, served_hosts
 from edge.routing.table import RouteTable
 from edge.tls.certs import CertError, Certificate, CertSet, name_in_file, parse_bundle, self_signed
 from edge.tls.plan import INVALID, REASONS, Delta, Served, cert_plan, crt_list, map_commands, map_text, tls_hosts
@@ -103,12 +103,14 @@ def _lines(path: Path) -> list[str]:
 
 
 def _same_names(old: RouteTable | None, new: RouteTable | None) -> bool:
-    """Whether two tables route the same host names (an instance change keeps every other route
-    object as it was, so this is mostly identity checks)."""
+    """Whether two tables serve the same host names, from vhosts and from routers (an instance
+    change keeps every other route object and the routers as they were, so this is mostly
+    identity checks)."""
     if old is new or old is None or new is None:
         return old is new
-    return len(old.routes) == len(new.routes) and all(
-        a is b or (a.name == b.name and a.hosts == b.hosts) for a, b in zip(old.routes, new.routes, strict=True))
+    return (old.routers is new.routers or old.routers == new.routers) and len(old.routes) == len(new.routes) and all(
+        a is b or (a.name == b.name and a.hosts == b.hosts and a.vhost == b.vhost)
+        for a, b in zip(old.routes, new.routes, strict=True))
 
 
 class CertStage:
@@ -219,7 +221,7 @@ class CertStage:
         ok = self._apply_staples(t0) and ok
         ok = self._apply_map(self.challenge_map, tokens) and ok
         if not _same_names(self._table, table):
-            self._vhosts = frozenset(vhosts(table, self.domains)) if table else frozenset()
+            self._vhosts = frozenset(served_hosts(table, self.domains)) if table else frozenset()
             self._hosts_due = self._want_due = True
         self._table = table
         if self.redirect and self._hosts_due and not self._pending:

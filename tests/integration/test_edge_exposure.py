@@ -15,7 +15,7 @@ import pytest
 from tests.integration.edge_helpers import answers, deregister, register
 from tests.support.cdp import render_page
 from tests.support.edge import REPO, EdgeProcess
-from tests.support.http import Backend
+from tests.support.http import Backend, get
 from tests.support.procs import consul_per_module, free_ports
 
 pytestmark = pytest.mark.integration
@@ -23,17 +23,6 @@ DOMAIN = "expo.example"
 IMG = REPO / "docs" / "img"
 
 consul = consul_per_module()
-
-
-def get_from(source: str, port: int, host: str, address: str = "127.0.0.1", path: str = "/") -> tuple[int, str]:
-    """GET with a Host header from a given source address."""
-    conn = http.client.HTTPConnection(address, port, timeout=5, source_address=(source, 0))
-    try:
-        conn.request("GET", path, headers={"Host": host, "Connection": "close"})
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode(errors="replace")
-    finally:
-        conn.close()
 
 
 @pytest.fixture
@@ -55,14 +44,14 @@ def test_only_listed_networks_see_the_routes_on_an_unknown_host(consul, route, e
     try:
         answers(edge, f"secretapp-80.{DOMAIN}", {"secret-app"})
         for source in listed:
-            status, body = get_from(source, edge.port, "unknown.example")
+            status, body = get(edge.port, "unknown.example", source=source)
             assert status == 404 and f"secretapp-80.{DOMAIN}" in body, (source, body)
         for source in unlisted:
-            status, body = get_from(source, edge.port, "unknown.example")
+            status, body = get(edge.port, "unknown.example", source=source)
             assert status == 404 and "secretapp" not in body and "route" not in body.lower(), (source, body)
             assert body == "<!doctype html><title>404 Not Found</title><h1>404 Not Found</h1>"
             # A known route still answers whoever asks: only the list is withheld.
-            assert get_from(source, edge.port, f"secretapp-80.{DOMAIN}") == (200, "secret-app")
+            assert get(edge.port, f"secretapp-80.{DOMAIN}", source=source) == (200, "secret-app")
     finally:
         edge.stop()
 

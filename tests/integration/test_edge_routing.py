@@ -1,10 +1,13 @@
 """The edge against a real Consul agent and a real HAProxy: routing rules and live churn.
 
 Every test runs in both watch modes (`--consul-api internal` and `public`); per mode, one Consul
-agent and one edge serve the whole module, and each test uses its own service names.
+agent and one edge (reading every tag grammar) serve the whole module, and each test uses its own
+service names, hosts and paths.
 """
 
+import http.client
 import re
+from pathlib import Path
 
 import pytest
 
@@ -37,7 +40,8 @@ def consul(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def edge(consul):
-    proc = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--consul-api", consul.watch_mode)).start()
+    proc = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--consul-api", consul.watch_mode,
+                                                             "--tag-grammar", "edge,fabio,traefik")).start()
     yield proc
     proc.stop()
     print(proc.log()[-5000:])
@@ -47,8 +51,8 @@ def edge(consul):
 def backends():
     made = []
 
-    def make(name):
-        made.append(Backend(name))
+    def make(name, echo_path=False):
+        made.append(Backend(name, echo_path=echo_path))
         return made[-1]
     yield make
     for b in made:
@@ -146,7 +150,7 @@ def test_edge_host_tag_adds_an_exact_host(consul, edge, backends):
     register(consul, "tagged", "tagged-1", backends("tagged"), tags=("edge.host=www.tagged.org", "edge.host=bad host"))
     answers(edge, "www.tagged.org", {"tagged"})
     answers(edge, f"tagged-80.{DOMAIN}", {"tagged"})
-    logged(edge, "edge.host tag 'bad host' is not a host name")
+    logged(edge, "'tagged': tag 'edge.host=bad host': router refused: 'bad host' is not a host name")
 
 
 def test_slots_grow_when_full(consul, edge, backends):
@@ -189,5 +193,104 @@ def test_without_a_domain_any_suffix_matches_the_first_label(consul, backends):
         answers(edge, f"ANYDOMAIN-80.localhost:{edge.port}", {"any"})
         assert edge.get("anydomain-80")[0] == 404          # `R.<anything>`: a bare label is not a vhost
         assert edge.get("other-80.t2.example.com")[0] == 404
+    finally:
+        edge.stop()
+
+
+# --- routers from tags --------------------------------------------------------------------------
+def fetch(edge, host: str, path: str) -> tuple[int, str, str]:
+    """GET without following redirects: (status, body, Location)."""
+    conn = http.client.HTTPConnection(edge.address, edge.port, timeout=5)
+    try:
+        conn.request("GET", path, headers={"Host": host, "Connection": "close"})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace"), resp.getheader("Location") or ""
+    finally:
+        conn.close()
+
+
+def serves(edge, host: str, path: str, body: str, timeout: float = 10.0) -> None:
+    wait_until(lambda: fetch(edge, host, path)[:2] == (200, body), timeout,
+               what=f"{host}{path} answering {body!r}")
+
+
+def test_path_routes_share_a_host_longest_prefix_wins_and_strip(consul, edge, backends):
+    site, api, v2 = backends("site", echo_path=True), backends("api", echo_path=True), backends("v2", echo_path=True)
+    register(consul, "pathsite", "pathsite-1", site, tags=("edge.host=paths.example.org",))
+    register(consul, "pathapi", "pathapi-1", api, tags=("edge.route=paths.example.org/api strip",))
+    register(consul, "pathv2", "pathv2-1", v2, tags=("edge.route=paths.example.org/api/v2",))
+    serves(edge, "paths.example.org", "/api/users?id=1", "api /users?id=1")     # stripped, query kept
+    serves(edge, "paths.example.org", "/api", "api /")
+    serves(edge, "paths.example.org", "/api/v2/x", "v2 /api/v2/x")             # the longer prefix, not stripped
+    serves(edge, "paths.example.org", "/about", "site /about")                  # the host's own route
+    serves(edge, "Paths.Example.ORG:80", "/api/x", "api /x")
+    assert fetch(edge, "other.example.org", "/api/x")[0] == 404
+
+
+def test_a_new_path_route_costs_no_reload(consul, edge, backends):
+    live = backends("live", echo_path=True)
+    first = reloads(edge.log())
+    register(consul, "liveroute", "liveroute-1", live, tags=("edge.route=live.example.org/a",))
+    serves(edge, "live.example.org", "/a/1", "live /a/1")
+    wait_until(lambda: reloads(edge.log()) > first, 5, what="the reload that brought the backend logged")
+    before = reloads(edge.log())
+    register(consul, "liveroute", "liveroute-1", live, tags=("edge.route=live.example.org/a",
+                                                             "edge.route=live.example.org/b strip"))
+    serves(edge, "live.example.org", "/b/2", "live /2")
+    assert reloads(edge.log()) == before, "a path route to a backend HAProxy has is a map entry, not a reload"
+    logged(edge, "+ router live.example.org/b -> liveroute-80")
+    wait_until(lambda: "live.example.org/b" in Path(edge.state_dir, "paths.map").read_text(), 3,
+               what="paths.map on disk following the live map")
+
+
+def test_a_redirect_route(consul, edge, backends):
+    register(consul, "apex", "apex-1", backends("apex"),
+             tags=("edge.route=apex.example.org/ redirect=301,https://www.apex.example.org$path",))
+    wait_until(lambda: fetch(edge, "apex.example.org", "/a/b?c=1")[0] == 301, 10, what="redirect")
+    assert fetch(edge, "apex.example.org", "/a/b?c=1")[2] == "https://www.apex.example.org/a/b?c=1"
+
+
+def test_a_fabio_users_tags_route_as_fabio_documents(consul, edge, backends):
+    """fabio's quickstart examples: path, host+path, host catch-all, strip, redirect."""
+    css, static, mysite, foo = (backends(n, echo_path=True) for n in ("f-css", "f-static", "f-mysite", "f-foo"))
+    register(consul, "fcss", "fcss-1", css, tags=("urlprefix-/fcss",))
+    register(consul, "fstatic", "fstatic-1", static, tags=("urlprefix-i.example.net/static",))
+    register(consul, "fmysite", "fmysite-1", mysite, tags=("urlprefix-mysite.example.net/",))
+    register(consul, "ffoo", "ffoo-1", foo, tags=("urlprefix-/ffoo/bar strip=/ffoo",
+                                                  "urlprefix-/fpath redirect=303,https://www.foo.example$path"))
+    serves(edge, "anything.example.net", "/fcss/site.css", "f-css /fcss/site.css")
+    serves(edge, "i.example.net", "/static/logo.png", "f-static /static/logo.png")
+    serves(edge, "mysite.example.net", "/any/thing", "f-mysite /any/thing")
+    serves(edge, "i.example.net", "/ffoo/bar/baz", "f-foo /bar/baz")
+    assert fetch(edge, "x.example.net", "/fpath/q")[::2] == (303, "https://www.foo.example/fpath/q")
+
+
+def test_a_traefik_users_tags_route_as_traefik_documents(consul, edge, backends):
+    """Traefik's Consul Catalog examples: a rule, a custom port, stripprefix, basicauth refused."""
+    real = backends("t-web", echo_path=True)
+    register(consul, "tweb", "tweb-1", backends("wrong-port"), tags=(
+        "traefik.http.routers.my-service.rule=Host(`traefik.example.net`) && PathPrefix(`/app`)",
+        "traefik.http.routers.my-service.service=my-service",
+        "traefik.http.routers.my-service.middlewares=strip",
+        "traefik.http.middlewares.strip.stripprefix.prefixes=/app",
+        f"traefik.http.services.my-service.loadbalancer.server.port={real.port}",
+        "traefik.http.routers.admin.rule=Host(`traefik.example.net`) && PathPrefix(`/admin`)",
+        "traefik.http.routers.admin.middlewares=auth",
+        "traefik.http.middlewares.auth.basicauth.users=test:$apr1$H6uskkkW$IgXLP6ewTrSuBkTrqE8wj/"))
+    serves(edge, "traefik.example.net", "/app/page", "t-web /page")
+    logged(edge, "router admin refused")
+    assert fetch(edge, "traefik.example.net", "/admin/x")[0] == 404, "a refused router is never open"
+
+
+def test_expose_tagged_and_opt_out(consul, backends):
+    register(consul, "quiet", "quiet-1", backends("quiet"))
+    register(consul, "loud", "loud-1", backends("loud"), tags=("edge.expose=true",))
+    register(consul, "secret", "secret-1", backends("secret"), tags=("edge.expose=false", "edge.route=/secret"))
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--consul-api", consul.watch_mode,
+                                                             "--expose", "tagged")).start()
+    try:
+        answers(edge, f"loud-80.{DOMAIN}", {"loud"})
+        assert edge.get(f"quiet-80.{DOMAIN}")[0] == 404
+        assert edge.get("any.example.org", "/secret")[0] == 404
     finally:
         edge.stop()

@@ -226,7 +226,7 @@ def test_a_step_without_news_does_no_work(stage, monkeypatch):
     assert len(stage.host_map.entries) == 300
     stage.haproxy.calls.clear()
     work = []
-    for name in ("vhosts", "tls_hosts", "cert_plan", "map_commands"):
+    for name in ("served_hosts", "tls_hosts", "cert_plan", "map_commands"):
         real = getattr(cert_stage, name)
         monkeypatch.setattr(cert_stage, name, lambda *a, _f=real, _name=name: work.append(_name) or _f(*a))
     monkeypatch.setattr(stage.served, "update", lambda *a: work.append("update"))

@@ -4,7 +4,6 @@ import pytest
 
 from edge.routing.model import (
     container_port,
-    edge_hosts,
     instances_from_health,
     instances_from_node_dump,
     routable_service,
@@ -76,13 +75,6 @@ def test_valid_host(value, expected):
     assert valid_host(value) == expected
 
 
-def test_edge_hosts_keeps_valid_and_reports_invalid():
-    tags = ["edge.host=www.A.org", "edge.host=bad host", "other=1", "edge.host=b.org", "edge.host=b.org"]
-    good, bad = edge_hosts(tags)
-    assert good == ("b.org", "www.a.org")
-    assert bad == ("bad host",)
-
-
 def entry(sid="web-1", port=8080, address="10.0.0.5", node="n1", node_addr="10.0.0.1", checks=("passing",),
           tags=(), meta=None):
     return {
@@ -120,12 +112,6 @@ def test_unroutable_name_and_port_combination_is_skipped_and_reported():
     instances, problems = instances_from_health("a" * 60, [raw])
     assert instances == ()
     assert "route name for port 8080" in problems[0].reason
-
-
-def test_bad_edge_host_tag_is_reported_and_the_instance_kept():
-    instances, problems = instances_from_health("web", [entry(tags=("edge.host=bad host", "edge.host=ok.org"))])
-    assert len(instances) == 1
-    assert [p.reason for p in problems] == ["edge.host tag 'bad host' is not a host name"]
 
 
 def test_node_dump_gives_what_the_health_endpoint_gives():
@@ -175,3 +161,9 @@ def test_summaries_ignore_garbage_rows_and_gateways():
     assert list(summaries) == ["web"]
     web = summaries["web"]
     assert (web.tags, web.nodes, web.instances, web.passing, web.critical) == (("a", "b"), ("n1", "n2"), 2, 3, 0)
+
+
+def test_instances_keep_the_edge_meta_keys_only():
+    meta = {"container_port": "80", "edge-route-api": "/api strip", "edge-host": "a.org", "version": "2", "edge-x": 1}
+    (instance,), _ = instances_from_health("web", [entry(meta=meta)])
+    assert instance.meta == (("edge-host", "a.org"), ("edge-route-api", "/api strip"))

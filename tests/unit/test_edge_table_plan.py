@@ -66,7 +66,9 @@ def test_host_tag_conflict_goes_to_the_lowest_route_and_is_reported():
                         inst("b", service="api", tags=("edge.host=www.x.org", "edge.host=bad host")))
     assert t.get("api-80").hosts == ("www.x.org",)
     assert t.get("web-80").hosts == ()
-    assert [p.reason for p in problems] == ["claimed by routes ['api-80', 'web-80']; api-80 keeps it"]
+    assert [str(p) for p in problems] == [
+        "'api': tag 'edge.host=bad host': router refused: 'bad host' is not a host name",
+        "'www.x.org': claimed by routes ['api-80', 'web-80']; api-80 keeps it"]
 
 
 # --- plans ------------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def test_empty_table_is_a_valid_table():
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from edge.routing.table import update_table  # noqa: E402
+from edge.routing.table import TagRules, update_table  # noqa: E402
 
 instance_st = st.builds(
     inst,
@@ -176,7 +178,10 @@ instance_st = st.builds(
     cport=st.sampled_from([80, 443]),
     healthy=st.booleans(),
     node=st.sampled_from(["n1", "n2"]),
-    tags=st.sampled_from([(), (), (), ("edge.host=w.org",), ("edge.host=a.org",)]),
+    tags=st.sampled_from([(), (), (), ("edge.host=w.org",), ("edge.host=a.org",), ("edge.route=w.org/api strip",),
+                          ("edge.route=/x", "edge.sticky"), ("edge.expose=false",), ("edge.expose=true",),
+                          ("edge.weight=3",), ("edge.tcp=6379",), ("edge.route=/x weight=20",),
+                          ("edge.route=w.org/",), ("edge.tcp=80",)]),
 )
 
 
@@ -188,12 +193,16 @@ def as_services(instances):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(instance_st, max_size=12), st.lists(instance_st, max_size=12), st.integers(1, 4))
-def test_update_table_equals_a_full_build(before, after, min_slots):
+@given(st.lists(instance_st, max_size=12), st.lists(instance_st, max_size=12), st.integers(1, 4), st.booleans())
+def test_update_table_equals_a_full_build(before, after, min_slots, expose_all):
+    rules = TagRules(expose_all=expose_all, reserved_ports=frozenset({80}))
     old_services, new_services = as_services(before), as_services(after)
-    old = build_table(old_services, None, min_slots)
+    old = build_table(old_services, None, min_slots, rules)
     changed = {n for n in old_services.keys() | new_services.keys() if old_services.get(n) != new_services.get(n)}
-    assert update_table(old, new_services, changed, min_slots) == build_table(new_services, old, min_slots)
+    updated = update_table(old, new_services, changed, min_slots, rules)
+    full = build_table(new_services, old, min_slots, rules)
+    assert updated == full
+    assert sorted(map(str, updated.problems)) == sorted(map(str, full.problems))
 
 
 def test_update_table_reuses_untouched_routes():

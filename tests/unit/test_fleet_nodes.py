@@ -76,6 +76,20 @@ def test_instances_are_healthy_unless_a_check_of_theirs_or_their_node_fails(chec
     assert [i.address for i in found] == ["10.0.0.1", "10.9.9.9"]      # the node's address when none of its own
 
 
+def test_the_service_meta_the_edge_grammar_reads_reaches_the_instances_and_changes_them():
+    def rows(meta):
+        body = {"Node": {"Node": "n1"}, "Services": [{**svc("a", "web", 8001), "Meta": meta}]}
+        assert node_rows_raw(json.dumps(body).encode()) == node_rows(body)
+        return node_rows(body)[1]
+
+    routed = rows({"container_port": "80", "edge-route": "www.example.org/api", "owner": "team-a"})
+    found, problems = instances("web", [("n1", "10.0.0.1", routed.values())], {})
+    assert not problems and found[0].meta == (("edge-route", "www.example.org/api"),)   # only edge- keys kept
+    assert found[0].container_port == 80
+    assert changed_services(rows({"container_port": "80"}), routed) == {"web"}
+    assert changed_services(rows({"container_port": "80", "owner": "b"}), rows({"container_port": "80"})) == set()
+
+
 # --- the watcher ------------------------------------------------------------------------------------------------
 class FakeCatalog:
     """Nodes, their services and non-passing checks, with an index per node as Consul 1.8 keeps them."""

@@ -67,10 +67,12 @@ def test_shard_of_is_stable_and_in_range():
 
 
 def test_head_round_trip_with_a_delta():
+    routed = replace(inst("api", 2), meta=(("edge-route", "api.example.org/v1"),))   # the edge grammar's meta
     head = Head("c1", 70, 3, 1234, "host:1", tuple(range(SHARDS)), 4,
-                {"web": (inst("web", 1, tags=("b", "a")),), "gone": None})
+                {"web": (inst("web", 1, tags=("b", "a")),), "api": (routed,), "gone": None})
     back = decode_head(encode_head(head))
     assert back.delta["web"] == (inst("web", 1, tags=("a", "b")),) and back.delta["gone"] is None
+    assert back.delta["api"] == (routed,)
     assert replace(back, delta=None) == replace(head, delta=None)
 
 
@@ -97,10 +99,12 @@ def _head_doc(**changes) -> bytes:
     (_head_doc(v=[0] * 3), "versions"),
     (_head_doc(v=[3] + [0] * (SHARDS - 1)), "versions"),          # a shard newer than head
     (_head_doc(chain=""), "versions"),
-    (_head_doc(d={"web": [["n1", "web-1", "not-an-ip", 80, 80, True, []]]}), "not usable"),
-    (_head_doc(d={"web": [["n1", "web-1", "10.0.0.1", 0, 80, True, []]]}), "not usable"),
-    (_head_doc(d={"Bad Name\n": [["n1", "x", "10.0.0.1", 80, 80, True, []]]}), "cannot be a route"),
-    (_head_doc(d={"web": [["n1", "web-1", "10.0.0.1", "80", 80, True, []]]}), "head"),   # wrong type
+    (_head_doc(d={"web": [["n1", "web-1", "not-an-ip", 80, 80, True, [], []]]}), "not usable"),
+    (_head_doc(d={"web": [["n1", "web-1", "10.0.0.1", 0, 80, True, [], []]]}), "not usable"),
+    (_head_doc(d={"Bad Name\n": [["n1", "x", "10.0.0.1", 80, 80, True, [], []]]}), "cannot be a route"),
+    (_head_doc(d={"web": [["n1", "web-1", "10.0.0.1", "80", 80, True, [], []]]}), "head"),   # wrong type
+    (_head_doc(d={"web": [["n1", "web-1", "10.0.0.1", 80, 80, True, []]]}), "head"),         # no meta
+    (_head_doc(d={"web": [["n1", "web-1", "10.0.0.1", 80, 80, True, [], [["owner", "x"]]]]}), "service meta"),
 ])
 def test_a_head_another_program_wrote_is_refused_not_emptied(raw, words):
     with pytest.raises(FormatError, match=words):

@@ -1,0 +1,137 @@
+"""Router maps: the data HAProxy looks HTTP routers up in, per request.
+
+A router's match is a map key: `host/path` for an exact host, `*.domain/path` for a wildcard and
+`/path` for any host (host names hold no `/`, so the three never collide). `paths.map` is read
+with `map_beg` (the longest prefix wins), `paths_exact.map` with `map_str`. Both give a router
+id; `routers.map` gives that router's backend, so a route is bound to a backend through a map
+and never by a rule of its own: changing either is a runtime map command, not a reload. The
+router's actions are data too: `strip.map` (how many characters leave the path's front),
+`redirects.map` (`code|when|prefix|h|suffix|p`: the Location is prefix, the request's host when
+`h`, suffix, its path and query when `p`; `when` limits it to `http` or `https` requests) and
+`host_headers.map` (the Host header the backend gets), `splits.map` for a match several
+backends share by weight (`T1|be_1|T2|be_2|...`, cumulative
+thresholds in permille: a request drawing a number under T1 goes to be_1, else under T2 to be_2
+...). Access rules (allow/deny lists, basic auth) need configuration lines (`access`): a change
+there is a reload.
+
+Only routers that are more than a whole exact host go here: those stay in the host map, as
+before routers existed. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+
+from edge.routing.routers import HTTP, SPLIT_PARTS, Router
+
+PATHS_MAP = "paths.map"
+EXACT_MAP = "paths_exact.map"
+ROUTERS_MAP = "routers.map"
+STRIP_MAP = "strip.map"
+REDIRECTS_MAP = "redirects.map"
+SPLITS_MAP = "splits.map"
+HOST_HEADERS_MAP = "host_headers.map"
+ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP)
+
+STRIP_BITS = (128, 64, 32, 16, 8, 4, 2, 1)    # a path prefix is at most 200 characters
+REDIRECT_CODES = (301, 302, 303, 307, 308)
+
+
+def router_id(router: Router) -> str:
+    """Stable across edges and restarts: the same match always has the same id."""
+    return "r" + hashlib.sha1(repr(router.match).encode()).hexdigest()[:12]
+
+
+def map_key(router: Router) -> str:
+    return f"{router.host}{router.path}"
+
+
+def mapped(routers: Iterable[Router]) -> list[Router]:
+    """The HTTP routers that need the router maps (the first of each match)."""
+    return [parts[0] for parts in split_groups(routers)]
+
+
+def _http_groups(routers: Iterable[Router]) -> list[list[Router]]:
+    groups: dict[tuple, list[Router]] = {}
+    for router in routers:
+        if router.kind == HTTP:
+            groups.setdefault(router.match, []).append(router)
+    return list(groups.values())
+
+
+def split_groups(routers: Iterable[Router]) -> list[list[Router]]:
+    """The HTTP routers that need the router maps, by match: one each, or the parts of a split."""
+    return [parts for parts in _http_groups(routers) if len(parts) > 1 or not parts[0].plain_host]
+
+
+def split_value(parts: list[Router]) -> str:
+    """`T1|be_1|...`, padded to SPLIT_PARTS with the last part. Shares are permille of the match;
+    parts without one share what the others leave; shares adding up to more (or leaving traffic
+    to no one) are scaled to the whole, as fabio does."""
+    fixed = sum(r.share for r in parts)
+    free = [r for r in parts if not r.share]
+    if fixed >= 1000 or not free:
+        shares = [r.share * 1000 / fixed for r in parts]
+    else:
+        shares = [r.share or (1000 - fixed) / len(free) for r in parts]
+    out, total = [], 0.0
+    for router, share in zip(parts, shares, strict=True):
+        total += share
+        out.append((round(total) if router is not parts[-1] else 1000, f"be_{router.backend}"))
+    out += [out[-1]] * (SPLIT_PARTS - len(out))
+    return "|".join(f"{t}|{b}" for t, b in out)
+
+
+def redirect_value(router: Router) -> str:
+    r = router.redirect
+    if r.location:
+        return f"{r.code}|{r.when}|{r.location}||" + "|" + ("p" if r.keep_path else "")
+    return f"{r.code}|{r.when}|{r.scheme}://|h|{f':{r.port}' if r.port else ''}|{'p' if r.keep_path else ''}"
+
+
+def router_maps(routers: Iterable[Router]) -> dict[str, dict[str, str]]:
+    """Map name → key → value, for every router map."""
+    maps: dict[str, dict[str, str]] = {name: {} for name in ROUTER_MAPS}
+    for parts in split_groups(routers):
+        router = parts[0]
+        rid = router_id(router)
+        if len(parts) > 1:
+            maps[SPLITS_MAP][rid] = split_value(parts)
+        maps[EXACT_MAP if router.exact else PATHS_MAP][map_key(router)] = rid
+        maps[ROUTERS_MAP][rid] = f"be_{router.backend}"
+        if router.strip:
+            maps[STRIP_MAP][rid] = str(len(router.strip))
+        if router.redirect:
+            maps[REDIRECTS_MAP][rid] = redirect_value(router)
+        if router.set_host:
+            maps[HOST_HEADERS_MAP][rid] = router.set_host
+    return maps
+
+
+def map_text(entries: Mapping[str, str]) -> str:
+    return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
+
+
+def map_commands(live: Mapping[str, Mapping[str, str]], desired: Mapping[str, Mapping[str, str]]) -> list[str]:
+    """Runtime commands from the live maps to the desired ones. A router's backend, strip and
+    redirect are in place before a path key points at it, and a path key is gone before what it
+    pointed at goes."""
+    adds, dels = [], []
+    for name in (ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP, PATHS_MAP, EXACT_MAP):
+        old, new = live.get(name, {}), desired.get(name, {})
+        for key in sorted(new):
+            if key not in old:
+                adds.append(f"add map {name} {key} {new[key]}")
+            elif old[key] != new[key]:
+                adds.append(f"set map {name} {key} {new[key]}")
+    for name in (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP):
+        old, new = live.get(name, {}), desired.get(name, {})
+        dels.extend(f"del map {name} {key}" for key in sorted(old) if key not in new)
+    return adds + dels
+
+
+def access(routers: Iterable[Router]) -> dict[str, Router]:
+    """Router id → router, for the routers whose access rules (allow, deny, basic auth) are
+    configuration lines of their own."""
+    return {router_id(r): r for r in mapped(routers) if r.allow or r.deny or r.users}
