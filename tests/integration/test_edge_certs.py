@@ -184,16 +184,18 @@ def ocsp_status(edge: EdgeProcess, host: str) -> str:
                           timeout=10).stdout
 
 
-def stapled_serial(edge: EdgeProcess, host: str) -> str | None:
-    """The serial number of a good stapled response for `host`, or None."""
+def stapled_serial(edge: EdgeProcess, host: str) -> int | None:
+    """The serial number of a good stapled response for `host`, or None. A number, not the text:
+    OpenSSL prints a serial byte by byte, so one whose hex has an odd number of digits (1 random
+    serial in 8) reads `0ED0…`, where Python's `:X` gives `ED0…`."""
     out = ocsp_status(edge, host)
     if "OCSP Response Status: successful" not in out or "Cert Status: good" not in out:
         return None
-    return re.search(r"Serial Number: (\S+)", out).group(1)
+    return int(re.search(r"Serial Number: ([0-9A-Fa-f]+)", out).group(1), 16)
 
 
-def serial_of(cert_pem: str) -> str:
-    return f"{x509.load_pem_x509_certificate(cert_pem.encode()).serial_number:X}"
+def serial_of(cert_pem: str) -> int:
+    return x509.load_pem_x509_certificate(cert_pem.encode()).serial_number
 
 
 def test_ocsp_responses_are_stapled_follow_their_certificate_and_outlive_a_restart(consul, tmp_path):
