@@ -14,16 +14,21 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from edge import templates_source
 from edge.acme.issuer import Issuer
+from edge.consul.fleet import Member
+from edge.consul.fleetstore import Store, endpoint
 from edge.consul.kv import ConsulKV
-from edge.consul.watch import CONSUL_ERRORS, ConsulWatcher, Snapshot
+from edge.consul.nodes import CatalogReader, NodesWatcher
+from edge.consul.watch import CONSUL_ERRORS, ConsulWatcher, Reader, Snapshot, Stats
 from edge.control import Edge
 from edge.haproxy.ownership import Busy, StateLock, check_free, hand_over
 from edge.haproxy.process import HAProxy, HAProxyError, Paths
@@ -132,6 +137,31 @@ def _watcher(settings: Settings, stop: threading.Event, publish=lambda s: None, 
     return ConsulWatcher(settings.consul, settings.datacenter, publish, stop, wait=settings.consul_wait,
                          api=settings.consul_api, consistency=settings.consistency, max_stale=settings.max_stale,
                          metrics=metrics)
+
+
+def fleet_member(settings: Settings, stop: threading.Event, deliver, metrics) -> Member:
+    """The fleet member (`--fleet`): its KV store, its catalog reader (per node while the catalog
+    has at most --max-node-watches nodes, else the summary watcher) and its ACL guard."""
+    http = consul_api.ConsulHTTP(settings.consul, settings.datacenter, timeout=10.0,
+                                 on_request=lambda path, outcome: metrics.consul_request(endpoint(path), outcome))
+    store = Store(Reader(http, settings.consistency, settings.max_stale, Stats(), metrics),
+                  ConsulKV(consul_api.factory(settings.consul, settings.datacenter)), settings.fleet_prefix)
+
+    def make_reader(publish, reader_stop: threading.Event, publishing: bool) -> CatalogReader:
+        # The publisher is one reader for the whole fleet: nothing to spread over the servers, and the
+        # leader answers a heartbeat sooner than a stale server would (see edge.consul.fleetstore).
+        reads = replace(settings, consistency="default") if publishing and settings.consistency == "stale" \
+            else settings
+        per_node = None
+        if settings.max_node_watches:
+            def per_node():
+                return NodesWatcher(reads.consul, reads.datacenter, publish, reader_stop, wait=reads.consul_wait,
+                                    consistency=reads.consistency, max_stale=reads.max_stale,
+                                    max_nodes=reads.max_node_watches, metrics=metrics)
+        return CatalogReader(per_node, lambda: _watcher(reads, reader_stop, publish, metrics), reader_stop)
+
+    return Member(store, deliver, stop, make_reader, lambda accepted: _watcher(settings, stop, accepted, metrics),
+                  f"{socket.gethostname()}:{os.getpid()}")
 
 
 def _snapshot_now(settings: Settings, stop: threading.Event) -> Snapshot | None:
@@ -258,7 +288,8 @@ def _serve(settings: Settings, haproxy: HAProxy, listeners: Listeners, templates
         return 1
     edge = Edge(haproxy, listeners, templates, stop, settings.min_slots, settings.apply, certs, metrics=metrics,
                 rules=_rules(settings), reconcile_every=settings.reconcile_every)
-    watcher = _watcher(settings, stop, edge.on_snapshot, metrics)
+    watcher = (fleet_member(settings, stop, edge.on_snapshot, metrics) if settings.fleet
+               else _watcher(settings, stop, edge.on_snapshot, metrics))
     threads = [threading.Thread(target=watcher.run, name="consul-watch", daemon=True)]
     dir_source = None
     if certs is not None:

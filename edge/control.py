@@ -42,6 +42,11 @@ log = logging.getLogger("edge")
 
 QUIET = 0.05        # a reload waits until inputs have been quiet this long...
 MAX_DELAY = 1.0     # ...but never longer than this after the first change that needs it
+# Writing haproxy.cfg after runtime changes holds the interpreter for a whole render (0.5 s at
+# 10,000 routes), and a change arriving meanwhile waits for it: the file follows once inputs were
+# quiet for this many renders' time, and at most this many renders' time late.
+FLUSH_QUIET_RENDERS = 4
+FLUSH_MAX_RENDERS = 20
 SUPERVISE_EVERY = 1.0
 RETRY = 5.0         # seconds between attempts to write a state dir that refused a write
 RECONCILE_EVERY = 10.0
@@ -73,6 +78,7 @@ class Edge:
         self._refused: tuple[RouteTable, Mapping[str, str]] | None = None  # retried only once changed
         self._base: Snapshot | None = None        # the snapshot `live` was built from
         self._dirty_since: float | None = None    # live changed at runtime; haproxy.cfg not yet written
+        self._render_s = 0.0                       # how long the last flush's render took
         self._write = GuardedWrites("configuration", "HAProxy keeps serving (changes still apply live)", RETRY)
         self._start_error: str | None = None       # why HAProxy last failed to restart; logged once
         self.reconcile_every = reconcile_every
@@ -189,16 +195,22 @@ class Edge:
         return update_table(self.live, new, changed, self.min_slots, self.rules)
 
     def flush(self, force: bool = False) -> None:
-        """Write haproxy.cfg after runtime changes, once inputs are quiet (at most MAX_DELAY late):
-        on a large table a render costs more than the runtime commands it records."""
+        """Write haproxy.cfg after runtime changes, once inputs are quiet (at most MAX_DELAY late,
+        both longer when a render is slow, see FLUSH_QUIET_RENDERS): on a large table a render
+        costs more than the runtime commands it records. A reload or a restart of HAProxy never
+        waits for this: they render (or flush) first."""
         if self._dirty_since is None:
             return
         now = time.monotonic()
-        if not force and (self._write.waiting or (now - self._last_input < QUIET
-                                                  and now - self._dirty_since < MAX_DELAY)):
+        quiet = max(QUIET, FLUSH_QUIET_RENDERS * self._render_s)
+        longest = max(MAX_DELAY, FLUSH_MAX_RENDERS * self._render_s)
+        if not force and (self._write.waiting or (now - self._last_input < quiet
+                                                  and now - self._dirty_since < longest)):
             return
         try:
+            t0 = time.perf_counter()
             self.live_render = render(self.live, self.listeners, self.templates)
+            self._render_s = time.perf_counter() - t0
         except TemplateError as exc:
             log.error("could not render %s: %s", self.haproxy.paths.config, exc)
             self._dirty_since = None

@@ -57,6 +57,9 @@ class Settings:
     reconcile_every: float = 10.0  # seconds between comparisons of HAProxy's servers with the table
     landing_list_from: tuple[str, ...] = PRIVATE_NETWORKS   # who sees the route list on an unknown host
     consul_ui_bind: str | None = None   # Consul's web UI, read-only, on this ADDR:PORT
+    fleet: bool = False           # one edge reads the catalog, publishes to KV, the others follow it
+    fleet_prefix: str = "haproxy-consul/fleet"
+    max_node_watches: int = 64    # the fleet's reader reads per node up to this many nodes (0: never)
 
     @property
     def consul_ui_server(self) -> str:
@@ -176,6 +179,14 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
              help="ADDR:PORT where Consul's web UI is shown read-only (its pages and the reads they make; "
                   "no writes, KV, ACLs or agent endpoints), proxied to --consul, which must be http://IP:PORT "
                   "with -ui on the agent [default: none]")
+    p.flag("--fleet", env="EDGE_FLEET",
+           help="one edge of the fleet reads the catalog and publishes the route table to Consul KV, every other "
+                "edge follows it with one long-poll (needs key:write on --fleet-prefix and session:write)")
+    p.option("--fleet-prefix", env="EDGE_FLEET_PREFIX", default="haproxy-consul/fleet",
+             help="Consul KV prefix of the fleet's published route table")
+    p.option("--max-node-watches", env="EDGE_MAX_NODE_WATCHES", default=64, type=int,
+             help="with --fleet, the edge that reads the catalog does so per node up to this many nodes (one "
+                  "long-poll each), beyond through --consul-api's summary (0: always the summary)")
     p.add_argument("--once", action="store_true", help="sync once, apply, exit")
     p.add_argument("--dry-run", action="store_true",
                    help="print the rendered haproxy.cfg and exit (with --once: for the current Consul state)")
@@ -258,6 +269,11 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         if consul.address.scheme != "http":
             p.error("--consul-ui-bind proxies to Consul's plain HTTP listener (its loopback one); "
                     f"--consul is {consul.address}")
+    fleet_prefix = args.fleet_prefix.strip("/")
+    if not fleet_prefix:
+        p.error("--fleet-prefix must name a prefix")
+    if not 0 <= args.max_node_watches <= 150:
+        p.error("--max-node-watches must be 0-150 (Consul allows 200 connections per client by default)")
     return Settings(
         consul=consul,
         datacenter=args.datacenter or None,
@@ -296,4 +312,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         reconcile_every=args.reconcile_every,
         landing_list_from=landing_list_from,
         consul_ui_bind=consul_ui_bind,
+        fleet=args.fleet,
+        fleet_prefix=fleet_prefix,
+        max_node_watches=args.max_node_watches,
     )

@@ -1,9 +1,11 @@
-"""The Consul KV shell for certificates: read and watch a prefix, write with CAS, session locks.
+"""The Consul KV shell: read and watch a prefix, write with CAS, session locks, transactions.
 
 The certificate sources (`edge.tls.sources`) watch the prefix's keys with a blocking query and
 read its values when it changed; the ACME issuer writes certificates, challenges and its account
 here and orders a name only while it holds that name's session lock, so one edge of the fleet
 orders and every edge serves the result.
+The fleet's publisher (`edge.consul.fleet`) writes the route table here in transactions that hold
+only while its session holds the lock.
 
 Narrow on purpose: values are text, keys are full paths, errors are two types. `KVUnavailable`
 (Consul down, timeouts, 5xx: retry later) and `KVDenied` (403: an ACL forbids it, retrying will
@@ -12,8 +14,9 @@ not help until an operator acts). A fake with the same methods lives in tests/su
 
 from __future__ import annotations
 
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import consul
 import consul.exceptions
@@ -83,6 +86,23 @@ class ConsulKV:
 
     def delete(self, key: str, cas: int | None = None) -> bool:
         return bool(self._call(f"delete {key}", self._c().kv.delete, key, cas=cas))
+
+    def txn(self, ops: Sequence[dict]) -> bool:
+        """Consul's `/v1/txn` with KV operations, applied together or not at all: False when Consul
+        rolled them back (409: a `lock`, `check-session` or `check-index` did not hold)."""
+        client = self._c()
+
+        def outcome(response) -> bool:
+            if response.code == 409:
+                return False
+            if response.code == 403:
+                raise consul.exceptions.ACLPermissionDenied(response.body)
+            if response.code != 200:
+                raise consul.ConsulException(f"{response.code} {str(response.body)[:200]}")
+            return True
+        params = [("dc", client.dc)] if client.dc else []
+        return self._call("txn", client.http.put, outcome, "/v1/txn", params=params, data=json.dumps(list(ops)),
+                          headers=client.prepare_headers())
 
     # --- sessions (locks) ------------------------------------------------------------------------
     def session(self, name: str, ttl: int) -> str:

@@ -547,6 +547,11 @@ class ConsulWatcher:
             self._inbox[name] = update
         self._wake.set()
 
+    def wake(self) -> None:
+        """Come round now: after `stop` was set, `run` returns instead of waiting for a long-poll
+        (the fleet stops and replaces its readers)."""
+        self._wake.set()
+
     def poller_specs(self) -> list[tuple[str, str, tuple, Callable[[object], object], bool]]:
         """(name, path, params, parse, raw) of each long-poll in the current mode: one in internal
         mode, three in public mode, whatever the number of services."""

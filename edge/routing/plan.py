@@ -44,18 +44,19 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
     if live is None:
         return Plan(reasons=("initial sync",), changes=_all_servers(desired))
     reasons: list[str] = []
-    added = sorted(set(desired.names) - set(live.names))
-    removed = sorted(set(live.names) - set(desired.names))
+    added = sorted(desired.by_name.keys() - live.by_name.keys())
+    removed = sorted(live.by_name.keys() - desired.by_name.keys())
     if added:
         reasons.append("vhost added: " + ", ".join(added))
     if removed:
         reasons.append("vhost removed: " + ", ".join(removed))
     commands: list[str] = []
     changes: list[str] = []
+    unchanged = set(map(id, live.routes))   # update_table reuses the objects of untouched routes
     for route in desired.routes:
+        if id(route) in unchanged:
+            continue
         old = live.get(route.name)
-        if old is route:
-            continue  # untouched by this change (update_table reuses the object)
         if old is None:
             changes.extend(f"+ {route.name} {s}" for s in route.servers)
             continue

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from edge.routing.grammars import DEFAULT, ServiceRouting, read_service
 from edge.routing.model import Instance, Problem, route_name
@@ -106,13 +107,32 @@ class RouteTable:
     claims: Mapping[tuple, tuple[Router, ...]] = field(default_factory=dict, compare=False, repr=False)
     resolved: Mapping[tuple, Resolution] = field(default_factory=dict, compare=False, repr=False)
     refused: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict, compare=False, repr=False)
-    _by_name: dict[str, Route] = field(default_factory=dict, compare=False, repr=False)
+    # Derived, never passed in (so `replace()` rebuilds them): routes by name, and the service →
+    # route names index `update_table` carries forward (built on first use otherwise).
+    _by_name: dict[str, Route] = field(default_factory=dict, init=False, compare=False, repr=False)
+    _by_service: dict[str, tuple[str, ...]] | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "_by_name", {r.name: r for r in self.routes})
 
     def get(self, name: str) -> Route | None:
         return self._by_name.get(name)
+
+    @property
+    def by_name(self) -> Mapping[str, Route]:
+        """The routes by name, in the table's (sorted) order; read only."""
+        return MappingProxyType(self._by_name)
+
+    def routes_of(self, service: str) -> tuple[str, ...]:
+        """The names of the routes `service`'s instances are in (an index built on first use and
+        carried forward by update_table, so a change costs the changed services, not the table)."""
+        if self._by_service is None:
+            index: dict[str, list[str]] = defaultdict(list)
+            for route in self.routes:
+                for s in route.services:
+                    index[s].append(route.name)
+            object.__setattr__(self, "_by_service", {s: tuple(n) for s, n in index.items()})
+        return self._by_service.get(service, ())
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -251,7 +271,7 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
             else:
                 claims.pop(match)
                 resolved.pop(match, None)
-    affected = {r.name for r in previous.routes if not changed.isdisjoint(r.services)}
+    affected = {name for s in changed for name in previous.routes_of(s)}
     new_members = _group(services, sorted(fresh), readings)
     affected |= set(new_members) | (touched & set(previous._by_name))
     contributors = {s for name in affected if (r := previous.get(name)) for s in r.services} - changed
@@ -270,12 +290,35 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
         else:                         # its routers are as they were: so are its hosts and TCP backend
             by_name[name] = _route(name, members[name], old_route.hosts if old_route else (), old_route, min_slots,
                                    readings, old_route.tcp if old_route else False)
-    routes = tuple(by_name[n] for n in sorted(by_name))
+    if by_name.keys() - previous._by_name.keys():
+        by_name = {n: by_name[n] for n in sorted(by_name)}
+    routes = tuple(by_name.values())  # sorted: a dict keeps the order of the keys it had (added ones sorted in)
     if not same:
-        return _table(routes, readings, claims, resolved, refused)
-    problems = tuple(p for p in previous.problems if p.subject not in changed)
-    problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems + refused.get(s, ()))
-    return RouteTable(routes, previous.routers, problems, readings, claims, resolved, refused)
+        table = _table(routes, readings, claims, resolved, refused)
+    else:
+        problems = tuple(p for p in previous.problems if p.subject not in changed)
+        problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems + refused.get(s, ()))
+        table = RouteTable(routes, previous.routers, problems, readings, claims, resolved, refused)
+    object.__setattr__(table, "_by_service", _by_service(previous, by_name, affected))
+    return table
+
+
+def _by_service(previous: RouteTable, by_name: Mapping[str, Route],
+                affected: set[str]) -> dict[str, tuple[str, ...]] | None:
+    """The previous table's service → route names index with the `affected` routes updated (None
+    when the previous table never built one: the new table builds it on first use)."""
+    if previous._by_service is None:
+        return None
+    index = dict(previous._by_service)
+    services = {s for name in affected for r in (previous.get(name), by_name.get(name)) if r for s in r.services}
+    for s in services:
+        names = set(index.get(s, ())) - affected
+        names |= {name for name in affected if (r := by_name.get(name)) and s in r.services}
+        if names:
+            index[s] = tuple(sorted(names))
+        else:
+            index.pop(s, None)
+    return index
 
 
 def place(servers: Mapping[tuple[str, str], Server], old: tuple[Server | None, ...],

@@ -1,6 +1,7 @@
 """Three Consul servers on 127.0.0.1, .2 and .3 (the same ports on each address), for tests and
 benchmarks that need a real cluster: one server killed and started again, reads spread over
-servers, a leader elsewhere than the server an edge reads.
+servers, a leader elsewhere than the server an edge reads; and a TCP proxy that stops forwarding,
+as a partition between an edge and its agent.
 
 Each server is also an agent: a service registered through server i's HTTP API lives on node
 `server<i>`, so killing that server makes the service's node (and the service) critical.
@@ -9,8 +10,10 @@ Each server is also an agent: a service registered through server i's HTTP API l
 from __future__ import annotations
 
 import json
+import select
 import socket
 import subprocess
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -117,3 +120,61 @@ class ConsulCluster:
         for proc in self.procs:
             if proc is not None:
                 stop_process(proc, timeout=20)
+
+
+class Partition:
+    """A TCP proxy on 127.0.0.1 to `upstream` (host, port). `cut()` stops forwarding in both
+    directions (bytes wait, connections stay open, new ones are accepted and wait too), as a
+    network partition looks to both sides; `heal()` lets everything through again."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._open = threading.Event()
+        self._open.set()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def cut(self) -> None:
+        self._open.clear()
+
+    def heal(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._open.set()
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._pipe, args=(client,), daemon=True).start()
+
+    def _pipe(self, client: socket.socket) -> None:
+        self._open.wait()
+        try:
+            upstream = socket.create_connection(self.upstream, timeout=10)
+        except OSError:
+            client.close()
+            return
+        peers = {client: upstream, upstream: client}
+        try:
+            while not self._closed:
+                ready, _, _ = select.select(list(peers), [], [], 0.2)
+                for sock in ready:
+                    self._open.wait()
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    peers[sock].sendall(data)
+        except OSError:
+            return
+        finally:
+            client.close()
+            upstream.close()

@@ -1,8 +1,9 @@
 """The control loop's decisions, against a recording fake HAProxy."""
 
 import threading
+import time
 from pathlib import Path
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 
 import pytest
 
@@ -95,6 +96,32 @@ def test_file_write_waits_for_quiet_inputs(monkeypatch, edge):
     monkeypatch.setattr(control, "MAX_DELAY", 0.0)
     edge.flush()
     assert edge.haproxy.kinds() == ["runtime", "write"]   # but never later than MAX_DELAY
+
+
+def test_a_slow_render_waits_for_longer_quiet_and_is_at_most_twenty_renders_late(monkeypatch, edge):
+    clock = [1000.0]
+    monkeypatch.setattr(control, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter))
+    edge._render_s = 0.5                                   # 10,000 routes
+    edge.on_snapshot(snap(("web", [8001, 8002])))
+    edge.step()
+    clock[0] += 1.0                                        # quiet for 20 x QUIET, only 2 renders' time
+    edge.flush()
+    assert edge.haproxy.kinds() == ["runtime"]
+    clock[0] += 1.0                                        # 4 renders' time
+    edge.flush()
+    assert edge.haproxy.kinds() == ["runtime", "write"]
+    edge._render_s = 0.5
+    edge.on_snapshot(snap(("web", [8001])))
+    edge.step()
+    for _ in range(9):                                     # inputs keep arriving...
+        clock[0] += 1.0
+        edge.on_snapshot(snap(("web", [8001, 8002 + _ % 2])))
+        edge.step()
+        edge.flush()
+    assert edge.haproxy.kinds().count("write") == 1
+    clock[0] += 1.0                                        # ...but 20 renders' time is the longest wait
+    edge.flush()
+    assert edge.haproxy.kinds().count("write") == 2
 
 
 def test_unchanged_snapshot_does_nothing(edge):

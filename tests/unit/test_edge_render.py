@@ -144,7 +144,7 @@ def hostile_table(data, https: bool = False) -> tuple[RouteTable, dict]:
     return build_table(services, rules=TagRules(tuple(GRAMMARS), True, frozenset({80, 443}), https)), services
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(nasty_text, st.lists(raw_entry, max_size=3), max_size=4))
 def test_hostile_data_never_injects_configuration(data):
     table, _ = hostile_table(data)
@@ -204,7 +204,7 @@ def page_markup(html: str) -> list[tuple[str, tuple]]:
     return parser.tags
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(nasty_text, st.lists(raw_entry, max_size=3), max_size=4), st.booleans())
 def test_hostile_consul_strings_never_become_markup_on_the_landing_or_503_pages(data, with_domain):
     table, _ = hostile_table(data)

@@ -87,6 +87,12 @@ ENV = {
     (["--consul-ui-bind", "10.0.0.1:8500"], {}, "consul_ui_bind", "10.0.0.1:8500"),
     ([], {"EDGE_CONSUL_UI_BIND": "10.0.0.1:8500", "CONSUL_HTTP_ADDR": "127.0.0.1:8501"}, "consul_ui_server",
      "127.0.0.1:8501"),
+    ([], {}, "fleet", False),
+    ([], {"EDGE_FLEET": "1"}, "fleet", True),
+    ([], {}, "fleet_prefix", "haproxy-consul/fleet"),
+    (["--fleet-prefix", "/dc1/edges/"], {"EDGE_FLEET_PREFIX": "other"}, "fleet_prefix", "dc1/edges"),
+    ([], {}, "max_node_watches", 64),
+    ([], {"EDGE_MAX_NODE_WATCHES": "0"}, "max_node_watches", 0),
 ])
 def test_precedence(argv, env, attr, expected):
     value = getattr(parse(argv, env), attr)
@@ -123,6 +129,9 @@ def test_precedence(argv, env, attr, expected):
     (["--consul-ui-bind", "0.0.0.0:8500"], {}),
     (["--consul-ui-bind", "10.0.0.1:8500", "--consul", "consul.service:8500"], {}),     # HAProxy needs an IP
     (["--consul-ui-bind", "10.0.0.1:8500", "--consul", "https://127.0.0.1:8501"], {}),  # the plain HTTP one
+    (["--fleet-prefix", "/"], {}),
+    (["--max-node-watches", "-1"], {}),
+    ([], {"EDGE_MAX_NODE_WATCHES": "190"}),       # near Consul's 200 connections per client
 ])
 def test_bad_input_exits_2(argv, env, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -199,9 +199,14 @@ def test_update_table_equals_a_full_build(before, after, min_slots, expose_all):
     old_services, new_services = as_services(before), as_services(after)
     old = build_table(old_services, None, min_slots, rules)
     changed = {n for n in old_services.keys() | new_services.keys() if old_services.get(n) != new_services.get(n)}
+    old.routes_of("")                      # the service index built, so update_table carries it forward
     updated = update_table(old, new_services, changed, min_slots, rules)
     full = build_table(new_services, old, min_slots, rules)
     assert updated == full
+    assert list(updated.by_name) == list(full.by_name) == sorted(full.by_name)
+    assert updated._by_service is not None   # carried, not rebuilt
+    assert {s: updated.routes_of(s) for s in old_services.keys() | new_services.keys()} == \
+        {s: full.routes_of(s) for s in old_services.keys() | new_services.keys()}
     assert sorted(map(str, updated.problems)) == sorted(map(str, full.problems))
 
 
