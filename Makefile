@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint deps venv clean bench image walkthrough
+.PHONY: demo test unit integration lint deps venv clean bench image walkthrough haproxy-versions
 
 deps:
 	bash scripts/install-deps.sh
@@ -17,10 +17,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Every supported HAProxy, as $HAPROXY_CONSUL_CACHE/bin/haproxy-X.Y (default
+# /var/cache/haproxy-consul): 2.6 is the host's, 3.0/3.2/3.4 run from Debian root filesystems
+# built once per machine (a few minutes the first time, a quick check afterwards).
+haproxy-versions: deps
+	bash scripts/haproxy-rootfs.sh
+
 demo: deps venv
 	$(BIN)/python scripts/demo.py
 
-test: deps venv
+test: deps venv haproxy-versions
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest

@@ -1,8 +1,8 @@
 """The HAProxy shell: files on disk, `haproxy -c`, the process, its master and runtime sockets.
 
 - `install()` writes a rendered file set atomically: staged in `next/`, validated with
-  `haproxy -c -C next/`, then renamed into the state directory (configuration last). An invalid
-  set never replaces the live files.
+  `haproxy -c -C next/`, then renamed into the state directory (configuration last), and `next/`
+  removed. An invalid set never replaces the live files.
   A write that fails (a full or read-only state dir) removes what it staged and raises
   `StateDirError`: the live files and the running HAProxy are untouched.
 - `start()` runs HAProxy in master-worker mode (`-W -S master.sock`) as our child. The
@@ -13,15 +13,20 @@
   handed over on SIGTERM): the listening sockets never close, so no request is refused.
 - `reload()` goes through the master CLI and waits until a new worker is current; a failed load
   leaves the old worker serving and raises `ReloadFailed`.
-- `runtime()` sends `set server` (and map) batches through the runtime socket (haproxyadmin)
-  and raises `RuntimeFailed` on any answer that is not a success; `ssl()` sends certificate
-  commands, one connection each since `set ssl cert` carries a PEM payload.
+- `probe()` asks the running HAProxy what it is and accepts (after every start and adoption):
+  one frozen `Capabilities` (edge.haproxy.capabilities), logged in one line when it changes.
+- `runtime()` sends `set server` (and map) batches through the runtime socket, one connection
+  per batch; `ssl()` sends certificate commands, one connection each since `set ssl cert` carries
+  a PEM payload. The answers are read raw, to the last empty line: that is what tells a batch's
+  answers apart. Both sort every answer with `capabilities.classify` (success, no-op, failure, per
+  HAProxy release) and raise `RuntimeFailed` on a failure; no-ops are logged at debug level.
 - `served()` reads every server slot as the current worker runs it (`show servers state`), for
   the control loop to compare with the table it applied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -35,9 +40,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from haproxyadmin import exceptions as hapexc
-from haproxyadmin import haproxy as hapadmin
-
+from edge.haproxy.capabilities import (
+    PROBE_SERVER,
+    PROBES,
+    Capabilities,
+    Outcome,
+    init_state_probe,
+    split_batch,
+)
+from edge.haproxy.capabilities import classify as classify_answer
 from edge.routing.plan import ServedSlot
 from edge.routing.render import CONFIG_FILE, Rendered
 
@@ -45,11 +56,6 @@ log = logging.getLogger("edge.haproxy")
 
 # The runtime CLI reads one line into a buffer of tune.bufsize (16 kB by default).
 MAX_BATCH_BYTES = 8000
-# What `set server ... addr/state` answers when it worked.
-RUNTIME_OK = re.compile(r"^(IP changed from|no need to change|port changed from|$)")
-# What the `ssl cert` / `ssl crt-list` commands answer when they worked.
-SSL_OK = re.compile(r"^(New empty certificate store|Transaction created|Committing|Success!|Inserting certificate|"
-                    r"Entry '.*' deleted|Certificate '.*' deleted|$)")
 UNIX_PATH_MAX = 107
 # `srv_admin_state` bits: CMAINT only records that the configuration said `disabled` (a slot made
 # ready at runtime keeps it); any other bit (maintenance forced, inherited or from resolution,
@@ -137,6 +143,9 @@ _HAPROXY_LINE = re.compile(r"^\[(ALERT|WARNING|NOTICE)\]\s*(?:\(\d+\))?\s*:\s*(.
 _QUIET = re.compile(r"^(Proxy \S+ (started|stopped)|Former worker \(\d+\) exited with code 0|"
                     r"Stopping (frontend|backend|proxy) |Server \S+ is (UP|DOWN|going DOWN)\b|"
                     r"backend '?\S+?'? has no server available!)")
+# The start-up probe's `add server`, which HAProxy refuses on purpose (edge.haproxy.capabilities)
+# and reports as an alert.
+_PROBED = re.compile(rf"^CLI : 'server \S+/{re.escape(PROBE_SERVER)}' : ")
 
 
 def classify(line: str) -> tuple[int, str] | None:
@@ -148,23 +157,34 @@ def classify(line: str) -> tuple[int, str] | None:
         syslog = re.match(r"^<([0-7])>(.*)$", line)
         if syslog:
             level, text = int(syslog.group(1)), syslog.group(2)
-            if _QUIET.match(text):
+            if _QUIET.match(text) or _PROBED.match(text):
                 return logging.DEBUG, text
             return logging.ERROR if level <= 3 else logging.WARNING if level == 4 else logging.DEBUG, text
         return logging.INFO, line
     kind, text = m.groups()
-    if kind == "NOTICE" or _QUIET.match(text):
+    if kind == "NOTICE" or _QUIET.match(text) or _PROBED.match(text):
         return logging.DEBUG, text
     return logging.ERROR if kind == "ALERT" else logging.WARNING, text
 
 
+# Advice HAProxy repeats at every reload (3.4 started as root: "configure a chroot", "drop the
+# privileges with user/uid"): worth one warning per HAProxy start, not one per reload.
+_ONCE = re.compile(r"^\[\S+\] HAProxy was started as (root|the root user) ")
+
+
 def _relay(stream, logger: logging.Logger) -> None:
     """Thread body: HAProxy's output into our log, filtered by `classify`, until it closes."""
+    said: set[str] = set()
     with stream:
         for raw in stream:
             found = classify(raw.decode(errors="replace"))
-            if found is not None:
-                logger.log(found[0], "haproxy: %s", found[1])
+            if found is None:
+                continue
+            level, text = found
+            if _ONCE.match(text):
+                level = logging.DEBUG if text in said else level
+                said.add(text)
+            logger.log(level, "haproxy: %s", text)
 
 
 class GuardedWrites:
@@ -204,7 +224,9 @@ class HAProxy:
         self.check_timeout = check_timeout
         self.proc: subprocess.Popen | None = None
         self.adopted: int | None = None   # pid of a master we took over instead of starting one
-        self._admin: hapadmin.HAProxy | None = None
+        # What the running HAProxy is and accepts; until a probe answered, the oldest supported
+        # release's rules apply (an answer they do not know is a failure: a reload, never a wrong state).
+        self.caps = Capabilities(version="unknown")
 
     # --- files -------------------------------------------------------------------------------
     def clean_staging(self) -> None:
@@ -239,6 +261,8 @@ class HAProxy:
         except OSError as exc:
             self.clean_staging()
             raise StateDirError(f"cannot install the configuration in {self.paths.state_dir}: {exc}") from exc
+        with contextlib.suppress(OSError):   # empty now: nothing staged is left in the state dir
+            staging.rmdir()
 
     def write_config(self, rendered: Rendered) -> None:
         """After runtime updates: server lines and router map entries changed, so the file set
@@ -265,6 +289,7 @@ class HAProxy:
         if orphan is None or self.current_worker() is None or not self._runtime_answers():
             return None
         self.proc, self.adopted = None, orphan
+        self.probe()
         return orphan
 
     def start(self, timeout: float = 30.0) -> None:
@@ -290,6 +315,7 @@ class HAProxy:
             if self.proc.poll() is not None:
                 raise NotRunning(f"HAProxy exited with status {self.proc.returncode} while starting")
             if self.current_worker() is not None and self._runtime_answers():
+                self.probe()
                 return
             time.sleep(0.02)
         raise NotRunning(f"HAProxy did not answer on {self.paths.runtime_socket} within {timeout}s")
@@ -382,57 +408,77 @@ class HAProxy:
     # --- runtime API -------------------------------------------------------------------------
     def _runtime_answers(self) -> bool:
         try:
-            self._admin = hapadmin.HAProxy(socket_file=str(self.paths.runtime_socket), retry=None,
-                                           retry_interval=0, timeout=2)
+            self._ask("show version", timeout=2)
             return True
-        except (ValueError, OSError, hapexc.HAProxyBaseError):
-            self._admin = None
+        except RuntimeFailed:
             return False
 
+    def _ask(self, command: str, payload: str = "", timeout: float = 10) -> str:
+        """One runtime command (or a `;`-joined batch) on a connection of its own; the whole
+        answer, as HAProxy wrote it. A payload goes after `<<`, ended by an empty line."""
+        text = f"{command} <<\n{payload.strip()}\n\n" if payload else f"{command}\n"
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(timeout)
+                s.connect(str(self.paths.runtime_socket))
+                s.sendall(text.encode())
+                s.shutdown(socket.SHUT_WR)
+                return b"".join(iter(lambda: s.recv(65536), b"")).decode(errors="replace")
+        except OSError as exc:
+            raise RuntimeFailed(f"runtime socket {self.paths.runtime_socket}: {exc}") from exc
+
+    def probe(self) -> Capabilities:
+        """Learn what the running HAProxy is and accepts (edge.haproxy.capabilities): a few
+        harmless commands, ~1 ms. Logged in one line when it differs from what was known (the
+        first start; an adopted HAProxy of another version). A probe that fails keeps what was
+        known: unknown answers then count as failures, which reload."""
+        try:
+            version, help_text, wait_help, backends = (self._ask(c) for c in PROBES)
+            init_state = ""
+            names = [b.strip() for b in backends.splitlines() if b.strip() and not b.startswith("#")]
+            for name in names[:3]:   # a backend whose balancing refuses dynamic servers says nothing
+                init_state = self._ask(init_state_probe(name))
+                if "init-state" in init_state:
+                    break
+        except RuntimeFailed as exc:
+            log.warning("could not ask HAProxy what it supports (%s); keeping %s", exc, self.caps.version)
+            return self.caps
+        caps = Capabilities.from_probes(version, help_text, wait_help, init_state)
+        if caps != self.caps:
+            log.info("%s", caps.describe())
+        self.caps = caps
+        return caps
+
     def runtime(self, commands: tuple[str, ...]) -> None:
-        """Send commands in `;`-joined batches; any answer other than success raises."""
+        """Send commands in `;`-joined batches; any answer that is a failure raises."""
         if not commands:
             return
-        if self._admin is None and not self._runtime_answers():
-            raise RuntimeFailed(f"runtime socket {self.paths.runtime_socket} does not answer")
         for batch in _batches(commands):
-            try:
-                results = self._admin.command(batch)
-            except (OSError, ValueError, hapexc.HAProxyBaseError) as exc:
-                self._admin = None
-                raise RuntimeFailed(f"runtime socket: {exc}") from exc
-            bad = [line for _, lines in results for line in lines if not RUNTIME_OK.match(line)]
-            if bad:
-                raise RuntimeFailed("; ".join(bad[:5]))
+            output = self._ask("; ".join(batch))
+            answers = split_batch(batch, output)
+            if answers is None:
+                raise RuntimeFailed(f"answers do not line up with the {len(batch)} commands sent: "
+                                    f"{output.strip()[:300]!r}")
+            self._judge(batch, answers)
 
     def served(self) -> tuple[ServedSlot, ...]:
         """Every server slot as the current worker runs it; RuntimeFailed when it cannot be read."""
-        if self._admin is None and not self._runtime_answers():
-            raise RuntimeFailed(f"runtime socket {self.paths.runtime_socket} does not answer")
-        try:
-            results = self._admin.command("show servers state")
-        except (OSError, ValueError, hapexc.HAProxyBaseError) as exc:
-            self._admin = None
-            raise RuntimeFailed(f"runtime socket: {exc}") from exc
-        return servers_state([line for _, lines in results for line in lines])
+        return servers_state(self._ask("show servers state").splitlines())
 
     def ssl(self, commands: tuple[tuple[str, str], ...]) -> None:
-        """Certificate commands `(command, payload)`; a payload goes after `<<`, ended by an
-        empty line. Any answer other than success raises RuntimeFailed (the caller reloads)."""
+        """Certificate commands `(command, payload)`, one connection each; any answer that is a
+        failure raises RuntimeFailed (the caller reloads)."""
         for command, payload in commands:
-            text = f"{command} <<\n{payload.strip()}\n\n" if payload else f"{command}\n"
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.settimeout(10)
-                    s.connect(str(self.paths.runtime_socket))
-                    s.sendall(text.encode())
-                    s.shutdown(socket.SHUT_WR)
-                    answer = b"".join(iter(lambda: s.recv(65536), b"")).decode(errors="replace")
-            except OSError as exc:
-                raise RuntimeFailed(f"runtime socket: {exc}") from exc
-            bad = [line for line in answer.splitlines() if not SSL_OK.match(line.strip())]
-            if bad:
-                raise RuntimeFailed(f"{command}: {'; '.join(bad[:3])}")
+            self._judge((command,), (self._ask(command, payload),))
+
+    def _judge(self, commands, answers) -> None:
+        outcomes = [(c, a.strip(), classify_answer(self.caps, c, a)) for c, a in zip(commands, answers, strict=True)]
+        failed = [f"{c}: {a or '(no answer)'}" for c, a, o in outcomes if o is Outcome.FAILURE]
+        if failed:
+            raise RuntimeFailed("; ".join(failed[:5]))
+        for c, a, o in outcomes:
+            if o is Outcome.NOOP:
+                log.debug("no-op: %s: %s", c, a)
 
 
 def is_master(pid: int, config: str) -> bool:
@@ -480,13 +526,15 @@ def servers_state(lines: list[str]) -> tuple[ServedSlot, ...]:
     return tuple(slots)
 
 
-def _batches(commands: tuple[str, ...]) -> list[str]:
-    batches, current = [], ""
+def _batches(commands: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Commands grouped so that each `;`-joined group fits the CLI's line buffer."""
+    batches, current, size = [], [], 0
     for cmd in commands:
-        if current and len(current) + len(cmd) + 2 > MAX_BATCH_BYTES:
-            batches.append(current)
-            current = ""
-        current = f"{current}; {cmd}" if current else cmd
+        if current and size + len(cmd) + 2 > MAX_BATCH_BYTES:
+            batches.append(tuple(current))
+            current, size = [], 0
+        size += len(cmd) + (2 if current else 0)
+        current.append(cmd)
     if current:
-        batches.append(current)
+        batches.append(tuple(current))
     return batches

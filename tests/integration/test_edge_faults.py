@@ -1,4 +1,5 @@
-"""The edge under faults: Consul outage, bad templates, HAProxy killed, restarts, reload load."""
+"""The edge under faults: Consul outage, bad templates, HAProxy killed, restarts, reload load; on
+every supported HAProxy (tests/integration/conftest.py)."""
 
 import os
 import re
@@ -37,20 +38,20 @@ def backend():
 
 
 @pytest.fixture
-def edge_factory(consul):
+def edge_factory(consul, haproxy):
     made = []
 
     def make(**kwargs):
-        made.append(EdgeProcess(consul.url, domains=(DOMAIN,), **kwargs).start())
+        made.append(EdgeProcess(consul.url, domains=(DOMAIN,), haproxy=haproxy.path, **kwargs).start())
         return made[-1]
     yield make
     for e in made:
         e.stop()
 
 
-def test_consul_outage_keeps_serving_and_converges_after(tmp_path, backend):
+def test_consul_outage_keeps_serving_and_converges_after(tmp_path, backend, haproxy):
     agent = ConsulAgent(tmp_path / "c", http_port=free_ports(1)[0]).start()
-    edge = EdgeProcess(agent.url, domains=(DOMAIN,)).start()
+    edge = EdgeProcess(agent.url, domains=(DOMAIN,), haproxy=haproxy.path).start()
     try:
         register(agent, "steady", "steady-1", backend)
         answers(edge, f"steady-80.{DOMAIN}", {"alpha"})
@@ -83,8 +84,8 @@ def test_consul_outage_keeps_serving_and_converges_after(tmp_path, backend):
         agent.stop()
 
 
-def test_unreachable_consul_at_start_serves_the_landing_page(tmp_path):
-    edge = EdgeProcess(f"http://127.0.0.1:{free_ports(1)[0]}", domains=(DOMAIN,)).start()
+def test_unreachable_consul_at_start_serves_the_landing_page(tmp_path, haproxy):
+    edge = EdgeProcess(f"http://127.0.0.1:{free_ports(1)[0]}", domains=(DOMAIN,), haproxy=haproxy.path).start()
     try:
         assert edge.get(f"x-80.{DOMAIN}")[0] == 404
         logged(edge, "failed")
@@ -93,11 +94,12 @@ def test_unreachable_consul_at_start_serves_the_landing_page(tmp_path):
         edge.stop()
 
 
-def test_template_edit_refused_then_fixed(consul, backend, tmp_path):
+def test_template_edit_refused_then_fixed(consul, backend, tmp_path, haproxy):
     templates = tmp_path / "templates"
     shutil.copytree(templates_source.bundled(), templates)
     register(consul, "tpl", "tpl-1", backend)
-    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--templates", str(templates))).start()
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), haproxy=haproxy.path,
+                       extra=("--templates", str(templates))).start()
     try:
         answers(edge, f"tpl-80.{DOMAIN}", {"alpha"})
         cfg = templates / "haproxy.cfg.j2"
@@ -126,7 +128,7 @@ def test_template_edit_refused_then_fixed(consul, backend, tmp_path):
 
 
 @pytest.mark.parametrize("victim", ["master", "worker"])
-def test_killed_haproxy_is_restarted_with_the_live_state(edge_factory, consul, backend, victim):
+def test_killed_haproxy_is_restarted_with_the_live_state(edge_factory, consul, backend, victim, haproxy):
     edge = edge_factory()
     register(consul, "phoenix", "phoenix-1", backend)
     answers(edge, f"phoenix-80.{DOMAIN}", {"alpha"})
@@ -136,21 +138,21 @@ def test_killed_haproxy_is_restarted_with_the_live_state(edge_factory, consul, b
     else:
         # The current worker (an older one may still be draining after the first sync's reload).
         # (The master re-executes itself once more after a reload: ask until it answers.)
-        worker = wait_until(HAProxy("haproxy", Paths(edge.state_dir)).current_worker, 5, what="the current worker")
+        worker = wait_until(HAProxy(haproxy.path, Paths(edge.state_dir)).current_worker, 5, what="the current worker")
         os.kill(worker, signal.SIGKILL)
     logged(edge, "HAProxy exited", timeout=5)
     answers(edge, f"phoenix-80.{DOMAIN}", {"alpha"}, timeout=10)
     deregister(consul, "phoenix-1")
 
 
-def test_restart_serves_the_previous_state_before_consul_answers(tmp_path, backend):
+def test_restart_serves_the_previous_state_before_consul_answers(tmp_path, backend, haproxy):
     agent = ConsulAgent(tmp_path / "c", http_port=free_ports(1)[0]).start()
-    edge = EdgeProcess(agent.url, domains=(DOMAIN,)).start()
+    edge = EdgeProcess(agent.url, domains=(DOMAIN,), haproxy=haproxy.path).start()
     register(agent, "kept", "kept-1", backend)
     answers(edge, f"kept-80.{DOMAIN}", {"alpha"})
     edge.stop()
     agent.stop()
-    again = EdgeProcess(agent.url, domains=(DOMAIN,), state_dir=edge.state_dir, port=edge.port,
+    again = EdgeProcess(agent.url, domains=(DOMAIN,), haproxy=haproxy.path, state_dir=edge.state_dir, port=edge.port,
                         admin_port=edge.admin_port)
     again.log_path = tmp_path / "again.log"
     again.start()
@@ -192,10 +194,11 @@ class Prober:
 
 
 @pytest.mark.parametrize("how", ["kill", "sigterm"])
-def test_a_successor_adopts_the_haproxy_its_predecessor_left_and_no_request_fails(consul, backend, tmp_path, how):
+def test_a_successor_adopts_the_haproxy_its_predecessor_left_and_no_request_fails(consul, backend, tmp_path, how,
+                                                                                 haproxy):
     """kill -9 of the edge, or SIGTERM with a hand-over window: the next edge on the same state
     dir takes over the same HAProxy master; requests never stop being answered."""
-    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "30")).start()
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), haproxy=haproxy.path, extra=("--handover-timeout", "30")).start()
     register(consul, "orphan", "orphan-1", backend)
     answers(edge, f"orphan-80.{DOMAIN}", {"alpha"})
     master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
@@ -208,8 +211,8 @@ def test_a_successor_adopts_the_haproxy_its_predecessor_left_and_no_request_fail
         else:
             edge.proc.send_signal(signal.SIGTERM)
         assert edge.proc.wait(10) in (0, -9)
-        again = EdgeProcess(consul.url, domains=(DOMAIN,), state_dir=edge.state_dir, port=edge.port,
-                            admin_port=edge.admin_port, extra=("--handover-timeout", "30"))
+        again = EdgeProcess(consul.url, domains=(DOMAIN,), haproxy=haproxy.path, state_dir=edge.state_dir,
+                            port=edge.port, admin_port=edge.admin_port, extra=("--handover-timeout", "30"))
         again.log_path = tmp_path / "again.log"
         again.start()
         logged(again, f"took over the HAProxy (pid {master})")
@@ -231,8 +234,8 @@ def test_a_successor_adopts_the_haproxy_its_predecessor_left_and_no_request_fail
     wait_until(lambda: not os.path.exists(f"/proc/{master}"), 15, what="HAProxy to stop with the last edge")
 
 
-def test_sigterm_with_no_successor_stops_haproxy_after_the_handover_timeout(consul, backend):
-    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--handover-timeout", "1.5")).start()
+def test_sigterm_with_no_successor_stops_haproxy_after_the_handover_timeout(consul, backend, haproxy):
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), haproxy=haproxy.path, extra=("--handover-timeout", "1.5")).start()
     master = int((edge.state_dir / "haproxy.pid").read_text().split()[0])
     edge.proc.send_signal(signal.SIGTERM)
     edge.proc.wait(10)
@@ -330,7 +333,7 @@ HAPROXY_CHECK_DIR = Path(f"/tmp/hostile-check-{os.getpid()}")
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(st.text(max_size=40), st.lists(raw_entry, max_size=3), max_size=4))
-def test_hostile_renders_pass_haproxy_check(data):
+def test_hostile_renders_pass_haproxy_check(haproxy, data):
     services = {name: instances_from_health(name, entries)[0] for name, entries in data.items()}
     table = build_table(services)
     rendered = render(table, Listeners("127.0.0.1:1", "127.0.0.1:2", "/tmp/x.sock", (DOMAIN,)),
@@ -338,6 +341,6 @@ def test_hostile_renders_pass_haproxy_check(data):
     HAPROXY_CHECK_DIR.mkdir(exist_ok=True)
     for name, text in rendered.files:
         (HAPROXY_CHECK_DIR / name).write_text(text)
-    result = subprocess.run([require("haproxy"), "-c", "-q", "-C", str(HAPROXY_CHECK_DIR),
+    result = subprocess.run([haproxy.path, "-c", "-q", "-C", str(HAPROXY_CHECK_DIR),
                              "-f", str(HAPROXY_CHECK_DIR / "haproxy.cfg")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr + rendered["haproxy.cfg"]

@@ -1,6 +1,7 @@
 """HTTPS through real edges, HAProxy, Consul and pebble (Let's Encrypt's ACME test server), all on
 loopback (issue 9): certificates ordered once for the fleet and served by every edge, from
-files and Consul KV, applied live, never by a reload."""
+files and Consul KV, applied live, never by a reload. On every supported HAProxy
+(tests/integration/conftest.py), each with a Consul of its own (certificates in KV stay with it)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def free_ports_on(address: str, port: int) -> bool:
             return False
 
 
-consul = consul_per_module()
+consul = consul_per_module(per_haproxy=True)
 
 
 @pytest.fixture
@@ -114,15 +115,15 @@ def pebble(tmp_path_factory, ports):
 
 
 @pytest.fixture(scope="module")
-def fleet(consul, pebble, ports, tmp_path_factory):
+def fleet(consul, pebble, ports, tmp_path_factory, haproxy):
     """Edge A (127.0.0.1) orders through ACME; edge B (127.0.0.2) serves KV's certificates only
     (those under apps.test, and under other.test: --acme-allow widens what may be served)."""
     http, https = ports
     acme = ("--acme-directory", pebble.directory, "--acme-ca-bundle", str(pebble.ca_bundle),
             "--acme-email", "ops@apps.test", "--acme-propagation-wait", "1", "--hsts", "300")
-    a = Edge(consul.url, "127.0.0.1", http, https, extra=acme).start()
+    a = Edge(consul.url, "127.0.0.1", http, https, extra=acme, haproxy=haproxy.path).start()
     b = Edge(consul.url, "127.0.0.2", http, https,
-             extra=("--certs-kv", "haproxy-consul/certs", "--acme-allow", "other.test")).start()
+             extra=("--certs-kv", "haproxy-consul/certs", "--acme-allow", "other.test"), haproxy=haproxy.path).start()
     yield a, b
     a.stop()
     b.stop()
@@ -252,13 +253,13 @@ def test_certificates_from_kv_apply_live_and_a_bad_one_is_refused_alone(consul, 
 
 
 @pytest.fixture
-def files_edge(consul, tmp_path):
+def files_edge(consul, tmp_path, haproxy):
     certs = tmp_path / "certs"
     certs.mkdir()
     http, https = free_ports(2)
     # Its own KV prefix: the fleet's ACME edge stores certificates for every route under the default one.
     edge = Edge(consul.url, "127.0.0.1", http, https,
-                extra=("--certs", str(certs), "--certs-kv", "files/certs")).start()
+                extra=("--certs", str(certs), "--certs-kv", "files/certs"), haproxy=haproxy.path).start()
     yield edge, certs
     edge.stop()
 
@@ -303,7 +304,8 @@ def test_a_restart_serves_the_same_certificates_before_any_source_answers(consul
     shutil.rmtree(certs)                                    # the source is gone: what was served stays
     certs.mkdir()
     again = Edge(edge.consul_url.replace("127.0.0.1", "127.0.0.9"), "127.0.0.1", edge.port, edge.https_port,
-                 state_dir=edge.state_dir, extra=("--certs-kv", "haproxy-consul/certs"))  # Consul unreachable
+                 state_dir=edge.state_dir, extra=("--certs-kv", "haproxy-consul/certs"),  # Consul unreachable
+                 haproxy=edge.haproxy)
     again.log_path = tmp_path / "again.log"
     again.start()
     try:
@@ -399,7 +401,7 @@ def test_chromium_trusting_pebbles_root_loads_an_https_route(consul, pebble, fle
         backend.close()
 
 
-def test_a_wildcard_by_dns01_through_bind_serves_every_route(consul, tmp_path):
+def test_a_wildcard_by_dns01_through_bind_serves_every_route(consul, tmp_path, haproxy):
     with bind_server(tmp_path / "bind", DOMAIN) as bind, \
             pebble_server(tmp_path / "pebble", http_port=free_ports(1)[0], dns_server=("127.0.0.1", bind.port)) as p:
         root = tmp_path / "root.pem"
@@ -408,7 +410,7 @@ def test_a_wildcard_by_dns01_through_bind_serves_every_route(consul, tmp_path):
         edge = Edge(consul.url, "127.0.0.1", http, https, extra=(
             "--certs-kv", "dns01/certs", "--acme-directory", p.directory, "--acme-ca-bundle", str(p.ca_bundle),
             "--acme-dns-rfc2136", f"127.0.0.1:{bind.port}", "--acme-dns-tsig-key-file", str(bind.key_file),
-            "--acme-dns-propagation-wait", "0")).start()
+            "--acme-dns-propagation-wait", "0"), haproxy=haproxy.path).start()
         backends = [Backend("one"), Backend("two")]
         try:
             register(consul, "one", "one-1", backends[0])
@@ -428,10 +430,11 @@ def test_a_wildcard_by_dns01_through_bind_serves_every_route(consul, tmp_path):
                 b.close()
 
 
-def test_consul_down_keeps_https_serving_and_is_logged_once(tmp_path, cafile):
+def test_consul_down_keeps_https_serving_and_is_logged_once(tmp_path, cafile, haproxy):
     with consul_agent(tmp_path / "consul") as agent:
         http, https = free_ports(2)
-        edge = Edge(agent.url, "127.0.0.1", http, https, extra=("--certs-kv", "haproxy-consul/certs")).start()
+        edge = Edge(agent.url, "127.0.0.1", http, https, extra=("--certs-kv", "haproxy-consul/certs"),
+                    haproxy=haproxy.path).start()
         backend = Backend("steady")
         try:
             register(agent, "steady", "steady-1", backend)

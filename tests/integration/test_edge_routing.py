@@ -1,8 +1,9 @@
 """The edge against a real Consul agent and a real HAProxy: routing rules and live churn.
 
-Every test runs in both watch modes (`--consul-api internal` and `public`); per mode, one Consul
-agent and one edge (reading every tag grammar) serve the whole module, and each test uses its own
-service names, hosts and paths.
+Every test runs in both watch modes (`--consul-api internal` and `public`) on every supported
+HAProxy (tests/integration/conftest.py); per mode and release, one Consul agent and one edge
+(reading every tag grammar) serve the whole module, and each test uses its own service names,
+hosts and paths.
 """
 
 import http.client
@@ -31,20 +32,27 @@ DOMAIN = "test.example"
 
 
 @pytest.fixture(scope="module", params=["internal", "public"])
-def consul(request, tmp_path_factory):
-    """A Consul per watch mode: every routing test runs against both."""
+def consul(request, tmp_path_factory, haproxy):
+    """A Consul per watch mode (every routing test runs against both) and per HAProxy release (what
+    one release's run registered is not seen by the next)."""
     with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
         agent.watch_mode = request.param
         yield agent
 
 
 @pytest.fixture(scope="module")
-def edge(consul):
+def edge(consul, haproxy):
     proc = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--consul-api", consul.watch_mode,
-                                                             "--tag-grammar", "edge,fabio,traefik")).start()
-    yield proc
-    proc.stop()
-    print(proc.log()[-5000:])
+                                                             "--tag-grammar", "edge,fabio,traefik"),
+                       haproxy=haproxy.path).start()
+    # Every test starts from an edge that has applied Consul's state once, so a test's first
+    # vhost is its own "vhost added" reload, never folded into the initial sync (a test run alone).
+    try:
+        logged(proc, "because initial sync", 10)
+        yield proc
+    finally:
+        proc.stop()
+        print(proc.log()[-5000:])
 
 
 @pytest.fixture
@@ -57,6 +65,13 @@ def backends():
     yield make
     for b in made:
         b.close()
+
+
+def test_the_edge_logs_once_what_its_haproxy_is_and_supports(edge, haproxy):
+    logged(edge, f"HAProxy {haproxy.full}: add/del backend")
+    lines = [line for line in edge.log().splitlines() if f"HAProxy {haproxy.full}: add/del backend" in line]
+    assert len(lines) == 1, edge.log()[-3000:]
+    assert ("add/del backend yes/yes" in lines[0]) == (haproxy.release >= (3, 4))
 
 
 def test_balances_over_every_instance_across_nodes(consul, edge, backends):
@@ -185,9 +200,9 @@ def test_hostile_instance_data_is_skipped_per_instance(consul, edge, backends):
     assert "1.1.1.1" not in config_text(edge)
 
 
-def test_without_a_domain_any_suffix_matches_the_first_label(consul, backends):
+def test_without_a_domain_any_suffix_matches_the_first_label(consul, backends, haproxy):
     register(consul, "anydomain", "anydomain-1", backends("any"))
-    edge = EdgeProcess(consul.url, domains=(), extra=("--consul-api", consul.watch_mode)).start()
+    edge = EdgeProcess(consul.url, domains=(), extra=("--consul-api", consul.watch_mode), haproxy=haproxy.path).start()
     try:
         answers(edge, "anydomain-80.t2.example.com", {"any"})
         answers(edge, f"ANYDOMAIN-80.localhost:{edge.port}", {"any"})
@@ -282,12 +297,13 @@ def test_a_traefik_users_tags_route_as_traefik_documents(consul, edge, backends)
     assert fetch(edge, "traefik.example.net", "/admin/x")[0] == 404, "a refused router is never open"
 
 
-def test_expose_tagged_and_opt_out(consul, backends):
+def test_expose_tagged_and_opt_out(consul, backends, haproxy):
     register(consul, "quiet", "quiet-1", backends("quiet"))
     register(consul, "loud", "loud-1", backends("loud"), tags=("edge.expose=true",))
     register(consul, "secret", "secret-1", backends("secret"), tags=("edge.expose=false", "edge.route=/secret"))
     edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--consul-api", consul.watch_mode,
-                                                             "--expose", "tagged")).start()
+                                                             "--expose", "tagged"),
+                       haproxy=haproxy.path).start()
     try:
         answers(edge, f"loud-80.{DOMAIN}", {"loud"})
         assert edge.get(f"quiet-80.{DOMAIN}")[0] == 404

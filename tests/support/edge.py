@@ -26,6 +26,7 @@ class EdgeProcess:
     admin_port: int = 0
     address: str = "127.0.0.1"       # every listener binds this loopback address
     https_port: int = 0              # non-zero: an HTTPS listener there
+    haproxy: str = "haproxy"         # the HAProxy binary (tests.support.haproxy_versions: one per release)
     proc: subprocess.Popen | None = None
 
     def __post_init__(self):
@@ -40,7 +41,7 @@ class EdgeProcess:
         args = [sys.executable, "-m", "haproxy_consul", "edge", *consul,
                 "--bind", f"{self.address}:{self.port}", "--admin-bind", f"{self.address}:{self.admin_port}",
                 "--state-dir", str(self.state_dir), "--consul-wait", "5", "--log-level", "DEBUG",
-                "--handover-timeout", "0"]
+                "--handover-timeout", "0", "--haproxy", self.haproxy]
         if self.https_port:
             args += ["--https-bind", f"{self.address}:{self.https_port}"]
         for d in self.domains:
@@ -48,7 +49,7 @@ class EdgeProcess:
         return args + list(self.extra)
 
     def start(self, timeout: float = 20.0) -> EdgeProcess:
-        require("haproxy")
+        require(self.haproxy)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
         env.update(PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:

@@ -226,10 +226,20 @@ def consul_agent(workdir: Path, **kwargs) -> Iterator[ConsulAgent]:
         agent.stop()
 
 
-def consul_per_module():
-    """A fixture: one Consul dev agent shared by a module's tests (`consul = consul_per_module()`)."""
+def consul_per_module(per_haproxy: bool = False):
+    """A fixture: one Consul dev agent shared by a module's tests (`consul = consul_per_module()`).
+    `per_haproxy=True`: one per HAProxy release the module runs on (the `haproxy` fixture of
+    tests/integration/conftest.py), so what one release's run leaves in Consul (services, KV
+    certificates) is never seen by the next."""
+    if per_haproxy:
+        @pytest.fixture(scope="module", name="consul")
+        def fixture(tmp_path_factory, haproxy):
+            with consul_agent(tmp_path_factory.mktemp(f"consul-{haproxy.version}")) as agent:
+                yield agent
+        return fixture
+
     @pytest.fixture(scope="module", name="consul")
-    def fixture(tmp_path_factory):
+    def shared(tmp_path_factory):
         with consul_agent(tmp_path_factory.mktemp("consul")) as agent:
             yield agent
-    return fixture
+    return shared

@@ -1,11 +1,12 @@
 """HAProxy's output: in the edge's log, what stays an error or a warning and what goes to DEBUG;
 from the runtime API, what the HAProxy shell reads back (answers HAProxy 2.6 gave)."""
 
+import io
 import logging
 
 import pytest
 
-from edge.haproxy.process import RuntimeFailed, classify, servers_state
+from edge.haproxy.process import RuntimeFailed, _relay, classify, servers_state
 from edge.routing.plan import ServedSlot
 
 
@@ -24,6 +25,14 @@ from edge.routing.plan import ServedSlot
     ("<3>Proxy http cannot bind", (logging.ERROR, "Proxy http cannot bind")),
     ("<4>Proxy be_a-80 stopped (cumulated conns: FE: 0, BE: 3).",
      (logging.DEBUG, "Proxy be_a-80 stopped (cumulated conns: FE: 0, BE: 3).")),
+    # The start-up probe's `add server` (edge.haproxy.capabilities), refused on purpose.
+    ("[ALERT]    (1234) : CLI : 'server landing/haproxy-consul-probe' : unknown keyword 'init-state'.",
+     (logging.DEBUG, "CLI : 'server landing/haproxy-consul-probe' : unknown keyword 'init-state'.")),
+    ("<3>CLI : 'server landing/haproxy-consul-probe' : 'init-state' expects one of 'none', 'up' but got '?'.",
+     (logging.DEBUG, "CLI : 'server landing/haproxy-consul-probe' : 'init-state' expects one of 'none', 'up' but got "
+                     "'?'.")),
+    ("[ALERT]    (1234) : CLI : 'server be_a-80/s5' : unknown keyword 'init-state'.",
+     (logging.ERROR, "CLI : 'server be_a-80/s5' : unknown keyword 'init-state'.")),
     ("", None),
 ])
 def test_classify(line, expected):
@@ -60,3 +69,17 @@ def test_servers_state_reads_address_port_and_whether_a_slot_takes_traffic():
 def test_servers_state_in_another_shape_fails(text):
     with pytest.raises(RuntimeFailed):
         servers_state(text.splitlines())
+
+
+def test_advice_haproxy_repeats_at_every_reload_is_one_warning_per_start(caplog):
+    """3.4 started as root advises dropping privileges at the start and again at every reload."""
+    advice = (b"[WARNING]  (%d) : [/usr/sbin/haproxy.main()] HAProxy was started as the root user and does not "
+              b"make use of 'user' nor 'uid' global options to drop the privileges. Consider the 'chroot'.\n")
+    other = b"[WARNING]  (7) : config : missing timeouts for backend 'b'.\n"
+    stream = io.BytesIO(advice % 1 + other + advice % 2 + advice % 3 + other)
+    with caplog.at_level("DEBUG", logger="edge.haproxy"):
+        _relay(stream, logging.getLogger("edge.haproxy"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "chroot" in w]) == 1
+    assert len([w for w in warnings if "missing timeouts" in w]) == 2     # anything else: every time
+    assert len([r for r in caplog.records if "chroot" in r.getMessage()]) == 3

@@ -210,6 +210,17 @@ def test_update_table_equals_a_full_build(before, after, min_slots, expose_all):
     assert sorted(map(str, updated.problems)) == sorted(map(str, full.problems))
 
 
+def test_update_table_breaks_a_slot_key_tie_as_a_full_build_does():
+    # Two services of one route with the same service ID on the same node (one slot key): the
+    # incremental path must keep the one a full build keeps, whichever service changed.
+    before = {"web": (inst("a", healthy=False),), "web-80": (inst("a", port=8001, service="web-80", node="n2"),)}
+    after = {"web": (inst("a", healthy=False), inst("a", node="n2")), "web-80": before["web-80"]}
+    old = build_table(before, None, 1)
+    new = update_table(old, after, {"web"}, 1)
+    assert new == build_table(after, old, 1)
+    assert [(s.address, s.port) for s in new.get("web-80").servers] == [("10.0.0.1", 8001)]
+
+
 def test_update_table_reuses_untouched_routes():
     old, _ = table(inst("a"), inst("x", service="api"))
     services = {"web": (inst("a"), inst("b", port=8001)), "api": (inst("x", service="api"),)}
