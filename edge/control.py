@@ -36,6 +36,7 @@ from edge.metrics import NoMetrics
 from edge.routing.model import Problem
 from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners, Rendered, TemplateError, render
+from edge.routing.spares import assign, release
 from edge.routing.table import DEFAULT_RULES, RouteTable, TagRules, build_table, update_table
 
 log = logging.getLogger("edge")
@@ -162,7 +163,11 @@ class Edge:
             return
         table = self._table(snapshot)
         self._log_problems(snapshot.problems + table.problems)
-        plan = make_plan(self.live, table)
+        if not self.reload_always:
+            table = assign(self.live, table, self.listeners.spares)
+        plan = make_plan(self.live, table, self.listeners.domains, self.listeners.spares)
+        if plan.reload or self.reload_always:
+            table = release(table)   # a reload gives every route its own backend again
         if plan.empty:
             self.live, self._base = table, snapshot
             self._reload_pending_since = None
@@ -269,7 +274,7 @@ class Edge:
         except HAProxyError as exc:
             log.debug("could not read HAProxy's server states (%s): %s", why, exc)
             return
-        plan = reconcile(self.live, served)
+        plan = reconcile(self.live, served, self.listeners.spares)
         if plan.empty:
             return
         log.warning("HAProxy does not serve the table the edge applied (%s): %s", why,
@@ -292,12 +297,17 @@ class Edge:
         applied_ms = (time.perf_counter() - t0) * 1000
         self.live = table
         self._dirty_since = self._dirty_since or time.monotonic()
+        free = self.listeners.spares.free(table) if self.listeners.spares.size else ()
+        if self.listeners.spares.size and len(free) <= self.listeners.spares.size // 4:
+            log.warning("spare backends running low: %d of %d free (the next reload frees them all)",
+                        len(free), self.listeners.spares.size)
         log.info("applied %d server change(s) live in %.1f ms, no reload: %s",
                  len(plan.changes), applied_ms, "; ".join(plan.changes) or "slots only")
 
     def _reload(self, table: RouteTable, reasons: tuple[str, ...], changes: tuple[str, ...],
                 templates: Mapping[str, str]) -> bool:
         t0 = time.perf_counter()
+        table = release(table)      # every route on its own backend; the whole spare pool free again
         try:
             rendered = render(table, self.listeners, templates)
             if not self._write(lambda: self.haproxy.install(rendered)):
