@@ -14,8 +14,9 @@
 # Debian 13), `scripts/debian-rootfs.sh trixie DIR haproxy` (HAProxy 3.0).
 #
 # Idempotent: the rootfs is built in DIR.part and renamed to DIR when complete, with a stamp
-# (DIR/.debian-rootfs) naming what it holds; a DIR with the same stamp is left as it is, one with
-# another stamp (or none) is an error, never overwritten. Concurrent runs for one DIR wait on
+# (DIR/.debian-rootfs) naming what it holds; a DIR with the same stamp is left as it is, one of the
+# same suite that lacks some of the PACKAGEs gets them installed, one with another stamp (or none)
+# is an error, never overwritten. Concurrent runs for one DIR wait on
 # DIR.lock. Needs root. The mirror is the one apt uses for this machine's own release; nothing
 # else is contacted. A Release file past its Valid-Until date (the mirror's sid and experimental)
 # is accepted, and apt inside the rootfs is told so only then. The daemons of installed packages
@@ -115,6 +116,24 @@ flock 9
 if [ -e "$dir" ]; then
   have=$(cat "$dir/.debian-rootfs" 2>/dev/null || echo "no stamp")
   if [ "$have" = "$stamp" ]; then
+    exit 0
+  fi
+  # The same suite with fewer packages (a caller that now wants more): the missing ones are
+  # installed in place, nothing is removed or rebuilt, and the stamp then says what it holds.
+  have_packages=$(sed -n 's/^suite=[^ ]* packages=//p' <<<"$have" | tr ' ' '\n' | sed '/^$/d' | sort -u)
+  wanted=$(printf '%s\n' "${packages[@]}" | sed '/^$/d' | sort -u)
+  if [ "$(sed -n 's/^suite=\([^ ]*\) .*/\1/p' <<<"$have")" = "$spec" ] &&
+     [ -z "$(comm -23 <(echo "$have_packages") <(echo "$wanted") | sed '/^$/d')" ]; then
+    mapfile -t missing < <(comm -13 <(echo "$have_packages") <(echo "$wanted") | sed '/^$/d')
+    target=()
+    [ -z "$extra" ] || target=(-t "$extra")
+    log "adding ${missing[*]} to $dir"
+    { in_rootfs_apt "$dir" -qq update &&
+      in_rootfs_apt "$dir" -y -qq --no-install-recommends "${target[@]}" install "${missing[@]}"; } >"$dir.log" 2>&1 ||
+      { tail -20 "$dir.log" >&2; echo "debian-rootfs: apt-get failed (log: $dir.log)" >&2; exit 1; }
+    rm -f "$dir.log"
+    chroot "$dir" apt-get clean
+    echo "$stamp" > "$dir/.debian-rootfs"
     exit 0
   fi
   echo "debian-rootfs: $dir exists ($have), not the wanted $stamp; unmount and remove it to rebuild" >&2

@@ -94,7 +94,9 @@ for v in "${versions[@]}"; do
   seed=""
   # 3.4 starts from a copy of the sid rootfs instead of a second debootstrap of sid.
   [ "$v" = 3.4 ] && [ -f "$cache/rootfs/sid/.debian-rootfs" ] && seed="$cache/rootfs/sid"
-  DEBIAN_ROOTFS_SEED=$seed bash "$here/debian-rootfs.sh" "$suite" "$root" haproxy
+  # ca-certificates: the system CAs (`ca-file @system-ca`, a backend's `verify required`), as on
+  # a real Debian host; without them such a configuration does not even load.
+  DEBIAN_ROOTFS_SEED=$seed bash "$here/debian-rootfs.sh" "$suite" "$root" haproxy ca-certificates
   wrapper "$v" "$root" | install_file "$cache/bin/haproxy-$v"
   got=$(major_minor "$cache/bin/haproxy-$v")
   if [ "$got" != "$v" ]; then

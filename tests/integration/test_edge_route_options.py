@@ -22,12 +22,12 @@ from tests.support.procs import consul_per_module, free_ports, require, stop_pro
 from tests.support.tlsgen import make_ca
 
 pytestmark = pytest.mark.integration
-consul = consul_per_module()
+consul = consul_per_module(per_haproxy=True)
 
 
 @pytest.fixture(scope="module")
-def edge(consul):
-    proc = EdgeProcess(consul.url, domains=("test.example",),
+def edge(consul, haproxy):
+    proc = EdgeProcess(consul.url, domains=("test.example",), haproxy=haproxy.path,
                        extra=("--tag-grammar", "edge,fabio,traefik")).start()
     yield proc
     proc.stop()

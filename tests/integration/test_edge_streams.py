@@ -21,15 +21,15 @@ from tests.support.procs import consul_per_module, free_ports, wait_until
 from tests.support.tlsgen import make_ca
 
 pytestmark = pytest.mark.integration
-consul = consul_per_module()
+consul = consul_per_module(per_haproxy=True)
 BACKEND_CA = make_ca("backend's own CA")
 
 
 @pytest.fixture(scope="module")
-def edge(consul):
+def edge(consul, haproxy):
     address = "127.0.0.1"
     proc = EdgeProcess(consul.url, domains=("test.example",), https_port=free_ports(1, address)[0],
-                       extra=("--tag-grammar", "edge,traefik", "--no-https-redirect")).start()
+                       haproxy=haproxy.path, extra=("--tag-grammar", "edge,traefik", "--no-https-redirect")).start()
     yield proc
     proc.stop()
     print(proc.log()[-5000:])
