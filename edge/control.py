@@ -295,12 +295,14 @@ class Edge:
             self._reload(table, (f"runtime API failed: {exc}",), plan.changes, self.templates)
             return
         applied_ms = (time.perf_counter() - t0) * 1000
+        pool = self.listeners.spares
+        if pool.size and self.live is not None:
+            free, before = len(pool.free(table)), len(pool.free(self.live))
+            if free < before and free <= pool.size // 4:      # once per spare taken, not per change
+                log.warning("spare backends running low: %d of %d free (the next reload frees them all)",
+                            free, pool.size)
         self.live = table
         self._dirty_since = self._dirty_since or time.monotonic()
-        free = self.listeners.spares.free(table) if self.listeners.spares.size else ()
-        if self.listeners.spares.size and len(free) <= self.listeners.spares.size // 4:
-            log.warning("spare backends running low: %d of %d free (the next reload frees them all)",
-                        len(free), self.listeners.spares.size)
         log.info("applied %d server change(s) live in %.1f ms, no reload: %s",
                  len(plan.changes), applied_ms, "; ".join(plan.changes) or "slots only")
 

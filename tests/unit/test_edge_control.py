@@ -288,3 +288,12 @@ def test_a_failed_spare_step_converges_by_one_reload_onto_own_backends(spare_edg
     assert spare_edge.live.get("api-80").backend == "be_api-80"
     assert "backend be_api-80\n" in spare_edge.haproxy.calls[0][1]
     assert "backend be_spare_1\n    description spare, free" in spare_edge.haproxy.calls[0][1]
+
+
+def test_taking_one_of_the_last_spares_is_logged_once(spare_edge, caplog):
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    spare_edge.step()
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001, 9002])))   # churn on the spare: no new warning
+    spare_edge.step()
+    assert [r.getMessage() for r in caplog.records if "running low" in r.getMessage()] == [
+        "spare backends running low: 0 of 1 free (the next reload frees them all)"]
