@@ -36,7 +36,7 @@ from edge.metrics import NoMetrics
 from edge.routing.model import Problem
 from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners, Rendered, TemplateError, render
-from edge.routing.spares import assign, release
+from edge.routing.spares import assign, release, retire
 from edge.routing.table import DEFAULT_RULES, RouteTable, TagRules, build_table, update_table
 
 log = logging.getLogger("edge")
@@ -164,7 +164,7 @@ class Edge:
         table = self._table(snapshot)
         self._log_problems(snapshot.problems + table.problems)
         if not self.reload_always:
-            table = assign(self.live, table, self.listeners.spares)
+            table = assign(self.live, retire(self.live, table, self.listeners.spares), self.listeners.spares)
         plan = make_plan(self.live, table, self.listeners.domains, self.listeners.spares)
         if plan.reload or self.reload_always:
             table = release(table)   # a reload gives every route its own backend again

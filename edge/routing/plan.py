@@ -78,6 +78,19 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
                 fill.extend(_slot_commands(_emptied(route), route)[0])
                 changes.append(f"+ {route.name} on {route.backend}")
             continue
+        if old.retired:                       # back before the reload that drops its backend
+            changes.extend(f"+ {route.name} {s}" for s in route.servers)
+            if route.tcp or route.options != old.options or len(route.slots) != len(old.slots):
+                reasons.append(f"vhost added: {route.name}")
+            else:
+                fill.extend(_slot_commands(old, route)[0])
+                changes.append(f"+ {route.name} on {route.backend} again")
+            continue
+        if route.retired:                     # removed: maps first, then its slots to maintenance
+            changes.extend(f"- {route.name} {s}" for s in old.servers)
+            drain.extend(_slot_commands(old, route)[0])
+            changes.append(f"- {route.name}: {route.backend} left empty until the next reload")
+            continue
         if old.hosts != route.hosts:
             reasons.append(f"hosts of {route.name} changed: {list(old.hosts)} -> {list(route.hosts)}")
         if old.vhost != route.vhost:

@@ -231,7 +231,8 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
     }
     try:
         config = env.get_template(CONFIG_TEMPLATE).render(context)
-        landing = _landing(env.get_template(LANDING_TEMPLATE), context, table.routes, router_views(table))
+        landing = _landing(env.get_template(LANDING_TEMPLATE), context,
+                           tuple(r for r in table.routes if not r.retired), router_views(table))
     except jinja2.TemplateError as exc:
         where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
         raise TemplateError(f"{type(exc).__name__}{where}: {exc}") from exc

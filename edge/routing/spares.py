@@ -16,6 +16,11 @@ servers (and a `description` naming the route), the maps pointing at it, the fre
 Any reload for another reason gives every route its own `be_<route>` again (`release`) and the
 whole pool is free; when the pool is empty, a new vhost is a reload ("spare backends exhausted").
 
+A removed route on its own backend (default options, HTTP only) is `retire`d the same way: its
+map entries go, its slots go to maintenance, and its backend stays declared, empty and unmapped
+(`Route.retired`), until the next reload drops it; if the route comes back before that, it is
+filled into its own backend again.
+
 Pure: no I/O.
 """
 
@@ -72,9 +77,26 @@ def assign(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> Rou
                                          for r in desired.routes))
 
 
+def retire(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> RouteTable:
+    """`desired` with every route `live` has and `desired` lacks kept as retired (slots free, no
+    host, no vhost), when it is on its own backend with the default options, and every route
+    already retired kept so; a removed route on a spare is not kept (its spare goes back to the
+    pool). Unchanged (the same object) when there is nothing to keep."""
+    if live is None or pool.size == 0:
+        return desired
+    kept = [r for r in live.routes if desired.get(r.name) is None and not r.spare
+            and (r.retired or (not r.tcp and r.options == BackendOptions()))]
+    if not kept:
+        return desired
+    gone = [r if r.retired else replace(r, hosts=(), slots=(None,) * len(r.slots), instances=0, services=(),
+                                        vhost=False, retired=True) for r in kept]
+    return replace(desired, routes=tuple(sorted(desired.routes + tuple(gone), key=lambda r: r.name)))
+
+
 def release(table: RouteTable) -> RouteTable:
-    """Every route on its own backend again (what a reload renders); the same object when no route
-    occupies a spare."""
-    if not any(r.spare for r in table.routes):
+    """Every route on its own backend again and the retired ones gone (what a reload renders); the
+    same object when no route occupies a spare or is retired."""
+    if not any(r.spare or r.retired for r in table.routes):
         return table
-    return replace(table, routes=tuple(replace(r, spare=0) if r.spare else r for r in table.routes))
+    return replace(table, routes=tuple(replace(r, spare=0) if r.spare else r
+                                       for r in table.routes if not r.retired))

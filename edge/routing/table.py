@@ -59,6 +59,7 @@ class Route:
     options: BackendOptions = BackendOptions()
     tcp: bool = False                # TCP or SNI routers send here: a TCP backend beside the HTTP one
     spare: int = 0                   # K: served live by the spare backend be_spare_K (edge.routing.spares)
+    retired: bool = False            # removed live: its backend stays, empty and unmapped, until a reload
 
     @property
     def backend(self) -> str:

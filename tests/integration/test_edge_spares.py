@@ -3,8 +3,9 @@
 A real Consul and the edge on each release (the `haproxy` parameter): new services registered
 under keep-alive load take spare backends live (0 reloads, every new vhost answers), removed ones
 leave them (0 reloads, 404); the files written after those live changes reproduce the live state
-(HAProxy's master reloads from them and routes the same), and an edge reload for another reason
-puts every route on its own backend and routes the same again. 0 failed requests throughout.
+(HAProxy's master reloads from them and routes the same); an edge reload for another reason puts
+every route on its own backend and routes the same again, and vhosts removed from their own
+backends then cost no reload either. 0 failed requests throughout.
 """
 
 from __future__ import annotations
@@ -134,6 +135,14 @@ def test_new_and_removed_vhosts_take_and_leave_spares_with_no_reload(consul, edg
                 answers(edge, f"new{i}-80.{DOMAIN}", {f"new{i}"})
             for i in range(3):
                 status_of(edge, f"new{i}-80.{DOMAIN}", 404)
+
+            for i in range(3, NEW):                      # removed from their own backends: no reload either
+                deregister(consul, f"new{i}-1")
+                status_of(edge, f"new{i}-80.{DOMAIN}", 404)
+            assert reloads(edge.log()) == before + 1, "a removed vhost must not reload HAProxy"
+            wait_until(lambda: "description removed route new5-80" in config_text(edge), 3,
+                       what="haproxy.cfg keeping the removed route's empty backend")
+            assert "new5-80" not in (edge.state_dir / "hosts.map").read_text()
         out = load.out
         assert int(re.search(r"(\d+) requests in", out).group(1)) > 500, out
         assert "Socket errors" not in out and "Non-2xx" not in out, out

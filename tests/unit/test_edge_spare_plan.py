@@ -7,7 +7,7 @@ import pytest
 from edge.routing.model import Instance
 from edge.routing.plan import ServedSlot, make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners, render
-from edge.routing.spares import SparePool, assign, release
+from edge.routing.spares import SparePool, assign, release, retire
 from edge.routing.table import build_table
 
 DOMAINS = ("t.example",)
@@ -28,7 +28,7 @@ def build(*instances, previous=None):
 
 def step(live, desired, pool=POOL, domains=DOMAINS):
     """What the control loop does: spares assigned, then the plan."""
-    desired = assign(live, desired, pool)
+    desired = assign(live, retire(live, desired, pool), pool)
     return desired, make_plan(live, desired, domains, pool)
 
 
@@ -99,9 +99,54 @@ def test_a_new_vhost_a_spare_cannot_take_is_a_reload(new, reason):
     assert all(r.spare == 0 for r in release(desired).routes)
 
 
-def test_no_pool_means_every_new_vhost_is_a_reload():
+def test_no_pool_means_every_new_or_removed_vhost_is_a_reload():
     _, plan = step(BASE, build(inst("a"), inst("b", service="api"), previous=BASE), pool=SparePool(0))
     assert plan.reasons == ("vhost added: api-80",)
+    _, plan = step(BASE, build(inst("b", service="api")), pool=SparePool(0))
+    assert plan.reasons == ("vhost added: api-80", "vhost removed: web-80")
+
+
+def test_a_removed_route_on_its_own_backend_leaves_the_maps_then_stays_empty_until_a_reload():
+    live = build(inst("a", tags=("edge.host=www.example.org", "edge.weight=2")), inst("b", service="api", port=9000))
+    desired, plan = step(live, build(inst("b", service="api", port=9000)))       # a full build: no web-80
+    assert not plan.reload, plan.reasons
+    assert list(plan.commands) == [
+        "del map hosts.map web-80.t.example",
+        "del map hosts.map www.example.org",
+        "set server be_web-80/s1 state maint",
+        "set server be_web-80/s1 weight 1",
+    ]
+    gone = desired.get("web-80")
+    assert gone.retired and gone.backend == "be_web-80" and not gone.vhost and gone.slots == (None,) * 4
+    config = render(desired, LISTENERS, TEMPLATES)
+    assert "backend be_web-80\n    # Route web-80 was removed live" in config["haproxy.cfg"]
+    assert "web-80" not in config["hosts.map"] and "web-80" not in config["landing.lf"]
+    # kept through the next changes, also a full build; dropped by a reload
+    again, plan = step(desired, build(inst("b", service="api", port=9000), inst("c", service="api", port=9001)))
+    assert again.get("web-80").retired and not plan.reload
+    assert release(again).get("web-80") is None
+
+
+def test_a_retired_route_that_comes_back_is_filled_into_its_own_backend_then_mapped():
+    live = build(inst("a"), inst("b", service="api", port=9000))
+    gone, _ = step(live, build(inst("b", service="api", port=9000), previous=live))
+    back, plan = step(gone, build(inst("a", port=8100), inst("b", service="api", port=9000), previous=gone))
+    assert not plan.reload, plan.reasons
+    assert list(plan.commands) == ["set server be_web-80/s1 addr 10.0.0.1 port 8100",
+                                   "set server be_web-80/s1 state ready",
+                                   "add map hosts.map web-80.t.example be_web-80"]
+    assert not back.get("web-80").retired
+    # with other options it needs its backend rendered again: a reload
+    _, plan = step(gone, build(inst("a", tags=("edge.sticky=S",)), inst("b", service="api", port=9000),
+                               previous=gone))
+    assert plan.reasons == ("vhost added: web-80",)
+
+
+@pytest.mark.parametrize("tags", [("edge.timeout-server=5s",), ("edge.tcp=7000",)])
+def test_a_removed_route_with_its_own_options_or_a_tcp_backend_is_a_reload(tags):
+    live = build(inst("a", tags=tags), inst("b", service="api", port=9000))
+    _, plan = step(live, build(inst("b", service="api", port=9000), previous=live))
+    assert plan.reasons[0] == "vhost removed: web-80", plan.reasons
 
 
 def test_removal_leaves_the_maps_first_then_empties_the_spare():
