@@ -261,12 +261,11 @@ def test_a_second_edge_on_the_same_state_dir_is_refused_with_the_holder(consul, 
     ("{{ undefined_name }}", "UndefinedError"),
 ])
 @pytest.mark.parametrize("mode", [(), ("--once",)])
-def test_a_broken_template_at_start_is_one_clear_line_and_exit_2(consul, haproxy, tmp_path, source, what, mode):
+def test_a_broken_template_at_start_is_one_clear_line_and_exit_2(consul, tmp_path, source, what, mode):
     templates = tmp_path / "templates"
     shutil.copytree(REPO / "templates", templates)
     (templates / "haproxy.cfg.j2").write_text(source)
-    edge = EdgeProcess(consul.url, domains=(DOMAIN,), haproxy=haproxy.path,
-                       extra=("--templates", str(templates), *mode))
+    edge = EdgeProcess(consul.url, domains=(DOMAIN,), extra=("--templates", str(templates), *mode))
     result = subprocess.run(edge.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -454,12 +453,12 @@ def test_a_port_held_by_a_pending_hand_over_names_the_holder_and_the_time_left(c
     wait_until(lambda: not alive(master), 10, what="HAProxy to stop")
 
 
-def test_a_port_held_by_another_program_names_it(consul, haproxy):
+def test_a_port_held_by_another_program_names_it(consul):
     with socket.socket() as holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        other = EdgeProcess(consul.url, domains=(DOMAIN,), haproxy=haproxy.path, port=holder.getsockname()[1])
+        other = EdgeProcess(consul.url, domains=(DOMAIN,), port=holder.getsockname()[1])
         result = subprocess.run(other.argv(), capture_output=True, text=True, timeout=60, cwd=REPO)
     assert result.returncode == 1
     me = Path("/proc/self/comm").read_text().strip()
