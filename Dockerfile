@@ -5,7 +5,7 @@
 # slimmed debootstrap rootfs where no registry is reachable. Users get the public Debian image.
 # Every layer removes what it downloads (apt lists, caches, .debs) in the step that made it;
 # the venv holds no pip or setuptools (pip runs from Debian's wheel, outside the venv).
-ARG BASE=debian:bookworm-slim
+ARG BASE=debian:trixie-slim
 # The consul binary bootstrap runs. By default Debian 11's package, Consul 1.8.7 (the last
 # Debian ships; stage consul-debian). `--build-arg CONSUL_FROM=hashicorp/consul:1.20` takes
 # /bin/consul from another image (the official ones have it there; Consul is a static binary),
