@@ -11,8 +11,9 @@ What a new machine of this workplace has besides Debian itself is carried over, 
 and pip reach the same mirror and package index the host's do: the host's resolver files, CA
 certificates added under /usr/local/share/ca-certificates (and the bundle made from them), pip's
 configuration files and the local directories and files they name (bound read-only), and the
-PIP_* environment. apt's downloaded packages and pip's cache are kept between runs in
-`cache` (a proxy would do the same); the machine's file system is new every time.
+PIP_* environment. pip's cache is kept between runs in `cache` (pip shares it safely between
+concurrent runs; apt's archives are not shared: two apts would fight over their lock); the
+machine's file system is new every time.
 """
 
 from __future__ import annotations
@@ -32,12 +33,11 @@ _ENTER = r"""
 set -eu
 base=$1 scratch=$2 cache=$3 binds=$4; shift 4
 root=$scratch/root
-mkdir -p "$scratch/upper" "$scratch/work" "$root" "$cache/apt" "$cache/pip"
+mkdir -p "$scratch/upper" "$scratch/work" "$root" "$cache/pip"
 mount -t overlay overlay -o "lowerdir=$base,upperdir=$scratch/upper,workdir=$scratch/work" "$root"
 mount -t proc proc "$root/proc"
 mount --bind /dev "$root/dev"
-mkdir -p "$root/var/cache/apt/archives" "$root/root/.cache/pip"
-mount --bind "$cache/apt" "$root/var/cache/apt/archives"
+mkdir -p "$root/root/.cache/pip"
 mount --bind "$cache/pip" "$root/root/.cache/pip"
 while IFS= read -r path; do
   [ -n "$path" ] || continue
