@@ -2,10 +2,11 @@
 #
 # Build offline-friendly with scripts/build_image.py (`make image`): dependency wheels are built
 # on the host (pip inside a build step may not reach PyPI), and BASE may be a locally imported,
-# slimmed debootstrap rootfs where no registry is reachable. Users get the public Debian image.
+# slimmed debootstrap rootfs where no registry is reachable. Users get the public Debian image:
+# Debian 13 "trixie", for HAProxy 3.0 (LTS) and Python 3.13 (the wheels are made for 3.13).
 # Every layer removes what it downloads (apt lists, caches, .debs) in the step that made it;
 # the venv holds no pip or setuptools (pip runs from Debian's wheel, outside the venv).
-ARG BASE=debian:bookworm-slim
+ARG BASE=debian:trixie-slim
 # The consul binary bootstrap runs. By default Debian 11's package, Consul 1.8.7 (the last
 # Debian ships; stage consul-debian). `--build-arg CONSUL_FROM=hashicorp/consul:1.20` takes
 # /bin/consul from another image (the official ones have it there; Consul is a static binary),

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test unit integration lint deps venv clean bench image walkthrough haproxy-versions
+.PHONY: demo test unit integration lint deps venv clean bench image walkthrough haproxy-versions debian13-rootfs
 
 deps:
 	bash scripts/install-deps.sh
@@ -23,10 +23,17 @@ venv: $(STAMP)
 haproxy-versions: deps
 	bash scripts/haproxy-rootfs.sh
 
+# A fresh Debian 13 "trixie" (debootstrap minbase) for tests/integration/test_debian13.py, which runs
+# the README's commands on an overlay of it: built once per machine in $HAPROXY_CONSUL_CACHE
+# (default /var/cache/haproxy-consul), ~40 s the first time, a quick check afterwards.
+HAPROXY_CONSUL_CACHE ?= /var/cache/haproxy-consul
+debian13-rootfs: deps
+	$$([ "$$(id -u)" -eq 0 ] || echo sudo) bash scripts/debian-rootfs.sh trixie $(HAPROXY_CONSUL_CACHE)/rootfs/debian13-ci
+
 demo: deps venv
 	$(BIN)/python scripts/demo.py
 
-test: deps venv haproxy-versions
+test: deps venv haproxy-versions debian13-rootfs
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest

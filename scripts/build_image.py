@@ -4,11 +4,14 @@
    does, one line says how to start one and nothing else happens.
 2. Wheels are built on the host: every dependency into build/image/deps (kept until
    pyproject.toml changes), the package into build/image/app (a code change then rebuilds only
-   the image's last layers).
-3. The base: `--base IMAGE` when given; by default debian:bookworm-slim if the engine has it or
-   can pull it, otherwise (no registry answers) a `debootstrap --variant=minbase bookworm`
-   rootfs from this machine's own Debian mirror, slimmed like Debian's -slim images (no apt
-   lists or caches, no docs, manuals or translations) and imported once per engine.
+   the image's last layers). The image's Python (3.13, Debian 13's) may not be the host's: a
+   wheel built for the host's alone (compiled, e.g. msgspec's cp311) is replaced by the same
+   release's wheel for the image's Python, fetched with `pip download --python-version`.
+3. The base is Debian 13 "trixie" (HAProxy 3.0 LTS, Python 3.13): `--base IMAGE` when given; by
+   default debian:trixie-slim if the engine has it or can pull it, otherwise (no registry
+   answers) a `debootstrap --variant=minbase trixie` rootfs from this machine's own Debian
+   mirror, slimmed like Debian's -slim images (no apt lists or caches, no docs, manuals or
+   translations) and imported once per engine.
 4. `docker build` (classic builder) through the Docker SDK, tagged `<repository>:latest` and
    `<repository>:<version>`; then the size of every layer.
 5. The consul binary bootstrap runs: Debian 11's Consul 1.8.7 package by default; `--consul-from
@@ -43,8 +46,11 @@ sys.path.insert(0, str(REPO))
 from haproxy_consul import __version__  # noqa: E402 - the version the image is tagged with
 
 BUILD = REPO / "build" / "image"
-DEFAULT_BASE = "debian:bookworm-slim"
-DEBOOTSTRAP_TAG = "haproxy-consul-base:bookworm-slimmed"
+SUITE = "trixie"                   # Debian 13: HAProxy 3.0 LTS
+IMAGE_PYTHON = (3, 13)             # trixie's python3, which the image's venv runs
+IMAGE_GLIBC = (2, 41)              # trixie's libc: the newest manylinux wheel it runs
+DEFAULT_BASE = f"debian:{SUITE}-slim"
+DEBOOTSTRAP_TAG = f"haproxy-consul-base:{SUITE}-slimmed"
 DPKG_SLIM = REPO / "scripts" / "dpkg-slim.cfg"
 # Beyond what dpkg-slim.cfg leaves out: what apt and debootstrap keep that a container never needs.
 ROOTFS_JUNK = ("/var/cache/apt/*.bin", "/var/cache/apt/archives/*.deb", "/var/lib/apt/lists/*_*",
@@ -100,21 +106,36 @@ def slim_rootfs(rootfs: Path) -> int:
     return freed
 
 
-def debian_mirror() -> str:
-    """The mirror this machine's apt uses for bookworm (deb822 or one-line format)."""
-    deb822 = Path("/etc/apt/sources.list.d/debian.sources")
-    if deb822.exists():
-        for stanza in deb822.read_text().split("\n\n"):
-            lines = [line for line in stanza.splitlines() if ":" in line and not line.startswith("#")]
-            fields = dict(line.split(":", 1) for line in lines)
-            if re.search(r"\bbookworm\b", fields.get("Suites", "")):
-                return fields["URIs"].split()[0].strip()
-    one_line = Path("/etc/apt/sources.list")
-    for line in one_line.read_text().splitlines() if one_line.exists() else []:
+def machine_release(os_release: Path = Path("/etc/os-release")) -> str:
+    """This machine's Debian codename (bookworm, trixie, ...)."""
+    for line in os_release.read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise SystemExit(f"build_image: {os_release} names no VERSION_CODENAME")
+
+
+def mirror_in(release: str, deb822: str | None, one_line: str | None) -> str | None:
+    """The mirror of `release` in apt sources (deb822 `debian.sources`, or one-line `sources.list`)."""
+    for stanza in (deb822 or "").split("\n\n"):
+        lines = [line for line in stanza.splitlines() if ":" in line and not line.startswith("#")]
+        fields = dict(line.split(":", 1) for line in lines)
+        if release in fields.get("Suites", "").split() and fields.get("URIs", "").strip():
+            return fields["URIs"].split()[0].strip()
+    for line in (one_line or "").splitlines():
         parts = line.split()
-        if len(parts) >= 3 and parts[0] == "deb" and parts[2] == "bookworm":
+        if len(parts) >= 3 and parts[0] == "deb" and parts[2] == release:
             return parts[1]
-    raise SystemExit("build_image: cannot find this machine's Debian mirror in its apt sources")
+    return None
+
+
+def debian_mirror() -> str:
+    """The mirror this machine's apt uses for its own release; it carries trixie too."""
+    deb822, one_line = Path("/etc/apt/sources.list.d/debian.sources"), Path("/etc/apt/sources.list")
+    mirror = mirror_in(machine_release(), deb822.read_text() if deb822.exists() else None,
+                       one_line.read_text() if one_line.exists() else None)
+    if mirror is None:
+        raise SystemExit("build_image: cannot find this machine's Debian mirror in its apt sources")
+    return mirror
 
 
 def connect(url: str) -> docker.DockerClient:
@@ -126,15 +147,56 @@ def connect(url: str) -> docker.DockerClient:
         raise NoEngine(url) from exc
 
 
+def runs_on(wheel: str, python: tuple[int, int] = IMAGE_PYTHON) -> bool:
+    """Does the wheel file `wheel` install on CPython `python` (pure, abi3 up to it, or built for it)?"""
+    *_, py_tags, abi_tags, _platform = wheel.removesuffix(".whl").split("-")
+    own = f"cp{python[0]}{python[1]}"
+    for py in py_tags.split("."):
+        for abi in abi_tags.split("."):
+            if abi == "none" and (py in ("py3", f"py{python[0]}{python[1]}", own)):
+                return True
+            if abi == "abi3" and py.startswith("cp3") and int(py[3:]) <= python[1]:
+                return True
+            if abi == own and py == own:
+                return True
+    return False
+
+
+def manylinux_platforms(arch: str, glibc: tuple[int, int] = IMAGE_GLIBC) -> list[str]:
+    """Every manylinux platform tag a glibc `glibc` on `arch` runs, newest first (legacy aliases too)."""
+    tags = [f"manylinux_2_{minor}_{arch}" for minor in range(glibc[1], 4, -1)]
+    return tags + [f"manylinux2014_{arch}", f"manylinux2010_{arch}", f"manylinux1_{arch}"]
+
+
+def retarget_wheels(directory: Path, python: tuple[int, int] = IMAGE_PYTHON) -> list[str]:
+    """Replace each wheel in `directory` that only the host's Python runs by the same release for `python`."""
+    replaced = []
+    for wheel in sorted(directory.glob("*.whl")):
+        if runs_on(wheel.name, python):
+            continue
+        name, version = wheel.name.split("-")[:2]
+        platforms = [arg for tag in manylinux_platforms(os.uname().machine) for arg in ("--platform", tag)]
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                        "--python-version", f"{python[0]}.{python[1]}", "--implementation", "cp",
+                        *platforms, "-d", str(directory), f"{name}=={version}"], check=True)
+        wheel.unlink()
+        replaced.append(wheel.name)
+    return replaced
+
+
 def wheels() -> None:
-    """Dependency wheels into build/image/deps (again only when pyproject.toml changed), the package into app."""
+    """Dependency wheels for the image's Python into build/image/deps (again only when pyproject.toml
+    or that Python changed), the package into app."""
     stamp = BUILD / "deps" / ".pyproject-sha256"
-    wanted = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest()
+    wanted = hashlib.sha256((REPO / "pyproject.toml").read_bytes()).hexdigest() + f" python{IMAGE_PYTHON}"
     if not stamp.exists() or stamp.read_text() != wanted:
         shutil.rmtree(BUILD / "deps", ignore_errors=True)
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "-w", str(BUILD / "deps"), str(REPO)], check=True)
         for own in (BUILD / "deps").glob("haproxy_consul-*.whl"):
             own.unlink()
+        replaced = retarget_wheels(BUILD / "deps")
+        if replaced:
+            print(f"wheels for Python {IMAGE_PYTHON[0]}.{IMAGE_PYTHON[1]} instead of {', '.join(replaced)}", flush=True)
         stamp.write_text(wanted)
     shutil.rmtree(BUILD / "app", ignore_errors=True)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(BUILD / "app"), str(REPO)],
@@ -152,12 +214,12 @@ def has_image(client: docker.DockerClient, name: str) -> bool:
 def debootstrap_base(client: docker.DockerClient, cache: Path) -> str:
     if has_image(client, DEBOOTSTRAP_TAG):
         return DEBOOTSTRAP_TAG
-    rootfs, tarball = cache / "rootfs", cache / "rootfs-slim.tar"
+    rootfs, tarball = cache / f"rootfs-{SUITE}", cache / f"rootfs-{SUITE}-slim.tar"
     if not tarball.exists():
         mirror = debian_mirror()
-        print(f"debootstrap --variant=minbase bookworm from {mirror} (once; kept in {tarball})", flush=True)
+        print(f"debootstrap --variant=minbase {SUITE} from {mirror} (once; kept in {tarball})", flush=True)
         shutil.rmtree(rootfs, ignore_errors=True)
-        subprocess.run(["debootstrap", "--variant=minbase", "bookworm", str(rootfs), mirror], check=True,
+        subprocess.run(["debootstrap", "--variant=minbase", SUITE, str(rootfs), mirror], check=True,
                        stdout=subprocess.DEVNULL)
         print(f"slimmed the rootfs by {slim_rootfs(rootfs) / 1e6:.0f} MB (apt lists and caches, docs, locales)")
         with tarfile.open(f"{tarball}.part", "w") as tar:
@@ -170,7 +232,7 @@ def debootstrap_base(client: docker.DockerClient, cache: Path) -> str:
 
 
 def choose_base(client: docker.DockerClient, base: str | None, use_debootstrap: bool, cache: Path) -> str:
-    """An explicit --base or --debootstrap wins; else debian:bookworm-slim if present or pullable, else debootstrap."""
+    """An explicit --base or --debootstrap wins; else debian:trixie-slim if present or pullable, else debootstrap."""
     if base:
         return base
     if not use_debootstrap:

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Installs the real programs haproxy-consul drives and tests against, on Debian 12:
-# HAProxy 2.6, Consul 1.8.7 (from Debian 11 "bullseye", which ships it), etcd 3.4,
-# Docker Engine 20.10, busybox-static (test images), wrk, hey and h2load (load tools), debootstrap
-# (the image's base when no registry is reachable), Chromium (headless browser test), and for
-# HTTPS: pebble + pebble-challtestsrv (Let's Encrypt's ACME test server and test DNS), lego (an
-# independent ACME client), BIND 9 (RFC 2136 updates), openssl.
+# Installs the real programs haproxy-consul drives and tests against, on Debian 12 or 13:
+# HAProxy 2.6 / 3.0, Consul 1.8.7 (from Debian 11 "bullseye", which ships it; 12 and 13 do not),
+# etcd 3.4 / 3.5, Docker Engine 20.10 / 26, Python's venv and pip (3.11 / 3.13), busybox-static
+# (test images), wrk, hey and h2load (load tools), debootstrap (the image's base when no registry
+# is reachable), Chromium (headless browser test), and for HTTPS: pebble + pebble-challtestsrv
+# (Let's Encrypt's ACME test server and test DNS), lego (an independent ACME client), BIND 9
+# (RFC 2136 updates), openssl.
 # Idempotent: a second run installs nothing and exits quickly.
 #
 # It installs and nothing else: a service the user already runs is never stopped, disabled or

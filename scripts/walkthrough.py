@@ -425,15 +425,19 @@ class Walkthrough:
         """SIGTERM to the running Consul servers (what `docker stop` sends first), then a few
         seconds for bootstrap to withdraw its drop-in and announcement, which it does before its
         graceful leave. They are removed after that, mid-leave: leaving is not what is checked."""
-        servers = [c for c in containers
-                   if c.status == "running" and (c.attrs["Config"]["Cmd"] or [""])[0] == "bootstrap"]
+        bootstraps = [c for c in containers if (c.attrs["Config"]["Cmd"] or [""])[0] == "bootstrap"]
+        servers = [c for c in bootstraps if c.status == "running"]
         for c in servers:
             c.kill(signal="SIGTERM")
         dropins = [d / resolved.FILE_NAME for d in self.resolved_dirs.values()]
         try:
             wait_until(lambda: not any(f.exists() for f in dropins), 10, interval=0.1, what="the drop-ins withdrawn")
-        except TimeoutError:
-            pass                                                    # reported by clean_up
+        except TimeoutError:                                        # reported by clean_up; why, here
+            for c in bootstraps:
+                c.reload()
+                tail = c.logs(tail=15).decode(errors="replace").rstrip()
+                print(f"--- {c.name} ({c.status}, restarts {c.attrs.get('RestartCount')}, "
+                      f"{'signalled' if c in servers else 'not signalled'}) ---\n{tail}", file=sys.stderr, flush=True)
 
     def logs(self) -> None:
         """On failure: the last lines of every container it started."""

@@ -116,6 +116,12 @@ def test_image_tags_size_and_layers(dockerd):
     assert config["Healthcheck"]["Test"] == ["CMD", "haproxy-consul", "health"]
     assert config["Labels"]["org.opencontainers.image.version"] == "0.1.0"
     assert client.containers.run(TAG, ["--version"], remove=True).decode().strip() == "haproxy-consul 0.1.0"
+    # Debian 13 "trixie": HAProxy 3.0 LTS and Python 3.13 (issue 19 item 5; was bookworm's 2.6 and 3.11).
+    versions = client.containers.run(TAG, ["-c", ". /etc/os-release; echo $VERSION_CODENAME; haproxy -v | head -1; "
+                                             "/opt/haproxy-consul/bin/python --version"],
+                                     entrypoint="sh", remove=True).decode().splitlines()
+    assert versions[0] == "trixie" and versions[1].startswith("HAProxy version 3.0."), versions
+    assert versions[2].startswith("Python 3.13."), versions
 
 
 def test_make_image_takes_another_consul_binary(dockerd, tmp_path):

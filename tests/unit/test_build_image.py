@@ -87,3 +87,44 @@ def test_the_image_consul_comes_from_debian_another_image_or_a_given_binary(tmp_
     for bad in (("x:1", None, str(binary)), (None, None, str(tmp_path / "none"))):
         with pytest.raises(ValueError):
             build_image.consul_source(*bad[:2], bad[2], directory)
+
+
+@pytest.mark.parametrize("wheel, runs", [
+    ("msgspec-0.23.0-cp311-cp311-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", False),   # the host's 3.11
+    ("msgspec-0.23.0-cp313-cp313-manylinux2014_x86_64.manylinux_2_17_x86_64.whl", True),
+    ("cryptography-50.0.2-cp311-abi3-manylinux_2_34_x86_64.whl", True),                    # abi3 from 3.11 on
+    ("future-1.0-cp314-abi3-manylinux_2_34_x86_64.whl", False),                           # abi3 from 3.14 on
+    ("watchdog-7.1.0-py3-none-manylinux_2_17_x86_64.whl", True),
+    ("six-1.17.0-py2.py3-none-any.whl", True),
+    ("old-1.0-py2-none-any.whl", False),
+    ("cffi-2.1.1-cp313-cp313t-manylinux_2_17_x86_64.whl", False),                          # free-threaded build
+])
+def test_which_wheels_built_on_the_host_the_images_python_runs(wheel, runs):
+    assert build_image.runs_on(wheel, (3, 13)) is runs
+
+
+def test_manylinux_platforms_are_every_one_the_images_libc_runs():
+    tags = build_image.manylinux_platforms("x86_64", (2, 41))
+    assert tags[0] == "manylinux_2_41_x86_64" and tags.index("manylinux_2_5_x86_64") == 36
+    assert "manylinux_2_4_x86_64" not in tags and tags[-3:] == [
+        "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"]
+
+
+@pytest.mark.parametrize("deb822, one_line, release, mirror", [
+    ("Types: deb\nURIs: http://m.example/debian\nSuites: bookworm bookworm-updates\nComponents: main\n\n"
+     "Types: deb\nURIs: http://s.example/debian-security\nSuites: bookworm-security\n", None, "bookworm",
+     "http://m.example/debian"),
+    ("Types: deb\nURIs: http://s.example/debian-security\nSuites: trixie-security\n\n"
+     "Types: deb\nURIs: http://m.example/debian\nSuites: trixie trixie-updates\n", None, "trixie",
+     "http://m.example/debian"),
+    (None, "deb http://m.example/debian trixie main\n", "trixie", "http://m.example/debian"),    # debootstrap's
+    ("Types: deb\nURIs: http://m.example/debian\nSuites: bookworm\n", None, "trixie", None),
+])
+def test_the_mirror_is_the_one_apt_uses_for_the_machines_own_release(deb822, one_line, release, mirror):
+    assert build_image.mirror_in(release, deb822, one_line) == mirror
+
+
+def test_the_machines_release_is_its_codename(tmp_path):
+    (tmp_path / "os-release").write_text('PRETTY_NAME="Debian GNU/Linux 13 (trixie)"\nVERSION_CODENAME=trixie\n')
+    assert build_image.machine_release(tmp_path / "os-release") == "trixie"
+    assert build_image.DEFAULT_BASE == "debian:trixie-slim" and build_image.IMAGE_PYTHON == (3, 13)
