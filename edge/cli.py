@@ -34,6 +34,7 @@ from edge.haproxy.ownership import Busy, StateLock, check_free, hand_over
 from edge.haproxy.process import HAProxy, HAProxyError, Paths
 from edge.metrics import METRICS_SOCKET, EdgeMetrics, MetricsServer
 from edge.routing.render import REQUIRED_TEMPLATES, ConsulUi, Listeners, TemplateError, render, validate
+from edge.routing.spares import SparePool
 from edge.routing.table import RouteTable, TagRules, build_table
 from edge.settings import Settings, parse
 from edge.tls.ocsp import Stapler
@@ -71,7 +72,10 @@ def main(argv: Sequence[str], environ: Mapping[str, str]) -> int:
                           trusted_proxies=settings.trusted_proxies, proxy_protocol=settings.proxy_protocol,
                           landing_list_from=settings.landing_list_from,
                           consul_ui=ConsulUi(settings.consul_ui_bind, settings.consul_ui_server)
-                          if settings.consul_ui_bind else None)
+                          if settings.consul_ui_bind else None,
+                          # --apply reload is the baseline of a reload per change: no spares there.
+                          spares=SparePool(settings.spare_backends if settings.apply == "runtime" else 0,
+                                           settings.min_slots))
     stop = threading.Event()
 
     if settings.command == "routes":

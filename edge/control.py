@@ -36,6 +36,7 @@ from edge.metrics import NoMetrics
 from edge.routing.model import Problem
 from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners, Rendered, TemplateError, render
+from edge.routing.spares import assign, release, retire
 from edge.routing.table import DEFAULT_RULES, RouteTable, TagRules, build_table, update_table
 
 log = logging.getLogger("edge")
@@ -168,7 +169,11 @@ class Edge:
             return
         table = self._table(snapshot)
         self._log_problems(snapshot.problems + table.problems)
-        plan = make_plan(self.live, table)
+        if not self.reload_always:
+            table = assign(self.live, retire(self.live, table, self.listeners.spares), self.listeners.spares)
+        plan = make_plan(self.live, table, self.listeners.domains, self.listeners.spares)
+        if plan.reload or self.reload_always:
+            table = release(table)   # a reload gives every route its own backend again
         if plan.empty:
             self.live, self._base = table, snapshot
             self._reload_pending_since = None
@@ -281,7 +286,7 @@ class Edge:
         except HAProxyError as exc:
             log.debug("could not read HAProxy's server states (%s): %s", why, exc)
             return
-        plan = reconcile(self.live, served)
+        plan = reconcile(self.live, served, self.listeners.spares)
         if plan.empty:
             return
         log.warning("HAProxy does not serve the table the edge applied (%s): %s", why,
@@ -302,6 +307,12 @@ class Edge:
             self._reload(table, (f"runtime API failed: {exc}",), plan.changes, self.templates)
             return
         applied_ms = (time.perf_counter() - t0) * 1000
+        pool = self.listeners.spares
+        if pool.size and self.live is not None:
+            free, before = len(pool.free(table)), len(pool.free(self.live))
+            if free < before and free <= pool.size // 4:      # once per spare taken, not per change
+                log.warning("spare backends running low: %d of %d free (the next reload frees them all)",
+                            free, pool.size)
         self.live = table
         self._dirty_since = self._dirty_since or time.monotonic()
         log.info("applied %d server change(s) live in %.1f ms, no reload: %s",
@@ -310,6 +321,7 @@ class Edge:
     def _reload(self, table: RouteTable, reasons: tuple[str, ...], changes: tuple[str, ...],
                 templates: Mapping[str, str]) -> bool:
         t0 = time.perf_counter()
+        table = release(table)      # every route on its own backend; the whole spare pool free again
         try:
             rendered = render(table, self.listeners, templates)
             if not self._write(lambda: self.haproxy.install(rendered)):

@@ -32,6 +32,7 @@ class Settings:
     dry_run: bool = False
     command: str = "run"          # "run" or "routes"
     min_slots: int = 4
+    spare_backends: int = 32      # empty backends a new vhost takes live (edge.routing.spares)
     consul_wait: float = 30.0
     log_level: str = "INFO"
     apply: str = "runtime"        # "runtime" (default) or "reload" (the consul-template baseline)
@@ -110,6 +111,10 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.option("--haproxy", env="EDGE_HAPROXY", default="haproxy", help="HAProxy binary")
     p.option("--min-slots", env="EDGE_MIN_SLOTS", default=4, type=int,
              help="server slots per backend before it has to grow (a reload)")
+    p.option("--spare-backends", env="EDGE_SPARE_BACKENDS", default=32, type=int,
+             help="empty backends declared in every configuration, so that a new vhost with default options "
+                  "is served without a reload (each has --min-slots servers in maintenance); refilled at "
+                  "every reload; 0: every new vhost is a reload")
     p.option("--consul-wait", env="EDGE_CONSUL_WAIT", default=30.0, type=float,
              help="seconds a blocking query waits for a change")
     p.option("--log-level", env="EDGE_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
@@ -209,6 +214,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         p.error(str(exc))
     if args.min_slots < 1:
         p.error("--min-slots must be at least 1")
+    if not 0 <= args.spare_backends <= 10000:
+        p.error("--spare-backends must be between 0 and 10000")
     if args.apply not in ("runtime", "reload"):  # argparse does not check env-provided defaults
         p.error(f"--apply/EDGE_APPLY must be runtime or reload, not {args.apply!r}")
     if args.consul_wait <= 0:
@@ -287,6 +294,7 @@ def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         dry_run=args.dry_run,
         command=command,
         min_slots=args.min_slots,
+        spare_backends=args.spare_backends,
         consul_wait=args.consul_wait,
         log_level=args.log_level,
         apply=args.apply,

@@ -92,7 +92,8 @@ class Capabilities:
                 f"dynamic servers {yes(self.dynamic_servers)}, wait srv-removable {yes(self.wait_srv_removable)}, "
                 f"add server init-state {yes(self.server_init_state)}, atomic maps {yes(self.atomic_maps)}; "
                 f"an unchanged server address answers {_unchanged_addr(self)!r} (a no-op); "
-                f"instance churn goes live through server slots (set server), vhost changes by reload")
+                f"instance churn goes live through server slots (set server), new and removed vhosts "
+                f"through spare backends (--spare-backends), else by reload")
 
 
 def _listed_commands(help_text: str) -> frozenset[str]:

@@ -15,15 +15,31 @@ thresholds in permille: a request drawing a number under T1 goes to be_1, else u
 there is a reload.
 
 Only routers that are more than a whole exact host go here: those stay in the host map, as
-before routers existed. Pure: no I/O.
+before routers existed. The host maps themselves (`hosts.map`: exact host → backend; `routes.map`
+without domains: route name → backend) are built here too (`host_maps`), so the plan can change
+their entries at runtime when a route takes or leaves a spare backend (edge.routing.spares).
+
+A router names its route; `backend_of` (the table's) says which HAProxy backend serves that route
+now: `be_<route>`, or the spare `be_spare_K` it occupies. Pure: no I/O.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from edge.routing.routers import HTTP, SPLIT_PARTS, Router
+
+if TYPE_CHECKING:
+    from edge.routing.table import RouteTable
+
+BackendOf = Callable[[str], str]
+
+
+def own_backend(route: str) -> str:
+    return f"be_{route}"
+
 
 PATHS_MAP = "paths.map"
 EXACT_MAP = "paths_exact.map"
@@ -32,6 +48,8 @@ STRIP_MAP = "strip.map"
 REDIRECTS_MAP = "redirects.map"
 SPLITS_MAP = "splits.map"
 HOST_HEADERS_MAP = "host_headers.map"
+HOSTS_MAP = "hosts.map"
+ROUTES_MAP = "routes.map"
 ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP)
 
 STRIP_BITS = (128, 64, 32, 16, 8, 4, 2, 1)    # a path prefix is at most 200 characters
@@ -65,7 +83,7 @@ def split_groups(routers: Iterable[Router]) -> list[list[Router]]:
     return [parts for parts in _http_groups(routers) if len(parts) > 1 or not parts[0].plain_host]
 
 
-def split_value(parts: list[Router]) -> str:
+def split_value(parts: list[Router], backend_of: BackendOf = own_backend) -> str:
     """`T1|be_1|...`, padded to SPLIT_PARTS with the last part. Shares are permille of the match;
     parts without one share what the others leave; shares adding up to more (or leaving traffic
     to no one) are scaled to the whole, as fabio does."""
@@ -78,7 +96,7 @@ def split_value(parts: list[Router]) -> str:
     out, total = [], 0.0
     for router, share in zip(parts, shares, strict=True):
         total += share
-        out.append((round(total) if router is not parts[-1] else 1000, f"be_{router.backend}"))
+        out.append((round(total) if router is not parts[-1] else 1000, backend_of(router.backend)))
     out += [out[-1]] * (SPLIT_PARTS - len(out))
     return "|".join(f"{t}|{b}" for t, b in out)
 
@@ -90,16 +108,16 @@ def redirect_value(router: Router) -> str:
     return f"{r.code}|{r.when}|{r.scheme}://|h|{f':{r.port}' if r.port else ''}|{'p' if r.keep_path else ''}"
 
 
-def router_maps(routers: Iterable[Router]) -> dict[str, dict[str, str]]:
+def router_maps(routers: Iterable[Router], backend_of: BackendOf = own_backend) -> dict[str, dict[str, str]]:
     """Map name → key → value, for every router map."""
     maps: dict[str, dict[str, str]] = {name: {} for name in ROUTER_MAPS}
     for parts in split_groups(routers):
         router = parts[0]
         rid = router_id(router)
         if len(parts) > 1:
-            maps[SPLITS_MAP][rid] = split_value(parts)
+            maps[SPLITS_MAP][rid] = split_value(parts, backend_of)
         maps[EXACT_MAP if router.exact else PATHS_MAP][map_key(router)] = rid
-        maps[ROUTERS_MAP][rid] = f"be_{router.backend}"
+        maps[ROUTERS_MAP][rid] = backend_of(router.backend)
         if router.strip:
             maps[STRIP_MAP][rid] = str(len(router.strip))
         if router.redirect:
@@ -107,6 +125,25 @@ def router_maps(routers: Iterable[Router]) -> dict[str, dict[str, str]]:
         if router.set_host:
             maps[HOST_HEADERS_MAP][rid] = router.set_host
     return maps
+
+
+def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
+    """Every host name the table routes → its backend. Exact hosts from `edge.host` tags come
+    first and win over a generated `<route>.<domain>`; without domains only exact hosts are names."""
+    seen: dict[str, str] = {}
+    for route in table.routes:
+        for host in route.hosts:
+            seen.setdefault(host, route.backend)
+    for route in table.routes:
+        for domain in domains if route.vhost else ():
+            seen.setdefault(f"{route.name}.{domain}", route.backend)
+    return seen
+
+
+def host_maps(table: RouteTable, domains: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """hosts.map (exact host → backend) and routes.map (without domains: route → backend)."""
+    routes = {} if domains else {r.name: r.backend for r in table.routes if r.vhost}
+    return {HOSTS_MAP: vhosts(table, domains), ROUTES_MAP: routes}
 
 
 def map_text(entries: Mapping[str, str]) -> str:
@@ -118,14 +155,16 @@ def map_commands(live: Mapping[str, Mapping[str, str]], desired: Mapping[str, Ma
     redirect are in place before a path key points at it, and a path key is gone before what it
     pointed at goes."""
     adds, dels = [], []
-    for name in (ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP, PATHS_MAP, EXACT_MAP):
+    for name in (ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP, PATHS_MAP, EXACT_MAP,
+                 HOSTS_MAP, ROUTES_MAP):
         old, new = live.get(name, {}), desired.get(name, {})
         for key in sorted(new):
             if key not in old:
                 adds.append(f"add map {name} {key} {new[key]}")
             elif old[key] != new[key]:
                 adds.append(f"set map {name} {key} {new[key]}")
-    for name in (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP):
+    for name in (HOSTS_MAP, ROUTES_MAP, PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP,
+                 HOST_HEADERS_MAP):
         old, new = live.get(name, {}), desired.get(name, {})
         dels.extend(f"del map {name} {key}" for key in sorted(old) if key not in new)
     return adds + dels

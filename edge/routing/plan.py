@@ -2,10 +2,14 @@
 
 Instance churn inside existing backends (a server added, removed, moved, flipped healthy)
 becomes `set server` commands, and a router added, changed or removed (to a backend HAProxy
-has) becomes map commands (`edge.routing.maps`). Anything the runtime API cannot express—a
-vhost added or removed, an exact host changed, a backend's slots grown, the first router or the
-last one (the frontend gains or loses its lookups)—needs a reload, and the plan names every
-reason so the reload is logged with them.
+has) becomes map commands (`edge.routing.maps`). A new route that occupies a spare backend
+(edge.routing.spares) is filled first (`set server … addr`, `state ready`), then its map entries
+point at it (host map, routes map, router maps): no request ever reaches an empty backend. A
+removed route on a spare leaves the maps first, then its slots go to maintenance. Anything the
+runtime API cannot express—another vhost added or removed (the pool exhausted, options that are
+not the defaults), an exact host changed, a backend's slots grown, the first router or the last
+one (the frontend gains or loses its lookups)—needs a reload, and the plan names every reason so
+the reload is logged with them.
 
 `reconcile` is the same for what HAProxy really serves (its server states) against the table
 the edge applied: nothing should differ, and whatever does is put back. Pure: no I/O.
@@ -16,8 +20,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from edge.routing.maps import access, map_commands, mapped, router_maps
+from edge.routing.maps import access, host_maps, map_commands, mapped, router_maps
 from edge.routing.routers import HTTP
+from edge.routing.spares import NO_POOL, SPARE_PREFIX, SparePool
 from edge.routing.table import Route, RouteTable
 
 
@@ -40,17 +45,28 @@ def slot_name(index: int) -> str:
     return f"s{index + 1}"
 
 
-def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
+def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, ...] = (),
+              pool: SparePool = NO_POOL) -> Plan:
+    """`desired` usually comes through `spares.assign(live, …, pool)`: new routes that occupy a
+    spare are applied live; `domains` (the listeners') say what the host map holds."""
     if live is None:
         return Plan(reasons=("initial sync",), changes=_all_servers(desired))
     reasons: list[str] = []
     added = sorted(desired.by_name.keys() - live.by_name.keys())
     removed = sorted(live.by_name.keys() - desired.by_name.keys())
-    if added:
-        reasons.append("vhost added: " + ", ".join(added))
-    if removed:
-        reasons.append("vhost removed: " + ", ".join(removed))
+    own = [n for n in added if not desired.get(n).spare]
+    if own:
+        exhausted = [n for n in own if pool.size and pool.fits(desired.get(n))]
+        if exhausted:
+            reasons.append(f"spare backends exhausted ({pool.size} in use): " + ", ".join(exhausted))
+        if len(exhausted) < len(own):
+            reasons.append("vhost added: " + ", ".join(n for n in own if n not in exhausted))
+    dropped = [n for n in removed if not live.get(n).spare]
+    if dropped:
+        reasons.append("vhost removed: " + ", ".join(dropped))
+    fill: list[str] = []       # new routes' spares filled: before any map entry points at them
     commands: list[str] = []
+    drain: list[str] = []      # removed routes' spares emptied: after their map entries are gone
     changes: list[str] = []
     unchanged = set(map(id, live.routes))   # update_table reuses the objects of untouched routes
     for route in desired.routes:
@@ -59,6 +75,22 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
         old = live.get(route.name)
         if old is None:
             changes.extend(f"+ {route.name} {s}" for s in route.servers)
+            if route.spare:
+                fill.extend(_slot_commands(_emptied(route), route)[0])
+                changes.append(f"+ {route.name} on {route.backend}")
+            continue
+        if old.retired:                       # back before the reload that drops its backend
+            changes.extend(f"+ {route.name} {s}" for s in route.servers)
+            if route.tcp or route.options != old.options or len(route.slots) != len(old.slots):
+                reasons.append(f"vhost added: {route.name}")
+            else:
+                fill.extend(_slot_commands(old, route)[0])
+                changes.append(f"+ {route.name} on {route.backend} again")
+            continue
+        if route.retired:                     # removed: maps first, then its slots to maintenance
+            changes.extend(f"- {route.name} {s}" for s in old.servers)
+            drain.extend(_slot_commands(old, route)[0])
+            changes.append(f"- {route.name}: {route.backend} left empty until the next reload")
             continue
         if old.hosts != route.hosts:
             reasons.append(f"hosts of {route.name} changed: {list(old.hosts)} -> {list(route.hosts)}")
@@ -70,20 +102,38 @@ def make_plan(live: RouteTable | None, desired: RouteTable) -> Plan:
             reasons.append(f"options of {route.name} changed: {' '.join(route.options.words()) or 'defaults'}")
         if len(old.slots) != len(route.slots):
             reasons.append(f"{route.name} grew from {len(old.slots)} to {len(route.slots)} slots")
+        if old.backend != route.backend:
+            reasons.append(f"{route.name} moves from {old.backend} to {route.backend}")
         route_cmds, route_changes = _slot_commands(old, route)
         commands.extend(route_cmds)
         changes.extend(route_changes)
     for name in removed:
-        changes.extend(f"- {name} {s}" for s in live.get(name).servers)
-    if live.routers is not desired.routers:
+        old = live.get(name)
+        changes.extend(f"- {name} {s}" for s in old.servers)
+        if old.spare:
+            drain.extend(_slot_commands(old, _emptied(old))[0])
+            changes.append(f"- {name} off {old.backend} (free again)")
+    live_maps: dict[str, dict[str, str]] = {}
+    desired_maps: dict[str, dict[str, str]] = {}
+    if fill or drain:
+        live_maps.update(host_maps(live, domains))
+        desired_maps.update(host_maps(desired, domains))
+    if live.routers is not desired.routers or fill or drain:
         reasons.extend(_stream_reasons(live, desired))
-        router_cmds, router_changes, reason = _router_commands(live, desired)
-        commands.extend(router_cmds)
+        router_changes, reason = _router_changes(live, desired)
         changes.extend(router_changes)
         reasons.extend([reason] if reason else [])
+        live_maps.update(router_maps(live.routers, live.backend_of))
+        desired_maps.update(router_maps(desired.routers, desired.backend_of))
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
-    return Plan(commands=tuple(commands), changes=tuple(changes))
+    return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps) + drain),
+                changes=tuple(changes))
+
+
+def _emptied(route: Route) -> Route:
+    """`route` with every slot free: a spare as it waits in the pool."""
+    return replace(route, slots=(None,) * len(route.slots), instances=0)
 
 
 def _slot_commands(old: Route, new: Route) -> tuple[list[str], list[str]]:
@@ -124,15 +174,15 @@ def _stream_reasons(live: RouteTable, desired: RouteTable) -> list[str]:
         ([f"TCP/SNI router changed: {', '.join(changed)}"] if changed else [])
 
 
-def _router_commands(live: RouteTable, desired: RouteTable) -> tuple[list[str], list[str], str]:
-    """Map commands for the routers that changed, a line for each, and a reason to reload instead."""
+def _router_changes(live: RouteTable, desired: RouteTable) -> tuple[list[str], str]:
+    """A line for each router that changed, and a reason to reload instead of changing the maps."""
     old = {r.match: r for r in mapped(live.routers)}
     new = {r.match: r for r in mapped(desired.routers)}
     changes = [f"{'-' if new.get(m) is None else '~' if m in old else '+'} router {(new.get(m) or old[m]).describe()}"
                f"{f' -> {new[m].backend}' if m in new else ''}"
                for m in sorted(old.keys() | new.keys()) if old.get(m) != new.get(m)]
     if bool(old) != bool(new):
-        return [], changes, "the first HTTP router (the frontend gains its lookups)" if new else \
+        return changes, "the first HTTP router (the frontend gains its lookups)" if new else \
             "no HTTP router left (the frontend drops its lookups)"
     rules = {rid: (r.allow, r.deny, r.users) for rid, r in access(live.routers).items()}
     wanted = {rid: (r.allow, r.deny, r.users) for rid, r in access(desired.routers).items()}
@@ -140,8 +190,8 @@ def _router_commands(live: RouteTable, desired: RouteTable) -> tuple[list[str], 
         routers = access(live.routers) | access(desired.routers)
         which = sorted(routers[rid].describe() for rid in rules.keys() | wanted.keys()
                        if rules.get(rid) != wanted.get(rid))
-        return [], changes, f"access rules (allow, deny, basic auth) changed: {', '.join(which)}"
-    return map_commands(router_maps(live.routers), router_maps(desired.routers)), changes, ""
+        return changes, f"access rules (allow, deny, basic auth) changed: {', '.join(which)}"
+    return changes, ""
 
 
 def _all_servers(table: RouteTable) -> tuple[str, ...]:
@@ -160,7 +210,7 @@ def runtime_part(live: RouteTable, desired: RouteTable) -> RouteTable:
         if new is None:
             routes.append(replace(route, slots=(None,) * len(route.slots), instances=0))
         elif new.hosts == route.hosts and len(new.slots) == len(route.slots):
-            routes.append(new)
+            routes.append(new if new.spare == route.spare else replace(new, spare=route.spare))
         else:
             routes.append(route)
     return replace(live, routes=tuple(routes))
@@ -177,19 +227,28 @@ class ServedSlot:
     ready: bool          # takes traffic: neither in maintenance nor draining
 
 
-def reconcile(table: RouteTable, served: Iterable[ServedSlot]) -> Plan:
+def reconcile(table: RouteTable, served: Iterable[ServedSlot], pool: SparePool = NO_POOL) -> Plan:
     """What HAProxy serves against the table the edge applied: the commands that make every slot
-    of every route's backend what the table says (address and port, ready or in maintenance), or
-    a reload when backends or their slots differ. Backends that are not routes' are not looked at."""
+    of every route's backend what the table says (address and port, ready or in maintenance), and
+    every slot of a free spare backend in maintenance, or a reload when backends or their slots
+    differ. Backends that are not routes' or spares are not looked at."""
     backends: dict[str, dict[str, ServedSlot]] = {}
     for slot in served:
         if slot.backend.startswith(("be_", "tcp_")):
             backends.setdefault(slot.backend, {})[slot.name] = slot
+    free = {pool.backend(k) for k in pool.free(table)}
     expected = {backend for route in table.routes for backend in route.backends}
-    reasons = [f"HAProxy has no backend {name}" for name in sorted(expected - set(backends))]
-    reasons += [f"HAProxy still has backend {name}" for name in sorted(set(backends) - expected)]
+    reasons = [f"HAProxy has no backend {name}" for name in sorted((expected | free) - set(backends))]
+    reasons += [f"HAProxy still has backend {name}" for name in sorted(set(backends) - expected - free)
+                if not name.startswith(SPARE_PREFIX)]   # a spare beyond the pool: a smaller --spare-backends
     commands: list[str] = []
     changes: list[str] = []
+    for backend in sorted(free & set(backends)):
+        for name, have in sorted(backends[backend].items()):
+            if have.ready:
+                commands.append(f"set server {backend}/{name} state maint")
+                changes.append(f"{backend}/{name} served {have.address}:{have.port} from a free spare: "
+                               "now in maintenance")
     for route, backend in ((r, b) for r in table.routes for b in r.backends):
         slots = backends.get(backend)
         if slots is None:

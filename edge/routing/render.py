@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import jinja2
 from markupsafe import Markup
 
-from edge.routing.maps import REDIRECT_CODES, STRIP_BITS, map_text, mapped, router_maps
+from edge.routing.maps import HOSTS_MAP, REDIRECT_CODES, ROUTES_MAP, STRIP_BITS, map_text, mapped, router_maps, vhosts
+from edge.routing.maps import host_maps as host_entries
 from edge.routing.model import Instance
 from edge.routing.routers import SPLIT_PARTS
+from edge.routing.spares import NO_POOL, SparePool
 from edge.routing.table import Route, RouteTable, build_table
 from edge.routing.views import (
     SNI_MAP,
@@ -39,8 +41,6 @@ REQUIRED_TEMPLATES = (CONFIG_TEMPLATE, LANDING_TEMPLATE)
 # File names as the configuration refers to them: HAProxy runs with `-C <state dir>` (and is
 # checked with `-C <staging dir>`), so relative names point at the set being loaded.
 CONFIG_FILE = "haproxy.cfg"
-HOSTS_MAP = "hosts.map"
-ROUTES_MAP = "routes.map"
 LANDING_FILE = "landing.lf"
 
 
@@ -113,6 +113,7 @@ class Listeners:
     landing_list_from: tuple[str, ...] = PRIVATE_NETWORKS   # client networks shown the route list; () nobody
     plain_404: str = PLAIN_404      # what every other client gets for an unknown host
     consul_ui: ConsulUi | None = None   # None: no Consul UI listener
+    spares: SparePool = NO_POOL     # the spare backends every configuration declares (--spare-backends)
 
 
 @dataclass(frozen=True)
@@ -147,19 +148,6 @@ def environment(templates: Mapping[str, str]) -> jinja2.Environment:
     return env
 
 
-def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
-    """Every host name the table routes → its backend. Exact hosts from `edge.host` tags come
-    first and win over a generated `<route>.<domain>`; without domains only exact hosts are names."""
-    seen: dict[str, str] = {}
-    for route in table.routes:
-        for host in route.hosts:
-            seen.setdefault(host, route.backend)
-    for route in table.routes:
-        for domain in domains if route.vhost else ():
-            seen.setdefault(f"{route.name}.{domain}", route.backend)
-    return seen
-
-
 def served_hosts(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, ...]:
     """Every exact host the table serves over HTTP, what HTTPS and ACME cover: the vhosts and the
     hosts HTTP routers name (a wildcard names no one host)."""
@@ -170,8 +158,8 @@ def served_hosts(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, ...]
 
 def host_maps(table: RouteTable, domains: tuple[str, ...]) -> tuple[str, str]:
     """(hosts.map, routes.map): exact host → backend, and (without domains) route → backend."""
-    hosts = "".join(f"{k} {v}\n" for k, v in vhosts(table, domains).items())
-    routes = "" if domains else "".join(f"{r.name} {r.backend}\n" for r in table.routes if r.vhost)
+    maps = host_entries(table, domains)
+    hosts, routes = ("".join(f"{k} {v}\n" for k, v in maps[name].items()) for name in (HOSTS_MAP, ROUTES_MAP))
     return hosts, routes
 
 
@@ -199,6 +187,12 @@ def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...]
     shown = most(min(len(routes), LANDING_MAX_BYTES // 40),
                  lambda k: len(page(k, shown_routers).encode()) <= LANDING_MAX_BYTES)
     return page(shown, shown_routers)
+
+
+def free_spares(table: RouteTable, pool: SparePool) -> list[Route]:
+    """The spare backends no route occupies, as empty routes (every slot free) for the template."""
+    return [Route(name=f"spare_{k}", hosts=(), slots=(None,) * pool.slots, instances=0, vhost=False, spare=k)
+            for k in pool.free(table)]
 
 
 def validate(listeners: Listeners, templates: Mapping[str, str]) -> None:
@@ -233,15 +227,17 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
         "tcp_routes": [r for r in table.routes if r.tcp],
         "tcp_listeners": tcp_listeners(table, listeners.bind),
         "sni": sni_view(table, listeners.https is not None, listeners.runtime_socket),
+        "spares": free_spares(table, listeners.spares),
     }
     try:
         config = env.get_template(CONFIG_TEMPLATE).render(context)
-        landing = _landing(env.get_template(LANDING_TEMPLATE), context, table.routes, router_views(table))
+        landing = _landing(env.get_template(LANDING_TEMPLATE), context,
+                           tuple(r for r in table.routes if not r.retired), router_views(table))
     except jinja2.TemplateError as exc:
         where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
         raise TemplateError(f"{type(exc).__name__}{where}: {exc}") from exc
     hosts, routes = host_maps(table, listeners.domains)
-    maps = router_maps(table.routers) if context["router_maps"] else {}
+    maps = router_maps(table.routers, table.backend_of) if context["router_maps"] else {}
     if context["sni"]:
         maps[SNI_MAP] = sni_entries(table)
     return Rendered(files=(

@@ -59,10 +59,12 @@ class Route:
     vhost: bool = True               # `<name>.<domain>` routes here (exposure, `--expose`)
     options: BackendOptions = BackendOptions()
     tcp: bool = False                # TCP or SNI routers send here: a TCP backend beside the HTTP one
+    spare: int = 0                   # K: served live by the spare backend be_spare_K (edge.routing.spares)
+    retired: bool = False            # removed live: its backend stays, empty and unmapped, until a reload
 
     @property
     def backend(self) -> str:
-        return f"be_{self.name}"
+        return f"be_spare_{self.spare}" if self.spare else f"be_{self.name}"
 
     @property
     def tcp_backend(self) -> str:
@@ -118,6 +120,11 @@ class RouteTable:
     def get(self, name: str) -> Route | None:
         return self._by_name.get(name)
 
+    def backend_of(self, name: str) -> str:
+        """The HTTP backend serving route `name`: its own, or the spare it occupies."""
+        route = self._by_name.get(name)
+        return route.backend if route is not None else f"be_{name}"
+
     @property
     def by_name(self) -> Mapping[str, Route]:
         """The routes by name, in the table's (sorted) order; read only."""
@@ -164,7 +171,7 @@ def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route 
                for i in sorted(insts) if i.healthy}
     return Route(name=name, hosts=hosts, slots=place(healthy, old.slots if old else (), min_slots),
                  instances=len(insts), services=services, vhost=any(readings[s].vhosts for s in services),
-                 options=options, tcp=tcp)
+                 options=options, tcp=tcp, spare=old.spare if old else 0)
 
 
 def _read(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], rules: TagRules

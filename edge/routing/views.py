@@ -176,4 +176,4 @@ class RouterView:
 
 def router_views(table: RouteTable) -> list[RouterView]:
     return [RouterView(r.describe(), r.host, r.path, bool(r.host) and not r.host.startswith("*."), r.backend,
-                       Markup(f"%[nbsrv(be_{r.backend})]")) for r in mapped(table.routers)]
+                       Markup(f"%[nbsrv({table.backend_of(r.backend)})]")) for r in mapped(table.routers)]

@@ -27,6 +27,10 @@ class EdgeProcess:
     address: str = "127.0.0.1"       # every listener binds this loopback address
     https_port: int = 0              # non-zero: an HTTPS listener there
     haproxy: str = "haproxy"         # the HAProxy binary (tests.support.haproxy_versions: one per release)
+    # --spare-backends. 0 here, not the edge's default: most modules use a new vhost as the way to
+    # cause a reload, and check what only a reload does (the landing page lists a vhost from the
+    # reload that brought it in). tests/integration/test_edge_spares.py runs the pool.
+    spares: int = 0
     proc: subprocess.Popen | None = None
 
     def __post_init__(self):
@@ -41,7 +45,7 @@ class EdgeProcess:
         args = [sys.executable, "-m", "haproxy_consul", "edge", *consul,
                 "--bind", f"{self.address}:{self.port}", "--admin-bind", f"{self.address}:{self.admin_port}",
                 "--state-dir", str(self.state_dir), "--consul-wait", "5", "--log-level", "DEBUG",
-                "--handover-timeout", "0", "--haproxy", self.haproxy]
+                "--handover-timeout", "0", "--haproxy", self.haproxy, "--spare-backends", str(self.spares)]
         if self.https_port:
             args += ["--https-bind", f"{self.address}:{self.https_port}"]
         for d in self.domains:

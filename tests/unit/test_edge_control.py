@@ -13,6 +13,7 @@ from edge.haproxy.process import ConfigInvalid, Paths, RuntimeFailed, StateDirEr
 from edge.routing.model import Instance
 from edge.routing.plan import ServedSlot
 from edge.routing.render import Listeners
+from edge.routing.spares import SparePool
 
 TEMPLATES = dict(templates_source.load(templates_source.bundled()))
 
@@ -269,3 +270,57 @@ def test_what_haproxy_serves_is_compared_with_the_applied_table_and_put_back(edg
     edge.haproxy.serving = slots_of("be_other-80", ("10.0.0.1", 8001, True))  # another configuration
     edge.reconcile("after HAProxy restarted")
     assert edge.haproxy.kinds() == ["install", "reload"]
+
+
+@pytest.fixture
+def spare_edge(monkeypatch):
+    monkeypatch.setattr(control, "QUIET", 0.0)
+    fake = FakeHAProxy()
+    e = control.Edge(fake, Listeners(":80", ":8404", "/s", ("x.org",), spares=SparePool(1, 4)), TEMPLATES,
+                     threading.Event())
+    e.on_snapshot(snap(("web", [8001])))
+    e.step()
+    fake.calls.clear()
+    return e
+
+
+def test_a_new_vhost_takes_a_spare_live_and_the_file_declares_it(spare_edge):
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    spare_edge.step()
+    assert spare_edge.haproxy.kinds() == ["runtime"] and spare_edge.reloads == 1
+    assert spare_edge.haproxy.calls[0][1][-1] == "add map hosts.map api-80.x.org be_spare_1"
+    spare_edge.flush(force=True)
+    assert "backend be_spare_1\n    # A spare" in spare_edge.haproxy.calls[1][1]
+    spare_edge.on_snapshot(snap(("web", [8001])))       # removed: the spare is free again, no reload
+    spare_edge.step()
+    assert spare_edge.haproxy.calls[2] == ("runtime", ("del map hosts.map api-80.x.org",
+                                                       "set server be_spare_1/s1 state maint"))
+
+
+def test_the_pool_exhausted_is_a_reload_that_gives_every_route_its_own_backend(spare_edge):
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    spare_edge.step()
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001]), ("cdn", [9101])))
+    spare_edge.step()
+    assert spare_edge.haproxy.kinds() == ["runtime", "install", "reload"]
+    assert [r.backend for r in spare_edge.live.routes] == ["be_api-80", "be_cdn-80", "be_web-80"]
+    assert "backend be_spare_1\n    description spare, free" in spare_edge.haproxy.calls[1][1]
+
+
+def test_a_failed_spare_step_converges_by_one_reload_onto_own_backends(spare_edge):
+    spare_edge.haproxy.fail_runtime = "No such backend."
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    spare_edge.step()
+    assert spare_edge.haproxy.kinds() == ["install", "reload"]
+    assert spare_edge.live.get("api-80").backend == "be_api-80"
+    assert "backend be_api-80\n" in spare_edge.haproxy.calls[0][1]
+    assert "backend be_spare_1\n    description spare, free" in spare_edge.haproxy.calls[0][1]
+
+
+def test_taking_one_of_the_last_spares_is_logged_once(spare_edge, caplog):
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    spare_edge.step()
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001, 9002])))   # churn on the spare: no new warning
+    spare_edge.step()
+    assert [r.getMessage() for r in caplog.records if "running low" in r.getMessage()] == [
+        "spare backends running low: 0 of 1 free (the next reload frees them all)"]

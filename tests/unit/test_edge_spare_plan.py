@@ -1,0 +1,231 @@
+"""Spare backends (edge.routing.spares + the plan): a new vhost with default options is filled into
+a free spare and only then mapped; a removed one leaves the maps first; an empty pool, options
+that are not the defaults or a failed step are a reload; the files name the route a spare serves."""
+
+import pytest
+
+from edge.routing.model import Instance
+from edge.routing.plan import ServedSlot, make_plan, reconcile, runtime_part
+from edge.routing.render import Listeners, render
+from edge.routing.spares import SparePool, assign, release, retire
+from edge.routing.table import build_table
+
+DOMAINS = ("t.example",)
+POOL = SparePool(2, 4)
+
+
+def inst(sid, service="web", port=8000, address="10.0.0.1", tags=()):
+    return Instance(service=service, node="n1", service_id=sid, address=address, port=port, container_port=80,
+                    healthy=True, tags=tuple(tags))
+
+
+def build(*instances, previous=None):
+    services = {}
+    for i in instances:
+        services.setdefault(i.service, []).append(i)
+    return build_table({k: tuple(v) for k, v in services.items()}, previous)
+
+
+def step(live, desired, pool=POOL, domains=DOMAINS):
+    """What the control loop does: spares assigned, then the plan."""
+    desired = assign(live, retire(live, desired, pool), pool)
+    return desired, make_plan(live, desired, domains, pool)
+
+
+BASE = build(inst("a"))
+
+
+@pytest.mark.parametrize("new, domains, commands", [
+    # address before ready, servers before the map entry that sends traffic there
+    ([inst("b", service="api", port=9000)], DOMAINS, [
+        "set server be_spare_1/s1 addr 10.0.0.1 port 9000",
+        "set server be_spare_1/s1 state ready",
+        "add map hosts.map api-80.t.example be_spare_1",
+    ]),
+    # without domains the route name map points at it too
+    ([inst("b", service="api", port=9000)], (), [
+        "set server be_spare_1/s1 addr 10.0.0.1 port 9000",
+        "set server be_spare_1/s1 state ready",
+        "add map routes.map api-80 be_spare_1",
+    ]),
+    # an exact host from a tag goes to the spare too; two instances fill two slots
+    ([inst("b", service="api", port=9000, tags=("edge.host=api.example.org",)),
+      inst("c", service="api", port=9001, tags=("edge.host=api.example.org",))], DOMAINS, [
+        "set server be_spare_1/s1 addr 10.0.0.1 port 9000",
+        "set server be_spare_1/s1 state ready",
+        "set server be_spare_1/s2 addr 10.0.0.1 port 9001",
+        "set server be_spare_1/s2 state ready",
+        "add map hosts.map api-80.t.example be_spare_1",
+        "add map hosts.map api.example.org be_spare_1",
+    ]),
+    # two new vhosts: two spares, all servers before any map entry
+    ([inst("b", service="api", port=9000), inst("c", service="cdn", port=9100)], DOMAINS, [
+        "set server be_spare_1/s1 addr 10.0.0.1 port 9000",
+        "set server be_spare_1/s1 state ready",
+        "set server be_spare_2/s1 addr 10.0.0.1 port 9100",
+        "set server be_spare_2/s1 state ready",
+        "add map hosts.map api-80.t.example be_spare_1",
+        "add map hosts.map cdn-80.t.example be_spare_2",
+    ]),
+])
+def test_new_vhost_fills_a_spare_then_maps_it(new, domains, commands):
+    desired, plan = step(BASE, build(inst("a"), *new, previous=BASE), domains=domains)
+    assert not plan.reload, plan.reasons
+    assert list(plan.commands) == commands
+    assert desired.get("web-80").spare == 0
+
+
+def test_a_new_router_on_a_spare_is_mapped_to_the_spare_after_its_servers():
+    live = build(inst("a", tags=("edge.route=/old",)))
+    desired, plan = step(live, build(inst("a", tags=("edge.route=/old",)),
+                                     inst("b", service="api", port=9000, tags=("edge.route=/api",)), previous=live))
+    assert not plan.reload, plan.reasons
+    cmds = list(plan.commands)
+    assert cmds[:2] == ["set server be_spare_1/s1 addr 10.0.0.1 port 9000", "set server be_spare_1/s1 state ready"]
+    assert any(c.startswith("add map routers.map ") and c.endswith(" be_spare_1") for c in cmds[2:])
+    assert [c.split()[2] for c in cmds[2:]] == ["routers.map", "paths.map", "hosts.map"]
+
+
+@pytest.mark.parametrize("new, reason", [
+    ([inst(s, service=s, port=9000 + i) for i, s in enumerate(("api", "cdn", "db"))],
+     "spare backends exhausted (2 in use): db-80"),
+    ([inst("b", service="api", tags=("edge.sticky=SID",))], "vhost added: api-80"),     # options not the defaults
+    ([inst(s, service="api", port=9000 + i) for i, s in enumerate("bcdef")], "vhost added: api-80"),  # 8 slots
+])
+def test_a_new_vhost_a_spare_cannot_take_is_a_reload(new, reason):
+    desired, plan = step(BASE, build(inst("a"), *new, previous=BASE))
+    assert plan.reload and reason in plan.reasons, plan.reasons
+    assert release(desired).get("web-80").backend == "be_web-80"
+    assert all(r.spare == 0 for r in release(desired).routes)
+
+
+def test_no_pool_means_every_new_or_removed_vhost_is_a_reload():
+    _, plan = step(BASE, build(inst("a"), inst("b", service="api"), previous=BASE), pool=SparePool(0))
+    assert plan.reasons == ("vhost added: api-80",)
+    _, plan = step(BASE, build(inst("b", service="api")), pool=SparePool(0))
+    assert plan.reasons == ("vhost added: api-80", "vhost removed: web-80")
+
+
+def test_a_removed_route_on_its_own_backend_leaves_the_maps_then_stays_empty_until_a_reload():
+    live = build(inst("a", tags=("edge.host=www.example.org", "edge.weight=2")), inst("b", service="api", port=9000))
+    desired, plan = step(live, build(inst("b", service="api", port=9000)))       # a full build: no web-80
+    assert not plan.reload, plan.reasons
+    assert list(plan.commands) == [
+        "del map hosts.map web-80.t.example",
+        "del map hosts.map www.example.org",
+        "set server be_web-80/s1 state maint",
+        "set server be_web-80/s1 weight 1",
+    ]
+    gone = desired.get("web-80")
+    assert gone.retired and gone.backend == "be_web-80" and not gone.vhost and gone.slots == (None,) * 4
+    config = render(desired, LISTENERS, TEMPLATES)
+    assert "backend be_web-80\n    # Route web-80 was removed live" in config["haproxy.cfg"]
+    assert "web-80" not in config["hosts.map"] and "web-80" not in config["landing.lf"]
+    # kept through the next changes, also a full build; dropped by a reload
+    again, plan = step(desired, build(inst("b", service="api", port=9000), inst("c", service="api", port=9001)))
+    assert again.get("web-80").retired and not plan.reload
+    assert release(again).get("web-80") is None
+
+
+def test_a_retired_route_that_comes_back_is_filled_into_its_own_backend_then_mapped():
+    live = build(inst("a"), inst("b", service="api", port=9000))
+    gone, _ = step(live, build(inst("b", service="api", port=9000), previous=live))
+    back, plan = step(gone, build(inst("a", port=8100), inst("b", service="api", port=9000), previous=gone))
+    assert not plan.reload, plan.reasons
+    assert list(plan.commands) == ["set server be_web-80/s1 addr 10.0.0.1 port 8100",
+                                   "set server be_web-80/s1 state ready",
+                                   "add map hosts.map web-80.t.example be_web-80"]
+    assert not back.get("web-80").retired
+    # with other options it needs its backend rendered again: a reload
+    _, plan = step(gone, build(inst("a", tags=("edge.sticky=S",)), inst("b", service="api", port=9000),
+                               previous=gone))
+    assert plan.reasons == ("vhost added: web-80",)
+
+
+@pytest.mark.parametrize("tags", [("edge.timeout-server=5s",), ("edge.tcp=7000",)])
+def test_a_removed_route_with_its_own_options_or_a_tcp_backend_is_a_reload(tags):
+    live = build(inst("a", tags=tags), inst("b", service="api", port=9000))
+    _, plan = step(live, build(inst("b", service="api", port=9000), previous=live))
+    assert plan.reasons[0] == "vhost removed: web-80", plan.reasons
+
+
+def test_removal_leaves_the_maps_first_then_empties_the_spare():
+    live, _ = step(BASE, build(inst("a"), inst("b", service="api", port=9000, tags=("edge.weight=3",)),
+                               previous=BASE))
+    assert live.get("api-80").backend == "be_spare_1"
+    desired, plan = step(live, build(inst("a"), previous=live))
+    assert not plan.reload, plan.reasons
+    assert list(plan.commands) == [
+        "del map hosts.map api-80.t.example",
+        "set server be_spare_1/s1 state maint",
+        "set server be_spare_1/s1 weight 1",
+    ]
+    assert POOL.free(desired) == (1, 2)
+
+
+def test_a_spare_freed_in_the_same_change_is_not_taken_again_before_it_is_emptied():
+    live, _ = step(BASE, build(inst("a"), inst("b", service="api", port=9000), previous=BASE))
+    desired, plan = step(live, build(inst("a"), inst("c", service="cdn", port=9100), previous=live))
+    assert not plan.reload
+    assert desired.get("cdn-80").backend == "be_spare_2"
+    assert plan.commands.index("add map hosts.map cdn-80.t.example be_spare_2") < \
+        plan.commands.index("del map hosts.map api-80.t.example") < \
+        plan.commands.index("set server be_spare_1/s1 state maint")
+
+
+def test_a_route_keeps_its_spare_through_instance_churn():
+    live, _ = step(BASE, build(inst("a"), inst("b", service="api", port=9000), previous=BASE))
+    desired, plan = step(live, build(inst("a"), inst("b", service="api", port=9000),
+                                     inst("c", service="api", port=9001), previous=live))
+    assert desired.get("api-80").spare == 1
+    assert list(plan.commands) == ["set server be_spare_1/s2 addr 10.0.0.1 port 9001",
+                                   "set server be_spare_1/s2 state ready"]
+
+
+def test_a_spare_route_whose_options_change_reloads_onto_its_own_backend():
+    live, _ = step(BASE, build(inst("a"), inst("b", service="api"), previous=BASE))
+    desired, plan = step(live, build(inst("a"), inst("b", service="api", tags=("edge.timeout-server=5s",)),
+                                     previous=live))
+    assert plan.reload
+    assert release(desired).get("api-80").backend == "be_api-80"
+
+
+def test_while_a_reload_waits_a_spare_route_keeps_its_spare():
+    live, _ = step(BASE, build(inst("a"), inst("b", service="api", port=9000), previous=BASE))
+    wanted = release(build(inst("a"), inst("b", service="api", port=9001), inst("z", service="zz"), previous=live))
+    partial = runtime_part(live, wanted)
+    plan = make_plan(live, partial, DOMAINS, POOL)
+    assert list(plan.commands) == ["set server be_spare_1/s1 addr 10.0.0.1 port 9001"]
+
+
+def test_reconcile_knows_the_free_spares_and_puts_a_ready_slot_back_in_maintenance():
+    live, _ = step(BASE, build(inst("a"), inst("b", service="api", port=9000), previous=BASE))
+
+    def slot(backend, name, address="0.0.0.0", port=0, ready=False):
+        return ServedSlot(backend, name, address, port, ready)
+    served = [slot("be_web-80", "s1", "10.0.0.1", 8000, True), *(slot("be_web-80", f"s{i}") for i in (2, 3, 4)),
+              slot("be_spare_1", "s1", "10.0.0.1", 9000, True), *(slot("be_spare_1", f"s{i}") for i in (2, 3, 4)),
+              slot("be_spare_2", "s1", "10.0.0.9", 1, True), *(slot("be_spare_2", f"s{i}") for i in (2, 3, 4))]
+    plan = reconcile(live, served, POOL)
+    assert not plan.reload, plan.reasons
+    assert plan.commands == ("set server be_spare_2/s1 state maint",)
+    assert reconcile(live, served[:8], POOL).reasons == ("HAProxy has no backend be_spare_2",)
+
+
+LISTENERS = Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", DOMAINS, spares=POOL)
+TEMPLATES = {name: open(f"templates/{name}").read() for name in ("haproxy.cfg.j2", "landing.html.j2")}
+
+
+def test_the_files_written_after_a_live_change_declare_what_haproxy_runs():
+    live, _ = step(BASE, build(inst("a"), inst("b", service="api", port=9000), previous=BASE))
+    files = render(live, LISTENERS, TEMPLATES)
+    config = files["haproxy.cfg"]
+    spare = config.split("backend be_spare_1\n", 1)[1].split("\n\n", 1)[0]
+    assert "description route api-80" in spare
+    assert "server s1 10.0.0.1:9000" in spare and "server s2 0.0.0.0:0 disabled" in spare
+    assert "backend be_spare_2\n    description spare, free" in config
+    assert "backend be_api-80" not in config
+    assert "api-80.t.example be_spare_1\n" in files["hosts.map"]
+    # a reload for any other reason: the route on its own backend, both spares free again
+    config = render(release(live), LISTENERS, TEMPLATES)["haproxy.cfg"]
+    assert "backend be_api-80\n" in config and "backend be_spare_1\n    description spare, free" in config
