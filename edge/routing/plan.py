@@ -4,8 +4,11 @@ Instance churn inside existing backends (a server added, removed, moved, flipped
 becomes `set server` commands, and a router added, changed or removed (to a backend HAProxy
 has) becomes map commands (`edge.routing.maps`). A new route that occupies a spare backend
 (edge.routing.spares) is filled first (`set server … addr`, `state ready`), then its map entries
-point at it (host map, routes map, router maps): no request ever reaches an empty backend. A
-removed route on a spare leaves the maps first, then its slots go to maintenance. Anything the
+point at it (host map, routes map, router maps): no request ever reaches an empty backend. (A
+new route with no healthy instance yet, its check still critical, is mapped at once: the spare
+answers its 503 until an instance is filled in.) A removed route on a spare leaves the maps
+first, then its slots go to maintenance. Map entries move whenever a route takes or leaves a
+backend, whether or not there are slots to fill or empty. Anything the
 runtime API cannot express—another vhost added or removed (the pool exhausted, options that are
 not the defaults), an exact host changed, a backend's slots grown, the first router or the last
 one (the frontend gains or loses its lookups)—needs a reload, and the plan names every reason so
@@ -69,6 +72,9 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     drain: list[str] = []      # removed routes' spares emptied: after their map entries are gone
     changes: list[str] = []
     unchanged = set(map(id, live.routes))   # update_table reuses the objects of untouched routes
+    # A route that takes or leaves a backend at runtime (a spare, its own retired one) moves map
+    # entries, whether or not it has a healthy instance (then `fill` or `drain` is empty).
+    remap = False
     for route in desired.routes:
         if id(route) in unchanged:
             continue
@@ -78,6 +84,7 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
             if route.spare:
                 fill.extend(_slot_commands(_emptied(route), route)[0])
                 changes.append(f"+ {route.name} on {route.backend}")
+                remap = True
             continue
         if old.retired:                       # back before the reload that drops its backend
             changes.extend(f"+ {route.name} {s}" for s in route.servers)
@@ -86,11 +93,13 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
             else:
                 fill.extend(_slot_commands(old, route)[0])
                 changes.append(f"+ {route.name} on {route.backend} again")
+                remap = True
             continue
         if route.retired:                     # removed: maps first, then its slots to maintenance
             changes.extend(f"- {route.name} {s}" for s in old.servers)
             drain.extend(_slot_commands(old, route)[0])
             changes.append(f"- {route.name}: {route.backend} left empty until the next reload")
+            remap = True
             continue
         if old.hosts != route.hosts:
             reasons.append(f"hosts of {route.name} changed: {list(old.hosts)} -> {list(route.hosts)}")
@@ -113,12 +122,13 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
         if old.spare:
             drain.extend(_slot_commands(old, _emptied(old))[0])
             changes.append(f"- {name} off {old.backend} (free again)")
+            remap = True
     live_maps: dict[str, dict[str, str]] = {}
     desired_maps: dict[str, dict[str, str]] = {}
-    if fill or drain:
+    if remap:
         live_maps.update(host_maps(live, domains))
         desired_maps.update(host_maps(desired, domains))
-    if live.routers is not desired.routers or fill or drain:
+    if live.routers is not desired.routers or remap:
         reasons.extend(_stream_reasons(live, desired))
         router_changes, reason = _router_changes(live, desired)
         changes.extend(router_changes)

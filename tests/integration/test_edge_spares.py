@@ -25,6 +25,7 @@ from tests.integration.edge_helpers import (
     logged,
     register,
     reloads,
+    set_ttl,
     status_of,
 )
 from tests.support.edge import EdgeProcess
@@ -168,3 +169,32 @@ def test_an_exhausted_pool_is_one_reload_that_refills_it(consul, edge):
         for i in range(POOL + 2):
             deregister(consul, f"burst{i}-1")
         backend.close()
+
+
+def test_a_vhost_registered_critical_after_an_empty_initial_sync_answers_once_its_check_passes(tmp_path, haproxy):
+    """Issue 16, seen in the image test: the edge's initial sync had no route; the service came
+    with its health check critical (a new route with no healthy instance: it takes a spare, and its
+    map entry must be added then, with nothing to fill), and its check passed a second later (the
+    slot is filled). The vhost must answer 200 then, with no reload after the initial sync."""
+    backend = Backend("late")
+    with consul_agent(tmp_path / "consul") as agent:
+        proc = EdgeProcess(agent.url, domains=(DOMAIN,), haproxy=haproxy.path, spares=32).start()
+        try:
+            logged(proc, "because initial sync", 10)
+            time.sleep(0.3)
+            assert reloads(proc.log()) == 1
+            agent.api("PUT", "/v1/agent/service/register", {
+                "Name": "late", "ID": "late-1", "Address": backend.host, "Port": backend.port,
+                "Meta": {"container_port": "80"},
+                "Check": {"CheckID": "ttl-late-1", "TTL": "600s", "Status": "critical"}})
+            time.sleep(1.0)                        # the edge sees it with no healthy instance
+            waiting = proc.get(f"late-80.{DOMAIN}")[0]
+            set_ttl(agent, "late-1", "passing")
+            answers(proc, f"late-80.{DOMAIN}", {"late"}, 5)
+            assert waiting == 503, "mapped to its spare with no server ready: the spare's 503, not the landing page"
+            assert reloads(proc.log()) == 1, "a new vhost must take a spare, not reload HAProxy"
+            assert "late-80.test.example be_spare_1" in (proc.state_dir / "hosts.map").read_text()
+        finally:
+            proc.stop()
+            print(proc.log()[-5000:])
+            backend.close()

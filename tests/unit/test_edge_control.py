@@ -324,3 +324,25 @@ def test_taking_one_of_the_last_spares_is_logged_once(spare_edge, caplog):
     spare_edge.step()
     assert [r.getMessage() for r in caplog.records if "running low" in r.getMessage()] == [
         "spare backends running low: 0 of 1 free (the next reload frees them all)"]
+
+
+def test_a_vhost_first_seen_with_no_healthy_instance_after_an_empty_initial_sync_is_mapped_live(monkeypatch):
+    """Issue 16 (the image test): initial sync with no route; the service registers with its check
+    critical, then it passes. Its spare is mapped when the route appears, then filled: it answers."""
+    monkeypatch.setattr(control, "QUIET", 0.0)
+    fake = FakeHAProxy()
+    e = control.Edge(fake, Listeners(":80", ":8404", "/s", ("x.org",), spares=SparePool(32, 4)), TEMPLATES,
+                     threading.Event())
+    e.on_snapshot(Snapshot(MappingProxyType({}), (), 11))
+    e.step()
+    assert fake.kinds() == ["install", "reload"]
+    critical = Instance("nginx", "t1", "t1:nginx1:80", "127.0.0.1", 32768, 80, False)
+    e.on_snapshot(Snapshot(MappingProxyType({"nginx": (critical,)}), (), 12))
+    e.step()
+    assert fake.calls[2] == ("runtime", ("add map hosts.map nginx-80.x.org be_spare_1",))
+    e.on_snapshot(Snapshot(MappingProxyType({"nginx": (Instance("nginx", "t1", "t1:nginx1:80", "127.0.0.1", 32768,
+                                                                 80, True),)}), (), 13))
+    e.step()
+    assert fake.calls[3] == ("runtime", ("set server be_spare_1/s1 addr 127.0.0.1 port 32768",
+                                         "set server be_spare_1/s1 state ready"))
+    assert e.reloads == 1 and e.live.get("nginx-80").backend == "be_spare_1"

@@ -2,8 +2,11 @@
 a free spare and only then mapped; a removed one leaves the maps first; an empty pool, options
 that are not the defaults or a failed step are a reload; the files name the route a spare serves."""
 
+from dataclasses import replace
+
 import pytest
 
+from edge.routing.maps import host_maps
 from edge.routing.model import Instance
 from edge.routing.plan import ServedSlot, make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners, render
@@ -229,3 +232,57 @@ def test_the_files_written_after_a_live_change_declare_what_haproxy_runs():
     # a reload for any other reason: the route on its own backend, both spares free again
     config = render(release(live), LISTENERS, TEMPLATES)["haproxy.cfg"]
     assert "backend be_api-80\n" in config and "backend be_spare_1\n    description spare, free" in config
+
+
+def sick(sid, **kw):
+    """An instance registered with its health check still critical (or failing now)."""
+    return replace(inst(sid, **kw), healthy=False)
+
+
+def applied_maps(table, commands, domains=DOMAINS):
+    """HAProxy's host maps after `commands` (the map ones) on the maps `table` was rendered with."""
+    maps = {name: dict(entries) for name, entries in host_maps(table, domains).items()}
+    for command in commands:
+        words = command.split()
+        if words[1:2] == ["map"] and words[2] in maps:
+            if words[0] == "del":
+                maps[words[2]].pop(words[3])
+            else:
+                maps[words[2]][words[3]] = words[4]
+    return maps
+
+
+@pytest.mark.parametrize("sequence", [
+    # the edge's initial sync had no route; the service registers with its HTTP check critical,
+    # and a second later the check passes (issue 16: the vhost answered the landing page for good)
+    [(), (sick("b", service="api", port=9000),), (inst("b", service="api", port=9000),)],
+    # the same beside a route that exists
+    [(inst("a"),), (inst("a"), sick("b", service="api", port=9000)), (inst("a"), inst("b", service="api", port=9000))],
+    # a route on a spare whose instance fails, then is deregistered: the map entry leaves too,
+    # before the spare is free for another route
+    [(inst("a"),), (inst("a"), inst("b", service="api", port=9000)), (inst("a"), sick("b", service="api", port=9000)),
+     (inst("a"),), (inst("a"), inst("c", service="cdn", port=9100))],
+    # a route on its own backend whose instance fails, then is deregistered (retired), then comes
+    # back with its check critical, then passes
+    [(inst("a"), inst("b", service="api", port=9000)), (inst("a"), sick("b", service="api", port=9000)),
+     (inst("a"),), (inst("a"), sick("b", service="api", port=9000)), (inst("a"), inst("b", service="api", port=9000))],
+])
+def test_vhosts_without_a_healthy_instance_are_mapped_and_unmapped_live_too(sequence):
+    """Every live change leaves HAProxy's host maps as the files would render them, whether or not
+    the route taking or leaving a backend has a healthy instance at that moment."""
+    live = build(*sequence[0])
+    for instances in sequence[1:]:
+        desired, plan = step(live, build(*instances, previous=live))
+        assert not plan.reload, plan.reasons
+        assert applied_maps(live, plan.commands) == host_maps(desired, DOMAINS), (instances, plan)
+        live = desired
+
+
+def test_a_new_vhost_with_no_healthy_instance_yet_is_mapped_to_its_spare_then_filled():
+    empty = build()
+    waiting, plan = step(empty, build(sick("b", service="api", port=9000), previous=empty))
+    assert waiting.get("api-80").backend == "be_spare_1"
+    assert list(plan.commands) == ["add map hosts.map api-80.t.example be_spare_1"]   # the spare's 503 until then
+    ready, plan = step(waiting, build(inst("b", service="api", port=9000), previous=waiting))
+    assert list(plan.commands) == ["set server be_spare_1/s1 addr 10.0.0.1 port 9000",
+                                   "set server be_spare_1/s1 state ready"]
