@@ -15,7 +15,16 @@ from collections.abc import Iterable, Mapping
 
 import msgspec
 
-from edge.routing.model import EDGE_META, CheckState, Instance, Problem, ShapeError, instances_from_health, peered
+from edge.routing.model import (
+    EDGE_META,
+    CheckState,
+    Instance,
+    Problem,
+    decode_json,
+    decode_typed,
+    instances_from_health,
+    peered,
+)
 
 # One instance as a node's answer gives it: service, ID, address, port, tags, and the service meta
 # the edge reads (`container_port` and the `edge-` keys), as sorted pairs.
@@ -77,15 +86,9 @@ def node_rows_raw(raw: bytes) -> tuple[str | None, dict[str, Row]]:
     """`node_rows` straight from the answer's bytes: decoded into small typed values (a node with
     10,000 services is a 6 MB answer; as dicts it would hold ten times that), through the
     tolerant path when a field is not of the type Consul gives it."""
-    try:
-        doc = _NODE_SERVICES.decode(raw)
-    except msgspec.ValidationError:
-        try:
-            return node_rows(msgspec.json.decode(raw))
-        except msgspec.DecodeError as exc:
-            raise ShapeError(f"node services: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ShapeError(f"node services: {exc}") from None
+    doc = decode_typed(_NODE_SERVICES, raw, "node services")
+    if doc is None:
+        return node_rows(decode_json(raw, "node services"))
     if doc.Node is None or doc.Node.PeerName:
         return None, {}
     rows = {}

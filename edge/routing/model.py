@@ -255,19 +255,34 @@ def summaries_from_ui(entries: object) -> dict[str, ServiceSummary]:
     return out
 
 
+def decode_typed(decoder: msgspec.json.Decoder, raw: bytes, what: str):
+    """An answer's bytes straight into the typed values `decoder` makes, or None when a field is
+    not of the type Consul gives it (the caller then takes the tolerant path, `decode_json`,
+    which also refuses bytes that are not JSON past the point the typed decoding stopped).
+    Bytes that are not JSON are a ShapeError naming `what`."""
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError:
+        return None
+    except msgspec.DecodeError as exc:
+        raise ShapeError(f"{what}: {exc}") from None
+
+
+def decode_json(raw: bytes, what: str) -> object:
+    """An answer's bytes as plain JSON (dicts and lists), for the tolerant readers."""
+    try:
+        return msgspec.json.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise ShapeError(f"{what}: {exc}") from None
+
+
 def summaries_from_ui_raw(raw: bytes) -> dict[str, ServiceSummary]:
     """`summaries_from_ui` from the answer's bytes: decoded into summaries in one pass (about ten
     times faster than JSON into dicts, then dicts into values), and through the tolerant path when
     a row is not shaped as expected."""
-    try:
-        rows = UI_ROWS.decode(raw)
-    except msgspec.ValidationError:
-        try:
-            return summaries_from_ui(msgspec.json.decode(raw))
-        except msgspec.DecodeError as exc:
-            raise ShapeError(f"/v1/internal/ui/services: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise ShapeError(f"/v1/internal/ui/services: {exc}") from None
+    rows = decode_typed(UI_ROWS, raw, "/v1/internal/ui/services")
+    if rows is None:
+        return summaries_from_ui(decode_json(raw, "/v1/internal/ui/services"))
     if rows and not any(r.instances or r.passing or r.nodes for r in rows):
         # Every count zero and no node: not a summary (e.g. `InstanceCount` renamed): let the
         # tolerant path decide.
