@@ -8,9 +8,9 @@ or a failed reload leaves the running HAProxy as it was, and the files on disk a
 A state dir that cannot be written (full, read-only) is the same: HAProxy keeps serving, runtime
 changes still apply, the error is logged once and the write is retried every RETRY seconds.
 
-What HAProxy serves is compared with the table the edge applied (`reconcile`): every
-`reconcile_every` seconds, after every full sync of Consul (cold start, back from an outage, a
-sweep) and after HAProxy was restarted. Nothing should ever differ; whatever does (a runtime
+What HAProxy serves (its server slots and maps) is compared with the table the edge applied
+(`reconcile`): every `reconcile_every` seconds, after every full sync of Consul (cold start, back
+from an outage, a sweep) and after HAProxy was restarted. Nothing should ever differ; whatever does (a runtime
 change lost, a worker started from an older file, a hand on the runtime socket) is logged and put
 back, so no divergence outlasts the next check.
 """
@@ -33,6 +33,7 @@ from edge.haproxy.process import (
     RuntimeFailed,
 )
 from edge.metrics import NoMetrics
+from edge.routing.maps import table_maps
 from edge.routing.model import Problem
 from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners, Rendered, TemplateError, render
@@ -277,16 +278,18 @@ class Edge:
                 log.error("reload to replace the lost worker failed: %s", exc)
 
     def reconcile(self, why: str) -> None:
-        """Compare the server slots HAProxy serves with the table the edge applied, and put back
-        whatever differs: runtime commands, or a reload when its backends differ."""
+        """Compare the server slots and maps HAProxy serves with the table the edge applied, and
+        put back whatever differs: runtime commands, or a reload when its backends differ."""
         if self.live is None:
             return
+        domains = self.listeners.domains
         try:
             served = self.haproxy.served()
+            maps = self.haproxy.maps(tuple(table_maps(self.live, domains)))
         except HAProxyError as exc:
-            log.debug("could not read HAProxy's server states (%s): %s", why, exc)
+            log.debug("could not read HAProxy's server states and maps (%s): %s", why, exc)
             return
-        plan = reconcile(self.live, served, self.listeners.spares)
+        plan = reconcile(self.live, served, self.listeners.spares, maps, domains)
         if plan.empty:
             return
         log.warning("HAProxy does not serve the table the edge applied (%s): %s", why,

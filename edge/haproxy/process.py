@@ -20,8 +20,9 @@
   a PEM payload. The answers are read raw, to the last empty line: that is what tells a batch's
   answers apart. Both sort every answer with `capabilities.classify` (success, no-op, failure, per
   HAProxy release) and raise `RuntimeFailed` on a failure; no-ops are logged at debug level.
-- `served()` reads every server slot as the current worker runs it (`show servers state`), for
-  the control loop to compare with the table it applied.
+- `served()` reads every server slot as the current worker runs it (`show servers state`), and
+  `maps()` the entries of the maps it is asked for (`show map`), for the control loop to compare
+  with the table it applied.
 """
 
 from __future__ import annotations
@@ -465,6 +466,11 @@ class HAProxy:
         """Every server slot as the current worker runs it; RuntimeFailed when it cannot be read."""
         return servers_state(self._ask("show servers state").splitlines())
 
+    def maps(self, names) -> dict[str, dict[str, str] | None]:
+        """Each map's entries as the current worker looks them up (None: it has no map of that
+        name); RuntimeFailed when one cannot be read."""
+        return {name: map_entries(self._ask(f"show map {name}")) for name in names}
+
     def ssl(self, commands: tuple[tuple[str, str], ...]) -> None:
         """Certificate commands `(command, payload)`, one connection each; any answer that is a
         failure raises RuntimeFailed (the caller reloads)."""
@@ -524,6 +530,27 @@ def servers_state(lines: list[str]) -> tuple[ServedSlot, ...]:
         except ValueError:
             raise RuntimeFailed(f"show servers state: unexpected line {line!r}") from None
     return tuple(slots)
+
+
+# A key HAProxy holds twice (an `add map` repeated): lookups find one of them, so any value the
+# table wants differs from this one and is set again (`set map` sets every entry of the key).
+DUPLICATE_KEY = "(several entries)"
+
+
+def map_entries(answer: str) -> dict[str, str] | None:
+    """`show map NAME` (`0x55d0… key value` per entry, HAProxy's own order) as key → value; None
+    when HAProxy has no such map; RuntimeFailed for any other answer."""
+    text = answer.strip("\n")
+    if text.startswith("Unknown map identifier"):
+        return None
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        fields = line.split(" ", 2)
+        if len(fields) < 2 or not fields[0].startswith("0x"):
+            raise RuntimeFailed(f"show map: unexpected line {line!r}")
+        key, value = fields[1], fields[2] if len(fields) > 2 else ""
+        entries[key] = DUPLICATE_KEY if key in entries and entries[key] != value else value
+    return entries
 
 
 def _batches(commands: tuple[str, ...]) -> list[tuple[str, ...]]:

@@ -146,6 +146,18 @@ def host_maps(table: RouteTable, domains: tuple[str, ...]) -> dict[str, dict[str
     return {HOSTS_MAP: vhosts(table, domains), ROUTES_MAP: routes}
 
 
+def table_maps(table: RouteTable, domains: tuple[str, ...]) -> dict[str, dict[str, str]]:
+    """Every map the runtime API changes, as HAProxy loads it from the table's files: the host map,
+    the route map (only without domains: the frontend reads it then), and the router maps when an
+    HTTP router needs them. What `reconcile` compares with HAProxy's `show map`."""
+    maps = host_maps(table, domains)
+    if domains:
+        del maps[ROUTES_MAP]
+    if mapped(table.routers):
+        maps.update(router_maps(table.routers, table.backend_of))
+    return maps
+
+
 def map_text(entries: Mapping[str, str]) -> str:
     return "".join(f"{k} {v}\n" for k, v in sorted(entries.items()))
 

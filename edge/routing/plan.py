@@ -14,16 +14,16 @@ not the defaults), an exact host changed, a backend's slots grown, the first rou
 one (the frontend gains or loses its lookups)—needs a reload, and the plan names every reason so
 the reload is logged with them.
 
-`reconcile` is the same for what HAProxy really serves (its server states) against the table
+`reconcile` is the same for what HAProxy really serves (its server states and maps) against the table
 the edge applied: nothing should differ, and whatever does is put back. Pure: no I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from edge.routing.maps import access, host_maps, map_commands, mapped, router_maps
+from edge.routing.maps import access, host_maps, map_commands, mapped, router_maps, table_maps
 from edge.routing.routers import HTTP
 from edge.routing.spares import NO_POOL, SPARE_PREFIX, SparePool
 from edge.routing.table import Route, RouteTable
@@ -237,11 +237,16 @@ class ServedSlot:
     ready: bool          # takes traffic: neither in maintenance nor draining
 
 
-def reconcile(table: RouteTable, served: Iterable[ServedSlot], pool: SparePool = NO_POOL) -> Plan:
+def reconcile(table: RouteTable, served: Iterable[ServedSlot], pool: SparePool = NO_POOL,
+              maps: Mapping[str, Mapping[str, str] | None] | None = None, domains: tuple[str, ...] = ()) -> Plan:
     """What HAProxy serves against the table the edge applied: the commands that make every slot
-    of every route's backend what the table says (address and port, ready or in maintenance), and
-    every slot of a free spare backend in maintenance, or a reload when backends or their slots
-    differ. Backends that are not routes' or spares are not looked at."""
+    of every route's backend what the table says (address and port, ready or in maintenance), then
+    every map `maps` holds (HAProxy's `show map`, by name; None: HAProxy has no such map) what the
+    table renders (`table_maps`: a host left pointing at a spare the edge thinks free, after a
+    runtime step and its fallback reload both failed, is deleted before anything can take that
+    spare), then every slot of a free spare backend in maintenance; or a reload when backends,
+    their slots or the maps themselves differ. Backends that are not routes' or spares are not
+    looked at."""
     backends: dict[str, dict[str, ServedSlot]] = {}
     for slot in served:
         if slot.backend.startswith(("be_", "tcp_")):
@@ -253,10 +258,11 @@ def reconcile(table: RouteTable, served: Iterable[ServedSlot], pool: SparePool =
                 if not name.startswith(SPARE_PREFIX)]   # a spare beyond the pool: a smaller --spare-backends
     commands: list[str] = []
     changes: list[str] = []
+    emptied: list[str] = []     # free spares' slots: after no map entry points there any more
     for backend in sorted(free & set(backends)):
         for name, have in sorted(backends[backend].items()):
             if have.ready:
-                commands.append(f"set server {backend}/{name} state maint")
+                emptied.append(f"set server {backend}/{name} state maint")
                 changes.append(f"{backend}/{name} served {have.address}:{have.port} from a free spare: "
                                "now in maintenance")
     for route, backend in ((r, b) for r in table.routes for b in r.backends):
@@ -281,6 +287,16 @@ def reconcile(table: RouteTable, served: Iterable[ServedSlot], pool: SparePool =
                 commands.append(f"set server {target} state ready")
             changes.append(f"{target} served {have.address}:{have.port}"
                            f"{'' if have.ready else ' in maintenance'}: now {want}")
+    if maps is not None:
+        wanted = {name: entries for name, entries in table_maps(table, domains).items() if name in maps}
+        reasons += [f"HAProxy has no map {name}" for name, entries in sorted(wanted.items()) if maps[name] is None]
+        have = {name: maps[name] or {} for name in wanted}
+        for name in sorted(wanted):
+            changes.extend(f"{name}: {key} -> {have[name].get(key, '(none)')} in HAProxy, "
+                           f"{wanted[name].get(key, '(none)')} in the table"
+                           for key in sorted(have[name].keys() | wanted[name].keys())
+                           if have[name].get(key) != wanted[name].get(key))
+        commands += map_commands(have, wanted)
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
-    return Plan(commands=tuple(commands), changes=tuple(changes))
+    return Plan(commands=tuple(commands + emptied), changes=tuple(changes))

@@ -155,6 +155,38 @@ def test_new_and_removed_vhosts_take_and_leave_spares_with_no_reload(consul, edg
             b.close()
 
 
+def runtime(edge: EdgeProcess, command: str) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(edge.state_dir / "haproxy.sock"))
+        s.sendall(command.encode() + b"\n")
+        s.shutdown(socket.SHUT_WR)
+        return b"".join(iter(lambda: s.recv(65536), b"")).decode()
+
+
+def test_a_host_haproxy_maps_to_a_spare_behind_the_edges_back_is_unmapped_by_the_next_reconcile(consul, edge):
+    """What a runtime step that failed midway (and a failed fallback reload) can leave: HAProxy maps
+    a host to a spare the edge thinks free. The next reconcile (every second here) deletes it, and
+    empties the spare, with no reload."""
+    backend = Backend("stray")
+    try:
+        register(consul, "kept", "kept-1", backend)
+        answers(edge, f"kept-80.{DOMAIN}", {"stray"})
+        before = reloads(edge.log())
+        spare = f"be_spare_{POOL}"
+        runtime(edge, f"set server {spare}/s1 addr {backend.host} port {backend.port}; "
+                      f"set server {spare}/s1 state ready; add map hosts.map ghost.{DOMAIN} {spare}")
+        wait_until(lambda: f"ghost.{DOMAIN} " not in runtime(edge, "show map hosts.map"), 5,
+                   what="the stray map entry deleted")
+        status_of(edge, f"ghost.{DOMAIN}", 404)
+        logged(edge, f"hosts.map: ghost.{DOMAIN} -> {spare} in HAProxy, (none) in the table")
+        assert reloads(edge.log()) == before
+        answers(edge, f"kept-80.{DOMAIN}", {"stray"})
+    finally:
+        deregister(consul, "kept-1")
+        backend.close()
+
+
 def test_an_exhausted_pool_is_one_reload_that_refills_it(consul, edge):
     backend = Backend("burst")
     try:

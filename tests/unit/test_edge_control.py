@@ -26,9 +26,13 @@ class FakeHAProxy:
         self.fail_runtime = None
         self.disk_full = False
         self.serving: list[ServedSlot] = []      # what `show servers state` says
+        self.mapped: dict[str, dict[str, str]] = {}   # what `show map` says, for the maps it names
 
     def served(self):
         return tuple(self.serving)
+
+    def maps(self, names):
+        return {name: self.mapped[name] for name in names if name in self.mapped}
 
     def install(self, rendered):
         if self.disk_full:
@@ -315,6 +319,36 @@ def test_a_failed_spare_step_converges_by_one_reload_onto_own_backends(spare_edg
     assert spare_edge.live.get("api-80").backend == "be_api-80"
     assert "backend be_api-80\n" in spare_edge.haproxy.calls[0][1]
     assert "backend be_spare_1\n    description spare, free" in spare_edge.haproxy.calls[0][1]
+
+
+def test_a_host_haproxy_kept_on_a_spare_after_a_failed_step_is_unmapped_before_another_route_takes_it(
+        spare_edge, caplog):
+    """Issue 16: a runtime step applied in HAProxy but failed for the edge (its answers lost), and
+    the fallback reload failed too. HAProxy maps api-80 to the spare the edge thinks free: the next
+    new vhost would take that spare and get api-80's traffic too. The reconcile puts the map back."""
+    fake = spare_edge.haproxy
+    fake.fail_runtime, fake.fail_install = "answers do not line up", "haproxy -c: no such file"
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    spare_edge.step()
+    assert spare_edge.live.get("api-80") is None                  # the edge believes nothing changed...
+    fake.fail_runtime = fake.fail_install = None
+    fake.serving = slots_of("be_web-80", ("10.0.0.1", 8001, True)) + slots_of("be_spare_1", ("10.0.0.1", 9001, True))
+    fake.mapped = {"hosts.map": {"web-80.x.org": "be_web-80", "api-80.x.org": "be_spare_1"}}   # ...HAProxy does
+    spare_edge.reconcile("periodic check")
+    assert fake.calls == [("runtime", ("del map hosts.map api-80.x.org", "set server be_spare_1/s1 state maint"))]
+    assert "hosts.map: api-80.x.org -> be_spare_1 in HAProxy, (none) in the table" in caplog.text
+    fake.calls.clear()
+    fake.mapped = {"hosts.map": {"web-80.x.org": "be_web-80"}}
+    spare_edge.on_snapshot(snap(("web", [8001]), ("cdn", [9101])))   # the next vhost takes the spare alone
+    spare_edge.step()
+    assert fake.calls[-1][1][-1] == "add map hosts.map cdn-80.x.org be_spare_1"
+
+
+def test_a_map_haproxy_lacks_is_a_reload(edge):
+    edge.haproxy.serving = slots_of("be_web-80", ("10.0.0.1", 8001, True))
+    edge.haproxy.mapped = {"hosts.map": None}
+    edge.reconcile("after HAProxy restarted")
+    assert edge.haproxy.kinds() == ["install", "reload"]
 
 
 def test_taking_one_of_the_last_spares_is_logged_once(spare_edge, caplog):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge.haproxy.capabilities import PROBE_SERVER, Capabilities, Outcome, classify, split_batch
-from edge.haproxy.process import HAProxy, Paths, RuntimeFailed
+from edge.haproxy.process import DUPLICATE_KEY, HAProxy, Paths, RuntimeFailed, map_entries
 
 RECORDED = Path(__file__).parent / "recorded"
 VERSIONS = ("2.6", "3.0", "3.2", "3.4")
@@ -213,3 +213,18 @@ def test_the_shell_sends_batches_that_fit_the_cli_buffer(tmp_path):
     assert len(sent) > 1 and all(len(b) < 8000 for b in sent)
     assert [c for b in sent for c in b.split("; ")] == list(commands)
 
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_show_map_is_read_as_entries(version):
+    r = recorded(version)
+    assert map_entries(r["map.show"]["answer"]) == {"a.example": "be_web", "r1": "300|be_a|1000|be_b"}
+    assert map_entries(r["map.show-unknown"]["answer"]) is None
+    assert list(map_entries(r["map.show-committed"]["answer"])) == [f"{c}.example" for c in "defgh"]
+
+
+def test_a_key_held_twice_with_different_values_differs_from_any_value():
+    assert map_entries("0x1 a be_1\n0x2 a be_2\n0x3 b be_3\n\n") == {"a": DUPLICATE_KEY, "b": "be_3"}
+    assert map_entries("0x1 a be_1\n0x2 a be_1\n\n") == {"a": "be_1"}
+    with pytest.raises(RuntimeFailed):
+        map_entries("Permission denied\n\n")

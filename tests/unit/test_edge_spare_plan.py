@@ -215,6 +215,32 @@ def test_reconcile_knows_the_free_spares_and_puts_a_ready_slot_back_in_maintenan
     assert reconcile(live, served[:8], POOL).reasons == ("HAProxy has no backend be_spare_2",)
 
 
+def test_reconcile_puts_back_the_maps_a_failed_step_left_in_haproxy():
+    """A live step HAProxy applied whole while the edge saw it fail (and its fallback reload failed):
+    the edge still has `BASE`, HAProxy maps api-80 to be_spare_1 and serves it there. Map entries
+    first, then the spare's slots."""
+    _, plan = step(BASE, build(inst("a"), inst("b", service="api", port=9000), previous=BASE))
+    assert plan.commands[-1] == "add map hosts.map api-80.t.example be_spare_1"
+
+    def slots(backend, *ready):
+        return [ServedSlot(backend, f"s{i + 1}", *(ready[i] if i < len(ready) else ("0.0.0.0", 0, False)))
+                for i in range(4)]
+    served = slots("be_web-80", ("10.0.0.1", 8000, True)) + slots("be_spare_1", ("10.0.0.1", 9000, True)) + \
+        slots("be_spare_2")
+    haproxy = {"hosts.map": {"web-80.t.example": "be_web-80", "api-80.t.example": "be_spare_1",
+                             "old-80.t.example": "be_web-80"}}
+    plan = reconcile(BASE, served, POOL, haproxy, DOMAINS)
+    assert not plan.reload, plan.reasons
+    assert plan.commands == ("del map hosts.map api-80.t.example", "del map hosts.map old-80.t.example",
+                             "set server be_spare_1/s1 state maint")
+    haproxy["hosts.map"] = {"web-80.t.example": "be_spare_2"}
+    assert reconcile(BASE, served, POOL, haproxy, DOMAINS).commands == (
+        "set map hosts.map web-80.t.example be_web-80", "set server be_spare_1/s1 state maint")
+    assert reconcile(BASE, served, POOL, {"hosts.map": None}, DOMAINS).reasons == ("HAProxy has no map hosts.map",)
+    assert reconcile(BASE, served, POOL, {"hosts.map": {"web-80.t.example": "be_web-80"}}, DOMAINS).commands == (
+        "set server be_spare_1/s1 state maint",)
+
+
 LISTENERS = Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", DOMAINS, spares=POOL)
 TEMPLATES = {name: open(f"templates/{name}").read() for name in ("haproxy.cfg.j2", "landing.html.j2")}
 
