@@ -153,6 +153,10 @@ RULES: tuple[Rule, ...] = (
     # maps (routers, the ACME HTTP-01 challenges): silent when they worked
     _rule(r"(add|set|del) map \S+ \S+( \S+)?", r"", S),
     _rule(r"del map \S+ \S+", r"Key not found\.", N),
+    # an atomic swap (edge.routing.maps): a new version, filled, then committed; since 2.4
+    _rule(r"prepare map \S+", r"New version created: \d+", S),
+    _rule(r"add map @\d+ \S+( \S+ \S+)?", r"", S),       # one entry, or a payload of entries
+    _rule(r"commit map @\d+ \S+", r"", S),
     # certificates (`ssl()`: one command per connection)
     _rule(r"new ssl cert \S+", r"New empty certificate store '[^\n]*'!", S),
     _rule(r"set ssl cert \S+", r"Transaction created for certificate [^\n]*!", S),

@@ -49,9 +49,10 @@ def slot_name(index: int) -> str:
 
 
 def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, ...] = (),
-              pool: SparePool = NO_POOL) -> Plan:
+              pool: SparePool = NO_POOL, atomic_maps: bool = False) -> Plan:
     """`desired` usually comes through `spares.assign(live, …, pool)`: new routes that occupy a
-    spare are applied live; `domains` (the listeners') say what the host map holds."""
+    spare are applied live; `domains` (the listeners') say what the host map holds; `atomic_maps`
+    (the HAProxy has `prepare map`) lets several entries of a map change in one swap."""
     if live is None:
         return Plan(reasons=("initial sync",), changes=_all_servers(desired))
     reasons: list[str] = []
@@ -137,7 +138,7 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
         desired_maps.update(router_maps(desired.routers, desired.backend_of))
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
-    return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps) + drain),
+    return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps, atomic_maps) + drain),
                 changes=tuple(changes))
 
 

@@ -187,6 +187,24 @@ def test_a_host_haproxy_maps_to_a_spare_behind_the_edges_back_is_unmapped_by_the
         backend.close()
 
 
+def test_a_new_vhost_with_two_hosts_is_swapped_into_the_host_map_at_once(consul, edge):
+    """Two host entries change together: one `prepare map` / `commit map` swap (every release has
+    it), both hosts answering, no reload."""
+    backend = Backend("twin")
+    try:
+        before = reloads(edge.log())
+        register(consul, "twin", "twin-1", backend, tags=(f"edge.host=twin.{DOMAIN}",))
+        answers(edge, f"twin-80.{DOMAIN}", {"twin"})
+        answers(edge, f"twin.{DOMAIN}", {"twin"})
+        assert reloads(edge.log()) == before
+        served = runtime(edge, "show map hosts.map")
+        assert re.search(rf" twin-80\.{DOMAIN} be_spare_\d+$", served, re.M), served
+        assert re.search(rf" twin\.{DOMAIN} be_spare_\d+$", served, re.M), served
+    finally:
+        deregister(consul, "twin-1")
+        backend.close()
+
+
 def test_an_exhausted_pool_is_one_reload_that_refills_it(consul, edge):
     backend = Backend("burst")
     try:

@@ -9,6 +9,7 @@ import pytest
 
 from edge import control, templates_source
 from edge.consul.watch import Snapshot
+from edge.haproxy.capabilities import Capabilities
 from edge.haproxy.process import ConfigInvalid, Paths, RuntimeFailed, StateDirError
 from edge.routing.model import Instance
 from edge.routing.plan import ServedSlot
@@ -27,6 +28,7 @@ class FakeHAProxy:
         self.disk_full = False
         self.serving: list[ServedSlot] = []      # what `show servers state` says
         self.mapped: dict[str, dict[str, str]] = {}   # what `show map` says, for the maps it names
+        self.caps = Capabilities(version="2.6.12", release=(2, 6))   # no `prepare map`: entry by entry
 
     def served(self):
         return tuple(self.serving)

@@ -43,6 +43,15 @@ EXPECTED = {
     "map.del-absent": N,
     "map.set-absent": F,
     "map.unknown": F,
+    "map.prepare": S,
+    "map.add-version": S,
+    "map.add-version-payload": S,
+    "map.commit": S,
+    "map.commit-again": F,              # a version already committed
+    "map.add-version-stale": S,         # HAProxy takes it (into the live version): the edge never sends it
+    "map.add-version-unknown": F,
+    "map.commit-unknown": F,
+    "map.prepare-unknown": F,
     "ssl.new": S,
     "ssl.new-exists": F,
     "ssl.set": S,
@@ -161,10 +170,12 @@ class Answers:
     """HAProxy's runtime socket, played back from a recording: command → raw answer."""
 
     def __init__(self, answers: dict[str, str]):
-        self.answers, self.sent = answers, []
+        self.answers, self.sent, self.payloads = answers, [], []
 
     def __call__(self, command: str, payload: str = "", timeout: float = 10) -> str:
         self.sent.append(command)
+        if payload:
+            self.payloads.append(payload)
         return self.answers[command]
 
 
@@ -228,3 +239,26 @@ def test_a_key_held_twice_with_different_values_differs_from_any_value():
     assert map_entries("0x1 a be_1\n0x2 a be_1\n\n") == {"a": "be_1"}
     with pytest.raises(RuntimeFailed):
         map_entries("Permission denied\n\n")
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_shell_fills_in_the_version_prepare_map_answers(tmp_path, version):
+    from edge.routing.maps import swap_commands
+    haproxy, answers = shell(tmp_path, version)
+    haproxy.probe()
+    r = recorded(version)
+    hosts = r["map.prepare"]["command"].split()[-1]
+    entries = {f"h{i:05}.example": "be_web" for i in range(1000)}    # ~19 kB: two payloads
+    payload = [f"add map @1 {hosts}"]
+    answers.answers[r["map.commit"]["command"]] = r["map.commit"]["answer"]    # not the later commit-again
+    haproxy.runtime(("set server be_web/s1 state ready", *swap_commands(hosts, entries)))
+    assert answers.sent[-5:] == ["set server be_web/s1 state ready", r["map.prepare"]["command"],
+                                 *payload * 2, r["map.commit"]["command"]]
+    payloads = answers.payloads[-2:]
+    assert all(len(p) < 12000 for p in payloads)
+    assert "\n".join(payloads).splitlines() == [f"{k} be_web" for k in sorted(entries)]
+    answers.answers[r["map.prepare"]["command"]] = r["map.prepare-unknown"]["answer"]
+    with pytest.raises(RuntimeFailed, match="Unknown map identifier"):
+        haproxy.runtime(tuple(swap_commands(hosts, {"d.example": "be_web"})))
+    with pytest.raises(RuntimeFailed, match="no prepare map"):
+        haproxy.runtime((f"commit map @next {hosts}",))

@@ -312,3 +312,64 @@ def test_a_new_vhost_with_no_healthy_instance_yet_is_mapped_to_its_spare_then_fi
     ready, plan = step(waiting, build(inst("b", service="api", port=9000), previous=waiting))
     assert list(plan.commands) == ["set server be_spare_1/s1 addr 10.0.0.1 port 9000",
                                    "set server be_spare_1/s1 state ready"]
+
+
+# --- atomic map swaps (edge.routing.maps.swapped) ------------------------------------------------
+def many(n):
+    return {f"h{i}.t.example": "be_web-80" for i in range(n)}
+
+
+@pytest.mark.parametrize("old, new, atomic, commands", [
+    # one entry changes: a plain command, with or without `prepare map`
+    ({"a": "be_1"}, {"a": "be_1", "b": "be_2"}, True, ["add map hosts.map b be_2"]),
+    ({"a": "be_1", "b": "be_2"}, {"a": "be_1"}, True, ["del map hosts.map b"]),
+    # two or more: one swap of the whole map (the removed entry is simply not in the new version)
+    ({"a": "be_1", "c": "be_3"}, {"a": "be_1", "b": "be_2", "d": "be_2"}, True, [
+        "prepare map hosts.map", "add map @next hosts.map a be_1", "add map @next hosts.map b be_2",
+        "add map @next hosts.map d be_2", "commit map @next hosts.map"]),
+    ({"a": "be_1", "c": "be_3"}, {"a": "be_1", "b": "be_2", "d": "be_2"}, False, [
+        "add map hosts.map b be_2", "add map hosts.map d be_2", "del map hosts.map c"]),
+    # to an empty map: a swap with nothing added
+    ({"a": "be_1", "b": "be_2"}, {}, True, ["prepare map hosts.map", "commit map @next hosts.map"]),
+])
+def test_several_entries_of_a_map_change_in_one_swap(old, new, atomic, commands):
+    from edge.routing.maps import map_commands
+    assert map_commands({"hosts.map": old}, {"hosts.map": new}, atomic) == commands
+
+
+def test_a_map_past_the_swap_limit_changes_entry_by_entry():
+    from edge.routing.maps import SWAP_MAX_ENTRIES, map_commands
+    old = many(SWAP_MAX_ENTRIES)
+    new = {**old, "x.t.example": "be_x", "y.t.example": "be_y"}
+    assert map_commands({"hosts.map": old}, {"hosts.map": new}, True) == [
+        "add map hosts.map x.t.example be_x", "add map hosts.map y.t.example be_y"]
+    del new["h0.t.example"], new["h1.t.example"]          # back to the limit: a swap
+    assert map_commands({"hosts.map": old}, {"hosts.map": new}, True)[0] == "prepare map hosts.map"
+    big = many(10 * SWAP_MAX_ENTRIES)
+    fifth = {k: "be_spare_1" for k in list(big)[:2 * SWAP_MAX_ENTRIES]}     # a fifth of a large map
+    assert map_commands({"hosts.map": big}, {"hosts.map": {**big, **fifth}}, True)[0] == "prepare map hosts.map"
+    fifth.popitem()
+    assert map_commands({"hosts.map": big}, {"hosts.map": {**big, **fifth}}, True)[0].startswith("set map")
+
+
+def test_a_swap_of_the_path_map_comes_after_what_its_keys_point_at_and_before_that_goes():
+    from edge.routing.maps import map_commands
+    live = {"routers.map": {"r1": "be_1", "r2": "be_2"}, "paths.map": {"/a": "r1", "/b": "r2"}}
+    desired = {"routers.map": {"r1": "be_1", "r3": "be_3"}, "paths.map": {"/a": "r1", "/c": "r3"}}
+    assert map_commands(live, desired, True) == [
+        "add map routers.map r3 be_3",
+        "prepare map paths.map", "add map @next paths.map /a r1", "add map @next paths.map /c r3",
+        "commit map @next paths.map",
+        "del map routers.map r2"]
+
+
+def test_a_new_vhost_with_two_hosts_on_a_spare_is_filled_then_swapped_into_the_host_map():
+    live = build(inst("a"))
+    desired = assign(live, build(inst("a"), inst("b", service="api", port=9000, tags=("edge.host=api.example.org",)),
+                                 previous=live), POOL)
+    plan = make_plan(live, desired, DOMAINS, POOL, atomic_maps=True)
+    assert list(plan.commands) == [
+        "set server be_spare_1/s1 addr 10.0.0.1 port 9000", "set server be_spare_1/s1 state ready",
+        "prepare map hosts.map", "add map @next hosts.map api-80.t.example be_spare_1",
+        "add map @next hosts.map api.example.org be_spare_1", "add map @next hosts.map web-80.t.example be_web-80",
+        "commit map @next hosts.map"]
