@@ -318,6 +318,7 @@ class Edge:
                 log.warning("spare backends running low: %d of %d free (the next reload frees them all)",
                             free, pool.size)
         self.live = table
+        self._spares_taken()
         self._dirty_since = self._dirty_since or time.monotonic()
         log.info("applied %d server change(s) live in %.1f ms, no reload: %s",
                  len(plan.changes), applied_ms, "; ".join(plan.changes) or "slots only")
@@ -348,6 +349,7 @@ class Edge:
                 self._restore_files()
             return False
         self.live, self.live_render = table, rendered
+        self._spares_taken()
         self._dirty_since = None
         self._refused = None
         self.reloads += 1
@@ -356,6 +358,10 @@ class Edge:
                  (time.perf_counter() - t0) * 1000, worker, "; ".join(reasons), len(table.routes), servers,
                  (": " + "; ".join(changes)) if changes and len(changes) <= 20 else "")
         return True
+
+    def _spares_taken(self) -> None:
+        if self.listeners.spares.size:
+            self.metrics.spares_taken({r.backend: r.name for r in self.live.routes if r.spare})
 
     def _restore_files(self) -> None:
         try:

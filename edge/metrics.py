@@ -3,7 +3,8 @@
 HAProxy's admin listener serves its own `/metrics`; its `/edge/metrics` is routed to this socket
 (templates/haproxy.cfg.j2), so one scrape target gives both. Narrow interfaces: the watcher tells
 of Consul requests, stale retries and full refreshes; the control loop of what it applied (live or
-by reload, and why), of refused configurations and of the table it serves; the HTTPS work sets
+by reload, and why), of refused configurations, of the table it serves and of the route each spare
+backend taken live serves (HAProxy's own labels cannot change without a reload); the HTTPS work sets
 certificate expiry and counts the certificates it refuses. Each recorder keeps its own registry (no
 global state), so tests can run several.
 """
@@ -16,6 +17,7 @@ import os
 import socketserver
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -53,6 +55,10 @@ class EdgeMetrics:
         self.rejected = Counter("edge_config_rejected", "Rendered configurations HAProxy refused", registry=r)
         self.routes = Gauge("edge_routes", "Routes (vhosts) served", registry=r)
         self.servers = Gauge("edge_servers", "Healthy servers across all routes", registry=r)
+        self.spare_route = Gauge("edge_spare_route",
+                                 "1 for each spare backend a route took live: HAProxy's own metrics name it "
+                                 "be_spare_K until the next reload; join on proxy=backend for the route",
+                                 ["backend", "route"], registry=r)
         self.cert_expiry = Gauge("edge_certificate_expiry_timestamp_seconds",
                                  "When each served certificate expires (Unix time)", ["name"], registry=r)
         self.cert_refused = Gauge("edge_certificates_refused",
@@ -78,6 +84,12 @@ class EdgeMetrics:
             self.latency.labels(how).observe(max(0.0, time.monotonic() - seen_at))
         self.routes.set(routes)
         self.servers.set(servers)
+
+    def spares_taken(self, routes: Mapping[str, str]) -> None:
+        """Spare backend → the route that took it live; every spare not named is free."""
+        self.spare_route.clear()
+        for backend, route in routes.items():
+            self.spare_route.labels(backend, route).set(1)
 
     def config_rejected(self) -> None:
         self.rejected.inc()
@@ -107,6 +119,7 @@ class NoMetrics:
     def full_refresh(self, reason: str) -> None: ...
     def stale_retry(self) -> None: ...
     def change_applied(self, how, reasons, seen_at, routes, servers) -> None: ...
+    def spares_taken(self, routes) -> None: ...
     def config_rejected(self) -> None: ...
     def certificate_expires(self, name: str, not_after: float | None) -> None: ...
     def certificates_refused(self, counts: dict[str, int]) -> None: ...

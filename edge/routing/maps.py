@@ -16,11 +16,13 @@ there is a reload.
 
 Only routers that are more than a whole exact host go here: those stay in the host map, as
 before routers existed. The host maps themselves (`hosts.map`: exact host → backend; `routes.map`
-without domains: route name → backend) are built here too (`host_maps`), so the plan can change
-their entries at runtime when a route takes or leaves a spare backend (edge.routing.spares).
+without domains: route name → backend; `spares.map`: spare → its route) are built here too
+(`host_maps`), so the plan can change their entries at runtime when a route takes or leaves a
+spare backend (edge.routing.spares).
 
 A router names its route; `backend_of` (the table's) says which HAProxy backend serves that route
-now: `be_<route>`, or the spare `be_spare_K` it occupies. Pure: no I/O.
+now: `be_<route>`, or the spare `be_spare_K` it occupies (spares.map names the route of each
+spare taken live). Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ SPLITS_MAP = "splits.map"
 HOST_HEADERS_MAP = "host_headers.map"
 HOSTS_MAP = "hosts.map"
 ROUTES_MAP = "routes.map"
+SPARES_MAP = "spares.map"
 ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP)
 
 STRIP_BITS = (128, 64, 32, 16, 8, 4, 2, 1)    # a path prefix is at most 200 characters
@@ -141,9 +144,12 @@ def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
 
 
 def host_maps(table: RouteTable, domains: tuple[str, ...]) -> dict[str, dict[str, str]]:
-    """hosts.map (exact host → backend) and routes.map (without domains: route → backend)."""
+    """hosts.map (exact host → backend), routes.map (without domains: route → backend) and
+    spares.map (a spare backend taken live → the route it serves: what the landing page and a
+    spare's 503 page name, since HAProxy reads both only at load)."""
     routes = {} if domains else {r.name: r.backend for r in table.routes if r.vhost}
-    return {HOSTS_MAP: vhosts(table, domains), ROUTES_MAP: routes}
+    spares = {r.backend: r.name for r in table.routes if r.spare}
+    return {HOSTS_MAP: vhosts(table, domains), ROUTES_MAP: routes, SPARES_MAP: spares}
 
 
 def table_maps(table: RouteTable, domains: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -205,8 +211,8 @@ def map_commands(live: Mapping[str, Mapping[str, str]], desired: Mapping[str, Ma
     adds, dels = [], []
     whole = {name for name in SWAPPED_MAPS
              if atomic and swapped(live.get(name, {}), desired.get(name, {}))}
-    for name in (ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP, PATHS_MAP, EXACT_MAP,
-                 HOSTS_MAP, ROUTES_MAP):
+    for name in (SPARES_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP, PATHS_MAP,
+                 EXACT_MAP, HOSTS_MAP, ROUTES_MAP):
         old, new = live.get(name, {}), desired.get(name, {})
         if name in whole:
             adds.extend(swap_commands(name, new))
@@ -217,7 +223,7 @@ def map_commands(live: Mapping[str, Mapping[str, str]], desired: Mapping[str, Ma
             elif old[key] != new[key]:
                 adds.append(f"set map {name} {key} {new[key]}")
     for name in (HOSTS_MAP, ROUTES_MAP, PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP,
-                 HOST_HEADERS_MAP):
+                 HOST_HEADERS_MAP, SPARES_MAP):
         old, new = live.get(name, {}), desired.get(name, {})
         if name not in whole:
             dels.extend(f"del map {name} {key}" for key in sorted(old) if key not in new)

@@ -290,7 +290,8 @@ def reconcile(table: RouteTable, served: Iterable[ServedSlot], pool: SparePool =
                            f"{'' if have.ready else ' in maintenance'}: now {want}")
     if maps is not None:
         wanted = {name: entries for name, entries in table_maps(table, domains).items() if name in maps}
-        reasons += [f"HAProxy has no map {name}" for name, entries in sorted(wanted.items()) if maps[name] is None]
+        reasons += [f"HAProxy has no map {name}" for name, entries in sorted(wanted.items())
+                    if maps[name] is None and entries]     # spares.map: loaded only with a pool
         have = {name: maps[name] or {} for name in wanted}
         for name in sorted(wanted):
             changes.extend(f"{name}: {key} -> {have[name].get(key, '(none)')} in HAProxy, "

@@ -14,7 +14,17 @@ from dataclasses import dataclass
 import jinja2
 from markupsafe import Markup
 
-from edge.routing.maps import HOSTS_MAP, REDIRECT_CODES, ROUTES_MAP, STRIP_BITS, map_text, mapped, router_maps, vhosts
+from edge.routing.maps import (
+    HOSTS_MAP,
+    REDIRECT_CODES,
+    ROUTES_MAP,
+    SPARES_MAP,
+    STRIP_BITS,
+    map_text,
+    mapped,
+    router_maps,
+    vhosts,
+)
 from edge.routing.maps import host_maps as host_entries
 from edge.routing.model import Instance
 from edge.routing.routers import SPLIT_PARTS
@@ -131,6 +141,20 @@ def healthy_count(route: Route) -> Markup:
     return Markup(f"%[nbsrv({route.backend})]")
 
 
+def spare_route(backend: str) -> Markup:
+    """For the landing page: the route that took spare `backend` live, from spares.map per request
+    (`-` while it is free); anything but `a-z 0-9 - _` is dropped, so nothing becomes markup."""
+    return Markup(f'%[str({backend}),map_str({SPARES_MAP},-),regsub("[^a-z0-9_-]","",g)]')
+
+
+def spare_count(backend: str) -> Markup:
+    return Markup(f"%[nbsrv({backend})]")
+
+
+# The most a `spare_route` adds to the page beyond its own text: a route name's 63 characters.
+SPARE_ROUTE_BYTES = 63
+
+
 def environment(templates: Mapping[str, str]) -> jinja2.Environment:
     missing = [name for name in REQUIRED_TEMPLATES if name not in templates]
     if missing:
@@ -144,6 +168,7 @@ def environment(templates: Mapping[str, str]) -> jinja2.Environment:
         lstrip_blocks=True,
     )
     env.globals.update(slots=slots, tcp_slots=tcp_slots, backend_lines=backend_lines, healthy_count=healthy_count,
+                       spare_route=spare_route, spare_count=spare_count,
                        request_host=Markup("%[var(txn.page_host)]"), port_suffix=Markup("%[var(txn.port_suffix)]"))
     return env
 
@@ -181,11 +206,14 @@ def _landing(template: jinja2.Template, context: dict, routes: tuple[Route, ...]
             low, high = (mid, high) if fits(mid) else (low, mid)
         return low
 
+    def size(text: str) -> int:      # as served: a spare's row holds its route's name, at most
+        return len(text.encode()) + text.count(f"map_str({SPARES_MAP}") * SPARE_ROUTE_BYTES
+
     shown_routers = most(min(len(routers), LANDING_ROUTERS),
-                         lambda k: len(page(0, k).encode()) <= LANDING_MAX_BYTES // 2)
+                         lambda k: size(page(0, k)) <= LANDING_MAX_BYTES // 2)
     # A route's row takes well over 40 bytes, so no more than this many can fit.
     shown = most(min(len(routes), LANDING_MAX_BYTES // 40),
-                 lambda k: len(page(k, shown_routers).encode()) <= LANDING_MAX_BYTES)
+                 lambda k: size(page(k, shown_routers)) <= LANDING_MAX_BYTES)
     return page(shown, shown_routers)
 
 
@@ -228,16 +256,20 @@ def render(table: RouteTable, listeners: Listeners, templates: Mapping[str, str]
         "tcp_listeners": tcp_listeners(table, listeners.bind),
         "sni": sni_view(table, listeners.https is not None, listeners.runtime_socket),
         "spares": free_spares(table, listeners.spares),
+        "spares_map": SPARES_MAP,
+        "pool": [listeners.spares.backend(k) for k in range(1, listeners.spares.size + 1)],
     }
     try:
         config = env.get_template(CONFIG_TEMPLATE).render(context)
         landing = _landing(env.get_template(LANDING_TEMPLATE), context,
-                           tuple(r for r in table.routes if not r.retired), router_views(table))
+                           tuple(r for r in table.routes if not r.retired and not r.spare), router_views(table))
     except jinja2.TemplateError as exc:
         where = f" (line {exc.lineno})" if getattr(exc, "lineno", None) else ""
         raise TemplateError(f"{type(exc).__name__}{where}: {exc}") from exc
     hosts, routes = host_maps(table, listeners.domains)
     maps = router_maps(table.routers, table.backend_of) if context["router_maps"] else {}
+    if listeners.spares.size:
+        maps[SPARES_MAP] = host_entries(table, listeners.domains)[SPARES_MAP]
     if context["sni"]:
         maps[SNI_MAP] = sni_entries(table)
     return Rendered(files=(

@@ -238,10 +238,13 @@ def test_a_vhost_registered_critical_after_an_empty_initial_sync_answers_once_it
                 "Meta": {"container_port": "80"},
                 "Check": {"CheckID": "ttl-late-1", "TTL": "600s", "Status": "critical"}})
             time.sleep(1.0)                        # the edge sees it with no healthy instance
-            waiting = proc.get(f"late-80.{DOMAIN}")[0]
+            waiting, page = proc.get(f"late-80.{DOMAIN}")
+            landing = proc.get(f"nosuch.{DOMAIN}")[1]
             set_ttl(agent, "late-1", "passing")
             answers(proc, f"late-80.{DOMAIN}", {"late"}, 5)
             assert waiting == 503, "mapped to its spare with no server ready: the spare's 503, not the landing page"
+            assert "No healthy instance of late-80 could" in page, "the spare's 503 names the route it took"
+            assert f'<tr data-route="late-80"><td><a href="http://late-80.{DOMAIN}' in landing, landing
             assert reloads(proc.log()) == 1, "a new vhost must take a spare, not reload HAProxy"
             assert "late-80.test.example be_spare_1" in (proc.state_dir / "hosts.map").read_text()
         finally:

@@ -16,6 +16,7 @@ from edge.routing.plan import ServedSlot
 from edge.routing.render import Listeners
 from edge.routing.spares import SparePool
 
+FREE_SPARE = "    description spare backend, free at the last reload"
 TEMPLATES = dict(templates_source.load(templates_source.bundled()))
 
 
@@ -300,6 +301,7 @@ def test_a_new_vhost_takes_a_spare_live_and_the_file_declares_it(spare_edge):
     spare_edge.on_snapshot(snap(("web", [8001])))       # removed: the spare is free again, no reload
     spare_edge.step()
     assert spare_edge.haproxy.calls[2] == ("runtime", ("del map hosts.map api-80.x.org",
+                                                       "del map spares.map be_spare_1",
                                                        "set server be_spare_1/s1 state maint"))
 
 
@@ -310,7 +312,7 @@ def test_the_pool_exhausted_is_a_reload_that_gives_every_route_its_own_backend(s
     spare_edge.step()
     assert spare_edge.haproxy.kinds() == ["runtime", "install", "reload"]
     assert [r.backend for r in spare_edge.live.routes] == ["be_api-80", "be_cdn-80", "be_web-80"]
-    assert "backend be_spare_1\n    description spare, free" in spare_edge.haproxy.calls[1][1]
+    assert "backend be_spare_1\n" + FREE_SPARE in spare_edge.haproxy.calls[1][1]
 
 
 def test_a_failed_spare_step_converges_by_one_reload_onto_own_backends(spare_edge):
@@ -320,7 +322,7 @@ def test_a_failed_spare_step_converges_by_one_reload_onto_own_backends(spare_edg
     assert spare_edge.haproxy.kinds() == ["install", "reload"]
     assert spare_edge.live.get("api-80").backend == "be_api-80"
     assert "backend be_api-80\n" in spare_edge.haproxy.calls[0][1]
-    assert "backend be_spare_1\n    description spare, free" in spare_edge.haproxy.calls[0][1]
+    assert "backend be_spare_1\n" + FREE_SPARE in spare_edge.haproxy.calls[0][1]
 
 
 def test_a_host_haproxy_kept_on_a_spare_after_a_failed_step_is_unmapped_before_another_route_takes_it(
@@ -375,10 +377,29 @@ def test_a_vhost_first_seen_with_no_healthy_instance_after_an_empty_initial_sync
     critical = Instance("nginx", "t1", "t1:nginx1:80", "127.0.0.1", 32768, 80, False)
     e.on_snapshot(Snapshot(MappingProxyType({"nginx": (critical,)}), (), 12))
     e.step()
-    assert fake.calls[2] == ("runtime", ("add map hosts.map nginx-80.x.org be_spare_1",))
+    assert fake.calls[2] == ("runtime", ("add map spares.map be_spare_1 nginx-80",
+                                         "add map hosts.map nginx-80.x.org be_spare_1"))
     e.on_snapshot(Snapshot(MappingProxyType({"nginx": (Instance("nginx", "t1", "t1:nginx1:80", "127.0.0.1", 32768,
                                                                  80, True),)}), (), 13))
     e.step()
     assert fake.calls[3] == ("runtime", ("set server be_spare_1/s1 addr 127.0.0.1 port 32768",
                                          "set server be_spare_1/s1 state ready"))
     assert e.reloads == 1 and e.live.get("nginx-80").backend == "be_spare_1"
+
+
+def test_the_route_a_spare_serves_is_a_metric_until_a_reload_frees_it(monkeypatch):
+    """HAProxy's own metrics keep the name be_spare_K until a reload: edge_spare_route says which route
+    it serves."""
+    from edge.metrics import EdgeMetrics
+    monkeypatch.setattr(control, "QUIET", 0.0)
+    metrics = EdgeMetrics()
+    e = control.Edge(FakeHAProxy(), Listeners(":80", ":8404", "/s", ("x.org",), spares=SparePool(1, 4)), TEMPLATES,
+                     threading.Event(), metrics=metrics)
+    e.on_snapshot(snap(("web", [8001])))
+    e.step()
+    e.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    e.step()
+    assert 'edge_spare_route{backend="be_spare_1",route="api-80"} 1.0' in metrics.text().decode()
+    e.on_snapshot(snap(("web", [8001]), ("api", [9001]), ("cdn", [9101])))    # exhausted: a reload frees it
+    e.step()
+    assert "edge_spare_route{" not in metrics.text().decode()

@@ -43,12 +43,14 @@ BASE = build(inst("a"))
     ([inst("b", service="api", port=9000)], DOMAINS, [
         "set server be_spare_1/s1 addr 10.0.0.1 port 9000",
         "set server be_spare_1/s1 state ready",
+        "add map spares.map be_spare_1 api-80",
         "add map hosts.map api-80.t.example be_spare_1",
     ]),
     # without domains the route name map points at it too
     ([inst("b", service="api", port=9000)], (), [
         "set server be_spare_1/s1 addr 10.0.0.1 port 9000",
         "set server be_spare_1/s1 state ready",
+        "add map spares.map be_spare_1 api-80",
         "add map routes.map api-80 be_spare_1",
     ]),
     # an exact host from a tag goes to the spare too; two instances fill two slots
@@ -58,6 +60,7 @@ BASE = build(inst("a"))
         "set server be_spare_1/s1 state ready",
         "set server be_spare_1/s2 addr 10.0.0.1 port 9001",
         "set server be_spare_1/s2 state ready",
+        "add map spares.map be_spare_1 api-80",
         "add map hosts.map api-80.t.example be_spare_1",
         "add map hosts.map api.example.org be_spare_1",
     ]),
@@ -67,6 +70,8 @@ BASE = build(inst("a"))
         "set server be_spare_1/s1 state ready",
         "set server be_spare_2/s1 addr 10.0.0.1 port 9100",
         "set server be_spare_2/s1 state ready",
+        "add map spares.map be_spare_1 api-80",
+        "add map spares.map be_spare_2 cdn-80",
         "add map hosts.map api-80.t.example be_spare_1",
         "add map hosts.map cdn-80.t.example be_spare_2",
     ]),
@@ -86,7 +91,7 @@ def test_a_new_router_on_a_spare_is_mapped_to_the_spare_after_its_servers():
     cmds = list(plan.commands)
     assert cmds[:2] == ["set server be_spare_1/s1 addr 10.0.0.1 port 9000", "set server be_spare_1/s1 state ready"]
     assert any(c.startswith("add map routers.map ") and c.endswith(" be_spare_1") for c in cmds[2:])
-    assert [c.split()[2] for c in cmds[2:]] == ["routers.map", "paths.map", "hosts.map"]
+    assert [c.split()[2] for c in cmds[2:]] == ["spares.map", "routers.map", "paths.map", "hosts.map"]
 
 
 @pytest.mark.parametrize("new, reason", [
@@ -160,6 +165,7 @@ def test_removal_leaves_the_maps_first_then_empties_the_spare():
     assert not plan.reload, plan.reasons
     assert list(plan.commands) == [
         "del map hosts.map api-80.t.example",
+        "del map spares.map be_spare_1",
         "set server be_spare_1/s1 state maint",
         "set server be_spare_1/s1 weight 1",
     ]
@@ -242,6 +248,7 @@ def test_reconcile_puts_back_the_maps_a_failed_step_left_in_haproxy():
 
 
 LISTENERS = Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", DOMAINS, spares=POOL)
+FREE_SPARE = "    description spare backend, free at the last reload"
 TEMPLATES = {name: open(f"templates/{name}").read() for name in ("haproxy.cfg.j2", "landing.html.j2")}
 
 
@@ -252,12 +259,12 @@ def test_the_files_written_after_a_live_change_declare_what_haproxy_runs():
     spare = config.split("backend be_spare_1\n", 1)[1].split("\n\n", 1)[0]
     assert "description route api-80" in spare
     assert "server s1 10.0.0.1:9000" in spare and "server s2 0.0.0.0:0 disabled" in spare
-    assert "backend be_spare_2\n    description spare, free" in config
+    assert "backend be_spare_2\n" + FREE_SPARE in config
     assert "backend be_api-80" not in config
     assert "api-80.t.example be_spare_1\n" in files["hosts.map"]
     # a reload for any other reason: the route on its own backend, both spares free again
     config = render(release(live), LISTENERS, TEMPLATES)["haproxy.cfg"]
-    assert "backend be_api-80\n" in config and "backend be_spare_1\n    description spare, free" in config
+    assert "backend be_api-80\n" in config and "backend be_spare_1\n" + FREE_SPARE in config
 
 
 def sick(sid, **kw):
@@ -308,7 +315,8 @@ def test_a_new_vhost_with_no_healthy_instance_yet_is_mapped_to_its_spare_then_fi
     empty = build()
     waiting, plan = step(empty, build(sick("b", service="api", port=9000), previous=empty))
     assert waiting.get("api-80").backend == "be_spare_1"
-    assert list(plan.commands) == ["add map hosts.map api-80.t.example be_spare_1"]   # the spare's 503 until then
+    assert list(plan.commands) == ["add map spares.map be_spare_1 api-80",      # its 503 page names it...
+                                   "add map hosts.map api-80.t.example be_spare_1"]   # ...until it is filled
     ready, plan = step(waiting, build(inst("b", service="api", port=9000), previous=waiting))
     assert list(plan.commands) == ["set server be_spare_1/s1 addr 10.0.0.1 port 9000",
                                    "set server be_spare_1/s1 state ready"]
@@ -370,6 +378,27 @@ def test_a_new_vhost_with_two_hosts_on_a_spare_is_filled_then_swapped_into_the_h
     plan = make_plan(live, desired, DOMAINS, POOL, atomic_maps=True)
     assert list(plan.commands) == [
         "set server be_spare_1/s1 addr 10.0.0.1 port 9000", "set server be_spare_1/s1 state ready",
+        "add map spares.map be_spare_1 api-80",
         "prepare map hosts.map", "add map @next hosts.map api-80.t.example be_spare_1",
         "add map @next hosts.map api.example.org be_spare_1", "add map @next hosts.map web-80.t.example be_web-80",
         "commit map @next hosts.map"]
+
+
+def test_pages_name_the_route_a_spare_took_live_from_the_spares_map():
+    """HAProxy reads the landing page and the 503 pages at load: a route that takes a spare live is
+    named on them through spares.map, looked up per request."""
+    live, plan = step(BASE, build(inst("a"), inst("b", service="api", port=9000), previous=BASE))
+    assert "add map spares.map be_spare_1 api-80" in plan.commands
+    files = render(live, LISTENERS, TEMPLATES)
+    assert files["spares.map"] == "be_spare_1 api-80\n"
+    landing = files["landing.lf"]
+    for k in (1, 2):           # a row per spare, hidden while it is free ("-")
+        assert (f'<tr data-route="%[str(be_spare_{k}),map_str(spares.map,-),regsub("[^a-z0-9_-]","",g)]">'
+                in landing)
+        assert f"%[nbsrv(be_spare_{k})]" in landing
+    assert "api-80.t.example" not in landing       # its row is the spare's, not a static one
+    assert 'tr[data-route="-"] { display: none; }' in landing
+    config = files["haproxy.cfg"]
+    assert ("backend be_spare_2\n" + FREE_SPARE in config)
+    assert "lf-string \"<!doctype html><title>503 %[str(be_spare_2),map_str(spares.map,)]</title>" in config
+    assert "spares.map" not in render(BASE, Listeners(":80", "127.0.0.1:8404", "/s", DOMAINS), TEMPLATES).files[0][1]
