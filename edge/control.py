@@ -12,7 +12,8 @@ What HAProxy serves (its server slots and maps) is compared with the table the e
 (`reconcile`): every `reconcile_every` seconds, after every full sync of Consul (cold start, back
 from an outage, a sweep) and after HAProxy was restarted. Nothing should ever differ; whatever does (a runtime
 change lost, a worker started from an older file, a hand on the runtime socket) is logged and put
-back, so no divergence outlasts the next check.
+back, so no divergence outlasts the next check. When the spare backends run low, edge.refill says
+when one reload refills them (inputs quiet), and the loop does it.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from edge.haproxy.process import (
     RuntimeFailed,
 )
 from edge.metrics import NoMetrics
+from edge.refill import Refill
 from edge.routing.maps import table_maps
 from edge.routing.model import Problem
 from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners, Rendered, TemplateError, render
-from edge.routing.spares import assign, release, retire
+from edge.routing.spares import NO_POOL, assign, low_water, release, retire
 from edge.routing.table import DEFAULT_RULES, RouteTable, TagRules, build_table, update_table
 
 log = logging.getLogger("edge")
@@ -84,6 +86,7 @@ class Edge:
         self._write = GuardedWrites("configuration", "HAProxy keeps serving (changes still apply live)", RETRY)
         self._start_error: str | None = None       # why HAProxy last failed to restart; logged once
         self.reconcile_every = reconcile_every
+        self.refill = Refill(NO_POOL if self.reload_always else listeners.spares)   # edge.refill
         self._reconcile_due: str | None = None     # why HAProxy's servers are to be checked now
 
     # --- inputs, from other threads ----------------------------------------------------------
@@ -156,6 +159,8 @@ class Edge:
             if why is not None:
                 self.reconcile(why)
                 next_reconcile = time.monotonic() + self.reconcile_every
+            if (low := self.refill.due(self.live, self._last_input)) is not None:
+                self._reload(self.live, (low,), (), self.templates)
             self.flush()
             self.step_certs()
         self.flush(force=True)
@@ -314,9 +319,9 @@ class Edge:
         pool = self.listeners.spares
         if pool.size and self.live is not None:
             free, before = len(pool.free(table)), len(pool.free(self.live))
-            if free < before and free <= pool.size // 4:      # once per spare taken, not per change
-                log.warning("spare backends running low: %d of %d free (the next reload frees them all)",
-                            free, pool.size)
+            if free < before and free <= low_water(pool):      # once per spare taken, not per change
+                log.warning("spare backends running low: %d of %d free (a reload refills the pool once "
+                            "Consul is quiet)", free, pool.size)
         self.live = table
         self._spares_taken()
         self._dirty_since = self._dirty_since or time.monotonic()

@@ -28,7 +28,8 @@ METRICS_SOCKET = "edge-metrics.sock"   # in the state dir, next to HAProxy's soc
 # Reload reasons as the plan words them, reduced to a few label values.
 REASONS = (("initial sync", "initial_sync"), ("vhost added", "vhost_added"), ("vhost removed", "vhost_removed"),
            ("hosts of", "hosts_changed"), ("grew from", "slots_grown"), ("--apply reload", "apply_reload"),
-           ("runtime API failed", "runtime_failed"), ("templates changed", "templates"))
+           ("runtime API failed", "runtime_failed"), ("templates changed", "templates"),
+           ("spare backends", "spares_refill"))
 
 
 def reason_labels(reasons: tuple[str, ...]) -> tuple[str, ...]:

@@ -14,7 +14,9 @@ Which spare a route occupies is part of the route (`Route.spare`, a frozen value
 written after a live change declare exactly what HAProxy runs: the spare with the route's
 servers (and a `description` naming the route), the maps pointing at it, the free spares empty.
 Any reload for another reason gives every route its own `be_<route>` again (`release`) and the
-whole pool is free; when the pool is empty, a new vhost is a reload ("spare backends exhausted").
+whole pool is free; when the pool is empty, a new vhost is a reload ("spare backends exhausted"),
+and when it runs low (`running_low`: a quarter or less free) edge.refill schedules one reload at a
+quiet moment.
 
 A removed route on its own backend (default options, HTTP only) is `retire`d the same way: its
 map entries go, its slots go to maintenance, and its backend stays declared, empty and unmapped
@@ -56,6 +58,27 @@ class SparePool:
 
 
 NO_POOL = SparePool()
+
+
+def low_water(pool: SparePool) -> int:
+    """At or below this many free spares the pool is refilled (edge.refill): a quarter of it, at
+    least one. A deploy brings its services up within a second or so, rarely more than a few
+    dozen at once (the default pool, 32, is sized for that): a quarter left still takes a burst
+    of a quarter of the pool while the refill waits for quiet inputs, and refilling any earlier
+    would cost reloads that no burst needed."""
+    return max(1, pool.size // 4)
+
+
+def running_low(pool: SparePool, table: RouteTable | None) -> str | None:
+    """The reason to refill the pool now (a reload frees every spare), or None."""
+    if pool.size == 0 or table is None:
+        return None
+    free = len(pool.free(table))
+    if free == 0:
+        return f"spare backends exhausted: 0 of {pool.size} free"
+    if free <= low_water(pool):
+        return f"spare backends running low: {free} of {pool.size} free"
+    return None
 
 
 def assign(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> RouteTable:

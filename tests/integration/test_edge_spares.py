@@ -35,7 +35,7 @@ from tests.support.procs import consul_agent, require, wait_until
 pytestmark = pytest.mark.integration
 DOMAIN = "test.example"
 NEW = 6          # new vhosts registered one after the other
-POOL = 8
+POOL = 12        # 6 taken at most by one test: above the refill's low-water mark (3)
 
 
 @pytest.fixture(scope="module")
@@ -250,4 +250,35 @@ def test_a_vhost_registered_critical_after_an_empty_initial_sync_answers_once_it
         finally:
             proc.stop()
             print(proc.log()[-5000:])
+            backend.close()
+
+
+def test_a_pool_running_low_is_refilled_by_one_reload_once_consul_is_quiet(tmp_path, haproxy):
+    """Issue 16: three of four spares taken live (one left: the low-water mark of a pool of 4) is one
+    reload, 2 s after the last change, logged with its reason; every route on its own backend then,
+    answering as before, the whole pool free again, no reload for "spare backends exhausted"."""
+    backend = Backend("low")
+    with consul_agent(tmp_path / "consul") as agent:
+        proc = EdgeProcess(agent.url, domains=(DOMAIN,), haproxy=haproxy.path, spares=4).start()
+        try:
+            logged(proc, "because initial sync", 10)
+            for i in range(3):
+                register(agent, f"low{i}", f"low{i}-1", backend)
+            for i in range(3):
+                answers(proc, f"low{i}-80.{DOMAIN}", {"low"})
+            assert reloads(proc.log()) == 1, "new vhosts take spares live"
+            logged(proc, "spare backends running low: 1 of 4 free (a reload refills")
+            logged(proc, "because spare backends running low: 1 of 4 free", 10)
+            assert reloads(proc.log()) == 2
+            wait_until(lambda: "description spare backend, free at the last reload" in config_text(proc), 3,
+                       what="the refilled pool in the file")
+            config = config_text(proc)
+            assert all(f"backend be_low{i}-80\n" in config for i in range(3)) and "description route" not in config
+            for i in range(3):
+                answers(proc, f"low{i}-80.{DOMAIN}", {"low"})
+            time.sleep(2.5)
+            assert reloads(proc.log()) == 2 and "exhausted" not in proc.log()
+        finally:
+            proc.stop()
+            print(proc.log()[-3000:])
             backend.close()

@@ -361,7 +361,7 @@ def test_taking_one_of_the_last_spares_is_logged_once(spare_edge, caplog):
     spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001, 9002])))   # churn on the spare: no new warning
     spare_edge.step()
     assert [r.getMessage() for r in caplog.records if "running low" in r.getMessage()] == [
-        "spare backends running low: 0 of 1 free (the next reload frees them all)"]
+        "spare backends running low: 0 of 1 free (a reload refills the pool once Consul is quiet)"]
 
 
 def test_a_vhost_first_seen_with_no_healthy_instance_after_an_empty_initial_sync_is_mapped_live(monkeypatch):
