@@ -153,6 +153,9 @@ RULES: tuple[Rule, ...] = (
     # maps (routers, the ACME HTTP-01 challenges): silent when they worked
     _rule(r"(add|set|del) map \S+ \S+( \S+)?", r"", S),
     _rule(r"del map \S+ \S+", r"Key not found\.", N),
+    # spares.map is read by the bundled templates' pages only (edge.routing.maps): a template of
+    # one's own that never loads it does without the names, not without live changes
+    _rule(r"(add|set|del) map spares\.map \S+( \S+)?", r"Unknown map identifier\. Please use #<id> or <file>\.", N),
     # an atomic swap (edge.routing.maps): a new version, filled, then committed; since 2.4
     _rule(r"prepare map \S+", r"New version created: \d+", S),
     _rule(r"add map @\d+ \S+( \S+ \S+)?", r"", S),       # one entry, or a payload of entries

@@ -53,6 +53,7 @@ HOST_HEADERS_MAP = "host_headers.map"
 HOSTS_MAP = "hosts.map"
 ROUTES_MAP = "routes.map"
 SPARES_MAP = "spares.map"
+OPTIONAL_MAPS = (SPARES_MAP,)   # read by the templates' pages only: a template of one's own may not load it
 ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP)
 
 STRIP_BITS = (128, 64, 32, 16, 8, 4, 2, 1)    # a path prefix is at most 200 characters

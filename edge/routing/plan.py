@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from edge.routing.maps import access, host_maps, map_commands, mapped, router_maps, table_maps
+from edge.routing.maps import OPTIONAL_MAPS, access, host_maps, map_commands, mapped, router_maps, table_maps
 from edge.routing.routers import HTTP
 from edge.routing.spares import NO_POOL, SPARE_PREFIX, SparePool
 from edge.routing.table import Route, RouteTable
@@ -289,9 +289,10 @@ def reconcile(table: RouteTable, served: Iterable[ServedSlot], pool: SparePool =
             changes.append(f"{target} served {have.address}:{have.port}"
                            f"{'' if have.ready else ' in maintenance'}: now {want}")
     if maps is not None:
-        wanted = {name: entries for name, entries in table_maps(table, domains).items() if name in maps}
+        wanted = {name: entries for name, entries in table_maps(table, domains).items()
+                  if name in maps and (maps[name] is not None or name not in OPTIONAL_MAPS)}
         reasons += [f"HAProxy has no map {name}" for name, entries in sorted(wanted.items())
-                    if maps[name] is None and entries]     # spares.map: loaded only with a pool
+                    if maps[name] is None and entries]
         have = {name: maps[name] or {} for name in wanted}
         for name in sorted(wanted):
             changes.extend(f"{name}: {key} -> {have[name].get(key, '(none)')} in HAProxy, "

@@ -262,3 +262,11 @@ def test_the_shell_fills_in_the_version_prepare_map_answers(tmp_path, version):
         haproxy.runtime(tuple(swap_commands(hosts, {"d.example": "be_web"})))
     with pytest.raises(RuntimeFailed, match="no prepare map"):
         haproxy.runtime((f"commit map @next {hosts}",))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_template_without_the_spares_map_costs_the_names_not_the_live_change(version):
+    caps, unknown = caps_of(version), recorded(version)["map.unknown"]["answer"]
+    assert classify(caps, "add map spares.map be_spare_1 api-80", unknown) is N
+    assert classify(caps, "del map spares.map be_spare_1", unknown) is N
+    assert classify(caps, "add map hosts.map api-80.t.example be_spare_1", unknown) is F

@@ -243,6 +243,12 @@ def test_reconcile_puts_back_the_maps_a_failed_step_left_in_haproxy():
     assert reconcile(BASE, served, POOL, haproxy, DOMAINS).commands == (
         "set map hosts.map web-80.t.example be_web-80", "set server be_spare_1/s1 state maint")
     assert reconcile(BASE, served, POOL, {"hosts.map": None}, DOMAINS).reasons == ("HAProxy has no map hosts.map",)
+    # spares.map only names routes on pages: a template of one's own may not load it
+    taken, _ = step(BASE, build(inst("a"), inst("b", service="api", port=9000), previous=BASE))
+    haproxy = {"hosts.map": {"web-80.t.example": "be_web-80", "api-80.t.example": "be_spare_1"}, "spares.map": None}
+    assert reconcile(taken, served, POOL, haproxy, DOMAINS) == reconcile(taken, served, POOL)
+    haproxy["spares.map"] = {}
+    assert reconcile(taken, served, POOL, haproxy, DOMAINS).commands == ("add map spares.map be_spare_1 api-80",)
     assert reconcile(BASE, served, POOL, {"hosts.map": {"web-80.t.example": "be_web-80"}}, DOMAINS).commands == (
         "set server be_spare_1/s1 state maint",)
 
