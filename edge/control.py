@@ -171,7 +171,7 @@ class Edge:
         self._log_problems(snapshot.problems + table.problems)
         if not self.reload_always:
             table = assign(self.live, retire(self.live, table, self.listeners.spares), self.listeners.spares)
-        plan = make_plan(self.live, table, self.listeners.domains, self.listeners.spares)
+        plan = make_plan(self.live, table, self.listeners.domains, self.listeners.spares, self.haproxy.caps)
         if plan.reload or self.reload_always:
             table = release(table)   # a reload gives every route its own backend again
         if plan.empty:

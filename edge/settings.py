@@ -110,7 +110,7 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.option("--templates", env="EDGE_TEMPLATES", help="directory of Jinja2 templates replacing the bundled ones")
     p.option("--haproxy", env="EDGE_HAPROXY", default="haproxy", help="HAProxy binary")
     p.option("--min-slots", env="EDGE_MIN_SLOTS", default=4, type=int,
-             help="server slots per backend before it has to grow (a reload)")
+             help="server slots per backend before it has to grow (doubling, live with add server)")
     p.option("--spare-backends", env="EDGE_SPARE_BACKENDS", default=32, type=int,
              help="empty backends declared in every configuration, so that a new vhost with default options "
                   "is served without a reload (each has --min-slots servers in maintenance); refilled at "

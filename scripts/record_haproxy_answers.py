@@ -5,8 +5,9 @@
 For each version it starts `$HAPROXY_CONSUL_CACHE/bin/haproxy-X.Y` (scripts/haproxy-rootfs.sh)
 with a small configuration in /tmp/haproxy-answers-X.Y (fixed, so paths inside answers are the
 same at every recording), sends the start-up probes of edge.haproxy.capabilities and one command
-for each case the edge meets (an address changed or not, a server weight, a missing server, map
-and certificate commands, a `;`-joined batch), and writes the raw answers to
+for each case the edge meets (an address changed or not, a server weight, a missing server, slots
+added with `add server`, map and certificate commands, a `;`-joined batch), and writes the raw
+answers to
 tests/unit/recorded/haproxy-X.Y.json. The unit tests classify those answers: re-record when a
 supported release changes, and read the diff.
 """
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge.haproxy.capabilities import PROBES, init_state_probe
+from edge.haproxy.capabilities import PROBES, cookie_probe, init_state_probe
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "tests" / "unit" / "recorded"
@@ -58,6 +59,7 @@ def steps(d: str, pem: str) -> list[tuple[str, str, str | None]]:
         ("probe.wait", PROBES[2], None),
         ("probe.backends", PROBES[3], None),
         ("probe.init-state", init_state_probe("be_web"), None),
+        ("probe.cookie", cookie_probe("be_web"), None),
         ("addr.unchanged", "set server be_web/s1 addr 127.0.0.1 port 1", None),
         ("addr.ip-changed", "set server be_web/s1 addr 127.0.0.2 port 1", None),
         ("addr.port-changed", "set server be_web/s1 addr 127.0.0.2 port 2", None),
@@ -75,6 +77,14 @@ def steps(d: str, pem: str) -> list[tuple[str, str, str | None]]:
         ("weight.zero", "set server be_web/s1 weight 0", None),
         ("weight.too-big", "set server be_web/s1 weight 300", None),
         ("weight.no-server", "set server be_web/s9 weight 1", None),
+        ("add-server.free", "add server be_web/s3 0.0.0.0:0", None),
+        ("add-server.keywords", "add server be_web/s4 0.0.0.0:0 weight 1 maxconn 10 proto h2 send-proxy", None),
+        ("add-server.tls", "add server be_web/s5 0.0.0.0:0 ssl verify required ca-file @system-ca "
+                           "sni var(txn.host) alpn h2", None),
+        ("add-server.cookie", "add server be_web/s6 0.0.0.0:0 cookie s6", None),
+        ("add-server.exists", "add server be_web/s3 0.0.0.0:0", None),
+        ("add-server.no-backend", "add server be_nosuch/s3 0.0.0.0:0", None),
+        ("add-server.fill", "set server be_web/s3 addr 127.0.0.5 port 5; set server be_web/s3 state ready", None),
         ("batch", "set server be_web/s2 addr 127.0.0.4 port 4; set server be_web/s2 state ready; "
                   "set server be_web/s2 addr 127.0.0.4 port 4; set server be_web/s9 state maint; "
                   "set server be_web/s2 state maint", None),

@@ -45,6 +45,7 @@ from edge.haproxy.capabilities import (
     PROBES,
     Capabilities,
     Outcome,
+    cookie_probe,
     init_state_probe,
     split_batch,
 )
@@ -434,16 +435,17 @@ class HAProxy:
         known: unknown answers then count as failures, which reload."""
         try:
             version, help_text, wait_help, backends = (self._ask(c) for c in PROBES)
-            init_state = ""
+            init_state = cookie = ""
             names = [b.strip() for b in backends.splitlines() if b.strip() and not b.startswith("#")]
             for name in names[:3]:   # a backend whose balancing refuses dynamic servers says nothing
                 init_state = self._ask(init_state_probe(name))
                 if "init-state" in init_state:
+                    cookie = self._ask(cookie_probe(name))
                     break
         except RuntimeFailed as exc:
             log.warning("could not ask HAProxy what it supports (%s); keeping %s", exc, self.caps.version)
             return self.caps
-        caps = Capabilities.from_probes(version, help_text, wait_help, init_state)
+        caps = Capabilities.from_probes(version, help_text, wait_help, init_state, cookie)
         if caps != self.caps:
             log.info("%s", caps.describe())
         self.caps = caps

@@ -8,11 +8,13 @@ point at it (host map, routes map, router maps): no request ever reaches an empt
 new route with no healthy instance yet, its check still critical, is mapped at once: the spare
 answers its 503 until an instance is filled in.) A removed route on a spare leaves the maps
 first, then its slots go to maintenance. Map entries move whenever a route takes or leaves a
-backend, whether or not there are slots to fill or empty. Anything the
-runtime API cannot express—another vhost added or removed (the pool exhausted, options that are
-not the defaults), an exact host changed, a backend's slots grown, the first router or the last
-one (the frontend gains or loses its lookups)—needs a reload, and the plan names every reason so
-the reload is logged with them.
+backend, whether or not there are slots to fill or empty. A route whose instances outgrew its
+slots gets the new slots with `add server` in each of its backends (edge.routing.growth), then
+they are filled like any free slot. Anything the runtime API cannot express—another vhost added
+or removed (the pool exhausted, options that are not the defaults), an exact host changed, a
+growth this HAProxy cannot add servers for, the first router or the last one (the frontend gains
+or loses its lookups)—needs a reload, and the plan names every reason so the reload is logged
+with them.
 
 `reconcile` is the same for what HAProxy really serves (its server states) against the table
 the edge applied: nothing should differ, and whatever does is put back. Pure: no I/O.
@@ -23,10 +25,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
+from edge.haproxy.capabilities import Capabilities
+from edge.routing import growth
 from edge.routing.maps import access, host_maps, map_commands, mapped, router_maps
 from edge.routing.routers import HTTP
 from edge.routing.spares import NO_POOL, SPARE_PREFIX, SparePool
-from edge.routing.table import Route, RouteTable
+from edge.routing.table import Route, RouteTable, slot_name
+
+UNPROBED = Capabilities(version="unknown")
 
 
 @dataclass(frozen=True)
@@ -44,14 +50,11 @@ class Plan:
         return not self.reasons and not self.commands
 
 
-def slot_name(index: int) -> str:
-    return f"s{index + 1}"
-
-
 def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, ...] = (),
-              pool: SparePool = NO_POOL) -> Plan:
+              pool: SparePool = NO_POOL, caps: Capabilities = UNPROBED) -> Plan:
     """`desired` usually comes through `spares.assign(live, …, pool)`: new routes that occupy a
-    spare are applied live; `domains` (the listeners') say what the host map holds."""
+    spare are applied live; `domains` (the listeners') say what the host map holds; `caps` what
+    the running HAProxy accepts (until probed, nothing beyond `set server` and maps)."""
     if live is None:
         return Plan(reasons=("initial sync",), changes=_all_servers(desired))
     reasons: list[str] = []
@@ -109,10 +112,13 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
             reasons.append(f"TCP backend of {route.name} {'added' if route.tcp else 'removed'}")
         if old.options != route.options:
             reasons.append(f"options of {route.name} changed: {' '.join(route.options.words()) or 'defaults'}")
-        if len(old.slots) != len(route.slots):
-            reasons.append(f"{route.name} grew from {len(old.slots)} to {len(route.slots)} slots")
         if old.backend != route.backend:
             reasons.append(f"{route.name} moves from {old.backend} to {route.backend}")
+        if len(old.slots) != len(route.slots):
+            why, added = _grow(old, route, caps)
+            reasons.extend([why] if why else [])
+            commands.extend(added)
+            old = growth.with_free_slots(old, route)
         route_cmds, route_changes = _slot_commands(old, route)
         commands.extend(route_cmds)
         changes.extend(route_changes)
@@ -139,6 +145,14 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
     return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps) + drain),
                 changes=tuple(changes))
+
+
+def _grow(old: Route, new: Route, caps: Capabilities) -> tuple[str, list[str]]:
+    """A route whose slots grew: the `add server` commands for its new slots (edge.routing.growth),
+    or why it needs a reload. (Slots never shrink: `place` keeps a route's capacity.)"""
+    why = growth.refusal(old, new, caps) if len(new.slots) > len(old.slots) else \
+        f"{new.name} went from {len(old.slots)} to {len(new.slots)} slots"
+    return why, [] if why else growth.add_commands(old, new)
 
 
 def _emptied(route: Route) -> Route:

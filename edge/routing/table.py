@@ -28,6 +28,11 @@ from edge.routing.routers import SNI, TCP, BackendOptions, Router, resolve
 MIN_SLOTS = 4
 
 
+def slot_name(index: int) -> str:
+    """HAProxy's name of a backend's server slot: `s1`, `s2`, …"""
+    return f"s{index + 1}"
+
+
 @dataclass(frozen=True, order=True)
 class Server:
     """A healthy instance placed in a backend slot."""

@@ -11,18 +11,17 @@ backends then cost no reload either. 0 failed requests throughout.
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import threading
 import time
 
 import pytest
 
 from tests.integration.edge_helpers import (
+    Load,
     answers,
     config_text,
     deregister,
     logged,
+    master_reload,
     register,
     reloads,
     set_ttl,
@@ -30,7 +29,7 @@ from tests.integration.edge_helpers import (
 )
 from tests.support.edge import EdgeProcess
 from tests.support.http import Backend
-from tests.support.procs import consul_agent, require, wait_until
+from tests.support.procs import consul_agent, wait_until
 
 pytestmark = pytest.mark.integration
 DOMAIN = "test.example"
@@ -54,38 +53,6 @@ def edge(consul, haproxy):
     finally:
         proc.stop()
         print(proc.log()[-5000:])
-
-
-def master_reload(edge: EdgeProcess) -> None:
-    """HAProxy's master reloads from the files on disk, as a restart or an operator would."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(edge.state_dir / "master.sock"))
-        s.sendall(b"reload\n")
-        s.shutdown(socket.SHUT_WR)
-        while s.recv(4096):
-            pass
-
-
-class Load:
-    """wrk with keep-alive on one vhost for the whole test."""
-
-    def __init__(self, edge: EdgeProcess, host: str, seconds: int):
-        self.argv = [require("wrk"), "-t", "2", "-c", "8", "-d", f"{seconds}s", "--timeout", "5s",
-                     "-H", f"Host: {host}", f"http://127.0.0.1:{edge.port}/"]
-        self.out = ""
-        self.thread = threading.Thread(target=self._run)
-
-    def _run(self):
-        self.out = subprocess.run(self.argv, capture_output=True, text=True, timeout=120).stdout
-
-    def __enter__(self):
-        self.thread.start()
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc):
-        self.thread.join()
 
 
 def test_new_and_removed_vhosts_take_and_leave_spares_with_no_reload(consul, edge):

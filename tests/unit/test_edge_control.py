@@ -9,6 +9,7 @@ import pytest
 
 from edge import control, templates_source
 from edge.consul.watch import Snapshot
+from edge.haproxy.capabilities import Capabilities
 from edge.haproxy.process import ConfigInvalid, Paths, RuntimeFailed, StateDirError
 from edge.routing.model import Instance
 from edge.routing.plan import ServedSlot
@@ -26,6 +27,7 @@ class FakeHAProxy:
         self.fail_runtime = None
         self.disk_full = False
         self.serving: list[ServedSlot] = []      # what `show servers state` says
+        self.caps = Capabilities(version="unknown")  # what the probe found
 
     def served(self):
         return tuple(self.serving)
@@ -123,6 +125,24 @@ def test_a_slow_render_waits_for_longer_quiet_and_is_at_most_twenty_renders_late
     clock[0] += 1.0                                        # ...but 20 renders' time is the longest wait
     edge.flush()
     assert edge.haproxy.kinds().count("write") == 2
+
+
+def test_a_full_backend_grows_live_with_add_server_then_the_file_declares_the_new_slots(edge):
+    edge.haproxy.caps = Capabilities("2.6.12", (2, 6), frozenset({"add server", "del server", "set server"}))
+    edge.on_snapshot(snap(("web", [8001, 8002, 8003, 8004, 8005])))
+    edge.step()
+    assert edge.haproxy.kinds() == ["runtime"] and edge.reloads == 1
+    commands = edge.haproxy.calls[0][1]
+    assert commands[:4] == tuple(f"add server be_web-80/s{i} 0.0.0.0:0" for i in (5, 6, 7, 8))
+    edge.flush(force=True)
+    config = edge.haproxy.calls[1][1]
+    assert "server s5 10.0.0.1:8005\n" in config and "server s8 0.0.0.0:0 disabled\n" in config
+
+
+def test_until_haproxy_was_probed_a_full_backend_grows_by_reload(edge):
+    edge.on_snapshot(snap(("web", [8001, 8002, 8003, 8004, 8005])))
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"]
 
 
 def test_unchanged_snapshot_does_nothing(edge):

@@ -36,6 +36,11 @@ EXPECTED = {
     "weight.zero": S,
     "weight.too-big": F,
     "weight.no-server": F,
+    "add-server.free": S,
+    "add-server.keywords": S,
+    "add-server.tls": S,
+    "add-server.exists": F,
+    "add-server.no-backend": F,
     "map.add": S,
     "map.add-split": S,
     "map.set": S,
@@ -60,12 +65,13 @@ EXPECTED = {
     "unknown-command": F,
 }
 
-# What the probes find: (release, add backend, del backend, wait srv-removable, init-state, atomic maps)
+# What the probes find: (release, add backend, del backend, wait srv-removable, init-state, atomic maps,
+# add server cookie)
 CAPABILITIES = {
-    "2.6": ((2, 6), False, False, False, False, True),
-    "3.0": ((3, 0), False, False, True, False, True),
-    "3.2": ((3, 2), False, False, True, True, True),
-    "3.4": ((3, 4), True, True, True, True, True),
+    "2.6": ((2, 6), False, False, False, False, True, False),
+    "3.0": ((3, 0), False, False, True, False, True, True),
+    "3.2": ((3, 2), False, False, True, True, True, True),
+    "3.4": ((3, 4), True, True, True, True, True, True),
 }
 
 
@@ -79,35 +85,53 @@ def recorded(version: str) -> dict[str, dict]:
 def caps_of(version: str) -> Capabilities:
     r = recorded(version)
     return Capabilities.from_probes(r["probe.version"]["answer"], r["probe.help"]["answer"],
-                                    r["probe.wait"]["answer"], r["probe.init-state"]["answer"])
+                                    r["probe.wait"]["answer"], r["probe.init-state"]["answer"],
+                                    r["probe.cookie"]["answer"])
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_case_is_recorded_for_every_release(version):
     labels = set(recorded(version))
     assert set(EXPECTED) <= labels
-    assert {"probe.version", "probe.help", "probe.wait", "probe.init-state", "batch"} <= labels
+    assert {"probe.version", "probe.help", "probe.wait", "probe.init-state", "probe.cookie", "batch"} <= labels
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_capabilities_from_the_probes(version):
     caps = caps_of(version)
-    release, add_backend, del_backend, wait_removable, init_state, atomic_maps = CAPABILITIES[version]
+    release, add_backend, del_backend, wait_removable, init_state, atomic_maps, cookie = CAPABILITIES[version]
     assert caps.version.startswith(version + ".")
     assert caps.release == release
     assert (caps.add_backend, caps.del_backend, caps.wait_srv_removable, caps.server_init_state,
-            caps.atomic_maps, caps.dynamic_servers) == (add_backend, del_backend, wait_removable, init_state,
-                                                       atomic_maps, True)
+            caps.atomic_maps, caps.dynamic_servers, caps.server_cookie) == (
+        add_backend, del_backend, wait_removable, init_state, atomic_maps, True, cookie)
     assert {"set server", "add map", "del map", "commit ssl cert", "show version"} <= caps.commands
     line = caps.describe()
     assert "\n" not in line and caps.version in line
 
 
-def test_the_init_state_probe_never_adds_a_server():
+def test_the_init_state_and_cookie_probes_never_add_a_server():
     for version in VERSIONS:
-        answer = recorded(version)["probe.init-state"]["answer"]
-        assert PROBE_SERVER in recorded(version)["probe.init-state"]["command"]
-        assert "New server registered" not in answer and "init-state" in answer
+        for label in ("probe.init-state", "probe.cookie"):
+            answer = recorded(version)[label]["answer"]
+            assert PROBE_SERVER in recorded(version)[label]["command"]
+            assert "New server registered" not in answer and ("init-state" in answer or "cookie" in answer)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_cookie_on_a_dynamic_server_is_refused_where_the_probe_says_so(version):
+    """2.6 refuses `cookie` on `add server` (a sticky backend grows by reload there)."""
+    step = recorded(version)["add-server.cookie"]
+    outcome = classify(caps_of(version), step["command"], step["answer"])
+    assert outcome is (S if caps_of(version).server_cookie else F), step["answer"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_slot_added_then_filled_in_one_batch(version):
+    step = recorded(version)["add-server.fill"]
+    commands = step["command"].split("; ")
+    answers = split_batch(commands, step["answer"])
+    assert [classify(caps_of(version), c, a) for c, a in zip(commands, answers, strict=True)] == [S, S]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
