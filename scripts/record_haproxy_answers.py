@@ -33,7 +33,7 @@ CONFIG = """\
 global
     default-path config
     stats socket {d}/haproxy.sock mode 600 level admin expose-fd listeners
-defaults
+defaults routes
     mode http
     timeout connect 1s
     timeout client 5s
@@ -47,6 +47,11 @@ backend be_web
     balance roundrobin
     server s1 127.0.0.1:1
     server s2 0.0.0.0:0 disabled
+backend be_listed
+    balance roundrobin
+    server s1 0.0.0.0:0 disabled
+backend landing
+    http-request return status 404 content-type text/plain lf-file {d}/landing.lf
 """
 
 
@@ -109,6 +114,27 @@ def steps(d: str, pem: str) -> list[tuple[str, str, str | None]]:
         ("ssl.crt-list-del-absent", f"del ssl crt-list {crt_list} {cert}", None),
         ("ssl.del", f"del ssl cert {cert}", None),
         ("ssl.del-absent", f"del ssl cert {cert}", None),
+        # a backend added at runtime (3.4), then removed; one the landing page names (`nbsrv`)
+        ("backend.add", "add backend be_dyn from routes", None),
+        ("backend.add-exists", "add backend be_dyn from routes", None),
+        ("backend.add-no-defaults", "add backend be_other from nosuch", None),
+        ("backend.fill", "add server be_dyn/s1 0.0.0.0:0; set server be_dyn/s1 addr 127.0.0.6 port 6; "
+                         "set server be_dyn/s1 state ready", None),
+        ("backend.publish", "publish backend be_dyn", None),
+        ("backend.publish-again", "publish backend be_dyn", None),
+        ("backend.unpublish", "unpublish backend be_dyn", None),
+        ("backend.unpublish-again", "unpublish backend be_dyn", None),
+        ("backend.maint", "set server be_dyn/s1 state maint", None),
+        ("backend.precheck", "wait 1ms be-removable be_dyn", None),
+        ("backend.wait-srv", "wait 500 srv-removable be_dyn/s1", None),
+        ("backend.del-server", "del server be_dyn/s1", None),
+        ("backend.wait-be", "wait 500 be-removable be_dyn", None),
+        ("backend.del", "del backend be_dyn", None),
+        ("backend.del-absent", "del backend be_dyn", None),
+        ("backend.unpublish-listed", "unpublish backend be_listed", None),
+        ("backend.precheck-listed", "wait 1ms be-removable be_listed", None),
+        ("backend.wait-listed", "wait 100 be-removable be_listed", None),
+        ("backend.del-listed", "del backend be_listed", None),
         ("unknown-command", "frobnicate", None),
     ]
 
@@ -149,6 +175,7 @@ def record(version: str) -> Path:
     pem = self_signed(d, "a.example")
     (d / "crt-list").write_text("")
     (d / "hosts.map").write_text("a.example be_web\n")
+    (d / "landing.lf").write_text("be_listed: %[nbsrv(be_listed)] servers\n")
     http, https = free_ports(2)
     (d / "haproxy.cfg").write_text(CONFIG.format(d=d, http=http, https=https))
     sock = str(d / "haproxy.sock")

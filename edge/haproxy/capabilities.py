@@ -17,7 +17,10 @@ between them is decided here and nowhere else:
   address and port the server has, 2.6 `no need to change the addr, no need to change the port`)
   and failure, per command and per release. An answer no rule knows is a failure, so a wording
   the edge has never seen costs a reload, never a silently wrong state.
-  `split_batch()` cuts the output of a `;`-joined batch into one answer per command.
+  `split_batch()` cuts the output of a `;`-joined batch into one answer per command; a command
+  whose answer can run over several lines (`del backend`), or whose failure must stop the commands
+  after it (`wait`: HAProxy runs the rest of a batch whatever an answer said), is sent on its own
+  instead (`alone()`).
 
 Pure: values in, values out. The rules were written from answers recorded from each release
 (tests/unit/recorded/, `scripts/record_haproxy_answers.py`).
@@ -102,13 +105,15 @@ class Capabilities:
         grow = ("full backends grow live (add server"
                 + ("" if self.server_cookie else "; sticky ones by reload: no cookie on a dynamic server") + ")"
                 if self.dynamic_servers else "full backends grow by reload")
+        vhosts = ("through their own backends (add backend, del backend; spare backends if refused)"
+                  if self.add_backend else "through spare backends (--spare-backends)")
         return (f"HAProxy {self.version}: add/del backend {yes(self.add_backend)}/{yes(self.del_backend)}, "
                 f"dynamic servers {yes(self.dynamic_servers)}, wait srv-removable {yes(self.wait_srv_removable)}, "
                 f"add server init-state {yes(self.server_init_state)}, add server cookie {yes(self.server_cookie)}, "
                 f"atomic maps {yes(self.atomic_maps)}; "
                 f"an unchanged server address answers {_unchanged_addr(self)!r} (a no-op); "
                 f"instance churn goes live through server slots (set server), {grow}, new and removed vhosts "
-                f"through spare backends (--spare-backends), else by reload")
+                f"{vhosts}, else by reload")
 
 
 def _listed_commands(help_text: str) -> frozenset[str]:
@@ -163,6 +168,18 @@ RULES: tuple[Rule, ...] = (
     _rule(_ADDR, re.escape(_NO_CHANGE_30), N, since=(3, 0)),
     # add server BE/SRV ADDR:PORT [keywords]: a full backend's new slots (edge.routing.growth)
     _rule(r"add server \S+ \S+( .*)?", r"New server registered\.", S),
+    # a route's own backend added and removed at runtime (3.4, edge.routing.dynamic); `del backend`
+    # answers with the messages of its servers going down first: sent alone (`ALONE`), judged whole
+    _rule(r"add backend \S+ from \S+", r"New backend registered\.", S),
+    _rule(r"(un)?publish backend \S+", r"Backend (un)?published\.", S),
+    _rule(r"wait \d+(ms|s)? (srv|be)-removable \S+", r"Done\.", S),
+    # the edge's check before it deletes a backend's servers (edge.routing.dynamic): nothing but
+    # those servers is in the way; the configuration naming the backend (the landing page's
+    # `nbsrv`) is a failure, answered first, and the backend is kept
+    _rule(r"wait 1ms be-removable \S+", r"Failed\. Only a backend without server can be deleted\.", S),
+    _rule(r"del server \S+", r"Server deleted\.", S),
+    _rule(r"del backend \S+", r"(?s)(.*\n)?Backend deleted\.", S),
+    _rule(r"del backend \S+", r"No such backend\.", N),
     # set server … state ready|maint|drain: silent when it worked, also when the state was already so
     _rule(r"set server \S+ state (ready|maint|drain)", r"", S),
     # set server … weight W (a route's per-instance weights): silent when it worked, also unchanged
@@ -195,6 +212,16 @@ def classify(caps: Capabilities, command: str, answer: str) -> Outcome:
                 and rule.answer.fullmatch(text)):
             return rule.outcome
     return Outcome.FAILURE
+
+
+# Sent on their own, each answer judged whole: `del backend` (its answer can run over several
+# lines), `wait` (a backend's servers are deleted only once HAProxy said they can be: in a batch,
+# the commands after a failed wait would run anyway).
+ALONE = ("del backend ", "wait ")
+
+
+def alone(command: str) -> bool:
+    return command.startswith(ALONE)
 
 
 def split_batch(commands: Sequence[str], output: str) -> list[str] | None:

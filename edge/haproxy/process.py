@@ -15,11 +15,12 @@
   leaves the old worker serving and raises `ReloadFailed`.
 - `probe()` asks the running HAProxy what it is and accepts (after every start and adoption):
   one frozen `Capabilities` (edge.haproxy.capabilities), logged in one line when it changes.
-- `runtime()` sends `set server` (and map) batches through the runtime socket, one connection
-  per batch; `ssl()` sends certificate commands, one connection each since `set ssl cert` carries
-  a PEM payload. The answers are read raw, to the last empty line: that is what tells a batch's
-  answers apart. Both sort every answer with `capabilities.classify` (success, no-op, failure, per
-  HAProxy release) and raise `RuntimeFailed` on a failure; no-ops are logged at debug level.
+- `runtime()` sends server, backend and map commands in batches through the runtime socket, one
+  connection per batch (a `del backend` or a `wait` on its own); `ssl()` sends certificate commands, one
+  connection each since `set ssl cert` carries a PEM payload. The answers are read raw, to the
+  last empty line: that is what tells a batch's answers apart. Both sort every answer with
+  `capabilities.classify` (success, no-op, failure, per HAProxy release) and raise
+  `RuntimeFailed` on a failure; no-ops are logged at debug level.
 - `served()` reads every server slot as the current worker runs it (`show servers state`), for
   the control loop to compare with the table it applied.
 """
@@ -45,6 +46,7 @@ from edge.haproxy.capabilities import (
     PROBES,
     Capabilities,
     Outcome,
+    alone,
     cookie_probe,
     init_state_probe,
     split_batch,
@@ -78,6 +80,10 @@ class ReloadFailed(HAProxyError):
 
 class RuntimeFailed(HAProxyError):
     """A runtime API command failed or the socket did not answer."""
+
+    def __init__(self, message: str, commands: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.commands = commands      # the commands whose answers were failures, when known
 
 
 class NotRunning(HAProxyError):
@@ -457,7 +463,7 @@ class HAProxy:
             return
         for batch in _batches(commands):
             output = self._ask("; ".join(batch))
-            answers = split_batch(batch, output)
+            answers = [output] if len(batch) == 1 and alone(batch[0]) else split_batch(batch, output)
             if answers is None:
                 raise RuntimeFailed(f"answers do not line up with the {len(batch)} commands sent: "
                                     f"{output.strip()[:300]!r}")
@@ -475,9 +481,10 @@ class HAProxy:
 
     def _judge(self, commands, answers) -> None:
         outcomes = [(c, a.strip(), classify_answer(self.caps, c, a)) for c, a in zip(commands, answers, strict=True)]
-        failed = [f"{c}: {a or '(no answer)'}" for c, a, o in outcomes if o is Outcome.FAILURE]
+        failed = [(c, a) for c, a, o in outcomes if o is Outcome.FAILURE]
         if failed:
-            raise RuntimeFailed("; ".join(failed[:5]))
+            raise RuntimeFailed("; ".join(f"{c}: {a or '(no answer)'}" for c, a in failed[:5]),
+                                tuple(c for c, _ in failed))
         for c, a, o in outcomes:
             if o is Outcome.NOOP:
                 log.debug("no-op: %s: %s", c, a)
@@ -529,9 +536,16 @@ def servers_state(lines: list[str]) -> tuple[ServedSlot, ...]:
 
 
 def _batches(commands: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """Commands grouped so that each `;`-joined group fits the CLI's line buffer."""
+    """Commands grouped so that each `;`-joined group fits the CLI's line buffer; a command whose
+    answer can run over several lines, or whose failure must stop what follows (`capabilities.alone`),
+    makes a group of its own."""
     batches, current, size = [], [], 0
     for cmd in commands:
+        if alone(cmd):
+            batches += [tuple(current)] if current else []
+            batches.append((cmd,))
+            current, size = [], 0
+            continue
         if current and size + len(cmd) + 2 > MAX_BATCH_BYTES:
             batches.append(tuple(current))
             current, size = [], 0

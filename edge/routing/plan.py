@@ -4,7 +4,10 @@ Instance churn inside existing backends (a server added, removed, moved, flipped
 becomes `set server` commands, and a router added, changed or removed (to a backend HAProxy
 has) becomes map commands (`edge.routing.maps`). A new route that occupies a spare backend
 (edge.routing.spares) is filled first (`set server … addr`, `state ready`), then its map entries
-point at it (host map, routes map, router maps): no request ever reaches an empty backend. (A
+point at it (host map, routes map, router maps): no request ever reaches an empty backend. On
+HAProxy 3.4 a new route gets its own backend instead (edge.routing.dynamic: `add backend`, `add
+server`, filled, `publish backend`, then the maps), and a removed one's backend is deleted after
+the maps left it and its slots went to maintenance (`Plan.deletions`). (A
 new route with no healthy instance yet, its check still critical, is mapped at once: the spare
 answers its 503 until an instance is filled in.) A removed route on a spare leaves the maps
 first, then its slots go to maintenance. Map entries move whenever a route takes or leaves a
@@ -26,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from edge.haproxy.capabilities import Capabilities
-from edge.routing import growth
+from edge.routing import dynamic, growth
 from edge.routing.maps import access, host_maps, map_commands, mapped, router_maps
 from edge.routing.routers import HTTP
 from edge.routing.spares import NO_POOL, SPARE_PREFIX, SparePool
@@ -40,6 +43,9 @@ class Plan:
     reasons: tuple[str, ...] = ()   # non-empty: reload (the commands are then moot)
     commands: tuple[str, ...] = ()  # runtime API commands, in order
     changes: tuple[str, ...] = ()   # one readable line per server change, for the log
+    # Backends added live whose routes were removed: (route, commands deleting the backend), each
+    # sent once `commands` applied; one HAProxy refuses stays retired until a reload (edge.routing.dynamic).
+    deletions: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def reload(self) -> bool:
@@ -60,7 +66,7 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     reasons: list[str] = []
     added = sorted(desired.by_name.keys() - live.by_name.keys())
     removed = sorted(live.by_name.keys() - desired.by_name.keys())
-    own = [n for n in added if not desired.get(n).spare]
+    own = [n for n in added if not desired.get(n).spare and not desired.get(n).dynamic]
     if own:
         exhausted = [n for n in own if pool.size and pool.fits(desired.get(n))]
         if exhausted:
@@ -73,6 +79,7 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     fill: list[str] = []       # new routes' spares filled: before any map entry points at them
     commands: list[str] = []
     drain: list[str] = []      # removed routes' spares emptied: after their map entries are gone
+    deletions: list[tuple[str, tuple[str, ...]]] = []
     changes: list[str] = []
     unchanged = set(map(id, live.routes))   # update_table reuses the objects of untouched routes
     # A route that takes or leaves a backend at runtime (a spare, its own retired one) moves map
@@ -88,6 +95,10 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
                 fill.extend(_slot_commands(_emptied(route), route)[0])
                 changes.append(f"+ {route.name} on {route.backend}")
                 remap = True
+            elif route.dynamic:
+                fill.extend(_new_backend(route))
+                changes.append(f"+ {route.name} on {route.backend}, added live")
+                remap = True
             continue
         if old.retired:                       # back before the reload that drops its backend
             changes.extend(f"+ {route.name} {s}" for s in route.servers)
@@ -95,13 +106,19 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
                 reasons.append(f"vhost added: {route.name}")
             else:
                 fill.extend(_slot_commands(old, route)[0])
+                # a backend added live may have been unpublished by a deletion HAProxy then refused
+                fill.extend([dynamic.publish(route)] if route.dynamic else [])
                 changes.append(f"+ {route.name} on {route.backend} again")
                 remap = True
             continue
         if route.retired:                     # removed: maps first, then its slots to maintenance
             changes.extend(f"- {route.name} {s}" for s in old.servers)
             drain.extend(_slot_commands(old, route)[0])
-            changes.append(f"- {route.name}: {route.backend} left empty until the next reload")
+            if route.dynamic and caps.del_backend:
+                deletions.append((route.name, dynamic.delete_commands(route, caps)))
+                changes.append(f"- {route.name}: {route.backend} to be deleted")
+            else:
+                changes.append(f"- {route.name}: {route.backend} left empty until the next reload")
             remap = True
             continue
         if old.hosts != route.hosts:
@@ -144,7 +161,7 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
     return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps) + drain),
-                changes=tuple(changes))
+                changes=tuple(changes), deletions=tuple(deletions))
 
 
 def _grow(old: Route, new: Route, caps: Capabilities) -> tuple[str, list[str]]:
@@ -153,6 +170,12 @@ def _grow(old: Route, new: Route, caps: Capabilities) -> tuple[str, list[str]]:
     why = growth.refusal(old, new, caps) if len(new.slots) > len(old.slots) else \
         f"{new.name} went from {len(old.slots)} to {len(new.slots)} slots"
     return why, [] if why else growth.add_commands(old, new)
+
+
+def _new_backend(route: Route) -> list[str]:
+    """A new route's own backend added live (edge.routing.dynamic): the backend and its free slots,
+    filled (address first, then ready), then published; its map entries come after."""
+    return [*dynamic.create_commands(route), *_slot_commands(_emptied(route), route)[0], dynamic.publish(route)]
 
 
 def _emptied(route: Route) -> Route:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge.haproxy.capabilities import PROBE_SERVER, Capabilities, Outcome, classify, split_batch
-from edge.haproxy.process import HAProxy, Paths, RuntimeFailed
+from edge.haproxy.process import HAProxy, Paths, RuntimeFailed, _batches
 
 RECORDED = Path(__file__).parent / "recorded"
 VERSIONS = ("2.6", "3.0", "3.2", "3.4")
@@ -63,6 +63,29 @@ EXPECTED = {
     "ssl.del": S,
     "ssl.del-absent": N,
     "unknown-command": F,
+}
+
+# Adding and removing a backend at runtime: what each answer means on 3.4; before 3.4 the commands
+# do not exist and every answer is a failure.
+BACKENDS_34 = {
+    "backend.add": S,
+    "backend.add-exists": F,
+    "backend.add-no-defaults": F,
+    "backend.publish": S,
+    "backend.publish-again": S,
+    "backend.unpublish": S,
+    "backend.unpublish-again": S,
+    "backend.maint": S,
+    "backend.precheck": S,             # only its servers in the way: they go next
+    "backend.wait-srv": S,
+    "backend.del-server": S,
+    "backend.wait-be": S,
+    "backend.del": S,                  # several lines: its servers going down, then "Backend deleted."
+    "backend.del-absent": N,
+    "backend.unpublish-listed": S,
+    "backend.precheck-listed": F,      # the configuration names it: kept
+    "backend.wait-listed": F,          # the landing page names it (nbsrv): it cannot be removed
+    "backend.del-listed": F,
 }
 
 # What the probes find: (release, add backend, del backend, wait srv-removable, init-state, atomic maps,
@@ -139,6 +162,27 @@ def test_a_slot_added_then_filled_in_one_batch(version):
 def test_recorded_answers_are_classified(version, label):
     step = recorded(version)[label]
     assert classify(caps_of(version), step["command"], step["answer"]) is EXPECTED[label], step["answer"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("label", sorted(BACKENDS_34))
+def test_backend_answers_are_classified(version, label):
+    step = recorded(version)[label]
+    expected = BACKENDS_34[label] if caps_of(version).add_backend else F
+    assert classify(caps_of(version), step["command"], step["answer"]) is expected, step["answer"]
+
+
+def test_a_new_backend_is_filled_in_one_batch_and_del_backend_goes_alone():
+    step = recorded("3.4")["backend.fill"]
+    commands = step["command"].split("; ")
+    answers = split_batch(commands, step["answer"])
+    assert [classify(caps_of("3.4"), c, a) for c, a in zip(commands, answers, strict=True)] == [S, S, S]
+    deleted = recorded("3.4")["backend.del"]["answer"]
+    assert len(deleted.strip().splitlines()) > 1 and split_batch(["del backend be_dyn"], deleted) is None
+    assert _batches(("unpublish backend b", "wait 1ms be-removable b", "del server b/s1", "del backend b",
+                     "del backend c", "add map m k v")) == [
+        ("unpublish backend b",), ("wait 1ms be-removable b",), ("del server b/s1",), ("del backend b",),
+        ("del backend c",), ("add map m k v",)]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -237,3 +281,17 @@ def test_the_shell_sends_batches_that_fit_the_cli_buffer(tmp_path):
     assert len(sent) > 1 and all(len(b) < 8000 for b in sent)
     assert [c for b in sent for c in b.split("; ")] == list(commands)
 
+
+
+def test_the_shell_sends_del_backend_alone_and_judges_its_whole_answer(tmp_path):
+    haproxy, answers = shell(tmp_path, "3.4")
+    haproxy.probe()
+    r = recorded("3.4")
+    answers.answers["unpublish backend be_dyn; del server be_dyn/s1"] = \
+        r["backend.unpublish"]["answer"] + r["backend.del-server"]["answer"]
+    haproxy.runtime(("unpublish backend be_dyn", "del server be_dyn/s1", "del backend be_dyn"))
+    assert answers.sent[-2:] == ["unpublish backend be_dyn; del server be_dyn/s1", "del backend be_dyn"]
+    answers.answers["del backend be_listed"] = r["backend.del-listed"]["answer"]
+    with pytest.raises(RuntimeFailed, match="cannot be removed") as failed:
+        haproxy.runtime(("del backend be_listed",))
+    assert failed.value.commands == ("del backend be_listed",)
