@@ -257,7 +257,9 @@ def runtime_part(live: RouteTable, desired: RouteTable) -> RouteTable:
         if new is None:
             routes.append(replace(route, slots=(None,) * len(route.slots), instances=0))
         elif new.hosts == route.hosts and len(new.slots) == len(route.slots):
-            routes.append(new if new.spare == route.spare else replace(new, spare=route.spare))
+            # the backend it has now: the spare it occupies, or its own added live
+            same = (new.spare, new.dynamic) == (route.spare, route.dynamic)
+            routes.append(new if same else replace(new, spare=route.spare, dynamic=route.dynamic))
         else:
             routes.append(route)
     return replace(live, routes=tuple(routes))

@@ -12,7 +12,7 @@ import pytest
 
 from edge.routing.dynamic import forget, kept_backends, loaded, mark
 from edge.routing.maps import host_maps
-from edge.routing.plan import make_plan, reconcile
+from edge.routing.plan import make_plan, reconcile, runtime_part
 from edge.routing.render import Listeners
 from edge.routing.spares import SparePool, assign, release, retire
 from tests.unit.test_edge_growth_plan import RELEASES, build, declared, inst, routing, run, served
@@ -188,6 +188,14 @@ def test_with_no_live_vhost_changes_a_new_vhost_is_a_reload_on_3_4_too():
     desired = build(A, B, previous=live)
     assert mark(live, desired, V34, SparePool(0)) is desired
     assert make_plan(live, desired, DOMAINS, SparePool(0), V34).reasons == ("vhost added: api-80",)
+
+
+def test_while_a_reload_waits_a_route_keeps_the_backend_added_live():
+    live = build(A)
+    live, _ = step(live, (A, B), V34, HAProxyModel(live))
+    wanted = release(build(A, C, inst("z", "zz"), previous=live))     # a reload pending: flags cleared
+    partial = runtime_part(live, wanted)
+    assert partial.get("api-80").dynamic and partial.get("zz-80") is None
 
 
 def test_a_reload_or_a_restart_loads_every_backend_from_the_files():
