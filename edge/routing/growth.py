@@ -15,9 +15,11 @@ runtime vanish with the old worker.
 No `init-state`: it sets the first health-check state of a server, and the edge's servers have no
 checks; a server added with it starts in maintenance all the same (recorded on 3.2 and 3.4).
 
-A growth HAProxy cannot apply live is a reload with its reason (`refusal`): no dynamic servers
-(an HAProxy not yet probed), a sticky route where `add server` refuses `cookie` (2.6), a route on
-a spare backend (a spare keeps the pool's size; the reload gives the route its own backend).
+A route on a spare backend grows the spare the same way; the spare then has more slots than the
+pool's, so when its route leaves it stays with it, retired, until the next reload frees it
+(edge.routing.spares, `retire`). A growth HAProxy cannot apply live is a reload with its reason
+(`refusal`): no dynamic servers (an HAProxy not yet probed), a sticky route where `add server`
+refuses `cookie` (2.6).
 Pure: no I/O.
 """
 
@@ -39,8 +41,6 @@ def refusal(old: Route, new: Route, caps: Capabilities) -> str:
         return f"{grew} (this HAProxy cannot add servers at runtime)"
     if new.options.sticky and not caps.server_cookie:
         return f"{grew} (sticky: HAProxy {caps.version} refuses `cookie` on a server added at runtime)"
-    if new.spare:
-        return f"{grew} on {new.backend} (a spare keeps the pool's size; the reload gives it be_{new.name})"
     return ""
 
 

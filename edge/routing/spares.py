@@ -20,7 +20,9 @@ whole pool is free; when the pool is empty, a new vhost is a reload ("spare back
 A removed route on its own backend (default options, HTTP only) is `retire`d the same way: its
 map entries go, its slots go to maintenance, and its backend stays declared, empty and unmapped
 (`Route.retired`), until the next reload drops it; if the route comes back before that, it is
-filled into its own backend again.
+filled into its own backend again. So is a removed route on a spare it grew (edge.routing.growth:
+`add server` gave the spare more slots than the pool's): the spare stays out of the pool, empty,
+until the next reload.
 
 Pure: no I/O.
 """
@@ -80,12 +82,13 @@ def assign(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> Rou
 
 def retire(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> RouteTable:
     """`desired` with every route `live` has and `desired` lacks kept as retired (slots free, no
-    host, no vhost), when it is on its own backend with the default options, and every route
-    already retired kept so; a removed route on a spare is not kept (its spare goes back to the
-    pool). Unchanged (the same object) when there is nothing to keep."""
+    host, no vhost), when it is on its own backend with the default options or on a spare it grew
+    (more slots than the pool's: edge.routing.growth), and every route already retired kept so; a
+    removed route on a spare of the pool's size is not kept (its spare goes back to the pool).
+    Unchanged (the same object) when there is nothing to keep."""
     if live is None or pool.size == 0:
         return desired
-    kept = [r for r in live.routes if desired.get(r.name) is None and not r.spare
+    kept = [r for r in live.routes if desired.get(r.name) is None and (not r.spare or len(r.slots) > pool.slots)
             and (r.retired or (not r.tcp and r.options == BackendOptions()))]
     if not kept:
         return desired

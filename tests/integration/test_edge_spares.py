@@ -185,3 +185,29 @@ def test_a_vhost_registered_critical_after_an_empty_initial_sync_answers_once_it
             proc.stop()
             print(proc.log()[-5000:])
             backend.close()
+
+
+def test_a_new_vhost_grows_its_spare_live_and_keeps_it_until_a_reload(consul, edge, haproxy):
+    """Its 5th instance: `add server` in the spare (3.4: in its own backend added live), no reload;
+    removed, the grown spare stays out of the pool, empty, until the next reload."""
+    backends = [Backend(f"spread{i}") for i in range(5)]
+    host = f"spread-80.{DOMAIN}"
+    try:
+        before = reloads(edge.log())
+        for i, backend in enumerate(backends):
+            register(consul, "spread", f"spread-{i}", backend)
+            answers(edge, host, {f"spread{k}" for k in range(i + 1)})
+        assert reloads(edge.log()) == before, "a route on a spare must grow the spare, not reload HAProxy"
+        for i in range(5):
+            deregister(consul, f"spread-{i}")
+        status_of(edge, host, 404)
+        assert reloads(edge.log()) == before
+        if haproxy.release < (3, 4):
+            logged(edge, "- spread-80: be_spare_")
+            wait_until(lambda: "description removed route spread-80" in config_text(edge), 3,
+                       what="haproxy.cfg keeping the grown spare retired")
+    finally:
+        for i in range(5):
+            deregister(consul, f"spread-{i}")
+        for b in backends:
+            b.close()

@@ -176,15 +176,19 @@ def test_until_haproxy_was_probed_growth_is_a_reload():
     assert plan.reasons == ("web-80 grew from 4 to 8 slots (this HAProxy cannot add servers at runtime)",)
 
 
-def test_a_route_on_a_spare_does_not_grow_the_spare():
+@pytest.mark.parametrize("release", ["2.6", "3.0", "3.2"])
+def test_a_route_on_a_spare_grows_the_spare_which_stays_out_of_the_pool_until_a_reload(release):
     pool = SparePool(2, 4)
     listeners = Listeners(":80", "127.0.0.1:8404", "/run/haproxy-consul/haproxy.sock", DOMAINS, spares=pool)
     other = inst("z", "other")
-    plans = play([[other], [other, inst("a")], [other, *(inst(s) for s in "abcde")]], RELEASES["3.0"], pool,
-                 listeners)
-    assert plans[0].reasons == ()
-    assert plans[1].reasons == ("web-80 grew from 4 to 8 slots on be_spare_1 (a spare keeps the pool's size; "
-                                "the reload gives it be_web-80)",)
+    grown = [other, *(inst(s) for s in "abcde")]
+    plans = play([[other], [other, inst("a")], grown, [other], grown, [other], [other, inst("x", "new")]],
+                 RELEASES[release], pool, listeners)
+    assert [p.reasons for p in plans] == [()] * 6
+    assert plans[1].commands[0] == "add server be_spare_1/s5 0.0.0.0:0"
+    assert "be_spare_1 left empty until the next reload" in plans[2].changes[-1]     # retired on its grown spare
+    assert plans[3].commands[-1] == "add map hosts.map web-80.t.example be_spare_1"  # back on it
+    assert plans[5].commands[-1] == "add map hosts.map new-80.t.example be_spare_2"  # the pool's next spare
 
 
 def test_shrinking_puts_slots_in_maintenance_and_keeps_them():
