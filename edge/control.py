@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 from edge.consul.watch import Snapshot
 from edge.haproxy.process import (
@@ -35,6 +36,7 @@ from edge.haproxy.process import (
 )
 from edge.metrics import NoMetrics
 from edge.refill import Refill
+from edge.routing.dynamic import forget, kept_backends, loaded, mark
 from edge.routing.maps import table_maps
 from edge.routing.model import Problem
 from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
@@ -88,6 +90,7 @@ class Edge:
         self.reconcile_every = reconcile_every
         self.refill = Refill(NO_POOL if self.reload_always else listeners.spares)   # edge.refill
         self._reconcile_due: str | None = None     # why HAProxy's servers are to be checked now
+        self._add_backend_refused = False          # HAProxy refused `add backend`: spares from then on
 
     # --- inputs, from other threads ----------------------------------------------------------
     def on_snapshot(self, snapshot: Snapshot) -> None:
@@ -175,10 +178,10 @@ class Edge:
             return
         table = self._table(snapshot)
         self._log_problems(snapshot.problems + table.problems)
+        caps, pool = self._caps(), self.listeners.spares
         if not self.reload_always:
-            table = assign(self.live, retire(self.live, table, self.listeners.spares), self.listeners.spares)
-        plan = make_plan(self.live, table, self.listeners.domains, self.listeners.spares,
-                         self.haproxy.caps.atomic_maps)
+            table = assign(self.live, mark(self.live, retire(self.live, table, pool), caps, pool), pool)
+        plan = make_plan(self.live, table, self.listeners.domains, pool, caps)
         if plan.reload or self.reload_always:
             table = release(table)   # a reload gives every route its own backend again
         if plan.empty:
@@ -191,6 +194,12 @@ class Edge:
             how = "reload" if plan.reload or self.reload_always else "live"
             self.metrics.change_applied(how, plan.reasons, snapshot.seen_at, len(table.routes),
                                         sum(r.healthy for r in table.routes))
+            self._delete_backends(plan.deletions)
+
+    def _caps(self):
+        """What the running HAProxy accepts (its probe), less `add backend` once it refused one."""
+        caps = self.haproxy.caps
+        return replace(caps, commands=caps.commands - {"add backend"}) if self._add_backend_refused else caps
 
     def step_certs(self) -> None:
         """The certificate stage, beside the routes; a runtime failure there is a reload (the
@@ -268,6 +277,8 @@ class Edge:
             self.flush(force=True)  # the file must hold the live state before HAProxy reads it
             try:
                 self.haproxy.start()
+                if self.live is not None:
+                    self.live = loaded(self.live)   # every backend now from the files, none added live
                 log.info("HAProxy restarted with the last applied configuration")
                 self._start_error = None
                 with self._lock:
@@ -285,9 +296,12 @@ class Edge:
 
     def reconcile(self, why: str) -> None:
         """Compare the server slots and maps HAProxy serves with the table the edge applied, and
-        put back whatever differs: runtime commands, or a reload when its backends differ."""
+        put back whatever differs: runtime commands, or a reload when its backends differ. Backends
+        added live whose deletion HAProxy refused (a client still holding a connection to a server)
+        are tried again first."""
         if self.live is None:
             return
+        self._delete_backends(kept_backends(self.live, self._caps()), again=True)
         domains = self.listeners.domains
         try:
             served = self.haproxy.served()
@@ -313,6 +327,9 @@ class Edge:
             self.haproxy.runtime(plan.commands)
         except RuntimeFailed as exc:
             log.warning("runtime API failed (%s); applying by reload instead", exc)
+            if any(c.startswith("add backend ") for c in exc.commands) and not self._add_backend_refused:
+                self._add_backend_refused = True
+                log.warning("HAProxy refused add backend: new vhosts take spare backends from now on")
             self._reload(table, (f"runtime API failed: {exc}",), plan.changes, self.templates)
             return
         applied_ms = (time.perf_counter() - t0) * 1000
@@ -327,6 +344,20 @@ class Edge:
         self._dirty_since = self._dirty_since or time.monotonic()
         log.info("applied %d server change(s) live in %.1f ms, no reload: %s",
                  len(plan.changes), applied_ms, "; ".join(plan.changes) or "slots only")
+
+    def _delete_backends(self, deletions: tuple[tuple[str, tuple[str, ...]], ...], again: bool = False) -> None:
+        """Delete the backends added live of routes just removed (edge.routing.dynamic); one HAProxy
+        refuses (a connection still attached to a server, the configuration naming it) stays
+        retired, and is tried again at each reconcile until a reload drops it."""
+        for name, commands in deletions:
+            try:
+                self.haproxy.runtime(commands)
+            except RuntimeFailed as exc:
+                (log.debug if again else log.warning)(
+                    "kept the empty backend of removed route %s (tried again later; a reload drops it): %s", name, exc)
+                continue
+            self.live = forget(self.live, name)
+            log.info("deleted the backend of removed route %s live (del backend)", name)
 
     def _reload(self, table: RouteTable, reasons: tuple[str, ...], changes: tuple[str, ...],
                 templates: Mapping[str, str]) -> bool:

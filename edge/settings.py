@@ -110,11 +110,12 @@ def parser(environ: Mapping[str, str]) -> EnvParser:
     p.option("--templates", env="EDGE_TEMPLATES", help="directory of Jinja2 templates replacing the bundled ones")
     p.option("--haproxy", env="EDGE_HAPROXY", default="haproxy", help="HAProxy binary")
     p.option("--min-slots", env="EDGE_MIN_SLOTS", default=4, type=int,
-             help="server slots per backend before it has to grow (a reload)")
+             help="server slots per backend before it has to grow (doubling, live with add server)")
     p.option("--spare-backends", env="EDGE_SPARE_BACKENDS", default=32, type=int,
              help="empty backends declared in every configuration, so that a new vhost with default options "
-                  "is served without a reload (each has --min-slots servers in maintenance); refilled at "
-                  "every reload; 0: every new vhost is a reload")
+                  "is served without a reload on HAProxy 2.6-3.3 (each has --min-slots servers in maintenance; "
+                  "3.4 adds the vhost's own backend and keeps them as its fallback); refilled at every reload; "
+                  "0: every new or removed vhost is a reload")
     p.option("--consul-wait", env="EDGE_CONSUL_WAIT", default=30.0, type=float,
              help="seconds a blocking query waits for a change")
     p.option("--log-level", env="EDGE_LOG_LEVEL", default="INFO", help="DEBUG, INFO, WARNING or ERROR")

@@ -5,8 +5,9 @@
 For each version it starts `$HAPROXY_CONSUL_CACHE/bin/haproxy-X.Y` (scripts/haproxy-rootfs.sh)
 with a small configuration in /tmp/haproxy-answers-X.Y (fixed, so paths inside answers are the
 same at every recording), sends the start-up probes of edge.haproxy.capabilities and one command
-for each case the edge meets (an address changed or not, a server weight, a missing server, map
-and certificate commands, a `;`-joined batch), and writes the raw answers to
+for each case the edge meets (an address changed or not, a server weight, a missing server, slots
+added with `add server`, map and certificate commands, a `;`-joined batch), and writes the raw
+answers to
 tests/unit/recorded/haproxy-X.Y.json. The unit tests classify those answers: re-record when a
 supported release changes, and read the diff.
 """
@@ -22,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge.haproxy.capabilities import PROBES, init_state_probe
+from edge.haproxy.capabilities import PROBES, cookie_probe, init_state_probe
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "tests" / "unit" / "recorded"
@@ -32,7 +33,7 @@ CONFIG = """\
 global
     default-path config
     stats socket {d}/haproxy.sock mode 600 level admin expose-fd listeners
-defaults
+defaults routes
     mode http
     timeout connect 1s
     timeout client 5s
@@ -46,6 +47,11 @@ backend be_web
     balance roundrobin
     server s1 127.0.0.1:1
     server s2 0.0.0.0:0 disabled
+backend be_listed
+    balance roundrobin
+    server s1 0.0.0.0:0 disabled
+backend landing
+    http-request return status 404 content-type text/plain lf-file {d}/landing.lf
 """
 
 
@@ -58,6 +64,7 @@ def steps(d: str, pem: str) -> list[tuple[str, str, str | None]]:
         ("probe.wait", PROBES[2], None),
         ("probe.backends", PROBES[3], None),
         ("probe.init-state", init_state_probe("be_web"), None),
+        ("probe.cookie", cookie_probe("be_web"), None),
         ("addr.unchanged", "set server be_web/s1 addr 127.0.0.1 port 1", None),
         ("addr.ip-changed", "set server be_web/s1 addr 127.0.0.2 port 1", None),
         ("addr.port-changed", "set server be_web/s1 addr 127.0.0.2 port 2", None),
@@ -75,6 +82,14 @@ def steps(d: str, pem: str) -> list[tuple[str, str, str | None]]:
         ("weight.zero", "set server be_web/s1 weight 0", None),
         ("weight.too-big", "set server be_web/s1 weight 300", None),
         ("weight.no-server", "set server be_web/s9 weight 1", None),
+        ("add-server.free", "add server be_web/s3 0.0.0.0:0", None),
+        ("add-server.keywords", "add server be_web/s4 0.0.0.0:0 weight 1 maxconn 10 proto h2 send-proxy", None),
+        ("add-server.tls", "add server be_web/s5 0.0.0.0:0 ssl verify required ca-file @system-ca "
+                           "sni var(txn.host) alpn h2", None),
+        ("add-server.cookie", "add server be_web/s6 0.0.0.0:0 cookie s6", None),
+        ("add-server.exists", "add server be_web/s3 0.0.0.0:0", None),
+        ("add-server.no-backend", "add server be_nosuch/s3 0.0.0.0:0", None),
+        ("add-server.fill", "set server be_web/s3 addr 127.0.0.5 port 5; set server be_web/s3 state ready", None),
         ("batch", "set server be_web/s2 addr 127.0.0.4 port 4; set server be_web/s2 state ready; "
                   "set server be_web/s2 addr 127.0.0.4 port 4; set server be_web/s9 state maint; "
                   "set server be_web/s2 state maint", None),
@@ -114,6 +129,27 @@ def steps(d: str, pem: str) -> list[tuple[str, str, str | None]]:
         ("ssl.crt-list-del-absent", f"del ssl crt-list {crt_list} {cert}", None),
         ("ssl.del", f"del ssl cert {cert}", None),
         ("ssl.del-absent", f"del ssl cert {cert}", None),
+        # a backend added at runtime (3.4), then removed; one the landing page names (`nbsrv`)
+        ("backend.add", "add backend be_dyn from routes", None),
+        ("backend.add-exists", "add backend be_dyn from routes", None),
+        ("backend.add-no-defaults", "add backend be_other from nosuch", None),
+        ("backend.fill", "add server be_dyn/s1 0.0.0.0:0; set server be_dyn/s1 addr 127.0.0.6 port 6; "
+                         "set server be_dyn/s1 state ready", None),
+        ("backend.publish", "publish backend be_dyn", None),
+        ("backend.publish-again", "publish backend be_dyn", None),
+        ("backend.unpublish", "unpublish backend be_dyn", None),
+        ("backend.unpublish-again", "unpublish backend be_dyn", None),
+        ("backend.maint", "set server be_dyn/s1 state maint", None),
+        ("backend.precheck", "wait 1ms be-removable be_dyn", None),
+        ("backend.wait-srv", "wait 500 srv-removable be_dyn/s1", None),
+        ("backend.del-server", "del server be_dyn/s1", None),
+        ("backend.wait-be", "wait 500 be-removable be_dyn", None),
+        ("backend.del", "del backend be_dyn", None),
+        ("backend.del-absent", "del backend be_dyn", None),
+        ("backend.unpublish-listed", "unpublish backend be_listed", None),
+        ("backend.precheck-listed", "wait 1ms be-removable be_listed", None),
+        ("backend.wait-listed", "wait 100 be-removable be_listed", None),
+        ("backend.del-listed", "del backend be_listed", None),
         ("unknown-command", "frobnicate", None),
     ]
 
@@ -154,6 +190,7 @@ def record(version: str) -> Path:
     pem = self_signed(d, "a.example")
     (d / "crt-list").write_text("")
     (d / "hosts.map").write_text("a.example be_web\n")
+    (d / "landing.lf").write_text("be_listed: %[nbsrv(be_listed)] servers\n")
     http, https = free_ports(2)
     (d / "haproxy.cfg").write_text(CONFIG.format(d=d, http=http, https=https))
     sock = str(d / "haproxy.sock")

@@ -5,17 +5,22 @@ between them is decided here and nowhere else:
 
 - `Capabilities.from_probes()` turns the answers of a few harmless runtime-API probes into one
   frozen value: the version (`show version`), the commands this build lists (`help`), the
-  conditions `wait` knows (`wait -h`), and whether `add server` knows `init-state` (an `add server`
+  conditions `wait` knows (`wait -h`), whether `add server` knows `init-state` (an `add server`
   with an invalid `init-state` value: refused either way, but the refusal tells whether the keyword
-  exists). The process shell (edge.haproxy.process) sends `PROBES` and logs `describe()` in one
-  line; later apply strategies (spare backends, `add backend`, atomic map swaps) read their facts
+  exists) and whether it takes `cookie` (the same probe with `cookie` first: 2.6 refuses that
+  keyword for a dynamic server before it reads the rest). The process shell
+  (edge.haproxy.process) sends `PROBES` and logs `describe()` in one line; the apply strategies
+  (spare backends, growth with `add server`, `add backend`, atomic map swaps) read their facts
   from this value, never from a version check of their own.
 - `classify()` sorts every answer of every command the edge sends into success, no-op (HAProxy
   already had what was asked: 3.x answers `nothing changed` to a `set server … addr` with the
   address and port the server has, 2.6 `no need to change the addr, no need to change the port`)
   and failure, per command and per release. An answer no rule knows is a failure, so a wording
   the edge has never seen costs a reload, never a silently wrong state.
-  `split_batch()` cuts the output of a `;`-joined batch into one answer per command.
+  `split_batch()` cuts the output of a `;`-joined batch into one answer per command; a command
+  whose answer can run over several lines (`del backend`), or whose failure must stop the commands
+  after it (`wait`: HAProxy runs the rest of a batch whatever an answer said), is sent on its own
+  instead (`alone()`).
 
 Pure: values in, values out. The rules were written from answers recorded from each release
 (tests/unit/recorded/, `scripts/record_haproxy_answers.py`).
@@ -29,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Sent once at start, in this order; the answers go to `Capabilities.from_probes`. The last one
-# is completed with a backend name from `show backend` (see `init_state_probe`).
+# is completed with a backend name from `show backend` (see `init_state_probe`, `cookie_probe`).
 PROBES = ("show version", "help", "wait -h", "show backend")
 PROBE_SERVER = "haproxy-consul-probe"
 
@@ -40,6 +45,12 @@ def init_state_probe(backend: str) -> str:
     return f"add server {backend}/{PROBE_SERVER} 0.0.0.0:0 init-state ?"
 
 
+def cookie_probe(backend: str) -> str:
+    """Refused on every release too (the same invalid `init-state`); a refusal that got as far as
+    `init-state` says `add server` took the `cookie` before it (a sticky backend's slots)."""
+    return f"add server {backend}/{PROBE_SERVER} 0.0.0.0:0 cookie {PROBE_SERVER} init-state ?"
+
+
 @dataclass(frozen=True)
 class Capabilities:
     version: str                                  # as `show version` answers, e.g. 3.0.11-1+deb13u4
@@ -47,9 +58,11 @@ class Capabilities:
     commands: frozenset[str] = frozenset()        # the runtime commands `help` lists, e.g. "add backend"
     wait_conditions: frozenset[str] = frozenset() # what `wait` can wait for, e.g. "srv-removable"
     server_init_state: bool = False               # `add server … init-state up|down|…`
+    server_cookie: bool = False                   # `add server … cookie VALUE` (not on 2.6)
 
     @classmethod
-    def from_probes(cls, version: str, help_text: str, wait_help: str, init_state: str) -> Capabilities:
+    def from_probes(cls, version: str, help_text: str, wait_help: str, init_state: str,
+                    cookie: str = "") -> Capabilities:
         text = next((line.strip() for line in version.splitlines() if line.strip()), "unknown")
         m = re.match(r"(\d+)\.(\d+)", text)
         return cls(
@@ -58,6 +71,7 @@ class Capabilities:
             commands=_listed_commands(help_text),
             wait_conditions=frozenset(re.findall(r"^\s*-\s+([a-z][a-z-]*)\s", wait_help, re.M)),
             server_init_state="'init-state' expects" in init_state,
+            server_cookie="init-state" in cookie,
         )
 
     # --- facts the apply strategies choose by ------------------------------------------------
@@ -88,12 +102,18 @@ class Capabilities:
         """The one line logged at start."""
         def yes(flag: bool) -> str:
             return "yes" if flag else "no"
+        grow = ("full backends grow live (add server"
+                + ("" if self.server_cookie else "; sticky ones by reload: no cookie on a dynamic server") + ")"
+                if self.dynamic_servers else "full backends grow by reload")
+        vhosts = ("through their own backends (add backend, del backend; spare backends if refused)"
+                  if self.add_backend else "through spare backends (--spare-backends)")
         return (f"HAProxy {self.version}: add/del backend {yes(self.add_backend)}/{yes(self.del_backend)}, "
                 f"dynamic servers {yes(self.dynamic_servers)}, wait srv-removable {yes(self.wait_srv_removable)}, "
-                f"add server init-state {yes(self.server_init_state)}, atomic maps {yes(self.atomic_maps)}; "
+                f"add server init-state {yes(self.server_init_state)}, add server cookie {yes(self.server_cookie)}, "
+                f"atomic maps {yes(self.atomic_maps)}; "
                 f"an unchanged server address answers {_unchanged_addr(self)!r} (a no-op); "
-                f"instance churn goes live through server slots (set server), new and removed vhosts "
-                f"through spare backends (--spare-backends), else by reload")
+                f"instance churn goes live through server slots (set server), {grow}, new and removed vhosts "
+                f"{vhosts}, else by reload")
 
 
 def _listed_commands(help_text: str) -> frozenset[str]:
@@ -146,6 +166,20 @@ RULES: tuple[Rule, ...] = (
     _rule(_ADDR, re.escape(_NO_CHANGE_26) + _BY, N, until=(3, 0)),
     _rule(_ADDR, rf"{_IP}(, {_PORT})?{_BY}|{_PORT}{_BY}", S, since=(3, 0)),
     _rule(_ADDR, re.escape(_NO_CHANGE_30), N, since=(3, 0)),
+    # add server BE/SRV ADDR:PORT [keywords]: a full backend's new slots (edge.routing.growth)
+    _rule(r"add server \S+ \S+( .*)?", r"New server registered\.", S),
+    # a route's own backend added and removed at runtime (3.4, edge.routing.dynamic); `del backend`
+    # answers with the messages of its servers going down first: sent alone (`ALONE`), judged whole
+    _rule(r"add backend \S+ from \S+", r"New backend registered\.", S),
+    _rule(r"(un)?publish backend \S+", r"Backend (un)?published\.", S),
+    _rule(r"wait \d+(ms|s)? (srv|be)-removable \S+", r"Done\.", S),
+    # the edge's check before it deletes a backend's servers (edge.routing.dynamic): nothing but
+    # those servers is in the way; the configuration naming the backend (the landing page's
+    # `nbsrv`) is a failure, answered first, and the backend is kept
+    _rule(r"wait 1ms be-removable \S+", r"Failed\. Only a backend without server can be deleted\.", S),
+    _rule(r"del server \S+", r"Server deleted\.", S),
+    _rule(r"del backend \S+", r"(?s)(.*\n)?Backend deleted\.", S),
+    _rule(r"del backend \S+", r"No such backend\.", N),
     # set server … state ready|maint|drain: silent when it worked, also when the state was already so
     _rule(r"set server \S+ state (ready|maint|drain)", r"", S),
     # set server … weight W (a route's per-instance weights): silent when it worked, also unchanged
@@ -185,6 +219,16 @@ def classify(caps: Capabilities, command: str, answer: str) -> Outcome:
                 and rule.answer.fullmatch(text)):
             return rule.outcome
     return Outcome.FAILURE
+
+
+# Sent on their own, each answer judged whole: `del backend` (its answer can run over several
+# lines), `wait` (a backend's servers are deleted only once HAProxy said they can be: in a batch,
+# the commands after a failed wait would run anyway).
+ALONE = ("del backend ", "wait ")
+
+
+def alone(command: str) -> bool:
+    return command.startswith(ALONE)
 
 
 def split_batch(commands: Sequence[str], output: str) -> list[str] | None:

@@ -15,11 +15,13 @@
   leaves the old worker serving and raises `ReloadFailed`.
 - `probe()` asks the running HAProxy what it is and accepts (after every start and adoption):
   one frozen `Capabilities` (edge.haproxy.capabilities), logged in one line when it changes.
-- `runtime()` sends `set server` (and map) batches through the runtime socket, one connection
-  per batch; `ssl()` sends certificate commands, one connection each since `set ssl cert` carries
-  a PEM payload. The answers are read raw, to the last empty line: that is what tells a batch's
-  answers apart. Both sort every answer with `capabilities.classify` (success, no-op, failure, per
-  HAProxy release) and raise `RuntimeFailed` on a failure; no-ops are logged at debug level.
+- `runtime()` sends server, backend and map commands in batches through the runtime socket, one
+  connection per batch (a `del backend` or a `wait` on its own; a `prepare map` alone, its
+  version then filled into the map commands after it); `ssl()` sends certificate commands, one
+  connection each since `set ssl cert` carries a PEM payload. The answers are read raw, to the
+  last empty line: that is what tells a batch's answers apart. Both sort every answer with
+  `capabilities.classify` (success, no-op, failure, per HAProxy release) and raise
+  `RuntimeFailed` on a failure; no-ops are logged at debug level.
 - `served()` reads every server slot as the current worker runs it (`show servers state`), and
   `maps()` the entries of the maps it is asked for (`show map`), for the control loop to compare
   with the table it applied.
@@ -46,6 +48,8 @@ from edge.haproxy.capabilities import (
     PROBES,
     Capabilities,
     Outcome,
+    alone,
+    cookie_probe,
     init_state_probe,
     split_batch,
 )
@@ -79,6 +83,10 @@ class ReloadFailed(HAProxyError):
 
 class RuntimeFailed(HAProxyError):
     """A runtime API command failed or the socket did not answer."""
+
+    def __init__(self, message: str, commands: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.commands = commands      # the commands whose answers were failures, when known
 
 
 class NotRunning(HAProxyError):
@@ -436,16 +444,17 @@ class HAProxy:
         known: unknown answers then count as failures, which reload."""
         try:
             version, help_text, wait_help, backends = (self._ask(c) for c in PROBES)
-            init_state = ""
+            init_state = cookie = ""
             names = [b.strip() for b in backends.splitlines() if b.strip() and not b.startswith("#")]
             for name in names[:3]:   # a backend whose balancing refuses dynamic servers says nothing
                 init_state = self._ask(init_state_probe(name))
                 if "init-state" in init_state:
+                    cookie = self._ask(cookie_probe(name))
                     break
         except RuntimeFailed as exc:
             log.warning("could not ask HAProxy what it supports (%s); keeping %s", exc, self.caps.version)
             return self.caps
-        caps = Capabilities.from_probes(version, help_text, wait_help, init_state)
+        caps = Capabilities.from_probes(version, help_text, wait_help, init_state, cookie)
         if caps != self.caps:
             log.info("%s", caps.describe())
         self.caps = caps
@@ -487,7 +496,7 @@ class HAProxy:
     def _batch(self, commands: list[str]) -> None:
         for batch in _batches(tuple(commands)):
             output = self._ask("; ".join(batch))
-            answers = split_batch(batch, output)
+            answers = [output] if len(batch) == 1 and alone(batch[0]) else split_batch(batch, output)
             if answers is None:
                 raise RuntimeFailed(f"answers do not line up with the {len(batch)} commands sent: "
                                     f"{output.strip()[:300]!r}")
@@ -510,9 +519,10 @@ class HAProxy:
 
     def _judge(self, commands, answers) -> None:
         outcomes = [(c, a.strip(), classify_answer(self.caps, c, a)) for c, a in zip(commands, answers, strict=True)]
-        failed = [f"{c}: {a or '(no answer)'}" for c, a, o in outcomes if o is Outcome.FAILURE]
+        failed = [(c, a) for c, a, o in outcomes if o is Outcome.FAILURE]
         if failed:
-            raise RuntimeFailed("; ".join(failed[:5]))
+            raise RuntimeFailed("; ".join(f"{c}: {a or '(no answer)'}" for c, a in failed[:5]),
+                                tuple(c for c, _ in failed))
         for c, a, o in outcomes:
             if o is Outcome.NOOP:
                 log.debug("no-op: %s: %s", c, a)
@@ -622,9 +632,16 @@ def _payloads(commands: tuple[str, ...]) -> list[list[str] | tuple[str, str]]:
 
 
 def _batches(commands: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """Commands grouped so that each `;`-joined group fits the CLI's line buffer."""
+    """Commands grouped so that each `;`-joined group fits the CLI's line buffer; a command whose
+    answer can run over several lines, or whose failure must stop what follows (`capabilities.alone`),
+    makes a group of its own."""
     batches, current, size = [], [], 0
     for cmd in commands:
+        if alone(cmd):
+            batches += [tuple(current)] if current else []
+            batches.append((cmd,))
+            current, size = [], 0
+            continue
         if current and size + len(cmd) + 2 > MAX_BATCH_BYTES:
             batches.append(tuple(current))
             current, size = [], 0

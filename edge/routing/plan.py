@@ -4,15 +4,20 @@ Instance churn inside existing backends (a server added, removed, moved, flipped
 becomes `set server` commands, and a router added, changed or removed (to a backend HAProxy
 has) becomes map commands (`edge.routing.maps`). A new route that occupies a spare backend
 (edge.routing.spares) is filled first (`set server … addr`, `state ready`), then its map entries
-point at it (host map, routes map, router maps): no request ever reaches an empty backend. (A
+point at it (host map, routes map, router maps): no request ever reaches an empty backend. On
+HAProxy 3.4 a new route gets its own backend instead (edge.routing.dynamic: `add backend`, `add
+server`, filled, `publish backend`, then the maps), and a removed one's backend is deleted after
+the maps left it and its slots went to maintenance (`Plan.deletions`). (A
 new route with no healthy instance yet, its check still critical, is mapped at once: the spare
 answers its 503 until an instance is filled in.) A removed route on a spare leaves the maps
 first, then its slots go to maintenance. Map entries move whenever a route takes or leaves a
-backend, whether or not there are slots to fill or empty. Anything the
-runtime API cannot express—another vhost added or removed (the pool exhausted, options that are
-not the defaults), an exact host changed, a backend's slots grown, the first router or the last
-one (the frontend gains or loses its lookups)—needs a reload, and the plan names every reason so
-the reload is logged with them.
+backend, whether or not there are slots to fill or empty. A route whose instances outgrew its
+slots gets the new slots with `add server` in each of its backends (edge.routing.growth), then
+they are filled like any free slot. Anything the runtime API cannot express—another vhost added
+or removed (the pool exhausted, options that are not the defaults), an exact host changed, a
+growth this HAProxy cannot add servers for, the first router or the last one (the frontend gains
+or loses its lookups)—needs a reload, and the plan names every reason so the reload is logged
+with them.
 
 `reconcile` is the same for what HAProxy really serves (its server states and maps) against the table
 the edge applied: nothing should differ, and whatever does is put back. Pure: no I/O.
@@ -23,10 +28,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
+from edge.haproxy.capabilities import Capabilities
+from edge.routing import dynamic, growth
 from edge.routing.maps import OPTIONAL_MAPS, access, host_maps, map_commands, mapped, router_maps, table_maps
 from edge.routing.routers import HTTP
 from edge.routing.spares import NO_POOL, SPARE_PREFIX, SparePool
-from edge.routing.table import Route, RouteTable
+from edge.routing.table import Route, RouteTable, slot_name
+
+UNPROBED = Capabilities(version="unknown")
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,9 @@ class Plan:
     reasons: tuple[str, ...] = ()   # non-empty: reload (the commands are then moot)
     commands: tuple[str, ...] = ()  # runtime API commands, in order
     changes: tuple[str, ...] = ()   # one readable line per server change, for the log
+    # Backends added live whose routes were removed: (route, commands deleting the backend), each
+    # sent once `commands` applied; one HAProxy refuses stays retired until a reload (edge.routing.dynamic).
+    deletions: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def reload(self) -> bool:
@@ -44,21 +56,18 @@ class Plan:
         return not self.reasons and not self.commands
 
 
-def slot_name(index: int) -> str:
-    return f"s{index + 1}"
-
-
 def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, ...] = (),
-              pool: SparePool = NO_POOL, atomic_maps: bool = False) -> Plan:
+              pool: SparePool = NO_POOL, caps: Capabilities = UNPROBED) -> Plan:
     """`desired` usually comes through `spares.assign(live, …, pool)`: new routes that occupy a
-    spare are applied live; `domains` (the listeners') say what the host map holds; `atomic_maps`
-    (the HAProxy has `prepare map`) lets several entries of a map change in one swap."""
+    spare are applied live; `domains` (the listeners') say what the host map holds; `caps` what
+    the running HAProxy accepts (until probed, nothing beyond `set server` and maps; with
+    `prepare map`, several entries of a map change in one swap)."""
     if live is None:
         return Plan(reasons=("initial sync",), changes=_all_servers(desired))
     reasons: list[str] = []
     added = sorted(desired.by_name.keys() - live.by_name.keys())
     removed = sorted(live.by_name.keys() - desired.by_name.keys())
-    own = [n for n in added if not desired.get(n).spare]
+    own = [n for n in added if not desired.get(n).spare and not desired.get(n).dynamic]
     if own:
         exhausted = [n for n in own if pool.size and pool.fits(desired.get(n))]
         if exhausted:
@@ -71,6 +80,7 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     fill: list[str] = []       # new routes' spares filled: before any map entry points at them
     commands: list[str] = []
     drain: list[str] = []      # removed routes' spares emptied: after their map entries are gone
+    deletions: list[tuple[str, tuple[str, ...]]] = []
     changes: list[str] = []
     unchanged = set(map(id, live.routes))   # update_table reuses the objects of untouched routes
     # A route that takes or leaves a backend at runtime (a spare, its own retired one) moves map
@@ -86,6 +96,10 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
                 fill.extend(_slot_commands(_emptied(route), route)[0])
                 changes.append(f"+ {route.name} on {route.backend}")
                 remap = True
+            elif route.dynamic:
+                fill.extend(_new_backend(route))
+                changes.append(f"+ {route.name} on {route.backend}, added live")
+                remap = True
             continue
         if old.retired:                       # back before the reload that drops its backend
             changes.extend(f"+ {route.name} {s}" for s in route.servers)
@@ -93,13 +107,19 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
                 reasons.append(f"vhost added: {route.name}")
             else:
                 fill.extend(_slot_commands(old, route)[0])
+                # a backend added live may have been unpublished by a deletion HAProxy then refused
+                fill.extend([dynamic.publish(route)] if route.dynamic else [])
                 changes.append(f"+ {route.name} on {route.backend} again")
                 remap = True
             continue
         if route.retired:                     # removed: maps first, then its slots to maintenance
             changes.extend(f"- {route.name} {s}" for s in old.servers)
             drain.extend(_slot_commands(old, route)[0])
-            changes.append(f"- {route.name}: {route.backend} left empty until the next reload")
+            if route.dynamic and caps.del_backend:
+                deletions.append((route.name, dynamic.delete_commands(route, caps)))
+                changes.append(f"- {route.name}: {route.backend} to be deleted")
+            else:
+                changes.append(f"- {route.name}: {route.backend} left empty until the next reload")
             remap = True
             continue
         if old.hosts != route.hosts:
@@ -110,10 +130,13 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
             reasons.append(f"TCP backend of {route.name} {'added' if route.tcp else 'removed'}")
         if old.options != route.options:
             reasons.append(f"options of {route.name} changed: {' '.join(route.options.words()) or 'defaults'}")
-        if len(old.slots) != len(route.slots):
-            reasons.append(f"{route.name} grew from {len(old.slots)} to {len(route.slots)} slots")
         if old.backend != route.backend:
             reasons.append(f"{route.name} moves from {old.backend} to {route.backend}")
+        if len(old.slots) != len(route.slots):
+            why, added = _grow(old, route, caps)
+            reasons.extend([why] if why else [])
+            commands.extend(added)
+            old = growth.with_free_slots(old, route)
         route_cmds, route_changes = _slot_commands(old, route)
         commands.extend(route_cmds)
         changes.extend(route_changes)
@@ -138,8 +161,22 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
         desired_maps.update(router_maps(desired.routers, desired.backend_of))
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
-    return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps, atomic_maps) + drain),
-                changes=tuple(changes))
+    return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps, caps.atomic_maps) + drain),
+                changes=tuple(changes), deletions=tuple(deletions))
+
+
+def _grow(old: Route, new: Route, caps: Capabilities) -> tuple[str, list[str]]:
+    """A route whose slots grew: the `add server` commands for its new slots (edge.routing.growth),
+    or why it needs a reload. (Slots never shrink: `place` keeps a route's capacity.)"""
+    why = growth.refusal(old, new, caps) if len(new.slots) > len(old.slots) else \
+        f"{new.name} went from {len(old.slots)} to {len(new.slots)} slots"
+    return why, [] if why else growth.add_commands(old, new)
+
+
+def _new_backend(route: Route) -> list[str]:
+    """A new route's own backend added live (edge.routing.dynamic): the backend and its free slots,
+    filled (address first, then ready), then published; its map entries come after."""
+    return [*dynamic.create_commands(route), *_slot_commands(_emptied(route), route)[0], dynamic.publish(route)]
 
 
 def _emptied(route: Route) -> Route:
@@ -221,7 +258,9 @@ def runtime_part(live: RouteTable, desired: RouteTable) -> RouteTable:
         if new is None:
             routes.append(replace(route, slots=(None,) * len(route.slots), instances=0))
         elif new.hosts == route.hosts and len(new.slots) == len(route.slots):
-            routes.append(new if new.spare == route.spare else replace(new, spare=route.spare))
+            # the backend it has now: the spare it occupies, or its own added live
+            same = (new.spare, new.dynamic) == (route.spare, route.dynamic)
+            routes.append(new if same else replace(new, spare=route.spare, dynamic=route.dynamic))
         else:
             routes.append(route)
     return replace(live, routes=tuple(routes))

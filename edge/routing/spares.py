@@ -1,9 +1,10 @@
 """Spare backends: how a new vhost gets a backend without a reload on HAProxy 2.6–3.3.
 
 HAProxy before 3.4 cannot add a backend at runtime, but it can fill the server slots of one it
-already has. So every configuration declares a pool of empty backends (`be_spare_1` …
-`be_spare_N`, `--spare-backends`), each with the route default's `balance` and options and
-`--min-slots` server slots parked in maintenance. A new route whose options are the defaults
+already has (3.4 adds the route's own backend: edge.routing.dynamic; the pool stays declared there
+as the fallback should HAProxy refuse `add backend`). So every configuration declares a pool of
+empty backends (`be_spare_1` … `be_spare_N`, `--spare-backends`), each with the route default's
+`balance` and options and `--min-slots` server slots parked in maintenance. A new route whose options are the defaults
 (no sticky cookie, timeouts, connection cap, backend protocol; no TCP backend) and whose
 instances fit those slots takes the lowest free spare: the plan (edge.routing.plan) fills its
 slots (`set server … addr`, then `state ready`) and only then points the map entries at it.
@@ -21,7 +22,9 @@ quiet moment.
 A removed route on its own backend (default options, HTTP only) is `retire`d the same way: its
 map entries go, its slots go to maintenance, and its backend stays declared, empty and unmapped
 (`Route.retired`), until the next reload drops it; if the route comes back before that, it is
-filled into its own backend again.
+filled into its own backend again. So is a removed route on a spare it grew (edge.routing.growth:
+`add server` gave the spare more slots than the pool's): the spare stays out of the pool, empty,
+until the next reload.
 
 Pure: no I/O.
 """
@@ -87,7 +90,7 @@ def assign(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> Rou
     (the same object) when there is nothing to assign."""
     if live is None or pool.size == 0:
         return desired
-    new = [r for r in desired.routes if live.get(r.name) is None and not r.spare and pool.fits(r)]
+    new = [r for r in desired.routes if live.get(r.name) is None and not r.spare and not r.dynamic and pool.fits(r)]
     if not new:
         return desired
     # Not a spare `live` still has either: a route removed in the same change empties it only
@@ -102,12 +105,13 @@ def assign(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> Rou
 
 def retire(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> RouteTable:
     """`desired` with every route `live` has and `desired` lacks kept as retired (slots free, no
-    host, no vhost), when it is on its own backend with the default options, and every route
-    already retired kept so; a removed route on a spare is not kept (its spare goes back to the
-    pool). Unchanged (the same object) when there is nothing to keep."""
+    host, no vhost), when it is on its own backend with the default options or on a spare it grew
+    (more slots than the pool's: edge.routing.growth), and every route already retired kept so; a
+    removed route on a spare of the pool's size is not kept (its spare goes back to the pool).
+    Unchanged (the same object) when there is nothing to keep."""
     if live is None or pool.size == 0:
         return desired
-    kept = [r for r in live.routes if desired.get(r.name) is None and not r.spare
+    kept = [r for r in live.routes if desired.get(r.name) is None and (not r.spare or len(r.slots) > pool.slots)
             and (r.retired or (not r.tcp and r.options == BackendOptions()))]
     if not kept:
         return desired
@@ -117,9 +121,10 @@ def retire(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> Rou
 
 
 def release(table: RouteTable) -> RouteTable:
-    """Every route on its own backend again and the retired ones gone (what a reload renders); the
-    same object when no route occupies a spare or is retired."""
-    if not any(r.spare or r.retired for r in table.routes):
+    """Every route on its own backend again, loaded from the configuration (not added live:
+    edge.routing.dynamic), and the retired ones gone (what a reload renders); the same object when
+    no route occupies a spare, is retired or was added live."""
+    if not any(r.spare or r.retired or r.dynamic for r in table.routes):
         return table
-    return replace(table, routes=tuple(replace(r, spare=0) if r.spare else r
+    return replace(table, routes=tuple(replace(r, spare=0, dynamic=False) if r.spare or r.dynamic else r
                                        for r in table.routes if not r.retired))

@@ -28,6 +28,11 @@ from edge.routing.routers import SNI, TCP, BackendOptions, Router, resolve
 MIN_SLOTS = 4
 
 
+def slot_name(index: int) -> str:
+    """HAProxy's name of a backend's server slot: `s1`, `s2`, …"""
+    return f"s{index + 1}"
+
+
 @dataclass(frozen=True, order=True)
 class Server:
     """A healthy instance placed in a backend slot."""
@@ -61,6 +66,7 @@ class Route:
     tcp: bool = False                # TCP or SNI routers send here: a TCP backend beside the HTTP one
     spare: int = 0                   # K: served live by the spare backend be_spare_K (edge.routing.spares)
     retired: bool = False            # removed live: its backend stays, empty and unmapped, until a reload
+    dynamic: bool = False            # its backend was added live (`add backend`, edge.routing.dynamic)
 
     @property
     def backend(self) -> str:
@@ -171,7 +177,7 @@ def _route(name: str, insts: list[Instance], hosts: tuple[str, ...], old: Route 
                for i in sorted(insts) if i.healthy}
     return Route(name=name, hosts=hosts, slots=place(healthy, old.slots if old else (), min_slots),
                  instances=len(insts), services=services, vhost=any(readings[s].vhosts for s in services),
-                 options=options, tcp=tcp, spare=old.spare if old else 0)
+                 options=options, tcp=tcp, spare=old.spare if old else 0, dynamic=old.dynamic if old else False)
 
 
 def _read(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], rules: TagRules

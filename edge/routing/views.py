@@ -24,9 +24,8 @@ from edge.routing.maps import (
     access,
     mapped,
 )
-from edge.routing.plan import slot_name
 from edge.routing.routers import SNI, TCP, Credential, Router
-from edge.routing.table import Route, RouteTable
+from edge.routing.table import Route, RouteTable, slot_name
 
 SNI_MAP = "sni.map"
 TLS_SOCKET = "tls.sock"     # the TLS port's local hop to the terminating frontend, beside the runtime socket
@@ -83,15 +82,17 @@ def backend_lines(route: Route, tcp: bool = False) -> list[str]:
         ([f"timeout server {o.server_timeout}ms"] if o.server_timeout else [])
 
 
+def tcp_server_params(route: Route, weight: int | None) -> str:
+    """A TCP backend's server keywords: those of `server_params` that apply to a byte stream."""
+    o = route.options
+    words = ([f"weight {weight}"] if weight is not None else []) + ([f"maxconn {o.maxconn}"] if o.maxconn else [])
+    return "".join(f" {w}" for w in words + (["send-proxy"] if o.send_proxy else []))
+
+
 def tcp_slots(route: Route) -> list[SlotView]:
     """A TCP backend's slots: the same servers, with the keywords that apply to a byte stream."""
-    o = route.options
-
-    def params(weight: int | None) -> str:
-        words = ([f"weight {weight}"] if weight is not None else []) + ([f"maxconn {o.maxconn}"] if o.maxconn else [])
-        return "".join(f" {w}" for w in words + (["send-proxy"] if o.send_proxy else []))
-    return [SlotView(slot_name(i), "0.0.0.0:0", True, params(None)) if s is None
-            else SlotView(slot_name(i), f"{s.address}:{s.port}", False, params(s.weight))
+    return [SlotView(slot_name(i), "0.0.0.0:0", True, tcp_server_params(route, None)) if s is None
+            else SlotView(slot_name(i), f"{s.address}:{s.port}", False, tcp_server_params(route, s.weight))
             for i, s in enumerate(route.slots)]
 
 

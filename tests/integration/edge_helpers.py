@@ -7,10 +7,13 @@ import hashlib
 import re
 import socket
 import ssl
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 from tests.support.http import Backend
-from tests.support.procs import ConsulAgent, wait_until
+from tests.support.procs import ConsulAgent, require, wait_until
 
 
 def register(consul: ConsulAgent, name: str, sid: str, backend: Backend, cport: int | None = 80,
@@ -106,3 +109,35 @@ def https_bodies(edge, host: str, context: ssl.SSLContext, n: int = 6) -> set[st
         if head.startswith(b"HTTP/1.1 200"):
             out.add(body.decode())
     return out
+
+
+def master_reload(edge) -> None:
+    """HAProxy's master reloads from the files on disk, as a restart or an operator would."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(edge.state_dir / "master.sock"))
+        s.sendall(b"reload\n")
+        s.shutdown(socket.SHUT_WR)
+        while s.recv(4096):
+            pass
+
+
+class Load:
+    """wrk with keep-alive on one vhost for the whole test."""
+
+    def __init__(self, edge, host: str, seconds: int):
+        self.argv = [require("wrk"), "-t", "2", "-c", "8", "-d", f"{seconds}s", "--timeout", "5s",
+                     "-H", f"Host: {host}", f"http://127.0.0.1:{edge.port}/"]
+        self.out = ""
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self):
+        self.out = subprocess.run(self.argv, capture_output=True, text=True, timeout=120).stdout
+
+    def __enter__(self):
+        self.thread.start()
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        self.thread.join()

@@ -2,27 +2,28 @@
 
 A real Consul and the edge on each release (the `haproxy` parameter): new services registered
 under keep-alive load take spare backends live (0 reloads, every new vhost answers), removed ones
-leave them (0 reloads, 404); the files written after those live changes reproduce the live state
-(HAProxy's master reloads from them and routes the same); an edge reload for another reason puts
-every route on its own backend and routes the same again, and vhosts removed from their own
-backends then cost no reload either. 0 failed requests throughout.
+leave them (0 reloads, 404); on 3.4 the same through their own backends, added (`add backend`) and
+deleted live, or kept retired when the loaded configuration names them; the files written after
+those live changes reproduce the live state (HAProxy's master reloads from them and routes the
+same); an edge reload for another reason puts every route on its own backend and routes the same
+again, and vhosts removed from their own backends then cost no reload either. 0 failed requests
+throughout.
 """
 
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import threading
 import time
 
 import pytest
 
 from tests.integration.edge_helpers import (
+    Load,
     answers,
     config_text,
     deregister,
     logged,
+    master_reload,
     register,
     reloads,
     set_ttl,
@@ -30,7 +31,7 @@ from tests.integration.edge_helpers import (
 )
 from tests.support.edge import EdgeProcess
 from tests.support.http import Backend
-from tests.support.procs import consul_agent, require, wait_until
+from tests.support.procs import consul_agent, wait_until
 
 pytestmark = pytest.mark.integration
 DOMAIN = "test.example"
@@ -56,39 +57,9 @@ def edge(consul, haproxy):
         print(proc.log()[-5000:])
 
 
-def master_reload(edge: EdgeProcess) -> None:
-    """HAProxy's master reloads from the files on disk, as a restart or an operator would."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(10)
-        s.connect(str(edge.state_dir / "master.sock"))
-        s.sendall(b"reload\n")
-        s.shutdown(socket.SHUT_WR)
-        while s.recv(4096):
-            pass
-
-
-class Load:
-    """wrk with keep-alive on one vhost for the whole test."""
-
-    def __init__(self, edge: EdgeProcess, host: str, seconds: int):
-        self.argv = [require("wrk"), "-t", "2", "-c", "8", "-d", f"{seconds}s", "--timeout", "5s",
-                     "-H", f"Host: {host}", f"http://127.0.0.1:{edge.port}/"]
-        self.out = ""
-        self.thread = threading.Thread(target=self._run)
-
-    def _run(self):
-        self.out = subprocess.run(self.argv, capture_output=True, text=True, timeout=120).stdout
-
-    def __enter__(self):
-        self.thread.start()
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc):
-        self.thread.join()
-
-
-def test_new_and_removed_vhosts_take_and_leave_spares_with_no_reload(consul, edge):
+def test_new_and_removed_vhosts_take_and_leave_spares_with_no_reload(consul, edge, haproxy):
+    """On 3.4 the same, through their own backends added and deleted live (`add backend`)."""
+    own = haproxy.release >= (3, 4)
     base = Backend("base")
     news = [Backend(f"new{i}") for i in range(NEW)]
     try:
@@ -102,19 +73,22 @@ def test_new_and_removed_vhosts_take_and_leave_spares_with_no_reload(consul, edg
                 register(consul, f"new{i}", f"new{i}-1", backend)
                 answers(edge, f"new{i}-80.{DOMAIN}", {f"new{i}"})
             assert reloads(edge.log()) == before, "a new vhost must take a spare, not reload HAProxy"
-            logged(edge, "+ new0-80 on be_spare_")
-            # The files declare what HAProxy runs: each spare with its route's servers and name.
-            wait_until(lambda: all(f"description route new{i}-80" in config_text(edge) for i in range(NEW)), 3,
-                       what="haproxy.cfg naming each spare's route")
+            logged(edge, "+ new0-80 on be_new0-80, added live" if own else "+ new0-80 on be_spare_")
+            # The files declare what HAProxy runs: each spare with its route's servers and name (3.4:
+            # each route's own backend).
+            declared = "backend be_new{}-80\n" if own else "description route new{}-80"
+            wait_until(lambda: all(declared.format(i) in config_text(edge) for i in range(NEW)), 3,
+                       what="haproxy.cfg declaring each route's backend")
             hosts_map = (edge.state_dir / "hosts.map").read_text()
-            assert all(re.search(rf"^new{i}-80\.{DOMAIN} be_spare_\d+$", hosts_map, re.M) for i in range(NEW))
+            assert all(re.search(rf"^new{i}-80\.{DOMAIN} {f'be_new{i}-80' if own else 'be_spare_[0-9]+'}$",
+                                 hosts_map, re.M) for i in range(NEW)), hosts_map
 
             for i in range(3):                                            # removed: maps first, no reload
                 deregister(consul, f"new{i}-1")
                 status_of(edge, f"new{i}-80.{DOMAIN}", 404)
             assert reloads(edge.log()) == before, "a removed vhost on a spare must not reload HAProxy"
-            logged(edge, "- new0-80 off be_spare_")
-            wait_until(lambda: "description route new0-80" not in config_text(edge), 3, what="haproxy.cfg updated")
+            logged(edge, "deleted the backend of removed route new0-80 live" if own else "- new0-80 off be_spare_")
+            wait_until(lambda: declared.format(0) not in config_text(edge), 3, what="haproxy.cfg updated")
 
             master_reload(edge)                         # HAProxy from the files on disk: the same routing
             time.sleep(1.0)
@@ -124,6 +98,13 @@ def test_new_and_removed_vhosts_take_and_leave_spares_with_no_reload(consul, edg
                 status_of(edge, f"new{i}-80.{DOMAIN}", 404)
             time.sleep(1.5)                             # a reconcile has compared HAProxy with the table
             assert "does not serve the table" not in edge.log()
+            # Loaded from the files now, the landing page names new3-80's backend: on 3.4 HAProxy
+            # will not delete it, and it stays retired (empty, unmapped) until the next reload.
+            deregister(consul, "new3-1")
+            status_of(edge, f"new3-80.{DOMAIN}", 404)
+            if own:
+                logged(edge, "kept the empty backend of removed route new3-80")
+            assert reloads(edge.log()) == before
 
             # A reload for another reason (a vhost with its own options): every route on its own
             # backend, routing the same.
@@ -132,12 +113,13 @@ def test_new_and_removed_vhosts_take_and_leave_spares_with_no_reload(consul, edg
             assert reloads(edge.log()) == before + 1
             config = config_text(edge)
             assert "description route" not in config and "backend be_new5-80\n" in config
-            for i in range(3, NEW):
+            assert "backend be_new3-80\n" not in config
+            for i in range(4, NEW):
                 answers(edge, f"new{i}-80.{DOMAIN}", {f"new{i}"})
-            for i in range(3):
+            for i in range(4):
                 status_of(edge, f"new{i}-80.{DOMAIN}", 404)
 
-            for i in range(3, NEW):                      # removed from their own backends: no reload either
+            for i in range(4, NEW):                      # removed from their own backends: no reload either
                 deregister(consul, f"new{i}-1")
                 status_of(edge, f"new{i}-80.{DOMAIN}", 404)
             assert reloads(edge.log()) == before + 1, "a removed vhost must not reload HAProxy"
@@ -187,7 +169,7 @@ def test_a_host_haproxy_maps_to_a_spare_behind_the_edges_back_is_unmapped_by_the
         backend.close()
 
 
-def test_a_new_vhost_with_two_hosts_is_swapped_into_the_host_map_at_once(consul, edge):
+def test_a_new_vhost_with_two_hosts_is_swapped_into_the_host_map_at_once(consul, edge, haproxy):
     """Two host entries change together: one `prepare map` / `commit map` swap (every release has
     it), both hosts answering, no reload."""
     backend = Backend("twin")
@@ -198,14 +180,16 @@ def test_a_new_vhost_with_two_hosts_is_swapped_into_the_host_map_at_once(consul,
         answers(edge, f"twin.{DOMAIN}", {"twin"})
         assert reloads(edge.log()) == before
         served = runtime(edge, "show map hosts.map")
-        assert re.search(rf" twin-80\.{DOMAIN} be_spare_\d+$", served, re.M), served
-        assert re.search(rf" twin\.{DOMAIN} be_spare_\d+$", served, re.M), served
+        backend_re = r"be_twin-80" if haproxy.release >= (3, 4) else r"be_spare_\d+"   # 3.4: its own, added live
+        assert re.search(rf" twin-80\.{DOMAIN} {backend_re}$", served, re.M), served
+        assert re.search(rf" twin\.{DOMAIN} {backend_re}$", served, re.M), served
     finally:
         deregister(consul, "twin-1")
         backend.close()
 
 
-def test_an_exhausted_pool_is_one_reload_that_refills_it(consul, edge):
+def test_an_exhausted_pool_is_one_reload_that_refills_it(consul, edge, haproxy):
+    """On 3.4 there is no pool to exhaust: a burst of new vhosts gets its own backends live."""
     backend = Backend("burst")
     try:
         before = reloads(edge.log())
@@ -213,6 +197,9 @@ def test_an_exhausted_pool_is_one_reload_that_refills_it(consul, edge):
             register(consul, f"burst{i}", f"burst{i}-1", backend)
         for i in range(POOL + 2):
             answers(edge, f"burst{i}-80.{DOMAIN}", {"burst"})
+        if haproxy.release >= (3, 4):
+            assert reloads(edge.log()) == before and "spare backends exhausted" not in edge.log()
+            return
         logged(edge, "spare backends exhausted", 10)
         assert reloads(edge.log()) >= before + 1
     finally:
@@ -246,7 +233,8 @@ def test_a_vhost_registered_critical_after_an_empty_initial_sync_answers_once_it
             assert "No healthy instance of late-80 could" in page, "the spare's 503 names the route it took"
             assert f'<tr data-route="late-80"><td><a href="http://late-80.{DOMAIN}' in landing, landing
             assert reloads(proc.log()) == 1, "a new vhost must take a spare, not reload HAProxy"
-            assert "late-80.test.example be_spare_1" in (proc.state_dir / "hosts.map").read_text()
+            serving = "be_late-80" if haproxy.release >= (3, 4) else "be_spare_1"    # 3.4: its own, added live
+            assert f"late-80.test.example {serving}" in (proc.state_dir / "hosts.map").read_text()
         finally:
             proc.stop()
             print(proc.log()[-5000:])
@@ -256,7 +244,8 @@ def test_a_vhost_registered_critical_after_an_empty_initial_sync_answers_once_it
 def test_a_pool_running_low_is_refilled_by_one_reload_once_consul_is_quiet(tmp_path, haproxy):
     """Issue 16: three of four spares taken live (one left: the low-water mark of a pool of 4) is one
     reload, 2 s after the last change, logged with its reason; every route on its own backend then,
-    answering as before, the whole pool free again, no reload for "spare backends exhausted"."""
+    answering as before, the whole pool free again, no reload for "spare backends exhausted". On 3.4 the
+    three get their own backends live and the pool is never touched."""
     backend = Backend("low")
     with consul_agent(tmp_path / "consul") as agent:
         proc = EdgeProcess(agent.url, domains=(DOMAIN,), haproxy=haproxy.path, spares=4).start()
@@ -267,6 +256,11 @@ def test_a_pool_running_low_is_refilled_by_one_reload_once_consul_is_quiet(tmp_p
             for i in range(3):
                 answers(proc, f"low{i}-80.{DOMAIN}", {"low"})
             assert reloads(proc.log()) == 1, "new vhosts take spares live"
+            if haproxy.release >= (3, 4):     # their own backends, added live: the pool stays whole
+                time.sleep(2.5)
+                assert reloads(proc.log()) == 1 and "running low" not in proc.log()
+                assert all(f"backend be_low{i}-80\n" in config_text(proc) for i in range(3))
+                return
             logged(proc, "spare backends running low: 1 of 4 free (a reload refills")
             logged(proc, "because spare backends running low: 1 of 4 free", 10)
             assert reloads(proc.log()) == 2
@@ -282,3 +276,29 @@ def test_a_pool_running_low_is_refilled_by_one_reload_once_consul_is_quiet(tmp_p
             proc.stop()
             print(proc.log()[-3000:])
             backend.close()
+
+
+def test_a_new_vhost_grows_its_spare_live_and_keeps_it_until_a_reload(consul, edge, haproxy):
+    """Its 5th instance: `add server` in the spare (3.4: in its own backend added live), no reload;
+    removed, the grown spare stays out of the pool, empty, until the next reload."""
+    backends = [Backend(f"spread{i}") for i in range(5)]
+    host = f"spread-80.{DOMAIN}"
+    try:
+        before = reloads(edge.log())
+        for i, backend in enumerate(backends):
+            register(consul, "spread", f"spread-{i}", backend)
+            answers(edge, host, {f"spread{k}" for k in range(i + 1)})
+        assert reloads(edge.log()) == before, "a route on a spare must grow the spare, not reload HAProxy"
+        for i in range(5):
+            deregister(consul, f"spread-{i}")
+        status_of(edge, host, 404)
+        assert reloads(edge.log()) == before
+        if haproxy.release < (3, 4):
+            logged(edge, "- spread-80: be_spare_")
+            wait_until(lambda: "description removed route spread-80" in config_text(edge), 3,
+                       what="haproxy.cfg keeping the grown spare retired")
+    finally:
+        for i in range(5):
+            deregister(consul, f"spread-{i}")
+        for b in backends:
+            b.close()

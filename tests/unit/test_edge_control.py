@@ -11,6 +11,7 @@ from edge import control, templates_source
 from edge.consul.watch import Snapshot
 from edge.haproxy.capabilities import Capabilities
 from edge.haproxy.process import ConfigInvalid, Paths, RuntimeFailed, StateDirError
+from edge.routing import dynamic
 from edge.routing.model import Instance
 from edge.routing.plan import ServedSlot
 from edge.routing.render import Listeners
@@ -29,7 +30,7 @@ class FakeHAProxy:
         self.disk_full = False
         self.serving: list[ServedSlot] = []      # what `show servers state` says
         self.mapped: dict[str, dict[str, str]] = {}   # what `show map` says, for the maps it names
-        self.caps = Capabilities(version="2.6.12", release=(2, 6))   # no `prepare map`: entry by entry
+        self.caps = Capabilities(version="2.6.12", release=(2, 6))   # what the probe found: no `prepare map`
 
     def served(self):
         return tuple(self.serving)
@@ -130,6 +131,24 @@ def test_a_slow_render_waits_for_longer_quiet_and_is_at_most_twenty_renders_late
     clock[0] += 1.0                                        # ...but 20 renders' time is the longest wait
     edge.flush()
     assert edge.haproxy.kinds().count("write") == 2
+
+
+def test_a_full_backend_grows_live_with_add_server_then_the_file_declares_the_new_slots(edge):
+    edge.haproxy.caps = Capabilities("2.6.12", (2, 6), frozenset({"add server", "del server", "set server"}))
+    edge.on_snapshot(snap(("web", [8001, 8002, 8003, 8004, 8005])))
+    edge.step()
+    assert edge.haproxy.kinds() == ["runtime"] and edge.reloads == 1
+    commands = edge.haproxy.calls[0][1]
+    assert commands[:4] == tuple(f"add server be_web-80/s{i} 0.0.0.0:0" for i in (5, 6, 7, 8))
+    edge.flush(force=True)
+    config = edge.haproxy.calls[1][1]
+    assert "server s5 10.0.0.1:8005\n" in config and "server s8 0.0.0.0:0 disabled\n" in config
+
+
+def test_until_haproxy_was_probed_a_full_backend_grows_by_reload(edge):
+    edge.on_snapshot(snap(("web", [8001, 8002, 8003, 8004, 8005])))
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"]
 
 
 def test_unchanged_snapshot_does_nothing(edge):
@@ -403,3 +422,63 @@ def test_the_route_a_spare_serves_is_a_metric_until_a_reload_frees_it(monkeypatc
     e.on_snapshot(snap(("web", [8001]), ("api", [9001]), ("cdn", [9101])))    # exhausted: a reload frees it
     e.step()
     assert "edge_spare_route{" not in metrics.text().decode()
+
+
+V34 = Capabilities("3.4.7", (3, 4), frozenset({"add server", "del server", "set server", "add backend", "del backend",
+                                              "publish backend", "unpublish backend"}),
+                   frozenset({"srv-removable", "be-removable"}), True, True)
+
+
+def test_on_3_4_a_new_vhost_gets_its_own_backend_live_and_a_removed_one_is_deleted(spare_edge, caplog):
+    spare_edge.haproxy.caps = V34
+    caplog.set_level("INFO", logger="edge")
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    spare_edge.step()
+    assert spare_edge.haproxy.kinds() == ["runtime"] and spare_edge.reloads == 1
+    assert spare_edge.haproxy.calls[0][1][0] == "add backend be_api-80 from routes"
+    assert spare_edge.live.get("api-80").dynamic and spare_edge.listeners.spares.free(spare_edge.live) == (1,)
+    spare_edge.on_snapshot(snap(("web", [8001])))
+    spare_edge.step()
+    assert spare_edge.haproxy.kinds() == ["runtime", "runtime", "runtime"]
+    assert spare_edge.haproxy.calls[2][1][-1] == "del backend be_api-80"
+    assert spare_edge.live.get("api-80") is None
+    assert "deleted the backend of removed route api-80 live (del backend)" in caplog.text
+
+
+def test_on_3_4_a_backend_haproxy_will_not_delete_stays_retired(spare_edge, caplog):
+    spare_edge.haproxy.caps = V34
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    spare_edge.step()
+    runtime = spare_edge.haproxy.runtime
+
+    def refuse_deletion(commands):
+        if commands[0].startswith("unpublish backend"):
+            raise RuntimeFailed("wait 1ms be-removable be_api-80: Failed. This proxy cannot be removed",
+                                ("wait 1ms be-removable be_api-80",))
+        runtime(commands)
+    spare_edge.haproxy.runtime = refuse_deletion
+    spare_edge.on_snapshot(snap(("web", [8001])))
+    spare_edge.step()
+    assert spare_edge.live.get("api-80").retired and spare_edge.reloads == 1
+    assert "kept the empty backend of removed route api-80 (tried again later" in caplog.text
+    retired = spare_edge.live.get("api-80")
+    spare_edge.haproxy.runtime = runtime                     # the client's connection closed
+    spare_edge.reconcile("periodic check")
+    assert spare_edge.live.get("api-80") is None
+    assert ("runtime", dynamic.delete_commands(retired, V34)) in spare_edge.haproxy.calls
+
+
+def test_on_3_4_add_backend_refused_is_one_reload_then_new_vhosts_take_spares(spare_edge, caplog):
+    spare_edge.haproxy.caps = V34
+
+    def refuse(commands):
+        raise RuntimeFailed("add backend be_api-80 from routes: Unknown command", (commands[0],))
+    spare_edge.haproxy.runtime = refuse
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001])))
+    spare_edge.step()
+    assert spare_edge.haproxy.kinds() == ["install", "reload"] and not spare_edge.live.get("api-80").dynamic
+    assert "HAProxy refused add backend: new vhosts take spare backends from now on" in caplog.text
+    spare_edge.haproxy.runtime = FakeHAProxy.runtime.__get__(spare_edge.haproxy)
+    spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001]), ("cdn", [9101])))
+    spare_edge.step()
+    assert spare_edge.live.get("cdn-80").backend == "be_spare_1" and spare_edge.reloads == 2

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from edge.haproxy.capabilities import PROBE_SERVER, Capabilities, Outcome, classify, split_batch
-from edge.haproxy.process import DUPLICATE_KEY, HAProxy, Paths, RuntimeFailed, map_entries
+from edge.haproxy.process import DUPLICATE_KEY, HAProxy, Paths, RuntimeFailed, _batches, map_entries
 
 RECORDED = Path(__file__).parent / "recorded"
 VERSIONS = ("2.6", "3.0", "3.2", "3.4")
@@ -36,6 +36,11 @@ EXPECTED = {
     "weight.zero": S,
     "weight.too-big": F,
     "weight.no-server": F,
+    "add-server.free": S,
+    "add-server.keywords": S,
+    "add-server.tls": S,
+    "add-server.exists": F,
+    "add-server.no-backend": F,
     "map.add": S,
     "map.add-split": S,
     "map.set": S,
@@ -69,12 +74,36 @@ EXPECTED = {
     "unknown-command": F,
 }
 
-# What the probes find: (release, add backend, del backend, wait srv-removable, init-state, atomic maps)
+# Adding and removing a backend at runtime: what each answer means on 3.4; before 3.4 the commands
+# do not exist and every answer is a failure.
+BACKENDS_34 = {
+    "backend.add": S,
+    "backend.add-exists": F,
+    "backend.add-no-defaults": F,
+    "backend.publish": S,
+    "backend.publish-again": S,
+    "backend.unpublish": S,
+    "backend.unpublish-again": S,
+    "backend.maint": S,
+    "backend.precheck": S,             # only its servers in the way: they go next
+    "backend.wait-srv": S,
+    "backend.del-server": S,
+    "backend.wait-be": S,
+    "backend.del": S,                  # several lines: its servers going down, then "Backend deleted."
+    "backend.del-absent": N,
+    "backend.unpublish-listed": S,
+    "backend.precheck-listed": F,      # the configuration names it: kept
+    "backend.wait-listed": F,          # the landing page names it (nbsrv): it cannot be removed
+    "backend.del-listed": F,
+}
+
+# What the probes find: (release, add backend, del backend, wait srv-removable, init-state, atomic maps,
+# add server cookie)
 CAPABILITIES = {
-    "2.6": ((2, 6), False, False, False, False, True),
-    "3.0": ((3, 0), False, False, True, False, True),
-    "3.2": ((3, 2), False, False, True, True, True),
-    "3.4": ((3, 4), True, True, True, True, True),
+    "2.6": ((2, 6), False, False, False, False, True, False),
+    "3.0": ((3, 0), False, False, True, False, True, True),
+    "3.2": ((3, 2), False, False, True, True, True, True),
+    "3.4": ((3, 4), True, True, True, True, True, True),
 }
 
 
@@ -88,35 +117,53 @@ def recorded(version: str) -> dict[str, dict]:
 def caps_of(version: str) -> Capabilities:
     r = recorded(version)
     return Capabilities.from_probes(r["probe.version"]["answer"], r["probe.help"]["answer"],
-                                    r["probe.wait"]["answer"], r["probe.init-state"]["answer"])
+                                    r["probe.wait"]["answer"], r["probe.init-state"]["answer"],
+                                    r["probe.cookie"]["answer"])
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_case_is_recorded_for_every_release(version):
     labels = set(recorded(version))
     assert set(EXPECTED) <= labels
-    assert {"probe.version", "probe.help", "probe.wait", "probe.init-state", "batch"} <= labels
+    assert {"probe.version", "probe.help", "probe.wait", "probe.init-state", "probe.cookie", "batch"} <= labels
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_capabilities_from_the_probes(version):
     caps = caps_of(version)
-    release, add_backend, del_backend, wait_removable, init_state, atomic_maps = CAPABILITIES[version]
+    release, add_backend, del_backend, wait_removable, init_state, atomic_maps, cookie = CAPABILITIES[version]
     assert caps.version.startswith(version + ".")
     assert caps.release == release
     assert (caps.add_backend, caps.del_backend, caps.wait_srv_removable, caps.server_init_state,
-            caps.atomic_maps, caps.dynamic_servers) == (add_backend, del_backend, wait_removable, init_state,
-                                                       atomic_maps, True)
+            caps.atomic_maps, caps.dynamic_servers, caps.server_cookie) == (
+        add_backend, del_backend, wait_removable, init_state, atomic_maps, True, cookie)
     assert {"set server", "add map", "del map", "commit ssl cert", "show version"} <= caps.commands
     line = caps.describe()
     assert "\n" not in line and caps.version in line
 
 
-def test_the_init_state_probe_never_adds_a_server():
+def test_the_init_state_and_cookie_probes_never_add_a_server():
     for version in VERSIONS:
-        answer = recorded(version)["probe.init-state"]["answer"]
-        assert PROBE_SERVER in recorded(version)["probe.init-state"]["command"]
-        assert "New server registered" not in answer and "init-state" in answer
+        for label in ("probe.init-state", "probe.cookie"):
+            answer = recorded(version)[label]["answer"]
+            assert PROBE_SERVER in recorded(version)[label]["command"]
+            assert "New server registered" not in answer and ("init-state" in answer or "cookie" in answer)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_cookie_on_a_dynamic_server_is_refused_where_the_probe_says_so(version):
+    """2.6 refuses `cookie` on `add server` (a sticky backend grows by reload there)."""
+    step = recorded(version)["add-server.cookie"]
+    outcome = classify(caps_of(version), step["command"], step["answer"])
+    assert outcome is (S if caps_of(version).server_cookie else F), step["answer"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_slot_added_then_filled_in_one_batch(version):
+    step = recorded(version)["add-server.fill"]
+    commands = step["command"].split("; ")
+    answers = split_batch(commands, step["answer"])
+    assert [classify(caps_of(version), c, a) for c, a in zip(commands, answers, strict=True)] == [S, S]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -124,6 +171,27 @@ def test_the_init_state_probe_never_adds_a_server():
 def test_recorded_answers_are_classified(version, label):
     step = recorded(version)[label]
     assert classify(caps_of(version), step["command"], step["answer"]) is EXPECTED[label], step["answer"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("label", sorted(BACKENDS_34))
+def test_backend_answers_are_classified(version, label):
+    step = recorded(version)[label]
+    expected = BACKENDS_34[label] if caps_of(version).add_backend else F
+    assert classify(caps_of(version), step["command"], step["answer"]) is expected, step["answer"]
+
+
+def test_a_new_backend_is_filled_in_one_batch_and_del_backend_goes_alone():
+    step = recorded("3.4")["backend.fill"]
+    commands = step["command"].split("; ")
+    answers = split_batch(commands, step["answer"])
+    assert [classify(caps_of("3.4"), c, a) for c, a in zip(commands, answers, strict=True)] == [S, S, S]
+    deleted = recorded("3.4")["backend.del"]["answer"]
+    assert len(deleted.strip().splitlines()) > 1 and split_batch(["del backend be_dyn"], deleted) is None
+    assert _batches(("unpublish backend b", "wait 1ms be-removable b", "del server b/s1", "del backend b",
+                     "del backend c", "add map m k v")) == [
+        ("unpublish backend b",), ("wait 1ms be-removable b",), ("del server b/s1",), ("del backend b",),
+        ("del backend c",), ("add map m k v",)]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -270,3 +338,17 @@ def test_a_template_without_the_spares_map_costs_the_names_not_the_live_change(v
     assert classify(caps, "add map spares.map be_spare_1 api-80", unknown) is N
     assert classify(caps, "del map spares.map be_spare_1", unknown) is N
     assert classify(caps, "add map hosts.map api-80.t.example be_spare_1", unknown) is F
+
+
+def test_the_shell_sends_del_backend_alone_and_judges_its_whole_answer(tmp_path):
+    haproxy, answers = shell(tmp_path, "3.4")
+    haproxy.probe()
+    r = recorded("3.4")
+    answers.answers["unpublish backend be_dyn; del server be_dyn/s1"] = \
+        r["backend.unpublish"]["answer"] + r["backend.del-server"]["answer"]
+    haproxy.runtime(("unpublish backend be_dyn", "del server be_dyn/s1", "del backend be_dyn"))
+    assert answers.sent[-2:] == ["unpublish backend be_dyn; del server be_dyn/s1", "del backend be_dyn"]
+    answers.answers["del backend be_listed"] = r["backend.del-listed"]["answer"]
+    with pytest.raises(RuntimeFailed, match="cannot be removed") as failed:
+        haproxy.runtime(("del backend be_listed",))
+    assert failed.value.commands == ("del backend be_listed",)
