@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+from edge.haproxy.capabilities import Capabilities
 from edge.routing.maps import host_maps
 from edge.routing.model import Instance
 from edge.routing.plan import ServedSlot, make_plan, reconcile, runtime_part
@@ -15,6 +16,7 @@ from edge.routing.table import build_table
 
 DOMAINS = ("t.example",)
 POOL = SparePool(2, 4)
+ATOMIC_MAPS = Capabilities("2.6.12", (2, 6), frozenset({"prepare map", "add map", "commit map"}))
 
 
 def inst(sid, service="web", port=8000, address="10.0.0.1", tags=()):
@@ -381,7 +383,7 @@ def test_a_new_vhost_with_two_hosts_on_a_spare_is_filled_then_swapped_into_the_h
     live = build(inst("a"))
     desired = assign(live, build(inst("a"), inst("b", service="api", port=9000, tags=("edge.host=api.example.org",)),
                                  previous=live), POOL)
-    plan = make_plan(live, desired, DOMAINS, POOL, atomic_maps=True)
+    plan = make_plan(live, desired, DOMAINS, POOL, ATOMIC_MAPS)
     assert list(plan.commands) == [
         "set server be_spare_1/s1 addr 10.0.0.1 port 9000", "set server be_spare_1/s1 state ready",
         "add map spares.map be_spare_1 api-80",
