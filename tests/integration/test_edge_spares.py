@@ -13,6 +13,7 @@ throughout.
 from __future__ import annotations
 
 import re
+import socket
 import time
 
 import pytest
