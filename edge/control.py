@@ -7,6 +7,8 @@ of new vhosts costs one reload. Each reload is logged with its reasons; a refuse
 or a failed reload leaves the running HAProxy as it was, and the files on disk as it runs them.
 A state dir that cannot be written (full, read-only) is the same: HAProxy keeps serving, runtime
 changes still apply, the error is logged once and the write is retried every RETRY seconds.
+After runtime changes the files follow through `edge.haproxy.writer` on its own thread, so a
+change never waits for the render of the one before it.
 
 What HAProxy serves is compared with the table the edge applied (`reconcile`): every
 `reconcile_every` seconds, after every full sync of Consul (cold start, back from an outage, a
@@ -32,10 +34,11 @@ from edge.haproxy.process import (
     ReloadFailed,
     RuntimeFailed,
 )
+from edge.haproxy.writer import ConfigWriter
 from edge.metrics import NoMetrics
 from edge.routing.model import Problem
 from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
-from edge.routing.render import Listeners, Rendered, TemplateError, render
+from edge.routing.render import Listeners, TemplateError, render
 from edge.routing.spares import assign, release, retire
 from edge.routing.table import DEFAULT_RULES, RouteTable, TagRules, build_table, update_table
 
@@ -43,11 +46,6 @@ log = logging.getLogger("edge")
 
 QUIET = 0.05        # a reload waits until inputs have been quiet this long...
 MAX_DELAY = 1.0     # ...but never longer than this after the first change that needs it
-# Writing haproxy.cfg after runtime changes holds the interpreter for a whole render (0.5 s at
-# 10,000 routes), and a change arriving meanwhile waits for it: the file follows once inputs were
-# quiet for this many renders' time, and at most this many renders' time late.
-FLUSH_QUIET_RENDERS = 4
-FLUSH_MAX_RENDERS = 20
 SUPERVISE_EVERY = 1.0
 RETRY = 5.0         # seconds between attempts to write a state dir that refused a write
 RECONCILE_EVERY = 10.0
@@ -67,7 +65,6 @@ class Edge:
         self.rules = rules                         # tag grammars and exposure (--tag-grammar, --expose)
         self.reload_always = apply == "reload"   # the baseline: no runtime API at all
         self.live: RouteTable | None = None       # what HAProxy runs now (None: not known yet)
-        self.live_render: Rendered | None = None
         self.reloads = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -78,9 +75,8 @@ class Edge:
         self._logged_problems: frozenset[Problem] = frozenset()
         self._refused: tuple[RouteTable, Mapping[str, str]] | None = None  # retried only once changed
         self._base: Snapshot | None = None        # the snapshot `live` was built from
-        self._dirty_since: float | None = None    # live changed at runtime; haproxy.cfg not yet written
-        self._render_s = 0.0                       # how long the last flush's render took
         self._write = GuardedWrites("configuration", "HAProxy keeps serving (changes still apply live)", RETRY)
+        self.writer = ConfigWriter(haproxy, listeners, self._write, stop)   # the files after runtime changes
         self._start_error: str | None = None       # why HAProxy last failed to restart; logged once
         self.reconcile_every = reconcile_every
         self._reconcile_due: str | None = None     # why HAProxy's servers are to be checked now
@@ -124,7 +120,7 @@ class Edge:
                 log.warning("previous %s not usable (%s); starting with no routes", paths.config, exc)
                 self.haproxy.stop()
         rendered = render(RouteTable(), self.listeners, self.templates)
-        while not self._write(lambda: self.haproxy.install(rendered)):
+        while not self.writer.install(lambda: self.haproxy.install(rendered)):
             if self.stop.wait(RETRY):
                 return
         self.haproxy.start()
@@ -136,11 +132,11 @@ class Edge:
         if self.stop.is_set():
             return
         self.step_certs()          # certificates need no routes: serve them before the first sync
+        threading.Thread(target=self.writer.run, name="config-writer", daemon=True).start()
         next_supervise = time.monotonic() + SUPERVISE_EVERY
         next_reconcile = time.monotonic() + self.reconcile_every
         while not self.stop.is_set():
-            pending = self._reload_pending_since is not None or self._dirty_since is not None
-            self._wake.wait(QUIET if pending else SUPERVISE_EVERY)
+            self._wake.wait(QUIET if self._reload_pending_since is not None else SUPERVISE_EVERY)
             self._wake.clear()
             if self.stop.is_set():
                 break
@@ -155,9 +151,8 @@ class Edge:
             if why is not None:
                 self.reconcile(why)
                 next_reconcile = time.monotonic() + self.reconcile_every
-            self.flush()
             self.step_certs()
-        self.flush(force=True)
+        self.flush()
 
     def step(self) -> None:
         with self._lock:
@@ -199,29 +194,10 @@ class Edge:
         changed = {n for n in old.keys() | new.keys() if old.get(n) is not new.get(n) and old.get(n) != new.get(n)}
         return update_table(self.live, new, changed, self.min_slots, self.rules)
 
-    def flush(self, force: bool = False) -> None:
-        """Write haproxy.cfg after runtime changes, once inputs are quiet (at most MAX_DELAY late,
-        both longer when a render is slow, see FLUSH_QUIET_RENDERS): on a large table a render
-        costs more than the runtime commands it records. A reload or a restart of HAProxy never
-        waits for this: they render (or flush) first."""
-        if self._dirty_since is None:
-            return
-        now = time.monotonic()
-        quiet = max(QUIET, FLUSH_QUIET_RENDERS * self._render_s)
-        longest = max(MAX_DELAY, FLUSH_MAX_RENDERS * self._render_s)
-        if not force and (self._write.waiting or (now - self._last_input < quiet
-                                                  and now - self._dirty_since < longest)):
-            return
-        try:
-            t0 = time.perf_counter()
-            self.live_render = render(self.live, self.listeners, self.templates)
-            self._render_s = time.perf_counter() - t0
-        except TemplateError as exc:
-            log.error("could not render %s: %s", self.haproxy.paths.config, exc)
-            self._dirty_since = None
-            return
-        if self._write(lambda: self.haproxy.write_config(self.live_render)):
-            self._dirty_since = None
+    def flush(self) -> None:
+        """The files hold the live state now, written on this thread (before HAProxy restarts from
+        them, at stop); otherwise the writer's thread writes them once inputs are quiet."""
+        self.writer.write_now()
 
     def _apply(self, table: RouteTable, plan: Plan) -> None:
         reasons = plan.reasons
@@ -258,7 +234,7 @@ class Edge:
         if not self.haproxy.running():
             log.error("HAProxy exited (status %s); restarting it from %s", self.haproxy.exit_status(),
                       self.haproxy.paths.config)
-            self.flush(force=True)  # the file must hold the live state before HAProxy reads it
+            self.flush()  # the file must hold the live state before HAProxy reads it
             try:
                 self.haproxy.start()
                 log.info("HAProxy restarted with the last applied configuration")
@@ -314,7 +290,7 @@ class Edge:
                 log.warning("spare backends running low: %d of %d free (the next reload frees them all)",
                             free, pool.size)
         self.live = table
-        self._dirty_since = self._dirty_since or time.monotonic()
+        self.writer.changed(table, self.templates)
         log.info("applied %d server change(s) live in %.1f ms, no reload: %s",
                  len(plan.changes), applied_ms, "; ".join(plan.changes) or "slots only")
 
@@ -324,7 +300,7 @@ class Edge:
         table = release(table)      # every route on its own backend; the whole spare pool free again
         try:
             rendered = render(table, self.listeners, templates)
-            if not self._write(lambda: self.haproxy.install(rendered)):
+            if not self.writer.install(lambda: self.haproxy.install(rendered)):
                 return False
         except (TemplateError, ConfigInvalid) as exc:
             log.error("new configuration refused (%s): %s; HAProxy keeps serving the current one",
@@ -340,11 +316,10 @@ class Edge:
                 worker = self.haproxy.current_worker()
         except (ReloadFailed, NotRunning) as exc:
             log.error("reload failed (%s): %s; the previous worker keeps serving", "; ".join(reasons), exc)
-            if self.live_render is not None:
+            if self.live is not None:
                 self._restore_files()
             return False
-        self.live, self.live_render = table, rendered
-        self._dirty_since = None
+        self.live = table
         self._refused = None
         self.reloads += 1
         servers = sum(r.healthy for r in table.routes)
@@ -354,9 +329,11 @@ class Edge:
         return True
 
     def _restore_files(self) -> None:
+        """The files of the configuration the previous worker runs, back in place."""
         try:
-            self.haproxy.install(self.live_render)
-        except HAProxyError as exc:
+            rendered = render(self.live, self.listeners, self.templates)
+            self.writer.install(lambda: self.haproxy.install(rendered))
+        except (HAProxyError, TemplateError) as exc:
             log.error("could not restore the running configuration's files: %s", exc)
 
     def _try_templates(self, templates: Mapping[str, str]) -> None:
