@@ -76,6 +76,10 @@ class Edge:
         self._logged_problems: frozenset[Problem] = frozenset()
         self._refused: tuple[RouteTable, Mapping[str, str]] | None = None  # retried only once changed
         self._base: Snapshot | None = None        # the snapshot `live` was built from
+        # The services changed between `_base` and the newest snapshot, and between the one `step`
+        # last took and the newest (None: not known, compare them all), from the snapshots' own sets.
+        self._since_base: frozenset[str] | None = None
+        self._since_taken: frozenset[str] | None = None
         self._write = GuardedWrites("configuration", "HAProxy keeps serving (changes still apply live)", RETRY)
         self.writer = ConfigWriter(haproxy, listeners, self._write, stop)   # the files after runtime changes
         self._start_error: str | None = None       # why HAProxy last failed to restart; logged once
@@ -85,6 +89,12 @@ class Edge:
     # --- inputs, from other threads ----------------------------------------------------------
     def on_snapshot(self, snapshot: Snapshot) -> None:
         with self._lock:
+            follows = (snapshot.changed is not None and self._snapshot is not None
+                       and snapshot.after == self._snapshot.serial)
+            self._since_base = (self._since_base | snapshot.changed
+                                if follows and self._since_base is not None else None)
+            self._since_taken = (self._since_taken | snapshot.changed
+                                 if follows and self._since_taken is not None else None)
             self._snapshot = snapshot
             self._last_input = time.monotonic()
             if snapshot.full:
@@ -157,13 +167,13 @@ class Edge:
 
     def step(self) -> None:
         with self._lock:
-            snapshot, templates = self._snapshot, self._new_templates
-            self._new_templates = None
+            snapshot, templates, since = self._snapshot, self._new_templates, self._since_base
+            self._new_templates, self._since_taken = None, frozenset()
         if templates is not None:
             self._try_templates(templates)
-        if snapshot is None:
+        if snapshot is None or snapshot is self._base:
             return
-        table = self._table(snapshot)
+        table = self._table(snapshot, since)
         self._log_problems(snapshot.problems + table.problems)
         if not self.reload_always:
             table = assign(self.live, retire(self.live, table, self.listeners.spares), self.listeners.spares)
@@ -171,12 +181,13 @@ class Edge:
         if plan.reload or self.reload_always:
             table = release(table)   # a reload gives every route its own backend again
         if plan.empty:
-            self.live, self._base = table, snapshot
+            self.live = table
+            self._based_on(snapshot)
             self._reload_pending_since = None
             return
         self._apply(table, plan)
         if self.live is table:
-            self._base = snapshot
+            self._based_on(snapshot)
             if snapshot.full:
                 # A full sync built the whole table (at 10,000 services, a heap of ~1 M objects):
                 # the collector scans it no more, or each full collection takes 0.1-0.7 s of the
@@ -184,7 +195,7 @@ class Edge:
                 gc.freeze()
             how = "reload" if plan.reload or self.reload_always else "live"
             self.metrics.change_applied(how, plan.reasons, snapshot.seen_at, len(table.routes),
-                                        sum(r.healthy for r in table.routes))
+                                        lambda: sum(r.healthy for r in table.routes))
 
     def step_certs(self) -> None:
         """The certificate stage, beside the routes; a runtime failure there is a reload (the
@@ -192,13 +203,21 @@ class Edge:
         if self.certs is not None and not self.certs.step(self.live) and self.live is not None:
             self._reload(self.live, ("certificate change through the runtime API failed",), (), self.templates)
 
-    def _table(self, snapshot: Snapshot) -> RouteTable:
-        """The desired table: only the routes of services that changed since `live` was built."""
+    def _table(self, snapshot: Snapshot, since: frozenset[str] | None) -> RouteTable:
+        """The desired table: only the routes of services that changed since `live` was built
+        (`since`, as the snapshots said; compared one by one when they could not say)."""
         if self.live is None or self._base is None:
             return build_table(snapshot.services, self.live, self.min_slots, self.rules)
         old, new = self._base.services, snapshot.services
-        changed = {n for n in old.keys() | new.keys() if old.get(n) is not new.get(n) and old.get(n) != new.get(n)}
+        changed = set(since) if since is not None else \
+            {n for n in old.keys() | new.keys() if old.get(n) is not new.get(n) and old.get(n) != new.get(n)}
         return update_table(self.live, new, changed, self.min_slots, self.rules)
+
+    def _based_on(self, snapshot: Snapshot) -> None:
+        """`live` is built from `snapshot` now: what changed since is what arrived after it."""
+        self._base = snapshot
+        with self._lock:
+            self._since_base = self._since_taken
 
     def flush(self) -> None:
         """The files hold the live state now, written on this thread (before HAProxy restarts from

@@ -2,6 +2,7 @@
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
 
@@ -390,3 +391,47 @@ def test_a_background_write_never_replaces_a_newer_reloads_files(monkeypatch, ed
     edge.flush()
     assert edge.haproxy.kinds() == ["runtime", "install", "reload"]      # the older render not written
     assert not edge.writer.dirty
+
+
+def chained(previous, *ports_by_service, changed):
+    """The next snapshot of a source that knows what it changed since `previous`."""
+    return replace(snap(*ports_by_service), changed=frozenset(changed), after=previous.serial)
+
+
+def test_the_changed_sets_of_coalesced_snapshots_add_up(edge):
+    base = edge._base
+    first = chained(base, ("web", [8001, 8002]), changed={"web"})
+    edge.on_snapshot(first)
+    edge.on_snapshot(chained(first, ("web", [8001, 8002]), ("api", [9001]), changed={"api"}))   # latest wins
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"]
+    assert edge.live.names == ("api-80", "web-80") and len(edge.live.get("web-80").servers) == 2
+
+
+@pytest.mark.parametrize("after, applied", [
+    ("previous", []),             # follows the last snapshot: its word is taken, web is not looked at
+    (-1, ["runtime"]),            # another source's (or after one the edge never saw): all compared
+])
+def test_a_snapshot_that_follows_the_last_one_is_trusted_for_what_changed(edge, after, applied):
+    previous = edge._snapshot
+    edge.on_snapshot(replace(snap(("web", [8001, 8002])), changed=frozenset(),
+                             after=previous.serial if after == "previous" else after))
+    edge.step()
+    assert edge.haproxy.kinds() == applied
+
+
+def test_changes_arriving_while_a_step_runs_are_kept_for_the_next(monkeypatch, edge):
+    base = edge._base
+    first = chained(base, ("web", [8001, 8002]), changed={"web"})
+    second = chained(first, ("web", [8001, 8002]), ("api", [9001]), changed={"api"})
+    real = edge._apply
+
+    def apply_then_receive(table, plan):
+        real(table, plan)
+        edge.on_snapshot(second)                   # arrives while the first is being applied
+    edge.on_snapshot(first)
+    monkeypatch.setattr(edge, "_apply", apply_then_receive)
+    edge.step()
+    monkeypatch.setattr(edge, "_apply", real)
+    edge.step()
+    assert edge.live.names == ("api-80", "web-80")
