@@ -273,7 +273,9 @@ class Poller:
             try:
                 self.stats.long_polls += 1
                 answer = self.reader.read(self.path, self.params, self.index, self.wait, raw=self.raw)
-                value = self.parse(answer.body)
+                value, index = self.parse(answer.body), answer.index
+                # Not held through the next long-poll: a node's or the summary's body is MBs at 10,000 services.
+                del answer
                 backoff.reset()
             except CONSUL_ERRORS as exc:
                 if self.done.is_set():
@@ -283,7 +285,7 @@ class Poller:
                     return          # this endpoint will not work: the watcher decides what next
                 self.stop.wait(backoff.next())
                 continue
-            new = max(answer.index, 1)
+            new = max(index, 1)
             if new == self.index:
                 continue
             reset = new < self.index
