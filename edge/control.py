@@ -7,6 +7,8 @@ of new vhosts costs one reload. Each reload is logged with its reasons; a refuse
 or a failed reload leaves the running HAProxy as it was, and the files on disk as it runs them.
 A state dir that cannot be written (full, read-only) is the same: HAProxy keeps serving, runtime
 changes still apply, the error is logged once and the write is retried every RETRY seconds.
+After runtime changes the files follow through `edge.haproxy.writer` on its own thread, so a
+change never waits for the render of the one before it.
 
 What HAProxy serves (its server slots and maps) is compared with the table the edge applied
 (`reconcile`): every `reconcile_every` seconds, after every full sync of Consul (cold start, back
@@ -18,6 +20,7 @@ when one reload refills them (inputs quiet), and the loop does it.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -34,13 +37,14 @@ from edge.haproxy.process import (
     ReloadFailed,
     RuntimeFailed,
 )
+from edge.haproxy.writer import ConfigWriter
 from edge.metrics import NoMetrics
 from edge.refill import Refill
 from edge.routing.dynamic import forget, kept_backends, loaded, mark
 from edge.routing.maps import table_maps
 from edge.routing.model import Problem
 from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
-from edge.routing.render import Listeners, Rendered, TemplateError, render
+from edge.routing.render import Listeners, TemplateError, render
 from edge.routing.spares import NO_POOL, assign, low_water, release, retire
 from edge.routing.table import DEFAULT_RULES, RouteTable, TagRules, build_table, update_table
 
@@ -48,11 +52,6 @@ log = logging.getLogger("edge")
 
 QUIET = 0.05        # a reload waits until inputs have been quiet this long...
 MAX_DELAY = 1.0     # ...but never longer than this after the first change that needs it
-# Writing haproxy.cfg after runtime changes holds the interpreter for a whole render (0.5 s at
-# 10,000 routes), and a change arriving meanwhile waits for it: the file follows once inputs were
-# quiet for this many renders' time, and at most this many renders' time late.
-FLUSH_QUIET_RENDERS = 4
-FLUSH_MAX_RENDERS = 20
 SUPERVISE_EVERY = 1.0
 RETRY = 5.0         # seconds between attempts to write a state dir that refused a write
 RECONCILE_EVERY = 10.0
@@ -72,7 +71,6 @@ class Edge:
         self.rules = rules                         # tag grammars and exposure (--tag-grammar, --expose)
         self.reload_always = apply == "reload"   # the baseline: no runtime API at all
         self.live: RouteTable | None = None       # what HAProxy runs now (None: not known yet)
-        self.live_render: Rendered | None = None
         self.reloads = 0
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -83,9 +81,12 @@ class Edge:
         self._logged_problems: frozenset[Problem] = frozenset()
         self._refused: tuple[RouteTable, Mapping[str, str]] | None = None  # retried only once changed
         self._base: Snapshot | None = None        # the snapshot `live` was built from
-        self._dirty_since: float | None = None    # live changed at runtime; haproxy.cfg not yet written
-        self._render_s = 0.0                       # how long the last flush's render took
+        # The services changed between `_base` and the newest snapshot, and between the one `step`
+        # last took and the newest (None: not known, compare them all), from the snapshots' own sets.
+        self._since_base: frozenset[str] | None = None
+        self._since_taken: frozenset[str] | None = None
         self._write = GuardedWrites("configuration", "HAProxy keeps serving (changes still apply live)", RETRY)
+        self.writer = ConfigWriter(haproxy, listeners, self._write, stop)   # the files after runtime changes
         self._start_error: str | None = None       # why HAProxy last failed to restart; logged once
         self.reconcile_every = reconcile_every
         self.refill = Refill(NO_POOL if self.reload_always else listeners.spares)   # edge.refill
@@ -95,6 +96,12 @@ class Edge:
     # --- inputs, from other threads ----------------------------------------------------------
     def on_snapshot(self, snapshot: Snapshot) -> None:
         with self._lock:
+            follows = (snapshot.changed is not None and self._snapshot is not None
+                       and snapshot.after == self._snapshot.serial)
+            self._since_base = (self._since_base | snapshot.changed
+                                if follows and self._since_base is not None else None)
+            self._since_taken = (self._since_taken | snapshot.changed
+                                 if follows and self._since_taken is not None else None)
             self._snapshot = snapshot
             self._last_input = time.monotonic()
             if snapshot.full:
@@ -131,7 +138,7 @@ class Edge:
                 log.warning("previous %s not usable (%s); starting with no routes", paths.config, exc)
                 self.haproxy.stop()
         rendered = render(RouteTable(), self.listeners, self.templates)
-        while not self._write(lambda: self.haproxy.install(rendered)):
+        while not self.writer.install(lambda: self.haproxy.install(rendered)):
             if self.stop.wait(RETRY):
                 return
         self.haproxy.start()
@@ -143,11 +150,11 @@ class Edge:
         if self.stop.is_set():
             return
         self.step_certs()          # certificates need no routes: serve them before the first sync
+        threading.Thread(target=self.writer.run, name="config-writer", daemon=True).start()
         next_supervise = time.monotonic() + SUPERVISE_EVERY
         next_reconcile = time.monotonic() + self.reconcile_every
         while not self.stop.is_set():
-            pending = self._reload_pending_since is not None or self._dirty_since is not None
-            self._wake.wait(QUIET if pending else SUPERVISE_EVERY)
+            self._wake.wait(QUIET if self._reload_pending_since is not None else SUPERVISE_EVERY)
             self._wake.clear()
             if self.stop.is_set():
                 break
@@ -164,19 +171,18 @@ class Edge:
                 next_reconcile = time.monotonic() + self.reconcile_every
             if (low := self.refill.due(self.live, self._last_input)) is not None:
                 self._reload(self.live, (low,), (), self.templates)
-            self.flush()
             self.step_certs()
-        self.flush(force=True)
+        self.flush()
 
     def step(self) -> None:
         with self._lock:
-            snapshot, templates = self._snapshot, self._new_templates
-            self._new_templates = None
+            snapshot, templates, since = self._snapshot, self._new_templates, self._since_base
+            self._new_templates, self._since_taken = None, frozenset()
         if templates is not None:
             self._try_templates(templates)
-        if snapshot is None:
+        if snapshot is None or snapshot is self._base:
             return
-        table = self._table(snapshot)
+        table = self._table(snapshot, since)
         self._log_problems(snapshot.problems + table.problems)
         caps, pool = self._caps(), self.listeners.spares
         if not self.reload_always:
@@ -185,15 +191,21 @@ class Edge:
         if plan.reload or self.reload_always:
             table = release(table)   # a reload gives every route its own backend again
         if plan.empty:
-            self.live, self._base = table, snapshot
+            self.live = table
+            self._based_on(snapshot)
             self._reload_pending_since = None
             return
         self._apply(table, plan)
         if self.live is table:
-            self._base = snapshot
+            self._based_on(snapshot)
+            if snapshot.full:
+                # A full sync built the whole table (at 10,000 services, a heap of ~1 M objects):
+                # the collector scans it no more, or each full collection takes 0.1-0.7 s of the
+                # interpreter while changes wait. Replaced parts are still freed (they hold no cycles).
+                gc.freeze()
             how = "reload" if plan.reload or self.reload_always else "live"
             self.metrics.change_applied(how, plan.reasons, snapshot.seen_at, len(table.routes),
-                                        sum(r.healthy for r in table.routes))
+                                        lambda: sum(r.healthy for r in table.routes))
             self._delete_backends(plan.deletions)
 
     def _caps(self):
@@ -207,37 +219,26 @@ class Edge:
         if self.certs is not None and not self.certs.step(self.live) and self.live is not None:
             self._reload(self.live, ("certificate change through the runtime API failed",), (), self.templates)
 
-    def _table(self, snapshot: Snapshot) -> RouteTable:
-        """The desired table: only the routes of services that changed since `live` was built."""
+    def _table(self, snapshot: Snapshot, since: frozenset[str] | None) -> RouteTable:
+        """The desired table: only the routes of services that changed since `live` was built
+        (`since`, as the snapshots said; compared one by one when they could not say)."""
         if self.live is None or self._base is None:
             return build_table(snapshot.services, self.live, self.min_slots, self.rules)
         old, new = self._base.services, snapshot.services
-        changed = {n for n in old.keys() | new.keys() if old.get(n) is not new.get(n) and old.get(n) != new.get(n)}
+        changed = set(since) if since is not None else \
+            {n for n in old.keys() | new.keys() if old.get(n) is not new.get(n) and old.get(n) != new.get(n)}
         return update_table(self.live, new, changed, self.min_slots, self.rules)
 
-    def flush(self, force: bool = False) -> None:
-        """Write haproxy.cfg after runtime changes, once inputs are quiet (at most MAX_DELAY late,
-        both longer when a render is slow, see FLUSH_QUIET_RENDERS): on a large table a render
-        costs more than the runtime commands it records. A reload or a restart of HAProxy never
-        waits for this: they render (or flush) first."""
-        if self._dirty_since is None:
-            return
-        now = time.monotonic()
-        quiet = max(QUIET, FLUSH_QUIET_RENDERS * self._render_s)
-        longest = max(MAX_DELAY, FLUSH_MAX_RENDERS * self._render_s)
-        if not force and (self._write.waiting or (now - self._last_input < quiet
-                                                  and now - self._dirty_since < longest)):
-            return
-        try:
-            t0 = time.perf_counter()
-            self.live_render = render(self.live, self.listeners, self.templates)
-            self._render_s = time.perf_counter() - t0
-        except TemplateError as exc:
-            log.error("could not render %s: %s", self.haproxy.paths.config, exc)
-            self._dirty_since = None
-            return
-        if self._write(lambda: self.haproxy.write_config(self.live_render)):
-            self._dirty_since = None
+    def _based_on(self, snapshot: Snapshot) -> None:
+        """`live` is built from `snapshot` now: what changed since is what arrived after it."""
+        self._base = snapshot
+        with self._lock:
+            self._since_base = self._since_taken
+
+    def flush(self) -> None:
+        """The files hold the live state now, written on this thread (before HAProxy restarts from
+        them, at stop); otherwise the writer's thread writes them once inputs are quiet."""
+        self.writer.write_now()
 
     def _apply(self, table: RouteTable, plan: Plan) -> None:
         reasons = plan.reasons
@@ -274,7 +275,7 @@ class Edge:
         if not self.haproxy.running():
             log.error("HAProxy exited (status %s); restarting it from %s", self.haproxy.exit_status(),
                       self.haproxy.paths.config)
-            self.flush(force=True)  # the file must hold the live state before HAProxy reads it
+            self.flush()  # the file must hold the live state before HAProxy reads it
             try:
                 self.haproxy.start()
                 if self.live is not None:
@@ -341,7 +342,7 @@ class Edge:
                             "Consul is quiet)", free, pool.size)
         self.live = table
         self._spares_taken()
-        self._dirty_since = self._dirty_since or time.monotonic()
+        self.writer.changed(table, self.templates)
         log.info("applied %d server change(s) live in %.1f ms, no reload: %s",
                  len(plan.changes), applied_ms, "; ".join(plan.changes) or "slots only")
 
@@ -357,6 +358,7 @@ class Edge:
                     "kept the empty backend of removed route %s (tried again later; a reload drops it): %s", name, exc)
                 continue
             self.live = forget(self.live, name)
+            self.writer.changed(self.live, self.templates)
             log.info("deleted the backend of removed route %s live (del backend)", name)
 
     def _reload(self, table: RouteTable, reasons: tuple[str, ...], changes: tuple[str, ...],
@@ -365,7 +367,7 @@ class Edge:
         table = release(table)      # every route on its own backend; the whole spare pool free again
         try:
             rendered = render(table, self.listeners, templates)
-            if not self._write(lambda: self.haproxy.install(rendered)):
+            if not self.writer.install(lambda: self.haproxy.install(rendered)):
                 return False
         except (TemplateError, ConfigInvalid) as exc:
             log.error("new configuration refused (%s): %s; HAProxy keeps serving the current one",
@@ -381,12 +383,11 @@ class Edge:
                 worker = self.haproxy.current_worker()
         except (ReloadFailed, NotRunning) as exc:
             log.error("reload failed (%s): %s; the previous worker keeps serving", "; ".join(reasons), exc)
-            if self.live_render is not None:
+            if self.live is not None:
                 self._restore_files()
             return False
-        self.live, self.live_render = table, rendered
+        self.live = table
         self._spares_taken()
-        self._dirty_since = None
         self._refused = None
         self.reloads += 1
         servers = sum(r.healthy for r in table.routes)
@@ -400,9 +401,11 @@ class Edge:
             self.metrics.spares_taken({r.backend: r.name for r in self.live.routes if r.spare})
 
     def _restore_files(self) -> None:
+        """The files of the configuration the previous worker runs, back in place."""
         try:
-            self.haproxy.install(self.live_render)
-        except HAProxyError as exc:
+            rendered = render(self.live, self.listeners, self.templates)
+            self.writer.install(lambda: self.haproxy.install(rendered))
+        except (HAProxyError, TemplateError) as exc:
             log.error("could not restore the running configuration's files: %s", exc)
 
     def _try_templates(self, templates: Mapping[str, str]) -> None:

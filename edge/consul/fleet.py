@@ -31,7 +31,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from edge.consul.fleetplan import (
     BEAT,
@@ -57,7 +56,7 @@ from edge.consul.fleetplan import (
 )
 from edge.consul.fleetstore import SESSION_TTL, HeadRead, Store
 from edge.consul.kv import KVDenied, KVUnavailable
-from edge.consul.watch import CONSUL_ERRORS, Backoff, Snapshot
+from edge.consul.watch import CONSUL_ERRORS, Backoff, Changes, Snapshot
 from edge.routing.model import Instance, Problem
 
 log = logging.getLogger("edge.fleet")
@@ -104,6 +103,7 @@ class Member:
         # following
         self._following: Following | None = None
         self._services: dict[str, tuple[Instance, ...]] = {}
+        self._changes = Changes()
         self._names: list[set[str]] = [set() for _ in range(SHARDS)]
         self._problems: tuple[Problem, ...] = ()
         # publishing and reading
@@ -235,8 +235,8 @@ class Member:
             self._following = applied(self._following, head, step, {})
         if self._dirty:
             self._dirty = False
-            self._guarded(Snapshot(MappingProxyType(dict(self._services)), self._problems, head.index, seen_at,
-                                   full=step.kind == "full"))
+            self._guarded(self._changes.snapshot(self._services, self._problems, head.index, seen_at,
+                                                 full=step.kind == "full"))
 
     def _really_older(self, head: Head) -> bool:
         """A head older than what we applied: a lagging server (ignored), unless the leader says
@@ -291,10 +291,12 @@ class Member:
             if current is not None:
                 del self._services[name]
                 self._names[shard_of(name)].discard(name)
+                self._changes.touch(name)
                 self._dirty = True
         elif current is None or current != instances:
             self._services[name] = instances
             self._names[shard_of(name)].add(name)
+            self._changes.touch(name)
             self._dirty = True
 
     # --- snapshots to the control loop ------------------------------------------------------------
@@ -371,6 +373,7 @@ class Member:
         self._holder, self._changed_at = session, time.monotonic()   # ours, whatever a stale read says next
         # What we followed is the reader's to say now; held twice it would double our memory at 10,000 services.
         self._services, self._names, self._problems = {}, [set() for _ in range(SHARDS)], ()
+        self._changes.lost()
         self._following, self._dirty = None, True
         self._lost.clear()
         log.info("fleet: this edge publishes the route table to %s (chain %s, from seq %d)", self.store.prefix,

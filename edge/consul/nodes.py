@@ -20,11 +20,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from types import MappingProxyType
 from urllib.parse import quote
 
 from edge.consul.nodeview import by_node, changed_services, instances, node_rows_raw
-from edge.consul.watch import CONSUL_ERRORS, Backoff, Poller, Reader, Snapshot, Stats, Update, endpoint
+from edge.consul.watch import CONSUL_ERRORS, Backoff, Changes, Poller, Reader, Snapshot, Stats, Update, endpoint
 from edge.metrics import NoMetrics
 from edge.routing.model import (
     EXCLUDED_SERVICES,
@@ -70,6 +69,7 @@ class NodesWatcher:
         self._checks: dict[tuple[str, str], object] = {}       # (node, check) -> state, not passing
         self._failing: dict[str, list] = {}                    # node -> its non-passing checks
         self._services: dict[str, tuple[Instance, ...]] = {}
+        self._changes = Changes()
         self._problems: dict[str, tuple[Problem, ...]] = {}
         self._flat_problems: tuple[Problem, ...] | None = None
         self._skipped: set[str] = set()
@@ -107,6 +107,7 @@ class NodesWatcher:
             self._place(node, rows)
         self._set_checks(checks)
         self._services, self._problems, self._flat_problems = {}, {}, None
+        self._changes.lost()
         self._rebuild(set(self._placed))
         indexes = {"nodes": answer.index, "critical": critical_index, "warning": warning_index,
                    **{f"node:{n}": index for n, (index, _) in bodies.items()}}
@@ -146,6 +147,7 @@ class NodesWatcher:
             placed = self._placed.get(name)
             if not placed:
                 self._services.pop(name, None)
+                self._changes.touch(name)
                 if self._problems.pop(name, None):
                     self._flat_problems = None
                 continue
@@ -153,6 +155,7 @@ class NodesWatcher:
                                         self._failing)
             if self._services.get(name) != found:
                 self._services[name] = found
+                self._changes.touch(name)
             if self._problems.get(name, ()) != problems:
                 self._problems[name] = problems
                 self._flat_problems = None
@@ -173,7 +176,7 @@ class NodesWatcher:
     def snapshot(self, index: int, seen_at: float, full: bool = False) -> Snapshot:
         if self._flat_problems is None:
             self._flat_problems = tuple(sorted(p for ps in self._problems.values() for p in ps))
-        return Snapshot(MappingProxyType(dict(self._services)), self._flat_problems, index, seen_at, full)
+        return self._changes.snapshot(self._services, self._flat_problems, index, seen_at, full)
 
     # --- the loop ---------------------------------------------------------------------------------
     def _post(self, name: str, update: Update) -> None:

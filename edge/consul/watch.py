@@ -42,6 +42,7 @@ or an ACL filter.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -97,16 +98,48 @@ VERIFY_COST_FACTOR = 10.0      # ...and at least this many times what the last s
 SYNC_READS = 3                 # dumps a full sync reads at most to match its summaries' index
 
 
+_serials = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Every routable service's instances at one Consul index, plus what was skipped.
-    `seen_at`: when the answer that led to it arrived (time.monotonic), for the edge's metrics."""
+    `seen_at`: when the answer that led to it arrived (time.monotonic), for the edge's metrics.
+    `changed`: the services whose instances differ from the snapshot numbered `after` (the one
+    its source built before it), so the control loop need not compare every service; None when
+    the source does not know (a full sync, a reset): then it compares them all."""
 
     services: Mapping[str, tuple[Instance, ...]] = field(default_factory=lambda: MappingProxyType({}))
     problems: tuple[Problem, ...] = ()
     index: int = 0
     seen_at: float = 0.0
     full: bool = False         # from a full sync (cold start, after an outage, a sweep)
+    changed: frozenset[str] | None = field(default=None, compare=False)
+    after: int = field(default=0, compare=False)
+    serial: int = field(default_factory=lambda: next(_serials), compare=False)
+
+
+class Changes:
+    """What a source changed in its services since its last snapshot: every write to them is
+    `touch`ed (or `lost`, when they are rebuilt), and `snapshot` builds the next one with it."""
+
+    def __init__(self):
+        self.names: set[str] | None = None       # None: not known (nothing built yet, a reset)
+        self.last = 0                            # the serial of the last snapshot built
+
+    def touch(self, name: str) -> None:
+        if self.names is not None:
+            self.names.add(name)
+
+    def lost(self) -> None:
+        self.names = None
+
+    def snapshot(self, services: Mapping[str, tuple[Instance, ...]], problems: tuple[Problem, ...], index: int,
+                 seen_at: float, full: bool = False) -> Snapshot:
+        changed = None if full or self.names is None else frozenset(self.names)
+        snapshot = Snapshot(MappingProxyType(dict(services)), problems, index, seen_at, full, changed, self.last)
+        self.names, self.last = set(), snapshot.serial
+        return snapshot
 
 
 class Backoff:
@@ -240,7 +273,9 @@ class Poller:
             try:
                 self.stats.long_polls += 1
                 answer = self.reader.read(self.path, self.params, self.index, self.wait, raw=self.raw)
-                value = self.parse(answer.body)
+                value, index = self.parse(answer.body), answer.index
+                # Not held through the next long-poll: a node's or the summary's body is MBs at 10,000 services.
+                del answer
                 backoff.reset()
             except CONSUL_ERRORS as exc:
                 if self.done.is_set():
@@ -250,7 +285,7 @@ class Poller:
                     return          # this endpoint will not work: the watcher decides what next
                 self.stop.wait(backoff.next())
                 continue
-            new = max(answer.index, 1)
+            new = max(index, 1)
             if new == self.index:
                 continue
             reset = new < self.index
@@ -283,6 +318,7 @@ class ConsulWatcher:
         self._accounted = 0                  # internal mode: every services write up to here is explained
         self._ahead: set[str] = set()        # fetched ahead of the answers folded in: fetched again
         self._services: dict[str, tuple[Instance, ...]] = {}
+        self._changes = Changes()
         self._problems: dict[str, tuple[Problem, ...]] = {}
         self._retry: set[str] = set()
         self._skipped: set[str] = set()
@@ -448,12 +484,14 @@ class ConsulWatcher:
             # Keep the very same tuple when nothing changed: the control loop compares by identity first.
             if self._services.get(name) != instances:
                 self._services[name] = instances
+                self._changes.touch(name)
             if self._problems.get(name, ()) != problems:
                 self._problems[name] = problems
                 self._flat_problems = None
         if len(self._services) > len(routable) or summaries.keys() != self._summaries.keys():
             for name in set(self._services) - routable:
                 del self._services[name]
+                self._changes.touch(name)
                 if self._problems.pop(name, None):
                     self._flat_problems = None
         self._summaries = summaries
@@ -467,8 +505,7 @@ class ConsulWatcher:
     def snapshot(self, index: int, seen_at: float = 0.0, full: bool = False) -> Snapshot:
         if self._flat_problems is None:
             self._flat_problems = tuple(sorted(p for ps in self._problems.values() for p in ps))
-        return Snapshot(MappingProxyType(dict(self._services)), self._flat_problems, index,
-                        seen_at or time.monotonic(), full)
+        return self._changes.snapshot(self._services, self._flat_problems, index, seen_at or time.monotonic(), full)
 
     # --- the ACL guard -------------------------------------------------------------------------
     def publish(self, snapshot: Snapshot) -> bool:

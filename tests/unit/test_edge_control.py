@@ -2,6 +2,7 @@
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType, SimpleNamespace
 
@@ -9,6 +10,7 @@ import pytest
 
 from edge import control, templates_source
 from edge.consul.watch import Snapshot
+from edge.haproxy import writer
 from edge.haproxy.capabilities import Capabilities
 from edge.haproxy.process import ConfigInvalid, Paths, RuntimeFailed, StateDirError
 from edge.routing import dynamic
@@ -89,7 +91,7 @@ def test_instance_churn_is_runtime_then_the_file(edge):
     edge.on_snapshot(snap(("web", [8001, 8002])))
     edge.step()
     assert edge.haproxy.kinds() == ["runtime"]
-    edge.flush(force=True)                                # the file follows once inputs are quiet
+    edge.flush()                                          # the file follows at once when asked
     assert edge.haproxy.kinds() == ["runtime", "write"]
     assert edge.haproxy.calls[0][1] == ("set server be_web-80/s2 addr 10.0.0.1 port 8002",
                                         "set server be_web-80/s2 state ready")
@@ -97,39 +99,39 @@ def test_instance_churn_is_runtime_then_the_file(edge):
 
 
 def test_file_write_waits_for_quiet_inputs(monkeypatch, edge):
-    monkeypatch.setattr(control, "QUIET", 10.0)
+    monkeypatch.setattr(writer, "QUIET", 10.0)
     edge.on_snapshot(snap(("web", [8001, 8002])))
     edge.step()
-    edge.flush()
+    edge.writer.step()
     assert edge.haproxy.kinds() == ["runtime"]            # a burst is still arriving
-    monkeypatch.setattr(control, "MAX_DELAY", 0.0)
-    edge.flush()
+    monkeypatch.setattr(writer, "MAX_DELAY", 0.0)
+    edge.writer.step()
     assert edge.haproxy.kinds() == ["runtime", "write"]   # but never later than MAX_DELAY
 
 
 def test_a_slow_render_waits_for_longer_quiet_and_is_at_most_twenty_renders_late(monkeypatch, edge):
     clock = [1000.0]
-    monkeypatch.setattr(control, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter))
-    edge._render_s = 0.5                                   # 10,000 routes
+    monkeypatch.setattr(writer, "time", SimpleNamespace(monotonic=lambda: clock[0], perf_counter=time.perf_counter))
+    edge.writer.render_s = 0.5                            # 10,000 routes
     edge.on_snapshot(snap(("web", [8001, 8002])))
     edge.step()
     clock[0] += 1.0                                        # quiet for 20 x QUIET, only 2 renders' time
-    edge.flush()
+    edge.writer.step()
     assert edge.haproxy.kinds() == ["runtime"]
     clock[0] += 1.0                                        # 4 renders' time
-    edge.flush()
+    edge.writer.step()
     assert edge.haproxy.kinds() == ["runtime", "write"]
-    edge._render_s = 0.5
+    edge.writer.render_s = 0.5
     edge.on_snapshot(snap(("web", [8001])))
     edge.step()
     for _ in range(9):                                     # inputs keep arriving...
         clock[0] += 1.0
         edge.on_snapshot(snap(("web", [8001, 8002 + _ % 2])))
         edge.step()
-        edge.flush()
+        edge.writer.step()
     assert edge.haproxy.kinds().count("write") == 1
     clock[0] += 1.0                                        # ...but 20 renders' time is the longest wait
-    edge.flush()
+    edge.writer.step()
     assert edge.haproxy.kinds().count("write") == 2
 
 
@@ -251,13 +253,13 @@ def test_a_full_state_dir_during_runtime_changes_keeps_the_file_dirty_until_it_c
     edge.haproxy.disk_full = True
     edge.on_snapshot(snap(("web", [8001, 8002])))
     edge.step()
-    edge.flush(force=True)
+    edge.flush()
     assert edge.haproxy.kinds() == ["runtime"]                        # live, the file not yet written
     edge.haproxy.disk_full = False
-    edge.flush()
+    edge.writer.step()
     assert edge.haproxy.kinds() == ["runtime"]                        # waits RETRY before trying again
     clock[0] += control.RETRY + control.MAX_DELAY
-    edge.flush()
+    edge.writer.step()
     assert edge.haproxy.kinds() == ["runtime", "write"]
 
 
@@ -315,7 +317,7 @@ def test_a_new_vhost_takes_a_spare_live_and_the_file_declares_it(spare_edge):
     spare_edge.step()
     assert spare_edge.haproxy.kinds() == ["runtime"] and spare_edge.reloads == 1
     assert spare_edge.haproxy.calls[0][1][-1] == "add map hosts.map api-80.x.org be_spare_1"
-    spare_edge.flush(force=True)
+    spare_edge.flush()
     assert "backend be_spare_1\n    # A spare" in spare_edge.haproxy.calls[1][1]
     spare_edge.on_snapshot(snap(("web", [8001])))       # removed: the spare is free again, no reload
     spare_edge.step()
@@ -482,3 +484,90 @@ def test_on_3_4_add_backend_refused_is_one_reload_then_new_vhosts_take_spares(sp
     spare_edge.on_snapshot(snap(("web", [8001]), ("api", [9001]), ("cdn", [9101])))
     spare_edge.step()
     assert spare_edge.live.get("cdn-80").backend == "be_spare_1" and spare_edge.reloads == 2
+
+
+def test_a_change_is_applied_while_the_writer_renders_the_one_before(monkeypatch, edge):
+    rendering, release = threading.Event(), threading.Event()
+    real = writer.render
+
+    def slow_render(*args):
+        rendering.set()
+        assert release.wait(5)
+        return real(*args)
+    monkeypatch.setattr(writer, "render", slow_render)
+    monkeypatch.setattr(writer, "QUIET", 0.0)
+    thread = threading.Thread(target=edge.writer.run, daemon=True)
+    thread.start()
+    try:
+        edge.on_snapshot(snap(("web", [8001, 8002])))
+        edge.step()
+        assert rendering.wait(5)                               # the writer renders the first change...
+        edge.on_snapshot(snap(("web", [8001, 8002, 8003])))
+        edge.step()                                            # ...and the next one goes live meanwhile
+        assert edge.haproxy.kinds() == ["runtime", "runtime"]
+    finally:
+        release.set()
+        edge.stop.set()
+        thread.join(5)
+    edge.flush()
+    assert "server s3 10.0.0.1:8003" in edge.haproxy.calls[-1][1]
+
+
+def test_a_background_write_never_replaces_a_newer_reloads_files(monkeypatch, edge):
+    real = writer.render
+
+    def render_then_reload(*args):
+        rendered = real(*args)
+        edge.on_snapshot(snap(("web", [8001, 8002]), ("api", [9001])))   # a new vhost: a reload...
+        edge.step()                                                      # ...installs during the render
+        return rendered
+    edge.on_snapshot(snap(("web", [8001, 8002])))
+    edge.step()
+    monkeypatch.setattr(writer, "render", render_then_reload)
+    edge.flush()
+    assert edge.haproxy.kinds() == ["runtime", "install", "reload"]      # the older render not written
+    assert not edge.writer.dirty
+
+
+def chained(previous, *ports_by_service, changed):
+    """The next snapshot of a source that knows what it changed since `previous`."""
+    return replace(snap(*ports_by_service), changed=frozenset(changed), after=previous.serial)
+
+
+def test_the_changed_sets_of_coalesced_snapshots_add_up(edge):
+    base = edge._base
+    first = chained(base, ("web", [8001, 8002]), changed={"web"})
+    edge.on_snapshot(first)
+    edge.on_snapshot(chained(first, ("web", [8001, 8002]), ("api", [9001]), changed={"api"}))   # latest wins
+    edge.step()
+    assert edge.haproxy.kinds() == ["install", "reload"]
+    assert edge.live.names == ("api-80", "web-80") and len(edge.live.get("web-80").servers) == 2
+
+
+@pytest.mark.parametrize("after, applied", [
+    ("previous", []),             # follows the last snapshot: its word is taken, web is not looked at
+    (-1, ["runtime"]),            # another source's (or after one the edge never saw): all compared
+])
+def test_a_snapshot_that_follows_the_last_one_is_trusted_for_what_changed(edge, after, applied):
+    previous = edge._snapshot
+    edge.on_snapshot(replace(snap(("web", [8001, 8002])), changed=frozenset(),
+                             after=previous.serial if after == "previous" else after))
+    edge.step()
+    assert edge.haproxy.kinds() == applied
+
+
+def test_changes_arriving_while_a_step_runs_are_kept_for_the_next(monkeypatch, edge):
+    base = edge._base
+    first = chained(base, ("web", [8001, 8002]), changed={"web"})
+    second = chained(first, ("web", [8001, 8002]), ("api", [9001]), changed={"api"})
+    real = edge._apply
+
+    def apply_then_receive(table, plan):
+        real(table, plan)
+        edge.on_snapshot(second)                   # arrives while the first is being applied
+    edge.on_snapshot(first)
+    monkeypatch.setattr(edge, "_apply", apply_then_receive)
+    edge.step()
+    monkeypatch.setattr(edge, "_apply", real)
+    edge.step()
+    assert edge.live.names == ("api-80", "web-80")

@@ -30,7 +30,7 @@ def test_reason_labels(reasons, labels):
 
 def test_a_reload_with_reasons_of_two_kinds_counts_under_both():
     m = EdgeMetrics()
-    m.change_applied("reload", ("vhost added: a-80", "vhost removed: b-80", "vhost removed: c-80"), 0, 1, 1)
+    m.change_applied("reload", ("vhost added: a-80", "vhost removed: b-80", "vhost removed: c-80"), 0, 1, lambda: 1)
     text = m.text().decode()
     assert 'edge_changes_applied_total{how="reload",reason="vhost_added"} 1.0' in text
     assert 'edge_changes_applied_total{how="reload",reason="vhost_removed"} 1.0' in text
@@ -41,8 +41,8 @@ def sample(m: EdgeMetrics) -> str:
     m.consul_request("/v1/health/service/<name>", "denied")
     m.full_refresh("unattributed")
     m.stale_retry()
-    m.change_applied("live", (), time.monotonic() - 0.02, 3, 7)
-    m.change_applied("reload", ("vhost added: x-80",), time.monotonic() - 0.3, 4, 8)
+    m.change_applied("live", (), time.monotonic() - 0.02, 3, lambda: 7)
+    m.change_applied("reload", ("vhost added: x-80",), time.monotonic() - 0.3, 4, lambda: 8)
     m.config_rejected()
     m.certificate_expires("www.example.org", 1_900_000_000)
     return m.text().decode()

@@ -18,9 +18,11 @@ from edge.consul.watch import (
     UI_NODES,
     UI_SERVICES,
     Backoff,
+    Changes,
     ConsulWatcher,
     Update,
 )
+from edge.routing.model import Instance
 from haproxy_consul.consul_api import Answer, ConsulRefused, ConsulSettings, ConsulUnavailable, parse_address
 
 
@@ -219,6 +221,9 @@ def test_what_each_kind_of_write_costs(api, write, fetches, refreshes, expected)
         assert len(w.published) == before, "nothing routable changed: nothing published"
     elif expected is not None:
         assert ports(w) == expected
+    for old, new in zip(w.published, w.published[1:], strict=False):   # each says what changed, or not at all
+        assert new.changed is None or new.after != old.serial or new.changed >= {
+            n for n in old.services.keys() | new.services.keys() if old.services.get(n) != new.services.get(n)}
 
 
 @pytest.mark.parametrize("write", [
@@ -517,3 +522,17 @@ def test_long_polls_per_edge_do_not_grow_with_services(api, polls):
     w, _ = make(api)
     w.mode = api
     assert len(w.poller_specs()) == polls
+
+
+def test_a_sources_snapshots_say_what_changed_since_the_one_it_built_before():
+    changes, services = Changes(), {"a": (), "b": ()}
+    first = changes.snapshot(services, (), 1, 0.0)
+    assert first.changed is None                               # nothing built before it
+    services["a"] = (Instance("a", "n1", "a-1", "10.0.0.1", 8001, 80, True),)
+    changes.touch("a")
+    second = changes.snapshot(services, (), 2, 0.0)
+    assert (second.changed, second.after) == ({"a"}, first.serial)
+    assert changes.snapshot(services, (), 3, 0.0).changed == frozenset()
+    changes.lost()                                             # rebuilt: not known
+    assert changes.snapshot(services, (), 4, 0.0).changed is None
+    assert changes.snapshot(services, (), 5, 0.0, full=True).changed is None
