@@ -142,7 +142,7 @@ def test_a_full_backend_grows_live_with_add_server_then_the_file_declares_the_ne
     assert edge.haproxy.kinds() == ["runtime"] and edge.reloads == 1
     commands = edge.haproxy.calls[0][1]
     assert commands[:4] == tuple(f"add server be_web-80/s{i} 0.0.0.0:0" for i in (5, 6, 7, 8))
-    edge.flush(force=True)
+    edge.flush()
     config = edge.haproxy.calls[1][1]
     assert "server s5 10.0.0.1:8005\n" in config and "server s8 0.0.0.0:0 disabled\n" in config
 
