@@ -24,7 +24,8 @@ def stamp(line: str) -> float:
 
 def breakdown(log: str, samples: list[tuple[str, float, float]]) -> dict[str, list[float]]:
     lines = [line for line in log.splitlines() if STAMP.match(line)]
-    stages: dict[str, list[float]] = {"consul": [], "parse": [], "apply": [], "runtime": [], "haproxy": []}
+    stages: dict[str, list[float]] = {"consul": [], "fetch+parse": [], "control": [], "runtime cmds": [],
+                                      "applied→200": []}
     for name, wrote, answered in samples:
         at = next((i for i, line in enumerate(lines) if f"+ {name}-80 " in line
                    and ("applied" in line or "reloaded HAProxy" in line)), None)
@@ -36,10 +37,10 @@ def breakdown(log: str, samples: list[tuple[str, float, float]]) -> dict[str, li
             published = stamp(lines[pub])
             parse_ms = float(PUBLISHED.search(lines[pub]).group(1))
             stages["consul"].append((published - wrote) * 1000 - parse_ms)
-            stages["parse"].append(parse_ms)
-            stages["apply"].append((applied - published) * 1000)
+            stages["fetch+parse"].append(parse_ms)
+            stages["control"].append((applied - published) * 1000)
         live = LIVE.search(lines[at])
         if live:
-            stages["runtime"].append(float(live.group(1)))
-        stages["haproxy"].append((answered - applied) * 1000)
+            stages["runtime cmds"].append(float(live.group(1)))
+        stages["applied→200"].append((answered - applied) * 1000)
     return stages
