@@ -109,7 +109,7 @@ class ProcWatch(threading.Thread):
             try:
                 master = int(self.pidfile.read_text().split()[0])
                 children = " ".join(p.read_text() for p in Path(f"/proc/{master}/task").glob("*/children")).split()
-            except (OSError, ValueError):
+            except (OSError, ValueError, IndexError):      # the pid file rewritten at a reload
                 continue
             self.most = max(self.most, 1 + len(children))
             self.seen.update([master, *map(int, children)])
@@ -142,6 +142,17 @@ class Keeper(threading.Thread):
     def run(self) -> None:
         while not self.stop.wait(2.0):
             self.ask()
+
+
+def haproxy_rss(edge) -> float:
+    """MB resident in HAProxy's master and workers (an old worker may exit while they are read)."""
+    total = 0.0
+    for pid in haproxy_pids(edge):
+        try:
+            total += rss_mb(pid)
+        except OSError:
+            pass
+    return total
 
 
 def master_reloads(state_dir: Path) -> int:
@@ -211,7 +222,7 @@ class Burst:
         keeper = Keeper(ws, h2, stop)
         keeper.ask()
         held_before = (holder(port, ws.local_port), holder(port, h2.local_port))
-        r = {"rss_before": sum(rss_mb(p) for p in haproxy_pids(edge))}
+        r = {"rss_before": haproxy_rss(edge)}
         log_at, master0, cpu0 = len(edge.log()), master_reloads(edge.state_dir), cpu_seconds(edge.proc.pid)
         limit = 3 * len(self.changes) / self.plan.rate + 120
         OUT.mkdir(parents=True, exist_ok=True)
@@ -252,7 +263,7 @@ class Burst:
                  wrk_requests=wrk.get("requests", 0), wrk_failed=wrk.get("socket_errors", 0) + wrk.get("non_2xx", 0),
                  h2_requests=h2l.get("requests", 0), h2_failed=h2l.get("failed", 0) + h2l.get("non_2xx", 0),
                  h2_detail=h2l, wrk_detail=wrk, procs_max=watch.most, pids_seen=len(watch.seen),
-                 rss_after=sum(rss_mb(p) for p in haproxy_pids(edge)),
+                 rss_after=haproxy_rss(edge),
                  cpu_ms_per_change=(cpu1 - cpu0) * 1000 / len(self.changes))
         (OUT / f"live_burst_{label}.log").write_text(log)
         return r

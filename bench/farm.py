@@ -45,7 +45,7 @@ class Farm:
         self._proc = ctx.Process(target=_serve, args=(child, names, delays or {}), daemon=True)
         self._proc.start()
         ports, self.ws_port = self._conn.recv()
-        self.backends = {n: Address(n, p) for n, p in zip(names, ports)}
+        self.backends = {n: Address(n, p) for n, p in zip(names, ports, strict=True)}
 
     def __getitem__(self, name: str) -> Address:
         return self.backends[name]

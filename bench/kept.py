@@ -110,7 +110,8 @@ class WS:
 
 def holder(edge_port: int, client_port: int) -> int | None:
     """The pid of the process holding the edge's side of the connection from `client_port`."""
-    out = subprocess.run(["ss", "-tnpH", "state", "established", f"( sport = :{edge_port} and dport = :{client_port} )"],
-                         capture_output=True, text=True, timeout=10).stdout
+    query = f"( sport = :{edge_port} and dport = :{client_port} )"
+    out = subprocess.run(["ss", "-tnpH", "state", "established", query], capture_output=True, text=True,
+                         timeout=10).stdout
     m = re.search(r"pid=(\d+)", out)
     return int(m.group(1)) if m else None

@@ -113,9 +113,9 @@ def new_vhosts(consul, edge: EdgeProcess, farm: Farm, k: int, seconds: float, re
          "exhausted": log.count("spare backends exhausted") - before.count("spare backends exhausted")}
     if mode == "runtime":
         r["stages"] = breakdown(log[len(before):], walls)
-    print(f"  {release} {mode} {size} services: {r['k']} new vhosts p50 {r['new_p50']:.1f} ms p99 {r['new_p99']:.1f} ms "
-          f"(max {r['new_max']:.1f}); {r['reloads']} reloads, {r['sweeps']} full refreshes, "
-          f"{r['exhausted']} exhaustions  [{load_now()}]", flush=True)
+    print(f"  {release} {mode} {size} services: {r['k']} new vhosts p50 {r['new_p50']:.1f} ms "
+          f"p99 {r['new_p99']:.1f} ms (max {r['new_max']:.1f}); {r['reloads']} reloads, {r['sweeps']} full refreshes, "
+          f"{r['exhausted']} exhaustions; {stages(r)}  [{load_now()}]", flush=True)
     return r
 
 
@@ -129,10 +129,13 @@ def phase_new_vhosts(args, farm: Farm) -> list[dict]:
                 for mode in args.apply:
                     edge = start_edge(consul, release, mode, DEFAULT_POOL, "DEBUG")
                     try:
-                        until(lambda: status(edge.port, f"svc{size - 1}-80.{DOMAIN}") == 200, timeout=300)
-                        until(lambda: quiet(edge), timeout=300)
+                        last = f"svc{size - 1}-80.{DOMAIN}"
+                        until(lambda e=edge, h=last: status(e.port, h) == 200, timeout=300)
+                        until(lambda e=edge: quiet(e), timeout=300)
                         k = args.k if mode == "runtime" else args.k_reload
                         results.append(new_vhosts(consul, edge, farm, k, args.cell_seconds, release, mode, size))
+                    except Exception as exc:  # noqa: BLE001 - one failed cell is reported, the others still run
+                        print(f"  {release} {mode} {size} services FAILED: {exc!r}", flush=True)
                     finally:
                         edge.stop()
     return results
@@ -154,12 +157,20 @@ def phase_burst(args, farm: Farm) -> list[dict]:
                 edge = start_edge(consul, release, mode, pool, "INFO")
                 try:
                     r = burst.run(edge, f"{release}_{mode}_{pool}")
+                except Exception as exc:  # noqa: BLE001 - one failed run is reported, the others still run
+                    print(f"  {release} {mode} pool {pool} FAILED: {exc!r}", flush=True)
+                    continue
                 finally:
                     edge.stop()
             r.update(release=release, mode=mode, pool=pool)
             print(f"  {release} {mode} pool {pool}: {r}  [{load_now()}]", flush=True)
             results.append(r)
     return results
+
+
+def stages(r: dict) -> str:
+    return "where the time goes (p50 / p99 ms): " + ", ".join(
+        f"{stage} {pct(ms, 50):.1f} / {pct(ms, 99):.1f}" for stage, ms in r.get("stages", {}).items() if ms)
 
 
 def verdict(value: float, target: float) -> str:
@@ -180,8 +191,7 @@ def report(args, vhosts: list[dict], bursts: list[dict]) -> None:
             print(f"{r['mode']:<9}{r['services']:>9}{r['k']:>5}  {p50:<24}{p99:<24}{r['new_max']:>8.1f}"
                   f"{gone[0]:>10}{gone[1]:>10}{r['reloads']:>9}{r['sweeps']:>8}{r['exhausted']:>9}")
             if r.get("stages"):
-                print("         where the time goes (p50 / p99 ms): " + ", ".join(
-                    f"{stage} {pct(ms, 50):.1f} / {pct(ms, 99):.1f}" for stage, ms in r["stages"].items() if ms))
+                print("         " + stages(r))
         print(f"mixed burst: {args.changes} changes ({args.new_vhosts} new vhosts, {args.new_vhosts} removed, "
               f"{args.in_flight} in flight, the rest instance churn) at ≤ {args.rate}/s under wrk + h2load")
         print(f"{'mode':<9}{'pool':>5}{'writes s':>9}{'reloads':>8}{'master':>7}{'exhaust.':>9}{'wrk req':>9}"
