@@ -57,9 +57,9 @@ def load_now() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def start_edge(consul, release: str, mode: str, spares: int, level: str) -> EdgeProcess:
+def start_edge(consul, release: str, mode: str, spares: int, level: str, more: tuple[str, ...] = ()) -> EdgeProcess:
     edge = EdgeProcess(consul.url, domains=(DOMAIN,), haproxy=binary(release).path, spares=spares,
-                       extra=("--apply", mode, "--log-level", level))
+                       extra=("--apply", mode, "--log-level", level, *more))
     return edge.start(timeout=300)
 
 
@@ -115,7 +115,7 @@ def new_vhosts(consul, edge: EdgeProcess, farm: Farm, k: int, seconds: float, re
         r["stages"] = breakdown(log[len(before):], walls)
     print(f"  {release} {mode} {size} services: {r['k']} new vhosts p50 {r['new_p50']:.1f} ms "
           f"p99 {r['new_p99']:.1f} ms (max {r['new_max']:.1f}); {r['reloads']} reloads, {r['sweeps']} full refreshes, "
-          f"{r['exhausted']} exhaustions; {stages(r)}  [{load_now()}]", flush=True)
+          f"{r['exhausted']} exhaustions; {stages(r) if r.get('stages') else ''}  [{load_now()}]", flush=True)
     return r
 
 
@@ -127,7 +127,7 @@ def phase_new_vhosts(args, farm: Farm) -> list[dict]:
             print(f"{size} services × 3 instances registered in {took:.1f} s", flush=True)
             for release in args.releases:
                 for mode in args.apply:
-                    edge = start_edge(consul, release, mode, DEFAULT_POOL, "DEBUG")
+                    edge = start_edge(consul, release, mode, DEFAULT_POOL, "DEBUG", tuple(shlex.split(args.edge_args)))
                     try:
                         last = f"svc{size - 1}-80.{DOMAIN}"
                         until(lambda e=edge, h=last: status(e.port, h) == 200, timeout=300)
@@ -154,7 +154,7 @@ def phase_burst(args, farm: Farm) -> list[dict]:
             with consul_agent(Path(tempfile.mkdtemp(prefix="bench-consul-"))) as consul:
                 burst = Burst(consul, farm, plan, changes, DOMAIN)
                 burst.prepare()
-                edge = start_edge(consul, release, mode, pool, "INFO")
+                edge = start_edge(consul, release, mode, pool, "INFO", tuple(shlex.split(args.edge_args)))
                 try:
                     r = burst.run(edge, f"{release}_{mode}_{pool}")
                 except Exception as exc:  # noqa: BLE001 - one failed run is reported, the others still run
@@ -228,6 +228,7 @@ def main() -> int:
     ap.add_argument("--burst-services", type=int, default=100)
     ap.add_argument("--rate", type=int, default=250, help="changes per second at most")
     ap.add_argument("--phases", default="vhosts,burst")
+    ap.add_argument("--edge-args", default="", help="more arguments for every edge, e.g. --fleet")
     ap.add_argument("--quick", action="store_true", help="small sizes, for development")
     if "--quick" in sys.argv:
         ap.set_defaults(sizes="100,1000", k=20, k_reload=5, changes=1000, new_vhosts=100, in_flight=40)
