@@ -49,6 +49,7 @@ bench: deps venv
 	$(BIN)/python bench/acme_issue.py 20
 	$(BIN)/python bench/registrator_drain.py 2
 	$(BIN)/python bench/routers.py 50 5
+	$(BIN)/python bench/live.py
 
 # The container image, tagged haproxy-consul:latest and haproxy-consul:<version> in the engine
 # DOCKER_HOST names (IMAGE_ARGS=--debootstrap: never try a registry for the base).
