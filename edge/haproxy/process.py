@@ -150,7 +150,7 @@ _HAPROXY_LINE = re.compile(r"^\[(ALERT|WARNING|NOTICE)\]\s*(?:\(\d+\))?\s*:\s*(.
 # Server state changes are the edge's own runtime commands, which it logs itself; so is a backend
 # left with no server (HAProxy says so as an ALERT): its vhost lost its last instance, or is
 # being removed.
-_QUIET = re.compile(r"^(Proxy \S+ (started|stopped)|Former worker \(\d+\) exited with code 0|"
+_QUIET = re.compile(r"^((CLI : )?Proxy \S+ (started|stopped)|Former worker \(\d+\) exited with code 0|"
                     r"Stopping (frontend|backend|proxy) |Server \S+ is (UP|DOWN|going DOWN)\b|"
                     r"backend '?\S+?'? has no server available!)")
 # The start-up probe's `add server`, which HAProxy refuses on purpose (edge.haproxy.capabilities)

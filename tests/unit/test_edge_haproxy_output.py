@@ -25,6 +25,9 @@ from edge.routing.plan import ServedSlot
     ("<3>Proxy http cannot bind", (logging.ERROR, "Proxy http cannot bind")),
     ("<4>Proxy be_a-80 stopped (cumulated conns: FE: 0, BE: 3).",
      (logging.DEBUG, "Proxy be_a-80 stopped (cumulated conns: FE: 0, BE: 3).")),
+    # The same, from a worker stopped while the master serves a CLI command (seen on 2.6).
+    ("[WARNING]  (1234) : CLI : Proxy landing stopped (cumulated conns: FE: 0, BE: 1).",
+     (logging.DEBUG, "CLI : Proxy landing stopped (cumulated conns: FE: 0, BE: 1).")),
     # The start-up probe's `add server` (edge.haproxy.capabilities), refused on purpose.
     ("[ALERT]    (1234) : CLI : 'server landing/haproxy-consul-probe' : unknown keyword 'init-state'.",
      (logging.DEBUG, "CLI : 'server landing/haproxy-consul-probe' : unknown keyword 'init-state'.")),
