@@ -12,10 +12,12 @@ change never waits for the render of the one before it.
 
 What HAProxy serves (its server slots and maps) is compared with the table the edge applied
 (`reconcile`): every `reconcile_every` seconds, after every full sync of Consul (cold start, back
-from an outage, a sweep) and after HAProxy was restarted. Nothing should ever differ; whatever does (a runtime
-change lost, a worker started from an older file, a hand on the runtime socket) is logged and put
-back, so no divergence outlasts the next check. When the spare backends run low, edge.refill says
-when one reload refills them (inputs quiet), and the loop does it.
+from an outage, a sweep) and after HAProxy was restarted; the reading and comparing run on a
+thread of their own (`edge.haproxy.checker`), the putting back here. Nothing should ever differ;
+whatever does (a runtime change lost, a worker started from an older file, a hand on the runtime
+socket) is logged and put back, so no divergence outlasts the next check. When the spare
+backends run low, edge.refill says when one reload refills them (inputs quiet), and the loop
+does it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from edge.consul.watch import Snapshot
+from edge.haproxy.checker import Checked, Checker, check
 from edge.haproxy.process import (
     ConfigInvalid,
     GuardedWrites,
@@ -41,9 +44,8 @@ from edge.haproxy.writer import ConfigWriter
 from edge.metrics import NoMetrics
 from edge.refill import Refill
 from edge.routing.dynamic import forget, kept_backends, loaded, mark
-from edge.routing.maps import table_maps
 from edge.routing.model import Problem
-from edge.routing.plan import Plan, make_plan, reconcile, runtime_part
+from edge.routing.plan import Plan, make_plan, runtime_part
 from edge.routing.render import Listeners, TemplateError, render
 from edge.routing.spares import NO_POOL, assign, low_water, release, retire
 from edge.routing.table import DEFAULT_RULES, RouteTable, TagRules, build_table, update_table
@@ -87,6 +89,7 @@ class Edge:
         self._since_taken: frozenset[str] | None = None
         self._write = GuardedWrites("configuration", "HAProxy keeps serving (changes still apply live)", RETRY)
         self.writer = ConfigWriter(haproxy, listeners, self._write, stop)   # the files after runtime changes
+        self.checker = Checker(haproxy, listeners, stop, self._wake)        # HAProxy compared with `live`
         self._start_error: str | None = None       # why HAProxy last failed to restart; logged once
         self.reconcile_every = reconcile_every
         self.refill = Refill(NO_POOL if self.reload_always else listeners.spares)   # edge.refill
@@ -151,6 +154,7 @@ class Edge:
             return
         self.step_certs()          # certificates need no routes: serve them before the first sync
         threading.Thread(target=self.writer.run, name="config-writer", daemon=True).start()
+        threading.Thread(target=self.checker.run, name="haproxy-checker", daemon=True).start()
         next_supervise = time.monotonic() + SUPERVISE_EVERY
         next_reconcile = time.monotonic() + self.reconcile_every
         while not self.stop.is_set():
@@ -166,9 +170,14 @@ class Edge:
                 why, self._reconcile_due = self._reconcile_due, None
             if why is None and time.monotonic() >= next_reconcile:
                 why = "periodic check"
-            if why is not None:
-                self.reconcile(why)
+            if why is not None and self.live is not None:
+                # Backends added live whose deletion HAProxy refused are tried again first; the
+                # comparison itself runs on the checker's thread (edge.haproxy.checker).
+                self._delete_backends(kept_backends(self.live, self._caps()), again=True)
+                self.checker.request(self.live, why)
                 next_reconcile = time.monotonic() + self.reconcile_every
+            if (checked := self.checker.take()) is not None:
+                self._put_back(checked)
             if (low := self.refill.due(self.live, self._last_input)) is not None:
                 self._reload(self.live, (low,), (), self.templates)
             self.step_certs()
@@ -297,23 +306,22 @@ class Edge:
 
     def reconcile(self, why: str) -> None:
         """Compare the server slots and maps HAProxy serves with the table the edge applied, and
-        put back whatever differs: runtime commands, or a reload when its backends differ. Backends
-        added live whose deletion HAProxy refused (a client still holding a connection to a server)
-        are tried again first."""
+        put back whatever differs, here and now (the loop runs the comparison on the checker's
+        thread instead). Backends added live whose deletion HAProxy refused (a client still
+        holding a connection to a server) are tried again first."""
         if self.live is None:
             return
         self._delete_backends(kept_backends(self.live, self._caps()), again=True)
-        domains = self.listeners.domains
-        try:
-            served = self.haproxy.served()
-            maps = self.haproxy.maps(tuple(table_maps(self.live, domains)))
-        except HAProxyError as exc:
-            log.debug("could not read HAProxy's server states and maps (%s): %s", why, exc)
+        if (checked := check(self.haproxy, self.listeners, self.live, why)) is not None:
+            self._put_back(checked)
+
+    def _put_back(self, checked: Checked) -> None:
+        """What differs, put back: runtime commands, or a reload when backends or maps differ. A
+        comparison with a table that is no longer the live one is dropped (the next check)."""
+        plan = checked.plan
+        if plan.empty or checked.table is not self.live:
             return
-        plan = reconcile(self.live, served, self.listeners.spares, maps, domains)
-        if plan.empty:
-            return
-        log.warning("HAProxy does not serve the table the edge applied (%s): %s", why,
+        log.warning("HAProxy does not serve the table the edge applied (%s): %s", checked.why,
                     "; ".join(plan.reasons + plan.changes))
         if plan.reload or self.reload_always:
             self._reload(self.live, plan.reasons or ("HAProxy's servers differed from the applied table",),
