@@ -141,13 +141,16 @@ def make(api="internal", consul=None, **kwargs):
     w.http = w.reader.http = consul
     w.published = published
     w._last_polled = {}
+    w._spawn = lambda read: read()          # a verification reads at once; its result waits in the inbox
     return w, consul
 
 
 def round_(w):
     """One round, as the pollers would have posted now: every long-poll whose index moved (a
-    long-poll read through the watcher's reader, from the index it last answered)."""
-    updates = {}
+    long-poll read through the watcher's reader, from the index it last answered), with whatever
+    else is in the inbox (a verification's result)."""
+    with w._lock:
+        updates, w._inbox = w._inbox, {}
     for name, path, params, parse, raw in w.poller_specs():
         last = w._last_polled.get(name, 0)
         answer = w.reader.read(path, params, index=last, wait=1.0, raw=raw)
@@ -295,11 +298,50 @@ def test_two_writes_in_one_answer_get_a_verification_sweep(api):
     consul.register("n1", "api-1", "api", 9999)            # in place: no summary shows it
     consul.register("n2", "db-1", "db", 5432)              # attributed
     round_(w)
-    assert ports(w)["db"] == [5432]
-    assert w._verify_due is not None
+    assert ports(w)["db"] == [5432] and ports(w)["api"] == [9001]
+    round_(w)                                              # the verification's read is back
+    assert ports(w)["api"] == [9999] and w.stats.full_refreshes == 1 and fetched(consul) == ["api"]
+    consul.register("n1", "api-1", "api", 9998)            # the same again, at once:
+    consul.register("n2", "cache-1", "cache", 6379)
+    round_(w)
+    round_(w)
+    assert ports(w)["api"] == [9999] and w._verify_due is not None   # rate-limited
     w._verify_due = time.monotonic()                       # rate limit elapsed
     round_(w)
-    assert ports(w)["api"] == [9999] and w.stats.full_refreshes == 1
+    round_(w)
+    assert ports(w)["api"] == [9998] and w.stats.full_refreshes == 2
+
+
+def test_a_verification_does_not_hold_back_a_change_fetched_meanwhile():
+    """docs/performance.md section 11: one answer spanning two writes (a vhost removed and the next
+    registered back to back) makes a verification due; the next vhost registered while it reads
+    every service is published at once, not after it, and what the verification finds (an
+    instance re-registered in place in that answer) is fetched when its read is back."""
+    w, consul = synced("internal")
+    events = []
+    w.publish_to = lambda snapshot: (w.published.append(snapshot), events.append(("published", snapshot.services)))
+    real = consul.get
+
+    def get(path, params=(), wait=None, raw=False):
+        if path == UI_NODES:
+            events.append(("swept", {}))
+        return real(path, params, wait, raw)
+    consul.get = get
+    reads = []
+    w._spawn = reads.append                                 # the verification's read takes its time
+    consul.register("n1", "api-1", "api", 9999)             # in place: no summary shows it
+    consul.deregister("n2", "web-2")
+    consul.register("n2", "nv0", "nv0", 8100)               # attributed
+    round_(w)
+    assert w.stats.full_refreshes == 0 and ports(w)["nv0"] == [8100]
+    consul.register("n2", "nv1", "nv1", 8101)               # while the verification reads
+    round_(w)
+    first = next(i for i, (kind, services) in enumerate(events) if "nv1" in services)
+    assert [kind for kind, _ in events[:first]] == ["published"], "nv1 waited for a sweep"
+    reads.pop()()                                           # the verification's read is back
+    round_(w)
+    assert ports(w) == {"web": [8001], "api": [9999], "nv0": [8100], "nv1": [8101]}
+    assert w.stats.full_refreshes == 1 and fetched(consul) == ["api"]
 
 
 def test_index_going_back_asks_for_a_full_sync():
@@ -430,7 +472,7 @@ def test_a_sweep_from_a_server_that_fell_behind_reads_the_leader(api):
     consul.register("n2", "db-1", "db", 5432)
     round_(w)
     consul.lagging = older
-    w._sweep("verify", time.monotonic())
+    w._sweep("unattributed", time.monotonic())
     assert ports(w) == {"web": [8001, 8002], "api": [9001], "db": [5432]}
     assert w.stats.stale_retries >= 1 and not w.reader.trusted
 
