@@ -14,16 +14,16 @@ Two ways to learn what changed (`--consul-api`):
   it falls back to public, logged once.
 
 A services write that no answer attributes (an instance re-registered in place, service meta)
-is found by a sweep: a full sync that compares per-instance data, logged and counted as a full
-refresh. In internal mode the ui index also moves for check and node writes; a cheap read of
+is found by a sweep: a read of every service that compares per-instance data, logged and counted
+as a full refresh. In internal mode the ui index also moves for check and node writes; a cheap read of
 `/v1/catalog/services` (whose index is the services table's) tells them apart, so those never
 cost a full refresh: every services write up to an attributed answer counts as explained
 (`_accounted`), and only a services index beyond it is a write no answer explained. Two services
 writes in one answer can hide an in-place change behind an attributed one: such windows get a
-verification, rate-limited so bursts coalesce. It never holds back a change: the answer's own
-change is published first, its read of every service runs beside the loop (which goes on
-publishing what the answers attribute), and the services that read finds different are fetched
-again, each on its own, when it is back.
+verification sweep, rate-limited so bursts coalesce. A sweep never holds back a change: the
+answer's own change is published first, the read of every service runs beside the loop (which
+goes on publishing what the answers attribute), and the services that read finds different are
+fetched again, each on its own, when it is back.
 
 What is kept must stay comparable with the next answer: a full sync keeps summaries and a dump
 of the same catalog index, and a fetch that saw a write beyond the answers folded in is fetched
@@ -337,8 +337,9 @@ class ConsulWatcher:
         self._published: Snapshot | None = None
         self._held_cause: str | None = None
         self._start_problem: str | None = None
-        self._verify_due: float | None = None
-        self._verifying: object | None = None   # the verification whose read is under way
+        self._verify_due: float | None = None   # a sweep is due then...
+        self._verify_reason = "verify"          # ...because of this (the full refresh metric's label)
+        self._verifying: object | None = None   # the sweep whose read is under way
         self._last_sweep_s = 0.0
         self._last_verify = 0.0
         self._spawn: Callable[[Callable[[], None]], None] = \
@@ -403,7 +404,7 @@ class ConsulWatcher:
         So they are read again until both agree, a bounded number of times (under constant writes
         the last pair is kept)."""
         t0 = time.monotonic()
-        self._verifying = None              # a verification under way: this reads more than it would
+        self._verifying = None              # a sweep under way: this reads more than it would
         index, summaries = self._summaries_now()
         dump = None
         try:
@@ -742,11 +743,10 @@ class ConsulWatcher:
                 self._nodes = new_nodes
         changed = {n for n in changed if n in summaries}
         if services_moved and not changed and not removed:
-            if self._verify_due is None and self._verifying is None:
-                log.info("services changed at index %d with nothing to attribute it to (an instance re-registered "
-                         "in place, or service meta): sweeping every service", services_index)
-                return self._sweep("unattributed", seen_at)
-            self._schedule_verify()         # one under way may have read before this write: another after it
+            # Now, or as soon as a read under way is back (it may have read before this write).
+            log.info("services changed at index %d with nothing to attribute it to (an instance re-registered "
+                     "in place, or service meta): sweeping every service", services_index)
+            self._verify_due, self._verify_reason = now, "unattributed"
         changed |= found & summaries.keys()
         if changed or removed or self._retry:
             indexes = self._apply(summaries, changed, strict=False)
@@ -788,28 +788,28 @@ class ConsulWatcher:
             return set()
         return {name for name, insts in self._services.items() if any(i.node in nodes for i in insts)}
 
-    def _schedule_verify(self) -> None:
+    def _schedule_verify(self, reason: str = "verify") -> None:
         """Another services write may hide in this answer: sweep soon, at a bounded rate."""
         if self._verify_due is None:
             interval = max(VERIFY_MIN_INTERVAL, VERIFY_COST_FACTOR * self._last_sweep_s)
-            self._verify_due = max(time.monotonic(), self._last_verify + interval)
+            self._verify_due, self._verify_reason = max(time.monotonic(), self._last_verify + interval), reason
 
     def _verify_due_now(self) -> bool:
         return self._verify_due is not None and self._verifying is None and time.monotonic() >= self._verify_due
 
     def _start_verify(self) -> None:
-        """Read every service beside the loop (`_spawn`); the result comes back through the inbox."""
-        token = self._verifying = object()
-        self._verify_due, self._last_verify = None, time.monotonic()
+        """Sweep: read every service beside the loop (`_spawn`); the result comes back through the inbox."""
+        token, reason = object(), self._verify_reason
+        self._verifying, self._verify_due, self._last_verify = token, None, time.monotonic()
         at_least = self._folded.get("services", 0) if self.mode == "internal" else 0
 
         def read() -> None:
             try:
                 index, dump = self._dump(at_least, keep=False)
                 found = {name: instances_from_health(name, entries) for name, entries in dump.items()}
-                update = Update((token, found), index, seen_at=time.monotonic())
+                update = Update((token, reason, found), index, seen_at=time.monotonic())
             except CONSUL_ERRORS as exc:
-                update = Update((token, None), error=exc, seen_at=time.monotonic())
+                update = Update((token, reason, None), error=exc, seen_at=time.monotonic())
             except RuntimeError:
                 if not self.stop.is_set():
                     raise
@@ -818,32 +818,34 @@ class ConsulWatcher:
         self._spawn(read)
 
     def _verified(self, u: Update) -> set[str]:
-        """A verification's read is back: the routable services whose instances differ from it, to
-        be fetched again now. A fetch is newer than both the read and whatever was folded in
+        """A sweep's read is back: the routable services whose instances differ from it, to be
+        fetched again now. A fetch is newer than both the read and whatever was folded in
         meanwhile, so nothing goes back to an older state; every services write up to the read's
         index is then accounted for."""
-        token, found = u.value
+        token, reason, found = u.value
         if token is not self._verifying:
             return set()                    # a full sync came in between
         self._verifying = None
         self._last_sweep_s = u.seen_at - self._last_verify
         if u.error is not None:
-            log.info("a verification read of every service failed (%s); trying again later", u.error)
-            self._schedule_verify()
+            log.info("a sweep's read of every service failed (%s); trying again", u.error)
+            self._schedule_verify(reason)
             return set()
         self.stats.full_refreshes += 1
-        self.metrics.full_refresh("verify")
+        self.metrics.full_refresh(reason)
         differ = {name for name in self._routable_names(self._summaries)
                   if found.get(name, ((), ())) != (self._services.get(name, ()), self._problems.get(name, ()))}
         self._accounted = max(self._accounted, u.index)
         if differ:
-            log.info("a verification read of every service (%.1f s) found %d that changed unseen (%s): fetching "
-                     "them again", self._last_sweep_s, len(differ), ", ".join(sorted(differ)[:5]))
+            log.info("a sweep (%s) read every service in %.1f s and found %d that changed unseen (%s): fetching "
+                     "them again", reason, self._last_sweep_s, len(differ), ", ".join(sorted(differ)[:5]))
         else:
-            log.debug("a verification read of every service (%.1f s) found nothing unseen", self._last_sweep_s)
+            log.debug("a sweep (%s) read every service in %.1f s and found nothing unseen", reason,
+                      self._last_sweep_s)
         return differ
 
     def _sweep(self, reason: str, seen_at: float) -> bool:
+        """A full sync in the loop (the ACL recheck: what a filtered answer hid comes back)."""
         self._verify_due = None
         self._last_verify = time.monotonic()
         snapshot = self._sync(strict=False, reason=reason)
