@@ -256,6 +256,21 @@ class Update:
     seen_at: float = 0.0
 
 
+def reset_by(updates: Mapping[str, Update], stats: Stats, metrics) -> bool:
+    """The pollers' newest answers, checked before anything is folded in: the first failure is
+    raised (the caller's loop backs off and syncs in full after it); True when an index went
+    back at the leader too (Consul's state was rebuilt): a full sync, logged and counted."""
+    for name, u in updates.items():
+        if u.error is not None:
+            raise u.error
+        if u.reset:
+            log.info("consul index of %s went back to %d at the leader too: full refresh", name, u.index)
+            stats.full_refreshes += 1
+            metrics.full_refresh("index reset")
+            return True
+    return False
+
+
 class Poller:
     """One long-poll loop in its own thread; hands its newest answer to the watcher's inbox. It
     starts from `start`, the index of what the watcher already holds from this endpoint (never 0
@@ -693,14 +708,8 @@ class ConsulWatcher:
         """Fold the pollers' newest answers (and a verification's read) in; False when a full sync
         is needed (outage, reset)."""
         verification = updates.pop("verify", None)
-        for name, u in updates.items():
-            if u.error is not None:
-                raise u.error
-            if u.reset:
-                log.info("consul index of %s went back to %d at the leader too: full refresh", name, u.index)
-                self.stats.full_refreshes += 1
-                self.metrics.full_refresh("index reset")
-                return False
+        if reset_by(updates, self.stats, self.metrics):
+            return False
         found = self._verified(verification) if verification is not None else set()
         now = time.monotonic()
         if not updates and self._held_cause is not None:

@@ -20,7 +20,9 @@ from edge.consul.watch import (
     Backoff,
     Changes,
     ConsulWatcher,
+    Stats,
     Update,
+    reset_by,
 )
 from edge.routing.model import Instance
 from haproxy_consul.consul_api import Answer, ConsulRefused, ConsulSettings, ConsulUnavailable, parse_address
@@ -374,6 +376,28 @@ def test_a_sweep_read_before_a_full_sync_is_not_used():
     before = len(w.published)
     round_(w)
     assert len(w.published) == before and w.stats.full_refreshes == 0 and ports(w)["api"] == [9999]
+
+
+@pytest.mark.parametrize("updates, outcome", [
+    ({}, False),
+    ({"services": Update({}, 12)}, False),
+    ({"services": Update({}, 3, reset=True)}, True),                      # went back at the leader too
+    ({"nodes": Update({}, 12), "checks": Update(error=ConsulUnavailable("refused"))}, ConsulUnavailable),
+])
+def test_what_the_pollers_answers_ask_for_before_anything_is_folded_in(updates, outcome):
+    """One rule for both readers (this watcher and the per-node one): a failure is raised, an
+    index that went back is a full sync, counted."""
+    stats, refreshes = Stats(), []
+
+    class Metrics:
+        def full_refresh(self, reason):
+            refreshes.append(reason)
+    if outcome is ConsulUnavailable:
+        with pytest.raises(ConsulUnavailable):
+            reset_by(updates, stats, Metrics())
+    else:
+        assert reset_by(updates, stats, Metrics()) is outcome
+        assert stats.full_refreshes == len(refreshes) == int(outcome) and refreshes in ([], ["index reset"])
 
 
 def test_index_going_back_asks_for_a_full_sync():
