@@ -752,10 +752,13 @@ class ConsulWatcher:
                 self._nodes = new_nodes
         changed = {n for n in changed if n in summaries}
         if services_moved and not changed and not removed:
-            # Now, or as soon as a read under way is back (it may have read before this write).
+            # Now, or as soon as a read under way is back (it may have read before this write); the
+            # write counts as explained from here, by the sweep due (else each check write's answer
+            # until then would find it again).
             log.info("services changed at index %d with nothing to attribute it to (an instance re-registered "
                      "in place, or service meta): sweeping every service", services_index)
             self._verify_due, self._verify_reason = now, "unattributed"
+            self._accounted = max(self._accounted, services_index)
         changed |= found & summaries.keys()
         if changed or removed or self._retry:
             indexes = self._apply(summaries, changed, strict=False)

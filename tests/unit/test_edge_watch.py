@@ -365,6 +365,21 @@ def test_a_write_nothing_attributes_while_a_sweep_reads_gets_another_sweep_after
     assert ports(w) == {"web": [8002, 8009], "api": [9999]} and w.stats.full_refreshes == 2
 
 
+def test_a_write_nothing_attributes_is_swept_once_though_answers_come_while_it_reads(caplog):
+    caplog.set_level(logging.INFO, "edge.watch")
+    w, consul = synced("internal")
+    reads = []
+    w._spawn = reads.append
+    consul.register("n1", "api-1", "api", 9999)             # in place: a sweep starts reading
+    round_(w)
+    consul.check("n1", "ttl-web-1", "passing", sid="web-1", output="ok 2")   # the ui index moves again
+    round_(w)
+    assert caplog.text.count("sweeping every service") == 1 and len(reads) == 1 and w._verify_due is None
+    reads.pop()()
+    round_(w)
+    assert ports(w)["api"] == [9999] and w.stats.full_refreshes == 1 and not reads
+
+
 def test_a_sweep_read_before_a_full_sync_is_not_used():
     w, consul = synced("internal")
     reads = []
