@@ -116,7 +116,7 @@ class Snapshot:
     problems: tuple[Problem, ...] = ()
     index: int = 0
     seen_at: float = 0.0
-    full: bool = False         # from a full sync (cold start, after an outage, a sweep)
+    full: bool = False         # from a full sync (cold start, after an outage, an ACL recheck)
     changed: frozenset[str] | None = field(default=None, compare=False)
     after: int = field(default=0, compare=False)
     serial: int = field(default_factory=lambda: next(_serials), compare=False)
@@ -705,8 +705,8 @@ class ConsulWatcher:
         return None
 
     def _round(self, updates: dict[str, Update]) -> bool:
-        """Fold the pollers' newest answers (and a verification's read) in; False when a full sync
-        is needed (outage, reset)."""
+        """Fold the pollers' newest answers (and a sweep's read) in; False when a full sync is
+        needed (outage, reset)."""
         verification = updates.pop("verify", None)
         if reset_by(updates, self.stats, self.metrics):
             return False
