@@ -116,7 +116,7 @@ class Snapshot:
     problems: tuple[Problem, ...] = ()
     index: int = 0
     seen_at: float = 0.0
-    full: bool = False         # from a full sync (cold start, after an outage, an ACL recheck)
+    full: bool = False         # from a full sync (cold start, after an outage)
     changed: frozenset[str] | None = field(default=None, compare=False)
     after: int = field(default=0, compare=False)
     serial: int = field(default_factory=lambda: next(_serials), compare=False)
