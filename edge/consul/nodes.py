@@ -23,7 +23,18 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from edge.consul.nodeview import by_node, changed_services, instances, node_rows_raw
-from edge.consul.watch import CONSUL_ERRORS, Backoff, Changes, Poller, Reader, Snapshot, Stats, Update, endpoint
+from edge.consul.watch import (
+    CONSUL_ERRORS,
+    Backoff,
+    Changes,
+    Poller,
+    Reader,
+    Snapshot,
+    Stats,
+    Update,
+    endpoint,
+    reset_by,
+)
 from edge.metrics import NoMetrics
 from edge.routing.model import (
     EXCLUDED_SERVICES,
@@ -249,13 +260,8 @@ class NodesWatcher:
 
     def _round(self, updates: dict[str, Update]) -> bool:
         """Fold the long-polls' newest answers in and publish; False when a full sync is needed."""
-        for name, u in updates.items():
-            if u.error is not None:
-                raise u.error
-            if u.reset:
-                log.info("consul index of %s went back to %d (agent restarted?): full refresh", name, u.index)
-                self.stats.full_refreshes += 1
-                return False
+        if reset_by(updates, self.stats, self.metrics):
+            return False
         seen_at = min((u.seen_at for u in updates.values()), default=time.monotonic())
         changed: set[str] = set()
         if "nodes" in updates:

@@ -14,13 +14,16 @@ Two ways to learn what changed (`--consul-api`):
   it falls back to public, logged once.
 
 A services write that no answer attributes (an instance re-registered in place, service meta)
-is found by a sweep: a full sync that compares per-instance data, logged and counted as a full
-refresh. In internal mode the ui index also moves for check and node writes; a cheap read of
+is found by a sweep: a read of every service that compares per-instance data, logged and counted
+as a full refresh. In internal mode the ui index also moves for check and node writes; a cheap read of
 `/v1/catalog/services` (whose index is the services table's) tells them apart, so those never
 cost a full refresh: every services write up to an attributed answer counts as explained
 (`_accounted`), and only a services index beyond it is a write no answer explained. Two services
 writes in one answer can hide an in-place change behind an attributed one: such windows get a
-verification sweep, rate-limited so bursts coalesce.
+verification sweep, rate-limited so bursts coalesce. A sweep never holds back a change: the
+answer's own change is published first, the read of every service runs beside the loop (which
+goes on publishing what the answers attribute), and the services that read finds different are
+fetched again, each on its own, when it is back.
 
 What is kept must stay comparable with the next answer: a full sync keeps summaries and a dump
 of the same catalog index, and a fetch that saw a write beyond the answers folded in is fetched
@@ -113,7 +116,7 @@ class Snapshot:
     problems: tuple[Problem, ...] = ()
     index: int = 0
     seen_at: float = 0.0
-    full: bool = False         # from a full sync (cold start, after an outage, a sweep)
+    full: bool = False         # from a full sync (cold start, after an outage)
     changed: frozenset[str] | None = field(default=None, compare=False)
     after: int = field(default=0, compare=False)
     serial: int = field(default_factory=lambda: next(_serials), compare=False)
@@ -253,6 +256,21 @@ class Update:
     seen_at: float = 0.0
 
 
+def reset_by(updates: Mapping[str, Update], stats: Stats, metrics) -> bool:
+    """The pollers' newest answers, checked before anything is folded in: the first failure is
+    raised (the caller's loop backs off and syncs in full after it); True when an index went
+    back at the leader too (Consul's state was rebuilt): a full sync, logged and counted."""
+    for name, u in updates.items():
+        if u.error is not None:
+            raise u.error
+        if u.reset:
+            log.info("consul index of %s went back to %d at the leader too: full refresh", name, u.index)
+            stats.full_refreshes += 1
+            metrics.full_refresh("index reset")
+            return True
+    return False
+
+
 class Poller:
     """One long-poll loop in its own thread; hands its newest answer to the watcher's inbox. It
     starts from `start`, the index of what the watcher already holds from this endpoint (never 0
@@ -334,9 +352,13 @@ class ConsulWatcher:
         self._published: Snapshot | None = None
         self._held_cause: str | None = None
         self._start_problem: str | None = None
-        self._verify_due: float | None = None
+        self._verify_due: float | None = None   # a sweep is due then...
+        self._verify_reason = "verify"          # ...because of this (the full refresh metric's label)
+        self._verifying: object | None = None   # the sweep whose read is under way
         self._last_sweep_s = 0.0
         self._last_verify = 0.0
+        self._spawn: Callable[[Callable[[], None]], None] = \
+            lambda read: threading.Thread(target=read, name="consul-verify", daemon=True).start()
 
     # --- Consul reads ------------------------------------------------------------------------
     def _summaries_now(self, at_least: int = 0) -> tuple[int, dict[str, ServiceSummary]]:
@@ -347,23 +369,27 @@ class ConsulWatcher:
         answer = self.reader.read(CATALOG_SERVICES)
         return answer.index, services_from_catalog(answer.body)
 
-    def _dump(self, at_least: int) -> tuple[int, dict[str, list[dict]]]:
+    def _dump(self, at_least: int, keep: bool = True) -> tuple[int, dict[str, list[dict]]]:
         """Every local node with its services and checks, grouped as health entries, and the
         catalog index it was read at (internal mode: at least `at_least`, the summaries' index;
-        public mode: 0, its reads each have their own table's index)."""
+        public mode: 0, its reads each have their own table's index). `keep`: the nodes and checks
+        read become the watcher's (a full sync); a verification, read beside the loop, keeps none."""
         self.stats.dumps += 1
         if self.mode == "internal":
             answer = self.reader.read(UI_NODES, at_least=at_least)
-            self._nodes = node_addresses(answer.body)
+            if keep:
+                self._nodes = node_addresses(answer.body)
             return answer.index, instances_from_node_dump(answer.body)
         nodes = self.reader.read(CATALOG_NODES)
         checks = self.reader.read(NONPASSING, (NONPASSING_FILTER,))
-        self._nodes, self._checks = node_addresses(nodes.body), nonpassing_checks(checks.body)
-        self._folded.update(nodes=nodes.index, checks=checks.index)
-        answers = dict(zip(self._nodes, self._pool.map(
-            lambda n: self.reader.read(f"/v1/catalog/node-services/{quote(n, safe='')}").body, self._nodes),
+        addresses, nonpassing = node_addresses(nodes.body), nonpassing_checks(checks.body)
+        if keep:
+            self._nodes, self._checks = addresses, nonpassing
+            self._folded.update(nodes=nodes.index, checks=checks.index)
+        answers = dict(zip(addresses, self._pool.map(
+            lambda n: self.reader.read(f"/v1/catalog/node-services/{quote(n, safe='')}").body, addresses),
             strict=True))
-        return 0, entries_from_node_services(answers, self._checks)
+        return 0, entries_from_node_services(answers, nonpassing)
 
     def _fetch(self, name: str) -> tuple[tuple[Instance, ...], tuple[Problem, ...], int]:
         self.stats.fetches += 1
@@ -393,6 +419,7 @@ class ConsulWatcher:
         So they are read again until both agree, a bounded number of times (under constant writes
         the last pair is kept)."""
         t0 = time.monotonic()
+        self._verifying = None              # a sweep under way: this reads more than it would
         index, summaries = self._summaries_now()
         dump = None
         try:
@@ -671,22 +698,19 @@ class ConsulWatcher:
     def _timeout(self) -> float | None:
         if self._retry:
             return 0.5
-        if self._verify_due is not None:
+        if self._verify_due is not None and self._verifying is None:
             return max(0.0, self._verify_due - time.monotonic())
         if self._held_cause is not None:
             return 10.0          # look again at a held answer now and then
         return None
 
     def _round(self, updates: dict[str, Update]) -> bool:
-        """Fold the pollers' newest answers in; False when a full sync is needed (outage, reset)."""
-        for name, u in updates.items():
-            if u.error is not None:
-                raise u.error
-            if u.reset:
-                log.info("consul index of %s went back to %d at the leader too: full refresh", name, u.index)
-                self.stats.full_refreshes += 1
-                self.metrics.full_refresh("index reset")
-                return False
+        """Fold the pollers' newest answers (and a sweep's read) in; False when a full sync is
+        needed (outage, reset)."""
+        verification = updates.pop("verify", None)
+        if reset_by(updates, self.stats, self.metrics):
+            return False
+        found = self._verified(verification) if verification is not None else set()
         now = time.monotonic()
         if not updates and self._held_cause is not None:
             return self._sweep("acl recheck", now)     # a fixed token changes no index: look again
@@ -727,21 +751,26 @@ class ConsulWatcher:
                 changed |= self._on_nodes(changed_nodes(self._nodes, new_nodes))
                 self._nodes = new_nodes
         changed = {n for n in changed if n in summaries}
-        if services_moved and not changed and not removed and self._verify_due is None:
+        if services_moved and not changed and not removed:
+            # Now, or as soon as a read under way is back (it may have read before this write); the
+            # write counts as explained from here, by the sweep due (else each check write's answer
+            # until then would find it again).
             log.info("services changed at index %d with nothing to attribute it to (an instance re-registered "
                      "in place, or service meta): sweeping every service", services_index)
-            return self._sweep("unattributed", seen_at)
-        if not (changed or removed or self._retry or self._verify_due_now()):
+            self._verify_due, self._verify_reason = now, "unattributed"
+            self._accounted = max(self._accounted, services_index)
+        changed |= found & summaries.keys()
+        if changed or removed or self._retry:
+            indexes = self._apply(summaries, changed, strict=False)
+            self.publish(self.snapshot(window[1] or max(self._folded.values(), default=0), seen_at))
+            log.debug("%d changed, %d removed, published %.1f ms after the answer arrived (%s)", len(changed),
+                      len(removed), (time.monotonic() - seen_at) * 1000, self.stats)
+            if (changed or removed) and window[0]:
+                self._check_window(window, indexes)
+        else:
             self._summaries = summaries
-            return True
-        indexes = self._apply(summaries, changed, strict=False)
         if self._verify_due_now():
-            return self._sweep("verify", seen_at)
-        self.publish(self.snapshot(window[1] or max(self._folded.values(), default=0), seen_at))
-        log.debug("%d changed, %d removed, published %.1f ms after the answer arrived (%s)", len(changed),
-                  len(removed), (time.monotonic() - seen_at) * 1000, self.stats)
-        if (changed or removed) and window[0]:
-            self._check_window(window, indexes)
+            self._start_verify()            # after the publish: what this answer attributed is out already
         return True
 
     def _check_window(self, window: tuple[int, int], indexes: set[int]) -> None:
@@ -771,16 +800,64 @@ class ConsulWatcher:
             return set()
         return {name for name, insts in self._services.items() if any(i.node in nodes for i in insts)}
 
-    def _schedule_verify(self) -> None:
+    def _schedule_verify(self, reason: str = "verify") -> None:
         """Another services write may hide in this answer: sweep soon, at a bounded rate."""
         if self._verify_due is None:
             interval = max(VERIFY_MIN_INTERVAL, VERIFY_COST_FACTOR * self._last_sweep_s)
-            self._verify_due = max(time.monotonic(), self._last_verify + interval)
+            self._verify_due, self._verify_reason = max(time.monotonic(), self._last_verify + interval), reason
 
     def _verify_due_now(self) -> bool:
-        return self._verify_due is not None and time.monotonic() >= self._verify_due
+        return self._verify_due is not None and self._verifying is None and time.monotonic() >= self._verify_due
+
+    def _start_verify(self) -> None:
+        """Sweep: read every service beside the loop (`_spawn`); the result comes back through the inbox."""
+        token, reason = object(), self._verify_reason
+        self._verifying, self._verify_due, self._last_verify = token, None, time.monotonic()
+        at_least = self._folded.get("services", 0) if self.mode == "internal" else 0
+
+        def read() -> None:
+            try:
+                index, dump = self._dump(at_least, keep=False)
+                found = {name: instances_from_health(name, entries) for name, entries in dump.items()}
+                update = Update((token, reason, found), index, seen_at=time.monotonic())
+            except CONSUL_ERRORS as exc:
+                update = Update((token, reason, None), error=exc, seen_at=time.monotonic())
+            except RuntimeError:
+                if not self.stop.is_set():
+                    raise
+                return                      # the watcher stopped and shut its fetch pool down
+            self._post("verify", update)
+        self._spawn(read)
+
+    def _verified(self, u: Update) -> set[str]:
+        """A sweep's read is back: the routable services whose instances differ from it, to be
+        fetched again now. A fetch is newer than both the read and whatever was folded in
+        meanwhile, so nothing goes back to an older state; every services write up to the read's
+        index is then accounted for."""
+        token, reason, found = u.value
+        if token is not self._verifying:
+            return set()                    # a full sync came in between
+        self._verifying = None
+        self._last_sweep_s = u.seen_at - self._last_verify
+        if u.error is not None:
+            log.info("a sweep's read of every service failed (%s); trying again", u.error)
+            self._schedule_verify(reason)
+            return set()
+        self.stats.full_refreshes += 1
+        self.metrics.full_refresh(reason)
+        differ = {name for name in self._routable_names(self._summaries)
+                  if found.get(name, ((), ())) != (self._services.get(name, ()), self._problems.get(name, ()))}
+        self._accounted = max(self._accounted, u.index)
+        if differ:
+            log.info("a sweep (%s) read every service in %.1f s and found %d that changed unseen (%s): fetching "
+                     "them again", reason, self._last_sweep_s, len(differ), ", ".join(sorted(differ)[:5]))
+        else:
+            log.debug("a sweep (%s) read every service in %.1f s and found nothing unseen", reason,
+                      self._last_sweep_s)
+        return differ
 
     def _sweep(self, reason: str, seen_at: float) -> bool:
+        """A full sync in the loop (the ACL recheck: what a filtered answer hid comes back)."""
         self._verify_due = None
         self._last_verify = time.monotonic()
         snapshot = self._sync(strict=False, reason=reason)

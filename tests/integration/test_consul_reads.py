@@ -1,10 +1,12 @@
 """What the edge asks Consul, seen through a recording proxy in front of a real agent: stale
-long-polls by default, consistent reads on request; and the edge's own metrics on the admin listener."""
+long-polls by default, consistent reads on request; a slow sweep that holds back no change; and
+the edge's own metrics on the admin listener."""
 
 from __future__ import annotations
 
 import http.server
 import threading
+import time
 import urllib.parse
 import urllib.request
 
@@ -20,10 +22,14 @@ DOMAIN = "reads.example"
 
 
 class RecordingProxy:
-    """Forwards every request to Consul and records (path, query) of each."""
+    """Forwards every request to Consul and records (path, query) of each. `slow`: path -> seconds
+    a read of it waits first. `hold` set: the summary long-poll's next answer waits until `release`
+    (`held` says it does), then is asked again, so that it covers every write made meanwhile."""
 
     def __init__(self, upstream: str):
         self.requests: list[tuple[str, dict]] = []
+        self.slow: dict[str, float] = {}
+        self.hold, self.held, self.release = threading.Event(), threading.Event(), threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -32,13 +38,13 @@ class RecordingProxy:
             def do_GET(self):
                 url = urllib.parse.urlsplit(self.path)
                 proxy.requests.append((url.path, urllib.parse.parse_qs(url.query, keep_blank_values=True)))
-                req = urllib.request.Request(upstream + self.path, headers={
-                    k: v for k, v in self.headers.items() if k.lower() == "x-consul-token"})
-                try:
-                    with urllib.request.urlopen(req, timeout=60) as r:
-                        status, headers, body = r.status, r.headers, r.read()
-                except urllib.error.HTTPError as e:
-                    status, headers, body = e.code, e.headers, e.read()
+                time.sleep(proxy.slow.get(url.path, 0.0))
+                status, headers, body = self.forward()
+                if url.path == "/v1/internal/ui/services" and "index" in url.query and proxy.hold.is_set():
+                    proxy.hold.clear()
+                    proxy.held.set()
+                    proxy.release.wait(30)
+                    status, headers, body = self.forward()
                 self.send_response(status)
                 for k, v in headers.items():
                     if k.lower().startswith("x-consul") or k.lower() == "content-type":
@@ -46,6 +52,15 @@ class RecordingProxy:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def forward(self):
+                req = urllib.request.Request(upstream + self.path, headers={
+                    k: v for k, v in self.headers.items() if k.lower() == "x-consul-token"})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as r:
+                        return r.status, r.headers, r.read()
+                except urllib.error.HTTPError as e:
+                    return e.code, e.headers, e.read()
 
             def log_message(self, *args):
                 pass
@@ -97,6 +112,39 @@ def test_reads_carry_the_consistency_mode(consul, proxy, extra, mode):
     finally:
         edge.stop()
         backend.close()
+
+
+def test_a_slow_sweep_holds_back_no_new_vhost(consul, proxy):
+    """docs/performance.md section 11: one answer covering two writes (an instance re-registered
+    in place, a new vhost) gets a verification; its read of every service takes 5 s here. A
+    vhost registered while it reads is routed at once, not after it; what it finds follows."""
+    moved, new0, new1 = Backend("moved"), Backend("nv0"), Backend("nv1")
+    first = Backend("first")
+    edge = EdgeProcess(proxy.url, domains=(DOMAIN,), spares=4).start()
+    try:
+        register(consul, "inplace", "inplace-1", first)
+        answers(edge, f"inplace-80.{DOMAIN}", {"first"})
+        proxy.slow["/v1/internal/ui/nodes"] = 5.0          # every sweep's read from now on
+        proxy.hold.set()
+        register(consul, "inplace", "inplace-1", moved)     # in place: the summary shows nothing
+        register(consul, "nv0", "nv0-1", new0)
+        wait_until(lambda: consul.api("GET", "/v1/catalog/service/nv0") and
+                   consul.api("GET", "/v1/catalog/service/inplace")[0]["ServicePort"] == moved.port, 10,
+                   what="both writes in the catalog")
+        wait_until(proxy.held.is_set, 10, what="the long-poll's answer held")
+        proxy.release.set()                                 # one answer covering both writes
+        answers(edge, f"nv0-80.{DOMAIN}", {"nv0"})
+        register(consul, "nv1", "nv1-1", new1)
+        t0 = time.monotonic()
+        answers(edge, f"nv1-80.{DOMAIN}", {"nv1"}, timeout=20)
+        took = time.monotonic() - t0
+        assert took < 2.5, f"nv1 routed {took:.1f} s after its registration\n{edge.log()[-3000:]}"
+        answers(edge, f"inplace-80.{DOMAIN}", {"moved"}, timeout=20)       # what the sweep found
+        assert "sweep (verify) read every service" in edge.log()
+    finally:
+        edge.stop()
+        for b in (first, moved, new0, new1):
+            b.close()
 
 
 def test_the_edge_serves_its_own_metrics_on_the_admin_listener(consul):

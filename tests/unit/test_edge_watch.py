@@ -20,7 +20,9 @@ from edge.consul.watch import (
     Backoff,
     Changes,
     ConsulWatcher,
+    Stats,
     Update,
+    reset_by,
 )
 from edge.routing.model import Instance
 from haproxy_consul.consul_api import Answer, ConsulRefused, ConsulSettings, ConsulUnavailable, parse_address
@@ -141,13 +143,17 @@ def make(api="internal", consul=None, **kwargs):
     w.http = w.reader.http = consul
     w.published = published
     w._last_polled = {}
+    w._spawn = lambda read: read()          # a sweep reads at once; its result waits in the inbox
     return w, consul
 
 
 def round_(w):
     """One round, as the pollers would have posted now: every long-poll whose index moved (a
-    long-poll read through the watcher's reader, from the index it last answered)."""
-    updates = {}
+    long-poll read through the watcher's reader, from the index it last answered), with whatever
+    else is in the inbox; then the round of a sweep's read, if one came back (`make` has them
+    read at once, in the loop's thread). Requests recorded: those of the rounds, not the polls."""
+    with w._lock:
+        updates, w._inbox = w._inbox, {}
     for name, path, params, parse, raw in w.poller_specs():
         last = w._last_polled.get(name, 0)
         answer = w.reader.read(path, params, index=last, wait=1.0, raw=raw)
@@ -156,7 +162,10 @@ def round_(w):
                                    seen_at=time.monotonic())
             w._last_polled[name] = answer.index
     w.http.requests.clear()
-    return w._round(updates)
+    done = w._round(updates)
+    with w._lock:
+        swept, w._inbox = w._inbox, {}
+    return w._round(swept) if done and swept else done
 
 
 def synced(api="internal", **kwargs):
@@ -205,10 +214,12 @@ def test_cold_sync_is_one_dump_not_one_request_per_service(api):
     (lambda c: c.node("n2", "10.0.0.2", meta={"rack": "b"}), [], 0, None),
     # a node's new address matters to instances without their own: those services only
     (lambda c: c.node("n2", "10.0.0.9"), ["web"], 0, None),
-    # a new service: that one only
-    (lambda c: c.register("n2", "db-1", "db", 5432), ["db"], 0, {"web": [8001, 8002], "api": [9001], "db": [5432]}),
+    # a new service: that one only (public mode: the services index moved by 2, over the check
+    # write before it too, and a window of two writes gets a verification, the first one at once)
+    (lambda c: c.register("n2", "db-1", "db", 5432), ["db"], {"internal": 0, "public": 1},
+     {"web": [8001, 8002], "api": [9001], "db": [5432]}),
     # an instance re-registered in place: nothing attributes it, so a sweep finds it
-    (lambda c: c.register("n1", "api-1", "api", 9999), [], 1, {"web": [8001, 8002], "api": [9999]}),
+    (lambda c: c.register("n1", "api-1", "api", 9999), ["api"], 1, {"web": [8001, 8002], "api": [9999]}),
 ])
 def test_what_each_kind_of_write_costs(api, write, fetches, refreshes, expected):
     w, consul = synced(api)
@@ -216,7 +227,7 @@ def test_what_each_kind_of_write_costs(api, write, fetches, refreshes, expected)
     write(consul)
     assert round_(w)
     assert fetched(consul) == fetches
-    assert w.stats.full_refreshes == refreshes
+    assert w.stats.full_refreshes == (refreshes if isinstance(refreshes, int) else refreshes[api])
     if expected is None and not fetches:
         assert len(w.published) == before, "nothing routable changed: nothing published"
     elif expected is not None:
@@ -294,12 +305,114 @@ def test_two_writes_in_one_answer_get_a_verification_sweep(api):
     w, consul = synced(api)
     consul.register("n1", "api-1", "api", 9999)            # in place: no summary shows it
     consul.register("n2", "db-1", "db", 5432)              # attributed
+    round_(w)                                              # the first verification is due at once
+    assert ports(w) == {"web": [8001, 8002], "api": [9999], "db": [5432]}
+    assert w.stats.full_refreshes == 1 and fetched(consul) == ["api", "db"]
+    consul.register("n1", "api-1", "api", 9998)            # the same again, at once:
+    consul.register("n2", "cache-1", "cache", 6379)
     round_(w)
-    assert ports(w)["db"] == [5432]
-    assert w._verify_due is not None
+    assert ports(w)["api"] == [9999] and w._verify_due is not None   # rate-limited
     w._verify_due = time.monotonic()                       # rate limit elapsed
     round_(w)
-    assert ports(w)["api"] == [9999] and w.stats.full_refreshes == 1
+    assert ports(w)["api"] == [9998] and w.stats.full_refreshes == 2
+
+
+def test_a_verification_does_not_hold_back_a_change_fetched_meanwhile():
+    """docs/performance.md section 11: one answer spanning two writes (a vhost removed and the next
+    registered back to back) makes a verification due; the next vhost registered while it reads
+    every service is published at once, not after it, and what the verification finds (an
+    instance re-registered in place in that answer) is fetched when its read is back."""
+    w, consul = synced("internal")
+    events = []
+    w.publish_to = lambda snapshot: (w.published.append(snapshot), events.append(("published", snapshot.services)))
+    real = consul.get
+
+    def get(path, params=(), wait=None, raw=False):
+        if path == UI_NODES:
+            events.append(("swept", {}))
+        return real(path, params, wait, raw)
+    consul.get = get
+    reads = []
+    w._spawn = reads.append                                 # the verification's read takes its time
+    consul.register("n1", "api-1", "api", 9999)             # in place: no summary shows it
+    consul.deregister("n2", "web-2")
+    consul.register("n2", "nv0", "nv0", 8100)               # attributed
+    round_(w)
+    assert w.stats.full_refreshes == 0 and ports(w)["nv0"] == [8100]
+    consul.register("n2", "nv1", "nv1", 8101)               # while the verification reads
+    round_(w)
+    first = next(i for i, (kind, services) in enumerate(events) if "nv1" in services)
+    assert [kind for kind, _ in events[:first]] == ["published"], "nv1 waited for a sweep"
+    reads.pop()()                                           # the verification's read is back
+    round_(w)
+    assert ports(w) == {"web": [8001], "api": [9999], "nv0": [8100], "nv1": [8101]}
+    assert w.stats.full_refreshes == 1 and fetched(consul) == ["api"]
+
+
+def test_a_write_nothing_attributes_while_a_sweep_reads_gets_another_sweep_after_it():
+    """The read under way may have been made before that write: another sweep reads after it."""
+    w, consul = synced("internal")
+    reads = []
+    w._spawn = reads.append
+    consul.register("n1", "api-1", "api", 9999)             # in place: a sweep starts reading
+    round_(w)
+    reads.pop()()                                           # it has read...
+    consul.register("n1", "web-1", "web", 8009)             # ...before this one, in place too
+    round_(w)
+    assert ports(w) == {"web": [8001, 8002], "api": [9999]} and len(reads) == 1
+    reads.pop()()
+    round_(w)
+    assert ports(w) == {"web": [8002, 8009], "api": [9999]} and w.stats.full_refreshes == 2
+
+
+def test_a_write_nothing_attributes_is_swept_once_though_answers_come_while_it_reads(caplog):
+    caplog.set_level(logging.INFO, "edge.watch")
+    w, consul = synced("internal")
+    reads = []
+    w._spawn = reads.append
+    consul.register("n1", "api-1", "api", 9999)             # in place: a sweep starts reading
+    round_(w)
+    consul.check("n1", "ttl-web-1", "passing", sid="web-1", output="ok 2")   # the ui index moves again
+    round_(w)
+    assert caplog.text.count("sweeping every service") == 1 and len(reads) == 1 and w._verify_due is None
+    reads.pop()()
+    round_(w)
+    assert ports(w)["api"] == [9999] and w.stats.full_refreshes == 1 and not reads
+
+
+def test_a_sweep_read_before_a_full_sync_is_not_used():
+    w, consul = synced("internal")
+    reads = []
+    w._spawn = reads.append
+    consul.register("n1", "api-1", "api", 9999)
+    round_(w)
+    w.publish(w.sync_once())                                # an outage, say: everything read again
+    reads.pop()()
+    before = len(w.published)
+    round_(w)
+    assert len(w.published) == before and w.stats.full_refreshes == 0 and ports(w)["api"] == [9999]
+
+
+@pytest.mark.parametrize("updates, outcome", [
+    ({}, False),
+    ({"services": Update({}, 12)}, False),
+    ({"services": Update({}, 3, reset=True)}, True),                      # went back at the leader too
+    ({"nodes": Update({}, 12), "checks": Update(error=ConsulUnavailable("refused"))}, ConsulUnavailable),
+])
+def test_what_the_pollers_answers_ask_for_before_anything_is_folded_in(updates, outcome):
+    """One rule for both readers (this watcher and the per-node one): a failure is raised, an
+    index that went back is a full sync, counted."""
+    stats, refreshes = Stats(), []
+
+    class Metrics:
+        def full_refresh(self, reason):
+            refreshes.append(reason)
+    if outcome is ConsulUnavailable:
+        with pytest.raises(ConsulUnavailable):
+            reset_by(updates, stats, Metrics())
+    else:
+        assert reset_by(updates, stats, Metrics()) is outcome
+        assert stats.full_refreshes == len(refreshes) == int(outcome) and refreshes in ([], ["index reset"])
 
 
 def test_index_going_back_asks_for_a_full_sync():
@@ -430,7 +543,8 @@ def test_a_sweep_from_a_server_that_fell_behind_reads_the_leader(api):
     consul.register("n2", "db-1", "db", 5432)
     round_(w)
     consul.lagging = older
-    w._sweep("verify", time.monotonic())
+    w._verify_due = time.monotonic()
+    round_(w)
     assert ports(w) == {"web": [8001, 8002], "api": [9001], "db": [5432]}
     assert w.stats.stale_retries >= 1 and not w.reader.trusted
 
