@@ -11,13 +11,22 @@ its service is exposed (its zero-config vhost, `vhost`) or a router sends traffi
 in `changed` differ, touching only their routes: the work per change does not grow with the
 number of services. Routers are resolved per match across all services (two claiming one
 match): a change to a service's routers resolves again only the matches it claims or claimed,
-and rebuilds only the routes whose routers moved. Pure: no I/O.
+and rebuilds only the routes whose routers moved.
+
+A table made by update_table or `with_routes` knows which of its routes may differ from the
+table it came from (`changed_since`; every other route is the very same object), and carries
+forward the indexes that one had built (routes by service, by spare, by exact host). So the
+stages after it (edge.routing.spares, edge.routing.dynamic, edge.routing.plan) look at the
+routes a change touched and not at the whole table: at 10,000 routes a change costs them
+about a millisecond, spent in copies of the indexes at C speed (bench/per_change.py). Pure: no I/O.
 """
 
 from __future__ import annotations
 
+import bisect
+import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -115,41 +124,161 @@ class RouteTable:
     claims: Mapping[tuple, tuple[Router, ...]] = field(default_factory=dict, compare=False, repr=False)
     resolved: Mapping[tuple, Resolution] = field(default_factory=dict, compare=False, repr=False)
     refused: Mapping[str, tuple[Problem, ...]] = field(default_factory=dict, compare=False, repr=False)
-    # Derived, never passed in (so `replace()` rebuilds them): routes by name, and the service →
-    # route names index `update_table` carries forward (built on first use otherwise).
-    _by_name: dict[str, Route] = field(default_factory=dict, init=False, compare=False, repr=False)
+    # Derived, never passed in (so `replace()` rebuilds them): routes by name, and the indexes of
+    # INDEXES (each built on first use, then carried forward by update_table and `with_routes`).
+    _by_name: dict[str, Route] | None = field(default=None, init=False, compare=False, repr=False)
     _by_service: dict[str, tuple[str, ...]] | None = field(default=None, init=False, compare=False, repr=False)
+    _by_spare: dict[int, tuple[str, ...]] | None = field(default=None, init=False, compare=False, repr=False)
+    _by_host: dict[str, tuple[str, ...]] | None = field(default=None, init=False, compare=False, repr=False)
+    # The tables this one was derived from (held weakly) and, for each, the names of the routes
+    # that may differ from it: `changed_since`.
+    _since: tuple[tuple[weakref.ref, frozenset[str]], ...] = field(default=(), init=False, compare=False,
+                                                                    repr=False)
 
-    def __post_init__(self):
-        object.__setattr__(self, "_by_name", {r.name: r for r in self.routes})
+    def _named(self) -> dict[str, Route]:
+        if self._by_name is None:
+            object.__setattr__(self, "_by_name", {r.name: r for r in self.routes})
+        return self._by_name
+
+    def _index(self, attr: str) -> dict:
+        index = getattr(self, attr)
+        if index is None:
+            index = _build_index(self.routes, INDEXES[attr])
+            object.__setattr__(self, attr, index)
+        return index
 
     def get(self, name: str) -> Route | None:
-        return self._by_name.get(name)
+        return self._named().get(name)
 
     def backend_of(self, name: str) -> str:
         """The HTTP backend serving route `name`: its own, or the spare it occupies."""
-        route = self._by_name.get(name)
+        route = self._named().get(name)
         return route.backend if route is not None else f"be_{name}"
 
     @property
     def by_name(self) -> Mapping[str, Route]:
-        """The routes by name, in the table's (sorted) order; read only."""
-        return MappingProxyType(self._by_name)
+        """The routes by name, in the table's (sorted) order; read only. Built per call: for
+        comparing whole tables (`get` looks one up)."""
+        return MappingProxyType({r.name: r for r in self.routes})
 
     def routes_of(self, service: str) -> tuple[str, ...]:
         """The names of the routes `service`'s instances are in (an index built on first use and
         carried forward by update_table, so a change costs the changed services, not the table)."""
-        if self._by_service is None:
-            index: dict[str, list[str]] = defaultdict(list)
-            for route in self.routes:
-                for s in route.services:
-                    index[s].append(route.name)
-            object.__setattr__(self, "_by_service", {s: tuple(n) for s, n in index.items()})
-        return self._by_service.get(service, ())
+        return self._index("_by_service").get(service, ())
+
+    def with_host(self, host: str) -> tuple[str, ...]:
+        """The names of the routes that have `host` among their exact hosts, in table order."""
+        return self._index("_by_host").get(host, ())
+
+    @property
+    def spares(self) -> dict[int, str]:
+        """Spare K → the route occupying it (edge.routing.spares); the last by name should two."""
+        return {k: names[-1] for k, names in self._index("_by_spare").items()}
 
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(r.name for r in self.routes)
+
+    def changed_since(self, other: RouteTable | None) -> frozenset[str] | None:
+        """The names of the routes that may differ from `other`'s, when this table was derived from
+        `other` (update_table, `with_routes`, in as many steps as SINCE keeps): every other name
+        has the very same Route object (or none) in both. None when not known: compare them all."""
+        if other is self:
+            return frozenset()
+        return next((names for base, names in self._since if base() is other), None)
+
+    def with_routes(self, routes: Iterable[Route] = (), removed: Iterable[str] = ()) -> RouteTable:
+        """This table with `routes` in (replacing those of the same name, new names in name order)
+        and the routes named in `removed` out; routers, readings and problems as they are. Costs
+        the routes changed, plus copies of the indexes at C speed."""
+        changes: dict[str, Route | None] = {r.name: r for r in routes} | dict.fromkeys(removed)
+        if not changes:
+            return self
+        return _derived(self, changes, _changed(self, changes), self.routers, self.problems, self.readings, self.claims,
+                        self.resolved, self.refused)
+
+
+SINCE = 4     # how many tables back `changed_since` knows (the control loop needs one: the live table)
+INDEXES: dict[str, Callable[[Route], Iterable]] = {
+    "_by_service": lambda r: r.services,
+    "_by_spare": lambda r: (r.spare,) if r.spare else (),
+    "_by_host": lambda r: r.hosts,
+}
+
+
+def _build_index(routes: Iterable[Route], keys: Callable[[Route], Iterable]) -> dict:
+    """Key → the names of the routes having it, in table order."""
+    index: dict = defaultdict(list)
+    for route in routes:
+        for key in dict.fromkeys(keys(route)):
+            index[key].append(route.name)
+    return {k: tuple(n) for k, n in index.items()}
+
+
+def _reindex(index: dict | None, changed: Iterable[str], before: Callable[[str], Route | None],
+             after: Callable[[str], Route | None], keys: Callable[[Route], Iterable]) -> dict | None:
+    """`index` (None: never built) with the routes named in `changed` moved from their keys in
+    the previous table (`before`) to those in the new one (`after`)."""
+    if index is None:
+        return None
+    index = dict(index)
+    for name in changed:
+        old, new = before(name), after(name)
+        if old is new:
+            continue
+        dropped = set(keys(old)) if old is not None else set()
+        gained = set(keys(new)) if new is not None else set()
+        for key in dropped - gained:
+            names = tuple(n for n in index[key] if n != name)
+            if names:
+                index[key] = names
+            else:
+                del index[key]
+        for key in gained - dropped:
+            index[key] = tuple(sorted((*index.get(key, ()), name)))
+    return index
+
+
+def _changed(previous: RouteTable, changes: Mapping[str, Route | None]) -> tuple[dict[str, Route], tuple[Route, ...]]:
+    """`previous`'s routes with `changes` made (None: removed): by name (for lookups, in no
+    particular order) and in name order. Copies at C speed, and a binary search per change."""
+    by_name = dict(previous._named())
+    routes = list(previous.routes)
+    for name, route in changes.items():
+        i = bisect.bisect_left(routes, name, key=_name)
+        there = i < len(routes) and routes[i].name == name
+        if route is None:
+            by_name.pop(name, None)
+            if there:
+                del routes[i]
+        elif there:
+            by_name[name] = routes[i] = route
+        else:
+            by_name[name] = route
+            routes.insert(i, route)
+    if len(routes) != len(by_name):      # `previous` was not in name order: sort it whole
+        routes = sorted(by_name.values(), key=_name)
+    return by_name, tuple(routes)
+
+
+def _name(route: Route) -> str:
+    return route.name
+
+
+def _derived(previous: RouteTable, changed: Mapping[str, Route | None],
+             made: tuple[dict[str, Route], tuple[Route, ...]], *fields) -> RouteTable:
+    """The table of the routes `made` (`_changed(previous, changed)`) and the other `fields`, which
+    differs from `previous` in the `changed` routes only: `previous`'s indexes and what it was
+    derived from are carried forward instead of being built again."""
+    by_name, routes = made
+    table = RouteTable(routes, *fields)
+    object.__setattr__(table, "_by_name", by_name)
+    for attr, keys in INDEXES.items():
+        object.__setattr__(table, attr, _reindex(getattr(previous, attr), changed, previous.get, by_name.get, keys))
+    names = frozenset(changed)
+    since = ((weakref.ref(previous), names),) + tuple((base, old | names) for base, old in previous._since)
+    object.__setattr__(table, "_since", since[:SINCE])
+    return table
 
 
 def _group(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], readings: Mapping[str, ServiceRouting],
@@ -286,52 +415,32 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
                 resolved.pop(match, None)
     affected = {name for s in changed for name in previous.routes_of(s)}
     new_members = _group(services, sorted(fresh), readings)
-    affected |= set(new_members) | (touched & set(previous._by_name))
+    affected |= set(new_members) | {name for name in touched if previous.get(name) is not None}
     contributors = {s for name in affected if (r := previous.get(name)) for s in r.services} - changed
     members = _group(services, sorted(contributors), readings, only=affected)
     for name, insts in new_members.items():
         members[name].extend(insts)
     hosts, tcp = _bindings(resolved, touched) if touched else ({}, set())
-    by_name = dict(previous._by_name)
+    routes: dict[str, Route | None] = {}
     for name in affected:
         old_route = previous.get(name)
         if not members.get(name):
-            by_name.pop(name, None)
+            routes[name] = None
         elif name in touched:
-            by_name[name] = _route(name, members[name], hosts.get(name, ()), old_route, min_slots, readings,
-                                   name in tcp)
+            routes[name] = _route(name, members[name], hosts.get(name, ()), old_route, min_slots, readings,
+                                  name in tcp)
         else:                         # its routers are as they were: so are its hosts and TCP backend
-            by_name[name] = _route(name, members[name], old_route.hosts if old_route else (), old_route, min_slots,
-                                   readings, old_route.tcp if old_route else False)
-    if by_name.keys() - previous._by_name.keys():
-        by_name = {n: by_name[n] for n in sorted(by_name)}
-    routes = tuple(by_name.values())  # sorted: a dict keeps the order of the keys it had (added ones sorted in)
+            routes[name] = _route(name, members[name], old_route.hosts if old_route else (), old_route, min_slots,
+                                  readings, old_route.tcp if old_route else False)
+    made = _changed(previous, routes)
     if not same:
-        table = _table(routes, readings, claims, resolved, refused)
+        table = _table(made[1], readings, claims, resolved, refused)
+        routers, problems = table.routers, table.problems
     else:
+        routers = previous.routers
         problems = tuple(p for p in previous.problems if p.subject not in changed)
         problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems + refused.get(s, ()))
-        table = RouteTable(routes, previous.routers, problems, readings, claims, resolved, refused)
-    object.__setattr__(table, "_by_service", _by_service(previous, by_name, affected))
-    return table
-
-
-def _by_service(previous: RouteTable, by_name: Mapping[str, Route],
-                affected: set[str]) -> dict[str, tuple[str, ...]] | None:
-    """The previous table's service → route names index with the `affected` routes updated (None
-    when the previous table never built one: the new table builds it on first use)."""
-    if previous._by_service is None:
-        return None
-    index = dict(previous._by_service)
-    services = {s for name in affected for r in (previous.get(name), by_name.get(name)) if r for s in r.services}
-    for s in services:
-        names = set(index.get(s, ())) - affected
-        names |= {name for name in affected if (r := by_name.get(name)) and s in r.services}
-        if names:
-            index[s] = tuple(sorted(names))
-        else:
-            index.pop(s, None)
-    return index
+    return _derived(previous, routes, made, routers, problems, readings, claims, resolved, refused)
 
 
 def place(servers: Mapping[tuple[str, str], Server], old: tuple[Server | None, ...],
