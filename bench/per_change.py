@@ -75,7 +75,7 @@ def step(live, services, changed, caps, metrics, refill) -> dict[str, float]:
     refill.due(table, 0.0)
     lap("refill")
     len(POOL.free(table)), len(POOL.free(live))
-    metrics.spares_taken({r.backend: r.name for r in table.routes if r.spare})
+    metrics.spares_taken({table.backend_of(name): name for name in table.spares.values()})
     metrics.change_applied("live", plan.reasons, 0.0, len(table.routes), lambda: 0)
     lap("metrics")
     assert not plan.reload, plan.reasons

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from edge.routing.routers import HTTP, SPLIT_PARTS, Router
 
 if TYPE_CHECKING:
-    from edge.routing.table import RouteTable
+    from edge.routing.table import Route, RouteTable
 
 BackendOf = Callable[[str], str]
 
@@ -144,13 +144,39 @@ def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
     return seen
 
 
-def host_maps(table: RouteTable, domains: tuple[str, ...]) -> dict[str, dict[str, str]]:
+def host_maps(table: RouteTable, domains: tuple[str, ...], routes: Iterable[Route] | None = None
+              ) -> dict[str, dict[str, str]]:
     """hosts.map (exact host → backend), routes.map (without domains: route → backend) and
     spares.map (a spare backend taken live → the route it serves: what the landing page and a
-    spare's 503 page name, since HAProxy reads both only at load)."""
-    routes = {} if domains else {r.name: r.backend for r in table.routes if r.vhost}
-    spares = {r.backend: r.name for r in table.routes if r.spare}
-    return {HOSTS_MAP: vhosts(table, domains), ROUTES_MAP: routes, SPARES_MAP: spares}
+    spare's 503 page name, since HAProxy reads both only at load). With `routes`, only the
+    entries those routes can have (their exact hosts and vhosts, their name, their spare), as
+    `table` has them, looked up in its indexes: all that differs between two tables that differ
+    in those routes only, at a cost that follows them and not the table."""
+    if routes is None:
+        names = {} if domains else {r.name: r.backend for r in table.routes if r.vhost}
+        spares = {r.backend: r.name for r in table.routes if r.spare}
+        return {HOSTS_MAP: vhosts(table, domains), ROUTES_MAP: names, SPARES_MAP: spares}
+    hosts, names, spares = set(), set(), set()
+    for route in routes:
+        hosts.update(route.hosts)
+        hosts.update(f"{route.name}.{domain}" for domain in domains)
+        names.add(route.name)
+        spares.add(route.spare)
+    on_spare = table.spares
+    return {HOSTS_MAP: {h: b for h in sorted(hosts) if (b := _vhost(table, h, domains)) is not None},
+            ROUTES_MAP: {} if domains else {n: r.backend for n in sorted(names) if (r := table.get(n)) and r.vhost},
+            SPARES_MAP: {table.backend_of(on_spare[k]): on_spare[k] for k in sorted(spares) if k in on_spare}}
+
+
+def _vhost(table: RouteTable, host: str, domains: tuple[str, ...]) -> str | None:
+    """The backend `vhosts(table, domains)` sends `host` to: the first route with it as an exact
+    host, else the route whose `<name>.<domain>` it is (route names hold no dot)."""
+    owners = table.with_host(host)
+    if owners:
+        return table.backend_of(owners[0])
+    name, _, domain = host.partition(".")
+    route = table.get(name)
+    return route.backend if route is not None and route.vhost and domain in domains else None
 
 
 def table_maps(table: RouteTable, domains: tuple[str, ...]) -> dict[str, dict[str, str]]:

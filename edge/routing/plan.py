@@ -30,7 +30,17 @@ from dataclasses import dataclass, replace
 
 from edge.haproxy.capabilities import Capabilities
 from edge.routing import dynamic, growth
-from edge.routing.maps import OPTIONAL_MAPS, access, host_maps, map_commands, mapped, router_maps, table_maps
+from edge.routing.maps import (
+    OPTIONAL_MAPS,
+    SWAPPED_MAPS,
+    access,
+    host_maps,
+    map_commands,
+    mapped,
+    router_maps,
+    swapped,
+    table_maps,
+)
 from edge.routing.routers import HTTP
 from edge.routing.spares import NO_POOL, SPARE_PREFIX, SparePool
 from edge.routing.table import Route, RouteTable, slot_name
@@ -65,8 +75,17 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     if live is None:
         return Plan(reasons=("initial sync",), changes=_all_servers(desired))
     reasons: list[str] = []
-    added = sorted(desired.by_name.keys() - live.by_name.keys())
-    removed = sorted(live.by_name.keys() - desired.by_name.keys())
+    # The routes that may differ: those `desired` says changed since `live` (update_table, the
+    # spares' and dynamic steps), so a change costs its routes, not the table; else every route.
+    names = desired.changed_since(live)
+    if names is None:
+        routes = desired.routes
+        added = sorted(desired.by_name.keys() - live.by_name.keys())
+        removed = sorted(live.by_name.keys() - desired.by_name.keys())
+    else:
+        routes = [r for n in sorted(names) if (r := desired.get(n)) is not None]
+        added = [r.name for r in routes if live.get(r.name) is None]
+        removed = [n for n in sorted(names) if desired.get(n) is None and live.get(n) is not None]
     own = [n for n in added if not desired.get(n).spare and not desired.get(n).dynamic]
     if own:
         exhausted = [n for n in own if pool.size and pool.fits(desired.get(n))]
@@ -82,11 +101,12 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     drain: list[str] = []      # removed routes' spares emptied: after their map entries are gone
     deletions: list[tuple[str, tuple[str, ...]]] = []
     changes: list[str] = []
-    unchanged = set(map(id, live.routes))   # update_table reuses the objects of untouched routes
+    # update_table reuses the objects of untouched routes
+    unchanged = set(map(id, live.routes)) if names is None else {id(live.get(n)) for n in names}
     # A route that takes or leaves a backend at runtime (a spare, its own retired one) moves map
     # entries, whether or not it has a healthy instance (then `fill` or `drain` is empty).
     remap = False
-    for route in desired.routes:
+    for route in routes:
         if id(route) in unchanged:
             continue
         old = live.get(route.name)
@@ -150,8 +170,14 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     live_maps: dict[str, dict[str, str]] = {}
     desired_maps: dict[str, dict[str, str]] = {}
     if remap:
-        live_maps.update(host_maps(live, domains))
-        desired_maps.update(host_maps(desired, domains))
+        scope = None if names is None else [r for n in names for r in (live.get(n), desired.get(n)) if r is not None]
+        live_maps.update(host_maps(live, domains, scope))
+        desired_maps.update(host_maps(desired, domains, scope))
+        if scope is not None and caps.atomic_maps and any(swapped(live_maps[m], desired_maps[m])
+                                                          for m in SWAPPED_MAPS if m in live_maps):
+            # a map swap sends the whole map (edge.routing.maps `swapped`): then every entry counts
+            live_maps.update(host_maps(live, domains))
+            desired_maps.update(host_maps(desired, domains))
     if live.routers is not desired.routers or remap:
         reasons.extend(_stream_reasons(live, desired))
         router_changes, reason = _router_changes(live, desired)
