@@ -168,6 +168,24 @@ def host_maps(table: RouteTable, domains: tuple[str, ...], routes: Iterable[Rout
             SPARES_MAP: {table.backend_of(on_spare[k]): on_spare[k] for k in sorted(spares) if k in on_spare}}
 
 
+def host_map_sizes(table: RouteTable, domains: tuple[str, ...]) -> dict[str, int]:
+    """How many entries each of `host_maps(table, domains)` holds (kept with the table)."""
+    return table.derived((HOSTS_MAP, domains), lambda: {m: len(e) for m, e in host_maps(table, domains).items()})
+
+
+def changed_host_maps(live: RouteTable, desired: RouteTable, domains: tuple[str, ...], routes: Iterable[Route]
+                      ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]], dict[str, int]]:
+    """The host maps' entries `routes` can have, in `live` and in `desired` (`host_maps`): all
+    that differs when the two tables differ in those routes only; and the sizes of `desired`'s
+    whole maps, `live`'s plus the difference, kept with `desired` (the next change's live table)
+    so that no change counts the whole maps again."""
+    routes = list(routes)
+    old, new = host_maps(live, domains, routes), host_maps(desired, domains, routes)
+    sizes = {m: n + len(new[m]) - len(old[m]) for m, n in host_map_sizes(live, domains).items()}
+    desired.keep((HOSTS_MAP, domains), sizes)
+    return old, new, sizes
+
+
 def _vhost(table: RouteTable, host: str, domains: tuple[str, ...]) -> str | None:
     """The backend `vhosts(table, domains)` sends `host` to: the first route with it as an exact
     host, else the route whose `<name>.<domain>` it is (route names hold no dot)."""
@@ -206,7 +224,7 @@ SWAP_SHARE = 5
 NEXT_VERSION = "@next"     # the version `prepare map` answers; the HAProxy shell fills it in
 
 
-def swapped(old: Mapping[str, str], new: Mapping[str, str]) -> bool:
+def swapped(old: Mapping[str, str], new: Mapping[str, str], size: int | None = None) -> bool:
     """Whether the change from `old` to `new` goes in one atomic swap (`prepare map`, the new
     version's entries, `commit map @VER`: HAProxy ≥ 2.4) rather than entry by entry (`add`,
     `set`, `del map`), so requests see the map before or after the change, never half-way.
@@ -218,9 +236,11 @@ def swapped(old: Mapping[str, str], new: Mapping[str, str]) -> bool:
     ~1 ms), a two-entry plain change 0.2–2 ms whatever the size, and a plain command ~27 µs an
     entry in a `;` batch. So a swap of a 10,000-entry host map would take a new vhost far past
     its 15 ms budget: past 500 entries (~3 ms) only a change of a fifth of the map or more,
-    which plain commands would take as long to make, is swapped."""
+    which plain commands would take as long to make, is swapped. `size`: how many entries the
+    new map holds when `old` and `new` are only the entries that differ (`changed_host_maps`)."""
     changed = sum(1 for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    return changed >= 2 and (len(new) <= SWAP_MAX_ENTRIES or changed * SWAP_SHARE >= len(new))
+    size = len(new) if size is None else size
+    return changed >= 2 and (size <= SWAP_MAX_ENTRIES or changed * SWAP_SHARE >= size)
 
 
 def swap_commands(name: str, entries: Mapping[str, str]) -> list[str]:
@@ -229,15 +249,17 @@ def swap_commands(name: str, entries: Mapping[str, str]) -> list[str]:
 
 
 def map_commands(live: Mapping[str, Mapping[str, str]], desired: Mapping[str, Mapping[str, str]],
-                 atomic: bool = False) -> list[str]:
+                 atomic: bool = False, sizes: Mapping[str, int] | None = None) -> list[str]:
     """Runtime commands from the live maps to the desired ones. A router's backend, strip and
     redirect are in place before a path key points at it, and a path key is gone before what it
     pointed at goes. With `atomic` (the HAProxy has `prepare map`), a map of SWAPPED_MAPS whose
     change is `swapped` is swapped whole where its additions would go: after the maps its keys
-    point into gained their entries, before they lose any."""
+    point into gained their entries, before they lose any. `sizes`: the whole desired maps' sizes
+    of those given only in the entries that may differ (`changed_host_maps`; the caller gives the
+    whole map instead when it is to be swapped)."""
     adds, dels = [], []
     whole = {name for name in SWAPPED_MAPS
-             if atomic and swapped(live.get(name, {}), desired.get(name, {}))}
+             if atomic and swapped(live.get(name, {}), desired.get(name, {}), (sizes or {}).get(name))}
     for name in (SPARES_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP, PATHS_MAP,
                  EXACT_MAP, HOSTS_MAP, ROUTES_MAP):
         old, new = live.get(name, {}), desired.get(name, {})

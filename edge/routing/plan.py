@@ -34,6 +34,7 @@ from edge.routing.maps import (
     OPTIONAL_MAPS,
     SWAPPED_MAPS,
     access,
+    changed_host_maps,
     host_maps,
     map_commands,
     mapped,
@@ -169,15 +170,21 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
             remap = True
     live_maps: dict[str, dict[str, str]] = {}
     desired_maps: dict[str, dict[str, str]] = {}
-    if remap:
-        scope = None if names is None else [r for n in names for r in (live.get(n), desired.get(n)) if r is not None]
-        live_maps.update(host_maps(live, domains, scope))
-        desired_maps.update(host_maps(desired, domains, scope))
-        if scope is not None and caps.atomic_maps and any(swapped(live_maps[m], desired_maps[m])
-                                                          for m in SWAPPED_MAPS if m in live_maps):
-            # a map swap sends the whole map (edge.routing.maps `swapped`): then every entry counts
-            live_maps.update(host_maps(live, domains))
-            desired_maps.update(host_maps(desired, domains))
+    sizes: dict[str, int] | None = None   # the host maps' sizes, when only their changed entries are at hand
+    if names is not None:
+        # The entries of the changed routes only; the maps' sizes (kept with the tables) say
+        # whether a change is swapped, and a swap sends the whole map.
+        old_hosts, new_hosts, sizes = changed_host_maps(
+            live, desired, domains, (r for n in names for r in (live.get(n), desired.get(n)) if r is not None))
+        if remap and caps.atomic_maps and any(swapped(old_hosts[m], new_hosts[m], sizes[m])
+                                              for m in SWAPPED_MAPS if m in sizes):
+            sizes = None
+        elif remap:
+            live_maps.update(old_hosts)
+            desired_maps.update(new_hosts)
+    if remap and sizes is None:
+        live_maps.update(host_maps(live, domains))
+        desired_maps.update(host_maps(desired, domains))
     if live.routers is not desired.routers or remap:
         reasons.extend(_stream_reasons(live, desired))
         router_changes, reason = _router_changes(live, desired)
@@ -187,7 +194,8 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
         desired_maps.update(router_maps(desired.routers, desired.backend_of))
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
-    return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps, caps.atomic_maps) + drain),
+    return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps, caps.atomic_maps, sizes)
+                               + drain),
                 changes=tuple(changes), deletions=tuple(deletions))
 
 

@@ -26,15 +26,17 @@ from __future__ import annotations
 import bisect
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import TypeVar
 
 from edge.routing.grammars import DEFAULT, ServiceRouting, read_service
 from edge.routing.model import Instance, Problem, route_name
 from edge.routing.routers import SNI, TCP, BackendOptions, Router, resolve
 
 MIN_SLOTS = 4
+T = TypeVar("T")
 
 
 def slot_name(index: int) -> str:
@@ -134,6 +136,7 @@ class RouteTable:
     # that may differ from it: `changed_since`.
     _since: tuple[tuple[weakref.ref, frozenset[str]], ...] = field(default=(), init=False, compare=False,
                                                                     repr=False)
+    _kept: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # `derived`
 
     def _named(self) -> dict[str, Route]:
         if self._by_name is None:
@@ -174,6 +177,18 @@ class RouteTable:
     def spares(self) -> dict[int, str]:
         """Spare K → the route occupying it (edge.routing.spares); the last by name should two."""
         return {k: names[-1] for k, names in self._index("_by_spare").items()}
+
+    def derived(self, key: Hashable, make: Callable[[], T]) -> T:
+        """The value `make` computes from this table, computed once and kept with it (the table is
+        frozen: it never goes stale); `key` names it. Another stage may `keep` it for a table it
+        derived at less cost."""
+        if key not in self._kept:
+            self._kept[key] = make()
+        return self._kept[key]
+
+    def keep(self, key: Hashable, value: object) -> None:
+        """What `derived(key, …)` of this table gives, computed by the caller from another table's."""
+        self._kept[key] = value
 
     @property
     def names(self) -> tuple[str, ...]:

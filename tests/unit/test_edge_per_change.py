@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import gc
 from dataclasses import replace
+from unittest.mock import patch
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.haproxy.capabilities import Capabilities
+from edge.routing import maps
 from edge.routing.dynamic import forget, mark
-from edge.routing.maps import host_maps
+from edge.routing.maps import host_map_sizes, host_maps
 from edge.routing.plan import make_plan
 from edge.routing.spares import SparePool, assign, retire
 from edge.routing.table import Route, RouteTable, TagRules, build_table, update_table
@@ -61,8 +64,14 @@ def indexes(table: RouteTable):
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.lists(instance_st, max_size=8), min_size=2, max_size=5), st.integers(0, 3),
-       st.sampled_from(RELEASES), st.sampled_from([(), ("t.example",), ("t.example", "u.example")]))
-def test_every_stage_on_what_changed_equals_the_full_computation(steps, spares, caps, domains):
+       st.sampled_from(RELEASES), st.sampled_from([(), ("t.example",), ("t.example", "u.example")]),
+       st.sampled_from([0, 4, maps.SWAP_MAX_ENTRIES]))
+def test_every_stage_on_what_changed_equals_the_full_computation(steps, spares, caps, domains, swap_max):
+    with patch.object(maps, "SWAP_MAX_ENTRIES", swap_max):   # small maps swapped or not, as large ones
+        changes(steps, spares, caps, domains)
+
+
+def changes(steps, spares, caps, domains):
     pool = SparePool(spares, 2)
     services = as_services(steps[0])
     live = build_table(services, None, 2, RULES)
@@ -80,10 +89,28 @@ def test_every_stage_on_what_changed_equals_the_full_computation(steps, spares, 
         scope = [r for n in table.changed_since(live) for r in (live.get(n), table.get(n)) if r is not None]
         keys = {"hosts.map": {h for r in scope for h in (*r.hosts, *(f"{r.name}.{d}" for d in domains))},
                 "routes.map": {r.name for r in scope}, "spares.map": {f"be_spare_{r.spare}" for r in scope}}
+        # the host maps' sizes make_plan kept with the table are those of its whole maps
+        assert host_map_sizes(table, domains) == {m: len(e) for m, e in host_maps(replace(table), domains).items()}
         for t in (live, table):
             assert host_maps(t, domains, scope) == {m: {k: v for k, v in entries.items() if k in keys[m]}
                                                     for m, entries in host_maps(t, domains).items()}
         live, services = table, new
+
+
+@pytest.mark.parametrize("domains, tags, swapped", [
+    (("t.example",), ("edge.host=new.example.org",), False),      # 2 entries of 601: plain commands
+    (("t.example", "u.example"), (), False),
+    (("t.example",), tuple(f"edge.host=h{i}.example.org" for i in range(160)), True),   # a fifth or more: swapped
+])
+def test_a_new_vhost_in_a_large_host_map_is_planned_as_with_the_whole_maps(domains, tags, swapped):
+    services = {f"s{i:03}": (inst("a", service=f"s{i:03}"),) for i in range(600)}
+    live = build_table(services)
+    new = {**services, "new": (inst("a", service="new", tags=tags),)}
+    pool, caps = SparePool(4, 4), RELEASES[1]
+    desired = assign(live, retire(live, update_table(live, new, {"new"}), pool), pool)
+    plan = make_plan(live, desired, domains, pool, caps)
+    assert plan == make_plan(live, replace(desired), domains, pool, caps) and not plan.reload
+    assert ("prepare map hosts.map" in plan.commands) == swapped
 
 
 def test_changed_since_knows_only_the_tables_it_came_from():
@@ -128,6 +155,7 @@ def test_a_change_reads_no_route_it_did_not_touch():
     live = RouteTable(tuple(Counted(**{f: getattr(r, f) for f in Route.__dataclass_fields__}) for r in built.routes),
                       built.routers, built.problems, built.readings, built.claims, built.resolved, built.refused)
     live.get(""), live.routes_of(""), live.spares, live.with_host("")   # the indexes, built once (then carried)
+    host_map_sizes(live, ("t.example",))
     pool, caps = SparePool(4, 4), RELEASES[2]
     removed = {k: v for k, v in services.items() if k != "s009"}
     for new, changed in (({**services, "s007": (inst("b", service="s007"),)}, {"s007"}),
