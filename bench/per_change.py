@@ -7,7 +7,8 @@ metrics the loop records after a live change (`change_applied`, the spares taken
 spares before and after). Each change is applied to the same live table, timed per stage, and the
 p50 of the repetitions printed in ms. The changes: an instance of one service moved to another
 port (instance churn), a new service (a new vhost, onto a spare or, with 3.4's capabilities, its
-own backend added live) and a removed one (a vhost gone).
+own backend added live; also with an exact host from an `edge.host` tag, a router) and a removed
+one (a vhost gone).
 
     nice -n 15 /work/main/.venv/bin/python -m bench.per_change [--services 10000] [--repeat 30]
 """
@@ -43,14 +44,16 @@ def instances(service: str, n: int = 3, port: int = 8000) -> tuple[Instance, ...
 
 def changes(services: dict, n: int) -> dict[str, tuple[dict, set[str]]]:
     """The new services and the changed names, per kind of change."""
-    moved = dict(services)
-    moved["svc-5000"] = (replace(services["svc-5000"][0], port=9999),) + services["svc-5000"][1:]
+    moved, churned = dict(services), f"svc-{n // 2}"
+    moved[churned] = (replace(services[churned][0], port=9999),) + services[churned][1:]
     added = dict(services)
     added["new-svc"] = instances("new-svc")
+    hosted = dict(services)
+    hosted["new-svc"] = tuple(replace(i, tags=("edge.host=new.example.org",)) for i in instances("new-svc"))
     removed = dict(services)
     del removed[f"svc-{n // 2 + 1}"]
-    return {"instance moved": (moved, {"svc-5000"}), "new vhost": (added, {"new-svc"}),
-            "removed vhost": (removed, {f"svc-{n // 2 + 1}"})}
+    return {"instance moved": (moved, {churned}), "new vhost": (added, {"new-svc"}),
+            "new vhost+host": (hosted, {"new-svc"}), "removed vhost": (removed, {f"svc-{n // 2 + 1}"})}
 
 
 def step(live, services, changed, caps, metrics, refill) -> dict[str, float]:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -411,6 +411,7 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
     same = all(_same_routing(previous.readings.get(s), fresh.get(s)) for s in changed)
     claims, resolved, refused = previous.claims, previous.resolved, previous.refused
     touched: set[str] = set()         # backends whose routers changed
+    rematched: set[tuple] = set()     # matches resolved again
     if not same:                      # re-resolve only the matches the changed services' routers claim(ed)
         old = [r for s in changed if (rd := previous.readings.get(s)) for r in rd.routers]
         new, new_refused = _listenable((r for s in sorted(fresh) for r in fresh[s].routers), rules)
@@ -420,7 +421,8 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
             claims[router.match] = tuple(r for r in claims.get(router.match, ()) if r != router)
         for router in new:
             claims[router.match] = claims.get(router.match, ()) + (router,)
-        for match in {r.match for r in old} | {r.match for r in new}:
+        rematched = {r.match for r in old} | {r.match for r in new}
+        for match in rematched:
             touched |= {r.backend for r in resolved.get(match, ((), ()))[0]}
             if claims[match]:
                 resolved[match] = resolve(claims[match])
@@ -447,15 +449,48 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
         else:                         # its routers are as they were: so are its hosts and TCP backend
             routes[name] = _route(name, members[name], old_route.hosts if old_route else (), old_route, min_slots,
                                   readings, old_route.tcp if old_route else False)
-    made = _changed(previous, routes)
     if not same:
-        table = _table(made[1], readings, claims, resolved, refused)
-        routers, problems = table.routers, table.problems
+        routers = _rerouted(previous.routers, resolved, rematched)
+        # what the changed services and the matches resolved again said before, said afresh below
+        stale = [p for s in changed if (rd := previous.readings.get(s)) for p in rd.problems]
+        stale += [p for s in changed for p in previous.refused.get(s, ())]
+        stale += [p for m in rematched for p in previous.resolved.get(m, ((), ()))[1]]
+        problems = _without(previous.problems, stale)
+        problems += tuple(p for m in sorted(rematched) if m in resolved for p in resolved[m][1])
     else:
         routers = previous.routers
         problems = tuple(p for p in previous.problems if p.subject not in changed)
-        problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems + refused.get(s, ()))
-    return _derived(previous, routes, made, routers, problems, readings, claims, resolved, refused)
+    problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems + refused.get(s, ()))
+    return _derived(previous, routes, _changed(previous, routes), routers, problems, readings, claims, resolved,
+                    refused)
+
+
+def _rerouted(routers: tuple[Router, ...], resolved: Mapping[tuple, Resolution], matches: set[tuple]
+              ) -> tuple[Router, ...]:
+    """`routers` (in match order, as `_table` lists them) with those of `matches` as `resolved`
+    has them now: a binary search per match, not a walk through every router."""
+    out = list(routers)
+    for match in sorted(matches):
+        low = bisect.bisect_left(out, match, key=_match)
+        high = bisect.bisect_right(out, match, key=_match, lo=low)
+        out[low:high] = resolved.get(match, ((), ()))[0]
+    return tuple(out)
+
+
+def _match(router: Router) -> tuple:
+    return router.match
+
+
+def _without(problems: tuple[Problem, ...], stale: Iterable[Problem]) -> tuple[Problem, ...]:
+    """`problems` less one of each of `stale` (they are listed once per source)."""
+    left = Counter(stale)
+    out = []
+    for problem in problems:
+        if left[problem]:
+            left[problem] -= 1
+        else:
+            out.append(problem)
+    return tuple(out)
 
 
 def place(servers: Mapping[tuple[str, str], Server], old: tuple[Server | None, ...],
