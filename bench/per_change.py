@@ -10,7 +10,7 @@ port (instance churn), a new service (a new vhost, onto a spare or, with 3.4's c
 own backend added live; also with an exact host from an `edge.host` tag, a router) and a removed
 one (a vhost gone).
 
-    nice -n 15 /work/main/.venv/bin/python -m bench.per_change [--services 10000] [--repeat 30]
+    nice -n 15 /work/main/.venv/bin/python -m bench.per_change [--services 10000] [--repeat 30] [--routers]
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ CAPS = {"2.6": Capabilities("2.6.12", (2, 6), MAPS),
 STAGES = ("update_table", "retire", "mark", "assign", "make_plan", "refill", "metrics", "total")
 
 
-def instances(service: str, n: int = 3, port: int = 8000) -> tuple[Instance, ...]:
+def instances(service: str, n: int = 3, port: int = 8000, routers: bool = False) -> tuple[Instance, ...]:
+    """`n` healthy instances; with `routers`, tagged with an exact host and a path router of their own."""
+    tags = (f"edge.host={service}.example.org", f"edge.route={service}.example.org/api strip") if routers else ()
     return tuple(Instance(service=service, node=f"n{i}", service_id=f"{service}-{i}", address=f"10.0.{i}.1",
-                          port=port + i, container_port=80, healthy=True) for i in range(n))
+                          port=port + i, container_port=80, healthy=True, tags=tags) for i in range(n))
 
 
 def changes(services: dict, n: int) -> dict[str, tuple[dict, set[str]]]:
@@ -90,16 +92,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--routers", action="store_true", help="every service with an exact host and a path router")
     args = parser.parse_args()
-    services = {f"svc-{i}": instances(f"svc-{i}") for i in range(1, args.services + 1)}
+    services = {f"svc-{i}": instances(f"svc-{i}", routers=args.routers) for i in range(1, args.services + 1)}
     t0 = time.perf_counter()
     base = build_table(services)
-    print(f"{args.services} services, {len(base.routes)} routes, pool {POOL.size}; table built in "
+    print(f"{args.services} services, {len(base.routes)} routes, {len(base.routers)} routers, pool {POOL.size}; "
+          f"table built in "
           f"{time.perf_counter() - t0:.1f} s; p50 of {args.repeat} runs, ms")
     # A live table as after a few changes: some spares taken, so the stages have a pool to look at.
     live = base
     for i in range(4):
-        grown = dict(services) | {f"old-{i}": instances(f"old-{i}")}
+        grown = dict(services) | {f"old-{i}": instances(f"old-{i}", routers=args.routers)}
         desired = assign(live, retire(live, update_table(live, grown, {f"old-{i}"}), POOL), POOL)
         live, services = desired, grown
     refill = Refill(POOL, clock=lambda: 1e9)

@@ -53,6 +53,8 @@ HOST_HEADERS_MAP = "host_headers.map"
 HOSTS_MAP = "hosts.map"
 ROUTES_MAP = "routes.map"
 SPARES_MAP = "spares.map"
+HOST_MAPS = (HOSTS_MAP, ROUTES_MAP, SPARES_MAP)
+MAPPED = "mapped"     # in `map_sizes`: how many matches need the router maps
 OPTIONAL_MAPS = (SPARES_MAP,)   # read by the templates' pages only: a template of one's own may not load it
 ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP)
 
@@ -168,22 +170,31 @@ def host_maps(table: RouteTable, domains: tuple[str, ...], routes: Iterable[Rout
             SPARES_MAP: {table.backend_of(on_spare[k]): on_spare[k] for k in sorted(spares) if k in on_spare}}
 
 
-def host_map_sizes(table: RouteTable, domains: tuple[str, ...]) -> dict[str, int]:
-    """How many entries each of `host_maps(table, domains)` holds (kept with the table)."""
-    return table.derived((HOSTS_MAP, domains), lambda: {m: len(e) for m, e in host_maps(table, domains).items()})
+def map_sizes(table: RouteTable, domains: tuple[str, ...]) -> dict[str, int]:
+    """How many entries each map the plan changes (the host maps, the router maps) holds for
+    `table`, and how many matches need the router maps (MAPPED); kept with the table."""
+    def count() -> dict[str, int]:
+        maps = host_maps(table, domains) | router_maps(table.routers, table.backend_of)
+        return {m: len(entries) for m, entries in maps.items()} | {MAPPED: len(mapped(table.routers))}
+    return table.derived(("map sizes", domains), count)
 
 
-def changed_host_maps(live: RouteTable, desired: RouteTable, domains: tuple[str, ...], routes: Iterable[Route]
-                      ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]], dict[str, int]]:
-    """The host maps' entries `routes` can have, in `live` and in `desired` (`host_maps`): all
-    that differs when the two tables differ in those routes only; and the sizes of `desired`'s
-    whole maps, `live`'s plus the difference, kept with `desired` (the next change's live table)
-    so that no change counts the whole maps again."""
+def changed_maps(live: RouteTable, desired: RouteTable, domains: tuple[str, ...], routes: Iterable[Route],
+                 old_routers: list[Router], new_routers: list[Router]
+                 ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]], dict[str, int], dict[str, int]]:
+    """The map entries `routes` can have (`host_maps`) and those of the routers of some matches
+    (`live`'s `old_routers`, `desired`'s `new_routers`), in `live` and in `desired`: all that
+    differs when the two tables differ in those only. And the sizes of `live`'s maps and of
+    `desired`'s (`map_sizes`), the latter `live`'s plus the difference, kept with `desired` (the
+    next change's live table) so that no change counts the whole maps again."""
     routes = list(routes)
-    old, new = host_maps(live, domains, routes), host_maps(desired, domains, routes)
-    sizes = {m: n + len(new[m]) - len(old[m]) for m, n in host_map_sizes(live, domains).items()}
-    desired.keep((HOSTS_MAP, domains), sizes)
-    return old, new, sizes
+    old = host_maps(live, domains, routes) | router_maps(old_routers, live.backend_of)
+    new = host_maps(desired, domains, routes) | router_maps(new_routers, desired.backend_of)
+    before = map_sizes(live, domains)
+    after = {m: before[m] + len(new[m]) - len(old[m]) for m in old}
+    after[MAPPED] = before[MAPPED] - len(mapped(old_routers)) + len(mapped(new_routers))
+    desired.keep(("map sizes", domains), after)
+    return old, new, before, after
 
 
 def _vhost(table: RouteTable, host: str, domains: tuple[str, ...]) -> str | None:
@@ -237,7 +248,7 @@ def swapped(old: Mapping[str, str], new: Mapping[str, str], size: int | None = N
     entry in a `;` batch. So a swap of a 10,000-entry host map would take a new vhost far past
     its 15 ms budget: past 500 entries (~3 ms) only a change of a fifth of the map or more,
     which plain commands would take as long to make, is swapped. `size`: how many entries the
-    new map holds when `old` and `new` are only the entries that differ (`changed_host_maps`)."""
+    new map holds when `old` and `new` are only the entries that differ (`changed_maps`)."""
     changed = sum(1 for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     size = len(new) if size is None else size
     return changed >= 2 and (size <= SWAP_MAX_ENTRIES or changed * SWAP_SHARE >= size)
@@ -255,8 +266,8 @@ def map_commands(live: Mapping[str, Mapping[str, str]], desired: Mapping[str, Ma
     pointed at goes. With `atomic` (the HAProxy has `prepare map`), a map of SWAPPED_MAPS whose
     change is `swapped` is swapped whole where its additions would go: after the maps its keys
     point into gained their entries, before they lose any. `sizes`: the whole desired maps' sizes
-    of those given only in the entries that may differ (`changed_host_maps`; the caller gives the
-    whole map instead when it is to be swapped)."""
+    of those given only in the entries that may differ (`changed_maps`; the caller gives the whole
+    map instead when it is to be swapped)."""
     adds, dels = [], []
     whole = {name for name in SWAPPED_MAPS
              if atomic and swapped(live.get(name, {}), desired.get(name, {}), (sizes or {}).get(name))}

@@ -31,10 +31,12 @@ from dataclasses import dataclass, replace
 from edge.haproxy.capabilities import Capabilities
 from edge.routing import dynamic, growth
 from edge.routing.maps import (
+    HOST_MAPS,
+    MAPPED,
     OPTIONAL_MAPS,
     SWAPPED_MAPS,
     access,
-    changed_host_maps,
+    changed_maps,
     host_maps,
     map_commands,
     mapped,
@@ -42,7 +44,7 @@ from edge.routing.maps import (
     swapped,
     table_maps,
 )
-from edge.routing.routers import HTTP
+from edge.routing.routers import HTTP, Router
 from edge.routing.spares import NO_POOL, SPARE_PREFIX, SparePool
 from edge.routing.table import Route, RouteTable, slot_name
 
@@ -170,28 +172,33 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
             remap = True
     live_maps: dict[str, dict[str, str]] = {}
     desired_maps: dict[str, dict[str, str]] = {}
-    sizes: dict[str, int] | None = None   # the host maps' sizes, when only their changed entries are at hand
-    if names is not None:
-        # The entries of the changed routes only; the maps' sizes (kept with the tables) say
-        # whether a change is swapped, and a swap sends the whole map.
-        old_hosts, new_hosts, sizes = changed_host_maps(
-            live, desired, domains, (r for n in names for r in (live.get(n), desired.get(n)) if r is not None))
-        if remap and caps.atomic_maps and any(swapped(old_hosts[m], new_hosts[m], sizes[m])
-                                              for m in SWAPPED_MAPS if m in sizes):
-            sizes = None
-        elif remap:
-            live_maps.update(old_hosts)
-            desired_maps.update(new_hosts)
-    if remap and sizes is None:
-        live_maps.update(host_maps(live, domains))
-        desired_maps.update(host_maps(desired, domains))
+    old_routers, new_routers, others = live.routers, desired.routers, False
+    scoped, sizes = None, None
+    matches = desired.rerouted_since(live) if names is not None else None
+    if matches is not None:
+        # Only the map entries of the changed routes and the routers of the matches resolved again
+        # or pointing at a changed route; the maps' sizes (kept with the tables) say whether a
+        # change is swapped (a swap sends the whole map) and whether other routers use the maps.
+        matches = sorted(matches | {m for n in names for t in (live, desired) for m in t.matches_to(n)})
+        old_routers = [r for m in matches for r in live.resolved.get(m, ((), ()))[0]]
+        new_routers = [r for m in matches for r in desired.resolved.get(m, ((), ()))[0]]
+        old_maps, new_maps, before, sizes = changed_maps(
+            live, desired, domains, (r for n in names for r in (live.get(n), desired.get(n)) if r is not None),
+            old_routers, new_routers)
+        others = before[MAPPED] > len(mapped(old_routers))
+        scoped = old_maps, new_maps
+        if caps.atomic_maps and any(swapped(old_maps[m], new_maps[m], sizes[m]) for m in SWAPPED_MAPS):
+            old_routers, new_routers, others, scoped, sizes = live.routers, desired.routers, False, None, None
+    if remap:
+        live_maps.update(host_maps(live, domains) if scoped is None else {m: scoped[0][m] for m in HOST_MAPS})
+        desired_maps.update(host_maps(desired, domains) if scoped is None else {m: scoped[1][m] for m in HOST_MAPS})
     if live.routers is not desired.routers or remap:
-        reasons.extend(_stream_reasons(live, desired))
-        router_changes, reason = _router_changes(live, desired)
+        reasons.extend(_stream_reasons(old_routers, new_routers))
+        router_changes, reason = _router_changes(old_routers, new_routers, others)
         changes.extend(router_changes)
         reasons.extend([reason] if reason else [])
-        live_maps.update(router_maps(live.routers, live.backend_of))
-        desired_maps.update(router_maps(desired.routers, desired.backend_of))
+        live_maps.update(router_maps(old_routers, live.backend_of))
+        desired_maps.update(router_maps(new_routers, desired.backend_of))
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
     return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps, caps.atomic_maps, sizes)
@@ -244,10 +251,11 @@ def _slot_commands(old: Route, new: Route) -> tuple[list[str], list[str]]:
     return commands, changes
 
 
-def _stream_reasons(live: RouteTable, desired: RouteTable) -> list[str]:
-    """TCP and SNI routers are listeners and rules in the configuration: any change is a reload."""
-    old = {r.match: r for r in live.routers if r.kind != HTTP}
-    new = {r.match: r for r in desired.routers if r.kind != HTTP}
+def _stream_reasons(live: Iterable[Router], desired: Iterable[Router]) -> list[str]:
+    """TCP and SNI routers are listeners and rules in the configuration: any change is a reload.
+    `live`, `desired`: the routers of the two tables (or of the same matches in each)."""
+    old = {r.match: r for r in live if r.kind != HTTP}
+    new = {r.match: r for r in desired if r.kind != HTTP}
     added = sorted(new[m].describe() for m in new.keys() - old.keys())
     removed = sorted(old[m].describe() for m in old.keys() - new.keys())
     changed = sorted(new[m].describe() for m in new.keys() & old.keys() if new[m] != old[m])
@@ -256,20 +264,22 @@ def _stream_reasons(live: RouteTable, desired: RouteTable) -> list[str]:
         ([f"TCP/SNI router changed: {', '.join(changed)}"] if changed else [])
 
 
-def _router_changes(live: RouteTable, desired: RouteTable) -> tuple[list[str], str]:
-    """A line for each router that changed, and a reason to reload instead of changing the maps."""
-    old = {r.match: r for r in mapped(live.routers)}
-    new = {r.match: r for r in mapped(desired.routers)}
+def _router_changes(live: list[Router], desired: list[Router], others: bool) -> tuple[list[str], str]:
+    """A line for each router that changed, and a reason to reload instead of changing the maps.
+    `live`, `desired`: the routers of the two tables, or of the same matches in each while the
+    others are the same in both (`others`: some of those use the router maps)."""
+    old = {r.match: r for r in mapped(live)}
+    new = {r.match: r for r in mapped(desired)}
     changes = [f"{'-' if new.get(m) is None else '~' if m in old else '+'} router {(new.get(m) or old[m]).describe()}"
                f"{f' -> {new[m].backend}' if m in new else ''}"
                for m in sorted(old.keys() | new.keys()) if old.get(m) != new.get(m)]
-    if bool(old) != bool(new):
+    if not others and bool(old) != bool(new):
         return changes, "the first HTTP router (the frontend gains its lookups)" if new else \
             "no HTTP router left (the frontend drops its lookups)"
-    rules = {rid: (r.allow, r.deny, r.users) for rid, r in access(live.routers).items()}
-    wanted = {rid: (r.allow, r.deny, r.users) for rid, r in access(desired.routers).items()}
+    rules = {rid: (r.allow, r.deny, r.users) for rid, r in access(live).items()}
+    wanted = {rid: (r.allow, r.deny, r.users) for rid, r in access(desired).items()}
     if rules != wanted:
-        routers = access(live.routers) | access(desired.routers)
+        routers = access(live) | access(desired)
         which = sorted(routers[rid].describe() for rid in rules.keys() | wanted.keys()
                        if rules.get(rid) != wanted.get(rid))
         return changes, f"access rules (allow, deny, basic auth) changed: {', '.join(which)}"

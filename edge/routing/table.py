@@ -132,10 +132,11 @@ class RouteTable:
     _by_service: dict[str, tuple[str, ...]] | None = field(default=None, init=False, compare=False, repr=False)
     _by_spare: dict[int, tuple[str, ...]] | None = field(default=None, init=False, compare=False, repr=False)
     _by_host: dict[str, tuple[str, ...]] | None = field(default=None, init=False, compare=False, repr=False)
+    _by_backend: dict[str, tuple[tuple, ...]] | None = field(default=None, init=False, compare=False, repr=False)
     # The tables this one was derived from (held weakly) and, for each, the names of the routes
-    # that may differ from it: `changed_since`.
-    _since: tuple[tuple[weakref.ref, frozenset[str]], ...] = field(default=(), init=False, compare=False,
-                                                                    repr=False)
+    # that may differ from it and the matches whose routers may: `changed_since`, `rerouted_since`.
+    _since: tuple[tuple[weakref.ref, frozenset[str], frozenset[tuple]], ...] = field(
+        default=(), init=False, compare=False, repr=False)
     _kept: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # `derived`
 
     def _named(self) -> dict[str, Route]:
@@ -200,7 +201,22 @@ class RouteTable:
         has the very same Route object (or none) in both. None when not known: compare them all."""
         if other is self:
             return frozenset()
-        return next((names for base, names in self._since if base() is other), None)
+        return next((names for base, names, _ in self._since if base() is other), None)
+
+    def rerouted_since(self, other: RouteTable | None) -> frozenset[tuple] | None:
+        """The matches whose routers (`resolved`) may differ from `other`'s, as `changed_since`."""
+        if other is self:
+            return frozenset()
+        return next((matches for base, _, matches in self._since if base() is other), None)
+
+    def matches_to(self, name: str) -> tuple[tuple, ...]:
+        """The matches with a router to route `name` (an index built on first use, carried forward)."""
+        if self._by_backend is None:
+            index: dict[str, dict[tuple, None]] = defaultdict(dict)
+            for router in self.routers:
+                index[router.backend][router.match] = None
+            object.__setattr__(self, "_by_backend", {b: tuple(m) for b, m in index.items()})
+        return self._by_backend.get(name, ())
 
     def with_routes(self, routes: Iterable[Route] = (), removed: Iterable[str] = ()) -> RouteTable:
         """This table with `routes` in (replacing those of the same name, new names in name order)
@@ -209,8 +225,8 @@ class RouteTable:
         changes: dict[str, Route | None] = {r.name: r for r in routes} | dict.fromkeys(removed)
         if not changes:
             return self
-        return _derived(self, changes, _changed(self, changes), self.routers, self.problems, self.readings, self.claims,
-                        self.resolved, self.refused)
+        return _derived(self, changes, frozenset(), _changed(self, changes), self.routers, self.problems,
+                        self.readings, self.claims, self.resolved, self.refused)
 
 
 SINCE = 4     # how many tables back `changed_since` knows (the control loop needs one: the live table)
@@ -280,20 +296,40 @@ def _name(route: Route) -> str:
     return route.name
 
 
-def _derived(previous: RouteTable, changed: Mapping[str, Route | None],
+def _derived(previous: RouteTable, changed: Mapping[str, Route | None], rematched: frozenset[tuple],
              made: tuple[dict[str, Route], tuple[Route, ...]], *fields) -> RouteTable:
     """The table of the routes `made` (`_changed(previous, changed)`) and the other `fields`, which
-    differs from `previous` in the `changed` routes only: `previous`'s indexes and what it was
-    derived from are carried forward instead of being built again."""
+    differs from `previous` in the `changed` routes and the routers of the `rematched` matches
+    only: `previous`'s indexes and what it was derived from are carried forward instead of being
+    built again."""
     by_name, routes = made
     table = RouteTable(routes, *fields)
     object.__setattr__(table, "_by_name", by_name)
     for attr, keys in INDEXES.items():
         object.__setattr__(table, attr, _reindex(getattr(previous, attr), changed, previous.get, by_name.get, keys))
+    object.__setattr__(table, "_by_backend", _rebackend(previous, table, rematched))
     names = frozenset(changed)
-    since = ((weakref.ref(previous), names),) + tuple((base, old | names) for base, old in previous._since)
+    since = ((weakref.ref(previous), names, rematched),) + tuple(
+        (base, old | names, matches | rematched) for base, old, matches in previous._since)
     object.__setattr__(table, "_since", since[:SINCE])
     return table
+
+
+def _rebackend(previous: RouteTable, table: RouteTable, rematched: frozenset[tuple]
+               ) -> dict[str, tuple[tuple, ...]] | None:
+    """`previous`'s route → matches index (None: never built) with the `rematched` matches' routers
+    as `table` resolves them."""
+    if previous._by_backend is None or not rematched:
+        return previous._by_backend
+    index = dict(previous._by_backend)
+    for match in rematched:
+        for router in previous.resolved.get(match, ((), ()))[0]:
+            if match in index.get(router.backend, ()):
+                index[router.backend] = tuple(m for m in index[router.backend] if m != match)
+        for router in table.resolved.get(match, ((), ()))[0]:
+            if match not in index.get(router.backend, ()):
+                index[router.backend] = (*index.get(router.backend, ()), match)
+    return {b: m for b, m in index.items() if m}
 
 
 def _group(services: Mapping[str, tuple[Instance, ...]], names: Iterable[str], readings: Mapping[str, ServiceRouting],
@@ -437,7 +473,9 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
     members = _group(services, sorted(contributors), readings, only=affected)
     for name, insts in new_members.items():
         members[name].extend(insts)
-    hosts, tcp = _bindings(resolved, touched) if touched else ({}, set())
+    # the matches with a router to a touched backend: those resolved again, the others as before
+    bound = rematched | {m for name in touched for m in previous.matches_to(name)}
+    hosts, tcp = _bindings({m: resolved[m] for m in bound if m in resolved}, touched) if touched else ({}, set())
     routes: dict[str, Route | None] = {}
     for name in affected:
         old_route = previous.get(name)
@@ -461,8 +499,8 @@ def update_table(previous: RouteTable, services: Mapping[str, tuple[Instance, ..
         routers = previous.routers
         problems = tuple(p for p in previous.problems if p.subject not in changed)
     problems += tuple(p for s in sorted(fresh) for p in fresh[s].problems + refused.get(s, ()))
-    return _derived(previous, routes, _changed(previous, routes), routers, problems, readings, claims, resolved,
-                    refused)
+    return _derived(previous, routes, frozenset(rematched), _changed(previous, routes), routers, problems, readings,
+                    claims, resolved, refused)
 
 
 def _rerouted(routers: tuple[Router, ...], resolved: Mapping[tuple, Resolution], matches: set[tuple]

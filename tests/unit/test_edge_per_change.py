@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from edge.haproxy.capabilities import Capabilities
 from edge.routing import maps
 from edge.routing.dynamic import forget, mark
-from edge.routing.maps import host_map_sizes, host_maps
+from edge.routing.maps import host_maps, map_sizes
 from edge.routing.plan import make_plan
 from edge.routing.spares import SparePool, assign, retire
 from edge.routing.table import Route, RouteTable, TagRules, build_table, update_table
@@ -39,7 +39,8 @@ instance_st = st.builds(
     service=st.sampled_from(["web", "api", "db", "cdn", "web-80"]),
     healthy=st.booleans(),
     tags=st.sampled_from([(), (), (), (), ("edge.host=w.org",), ("edge.host=api-80.t.example",), ("edge.sticky",),
-                          ("edge.expose=false",), ("edge.route=/x",), ("edge.tcp=6379",)]),
+                          ("edge.expose=false",), ("edge.route=/x",), ("edge.route=/y strip",),
+                          ("edge.route=/x weight=20",), ("edge.tcp=6379",)]),
 )
 
 
@@ -89,8 +90,8 @@ def changes(steps, spares, caps, domains):
         scope = [r for n in table.changed_since(live) for r in (live.get(n), table.get(n)) if r is not None]
         keys = {"hosts.map": {h for r in scope for h in (*r.hosts, *(f"{r.name}.{d}" for d in domains))},
                 "routes.map": {r.name for r in scope}, "spares.map": {f"be_spare_{r.spare}" for r in scope}}
-        # the host maps' sizes make_plan kept with the table are those of its whole maps
-        assert host_map_sizes(table, domains) == {m: len(e) for m, e in host_maps(replace(table), domains).items()}
+        # the maps' sizes make_plan kept with the table are those of its whole maps
+        assert map_sizes(table, domains) == map_sizes(replace(table), domains)
         for t in (live, table):
             assert host_maps(t, domains, scope) == {m: {k: v for k, v in entries.items() if k in keys[m]}
                                                     for m, entries in host_maps(t, domains).items()}
@@ -111,6 +112,19 @@ def test_a_new_vhost_in_a_large_host_map_is_planned_as_with_the_whole_maps(domai
     plan = make_plan(live, desired, domains, pool, caps)
     assert plan == make_plan(live, replace(desired), domains, pool, caps) and not plan.reload
     assert ("prepare map hosts.map" in plan.commands) == swapped
+
+
+def test_a_route_taking_a_spare_moves_the_routers_to_it_without_being_resolved_again():
+    # A route new on a spare while the routers to it stay (the same objects): their map entries
+    # follow the route's backend all the same.
+    built = build_table(as_services([inst("a", tags=("edge.route=/x",)), inst("b", service="api")]))
+    live = built.with_routes(removed=["web-80"])
+    desired = live.with_routes([replace(built.get("web-80"), spare=1)])
+    pool, domains = SparePool(2, 4), ("t.example",)
+    assert desired.routers is live.routers and desired.rerouted_since(live) == frozenset()
+    plan = make_plan(live, desired, domains, pool, RELEASES[1])
+    assert plan == make_plan(live, replace(desired), domains, pool, RELEASES[1])
+    assert "set map routers.map" in " ".join(plan.commands)
 
 
 def test_changed_since_knows_only_the_tables_it_came_from():
@@ -155,7 +169,7 @@ def test_a_change_reads_no_route_it_did_not_touch():
     live = RouteTable(tuple(Counted(**{f: getattr(r, f) for f in Route.__dataclass_fields__}) for r in built.routes),
                       built.routers, built.problems, built.readings, built.claims, built.resolved, built.refused)
     live.get(""), live.routes_of(""), live.spares, live.with_host("")   # the indexes, built once (then carried)
-    host_map_sizes(live, ("t.example",))
+    map_sizes(live, ("t.example",))
     pool, caps = SparePool(4, 4), RELEASES[2]
     removed = {k: v for k, v in services.items() if k != "s009"}
     for new, changed in (({**services, "s007": (inst("b", service="s007"),)}, {"s007"}),
