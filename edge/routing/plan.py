@@ -19,6 +19,12 @@ growth this HAProxy cannot add servers for, the first router or the last one (th
 or loses its lookups)—needs a reload, and the plan names every reason so the reload is logged
 with them.
 
+When `desired` was derived from `live` (update_table, then the spares' and dynamic stages: the
+control loop's case), the plan looks at the routes it says changed and the routers of the
+matches resolved again or pointing at them (`RouteTable.changed_since`, `rerouted_since`), and
+at those map entries only, the maps' sizes kept with the tables (`maps.map_sizes`): a change
+costs its routes, not the table. Otherwise it compares the whole tables; both give the same plan.
+
 `reconcile` is the same for what HAProxy really serves (its server states and maps) against the table
 the edge applied: nothing should differ, and whatever does is put back. Pure: no I/O.
 """
