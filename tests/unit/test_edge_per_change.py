@@ -60,7 +60,9 @@ def stages(live: RouteTable, desired: RouteTable, pool: SparePool, caps: Capabil
 def indexes(table: RouteTable):
     hosts = {h for r in table.routes for h in r.hosts} | {"w.org", "nowhere.org"}
     services = {s for r in table.routes for s in r.services} | {"web", "gone"}
-    return (table.spares, {h: table.with_host(h) for h in hosts}, {s: table.routes_of(s) for s in services})
+    routes = {r.backend for r in table.routers} | {"nowhere-80"}
+    return (table.spares, {h: table.with_host(h) for h in hosts}, {s: table.routes_of(s) for s in services},
+            {n: set(table.matches_to(n)) for n in routes})
 
 
 @settings(max_examples=300, deadline=None)
@@ -76,16 +78,19 @@ def changes(steps, spares, caps, domains):
     pool = SparePool(spares, 2)
     services = as_services(steps[0])
     live = build_table(services, None, 2, RULES)
-    live.routes_of(""), live.spares, live.with_host("")   # the indexes built, to be carried forward
+    live.routes_of(""), live.spares, live.with_host(""), live.matches_to("")   # built, to be carried forward
     for instances in steps[1:]:
         new = as_services(instances)
         changed = {n for n in services.keys() | new.keys() if services.get(n) != new.get(n)}
         desired = update_table(live, new, changed, 2, RULES)
         table = stages(live, desired, pool, caps, domains)
-        # every route that differs is among those said to have changed; the indexes carried
+        # every route (and match) that differs is among those said to have changed; the indexes carried
         # forward are those a copy builds afresh; so are the host maps of the changed routes
         assert {n for n in {*live.names, *table.names} if live.get(n) is not table.get(n)} <= \
             table.changed_since(live)
+        winners = {m: (live.resolved.get(m, ((), ()))[0], table.resolved.get(m, ((), ()))[0])
+                   for m in live.resolved.keys() | table.resolved.keys()}
+        assert {m for m, (old, new) in winners.items() if old != new} <= table.rerouted_since(live)
         assert indexes(table) == indexes(replace(table))
         scope = [r for n in table.changed_since(live) for r in (live.get(n), table.get(n)) if r is not None]
         keys = {"hosts.map": {h for r in scope for h in (*r.hosts, *(f"{r.name}.{d}" for d in domains))},
