@@ -406,7 +406,7 @@ class Edge:
 
     def _spares_taken(self) -> None:
         if self.listeners.spares.size:
-            self.metrics.spares_taken({r.backend: r.name for r in self.live.routes if r.spare})
+            self.metrics.spares_taken({self.live.backend_of(name): name for name in self.live.spares.values()})
 
     def _restore_files(self) -> None:
         """The files of the configuration the previous worker runs, back in place."""

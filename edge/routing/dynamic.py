@@ -37,7 +37,7 @@ from dataclasses import replace
 from edge.haproxy.capabilities import Capabilities
 from edge.routing import growth
 from edge.routing.routers import BackendOptions
-from edge.routing.spares import SparePool
+from edge.routing.spares import SparePool, new_routes
 from edge.routing.table import Route, RouteTable, slot_name
 
 DEFAULTS = "routes"   # the templates' named defaults section a backend added live takes its settings from
@@ -55,10 +55,10 @@ def mark(live: RouteTable | None, desired: RouteTable, caps: Capabilities, pool:
     `dynamic`. Unchanged (the same object) when there is none."""
     if live is None or pool.size == 0 or not caps.add_backend:
         return desired
-    new = {r.name for r in desired.routes if live.get(r.name) is None and not r.dynamic and fits(r)}
+    new = [r for r in new_routes(live, desired) if not r.dynamic and fits(r)]
     if not new:
         return desired
-    return replace(desired, routes=tuple(replace(r, dynamic=True) if r.name in new else r for r in desired.routes))
+    return desired.with_routes(replace(r, dynamic=True) for r in new)
 
 
 def create_commands(route: Route) -> list[str]:
@@ -89,7 +89,7 @@ def kept_backends(table: RouteTable, caps: Capabilities) -> tuple[tuple[str, tup
 
 def forget(table: RouteTable, name: str) -> RouteTable:
     """`table` without the retired route `name`, whose backend HAProxy deleted."""
-    return replace(table, routes=tuple(r for r in table.routes if r.name != name))
+    return table.with_routes(removed=(name,))
 
 
 def loaded(table: RouteTable) -> RouteTable:

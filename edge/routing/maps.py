@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 from edge.routing.routers import HTTP, SPLIT_PARTS, Router
 
 if TYPE_CHECKING:
-    from edge.routing.table import RouteTable
+    from edge.routing.table import Route, RouteTable
 
 BackendOf = Callable[[str], str]
 
@@ -53,6 +53,8 @@ HOST_HEADERS_MAP = "host_headers.map"
 HOSTS_MAP = "hosts.map"
 ROUTES_MAP = "routes.map"
 SPARES_MAP = "spares.map"
+HOST_MAPS = (HOSTS_MAP, ROUTES_MAP, SPARES_MAP)
+MAPPED = "mapped"     # in `map_sizes`: how many matches need the router maps
 OPTIONAL_MAPS = (SPARES_MAP,)   # read by the templates' pages only: a template of one's own may not load it
 ROUTER_MAPS = (PATHS_MAP, EXACT_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP)
 
@@ -144,13 +146,66 @@ def vhosts(table: RouteTable, domains: tuple[str, ...]) -> dict[str, str]:
     return seen
 
 
-def host_maps(table: RouteTable, domains: tuple[str, ...]) -> dict[str, dict[str, str]]:
+def host_maps(table: RouteTable, domains: tuple[str, ...], routes: Iterable[Route] | None = None
+              ) -> dict[str, dict[str, str]]:
     """hosts.map (exact host → backend), routes.map (without domains: route → backend) and
     spares.map (a spare backend taken live → the route it serves: what the landing page and a
-    spare's 503 page name, since HAProxy reads both only at load)."""
-    routes = {} if domains else {r.name: r.backend for r in table.routes if r.vhost}
-    spares = {r.backend: r.name for r in table.routes if r.spare}
-    return {HOSTS_MAP: vhosts(table, domains), ROUTES_MAP: routes, SPARES_MAP: spares}
+    spare's 503 page name, since HAProxy reads both only at load). With `routes`, only the
+    entries those routes can have (their exact hosts and vhosts, their name, their spare), as
+    `table` has them, looked up in its indexes: all that differs between two tables that differ
+    in those routes only, at a cost that follows them and not the table."""
+    if routes is None:
+        names = {} if domains else {r.name: r.backend for r in table.routes if r.vhost}
+        spares = {r.backend: r.name for r in table.routes if r.spare}
+        return {HOSTS_MAP: vhosts(table, domains), ROUTES_MAP: names, SPARES_MAP: spares}
+    hosts, names, spares = set(), set(), set()
+    for route in routes:
+        hosts.update(route.hosts)
+        hosts.update(f"{route.name}.{domain}" for domain in domains)
+        names.add(route.name)
+        spares.add(route.spare)
+    on_spare = table.spares
+    return {HOSTS_MAP: {h: b for h in sorted(hosts) if (b := _vhost(table, h, domains)) is not None},
+            ROUTES_MAP: {} if domains else {n: r.backend for n in sorted(names) if (r := table.get(n)) and r.vhost},
+            SPARES_MAP: {table.backend_of(on_spare[k]): on_spare[k] for k in sorted(spares) if k in on_spare}}
+
+
+def map_sizes(table: RouteTable, domains: tuple[str, ...]) -> dict[str, int]:
+    """How many entries each map the plan changes (the host maps, the router maps) holds for
+    `table`, and how many matches need the router maps (MAPPED); kept with the table."""
+    def count() -> dict[str, int]:
+        maps = host_maps(table, domains) | router_maps(table.routers, table.backend_of)
+        return {m: len(entries) for m, entries in maps.items()} | {MAPPED: len(mapped(table.routers))}
+    return table.derived(("map sizes", domains), count)
+
+
+def changed_maps(live: RouteTable, desired: RouteTable, domains: tuple[str, ...], routes: Iterable[Route],
+                 old_routers: list[Router], new_routers: list[Router]
+                 ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]], dict[str, int], dict[str, int]]:
+    """The map entries `routes` can have (`host_maps`) and those of the routers of some matches
+    (`live`'s `old_routers`, `desired`'s `new_routers`), in `live` and in `desired`: all that
+    differs when the two tables differ in those only. And the sizes of `live`'s maps and of
+    `desired`'s (`map_sizes`), the latter `live`'s plus the difference, kept with `desired` (the
+    next change's live table) so that no change counts the whole maps again."""
+    routes = list(routes)
+    old = host_maps(live, domains, routes) | router_maps(old_routers, live.backend_of)
+    new = host_maps(desired, domains, routes) | router_maps(new_routers, desired.backend_of)
+    before = map_sizes(live, domains)
+    after = {m: before[m] + len(new[m]) - len(old[m]) for m in old}
+    after[MAPPED] = before[MAPPED] - len(mapped(old_routers)) + len(mapped(new_routers))
+    desired.keep(("map sizes", domains), after)
+    return old, new, before, after
+
+
+def _vhost(table: RouteTable, host: str, domains: tuple[str, ...]) -> str | None:
+    """The backend `vhosts(table, domains)` sends `host` to: the first route with it as an exact
+    host, else the route whose `<name>.<domain>` it is (route names hold no dot)."""
+    owners = table.with_host(host)
+    if owners:
+        return table.backend_of(owners[0])
+    name, _, domain = host.partition(".")
+    route = table.get(name)
+    return route.backend if route is not None and route.vhost and domain in domains else None
 
 
 def table_maps(table: RouteTable, domains: tuple[str, ...]) -> dict[str, dict[str, str]]:
@@ -180,7 +235,7 @@ SWAP_SHARE = 5
 NEXT_VERSION = "@next"     # the version `prepare map` answers; the HAProxy shell fills it in
 
 
-def swapped(old: Mapping[str, str], new: Mapping[str, str]) -> bool:
+def swapped(old: Mapping[str, str], new: Mapping[str, str], size: int | None = None) -> bool:
     """Whether the change from `old` to `new` goes in one atomic swap (`prepare map`, the new
     version's entries, `commit map @VER`: HAProxy ≥ 2.4) rather than entry by entry (`add`,
     `set`, `del map`), so requests see the map before or after the change, never half-way.
@@ -192,9 +247,11 @@ def swapped(old: Mapping[str, str], new: Mapping[str, str]) -> bool:
     ~1 ms), a two-entry plain change 0.2–2 ms whatever the size, and a plain command ~27 µs an
     entry in a `;` batch. So a swap of a 10,000-entry host map would take a new vhost far past
     its 15 ms budget: past 500 entries (~3 ms) only a change of a fifth of the map or more,
-    which plain commands would take as long to make, is swapped."""
+    which plain commands would take as long to make, is swapped. `size`: how many entries the
+    new map holds when `old` and `new` are only the entries that differ (`changed_maps`)."""
     changed = sum(1 for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-    return changed >= 2 and (len(new) <= SWAP_MAX_ENTRIES or changed * SWAP_SHARE >= len(new))
+    size = len(new) if size is None else size
+    return changed >= 2 and (size <= SWAP_MAX_ENTRIES or changed * SWAP_SHARE >= size)
 
 
 def swap_commands(name: str, entries: Mapping[str, str]) -> list[str]:
@@ -203,15 +260,17 @@ def swap_commands(name: str, entries: Mapping[str, str]) -> list[str]:
 
 
 def map_commands(live: Mapping[str, Mapping[str, str]], desired: Mapping[str, Mapping[str, str]],
-                 atomic: bool = False) -> list[str]:
+                 atomic: bool = False, sizes: Mapping[str, int] | None = None) -> list[str]:
     """Runtime commands from the live maps to the desired ones. A router's backend, strip and
     redirect are in place before a path key points at it, and a path key is gone before what it
     pointed at goes. With `atomic` (the HAProxy has `prepare map`), a map of SWAPPED_MAPS whose
     change is `swapped` is swapped whole where its additions would go: after the maps its keys
-    point into gained their entries, before they lose any."""
+    point into gained their entries, before they lose any. `sizes`: the whole desired maps' sizes
+    of those given only in the entries that may differ (`changed_maps`; the caller gives the whole
+    map instead when it is to be swapped)."""
     adds, dels = [], []
     whole = {name for name in SWAPPED_MAPS
-             if atomic and swapped(live.get(name, {}), desired.get(name, {}))}
+             if atomic and swapped(live.get(name, {}), desired.get(name, {}), (sizes or {}).get(name))}
     for name in (SPARES_MAP, ROUTERS_MAP, STRIP_MAP, REDIRECTS_MAP, SPLITS_MAP, HOST_HEADERS_MAP, PATHS_MAP,
                  EXACT_MAP, HOSTS_MAP, ROUTES_MAP):
         old, new = live.get(name, {}), desired.get(name, {})

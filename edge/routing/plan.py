@@ -19,6 +19,12 @@ growth this HAProxy cannot add servers for, the first router or the last one (th
 or loses its lookups)—needs a reload, and the plan names every reason so the reload is logged
 with them.
 
+When `desired` was derived from `live` (update_table, then the spares' and dynamic stages: the
+control loop's case), the plan looks at the routes it says changed and the routers of the
+matches resolved again or pointing at them (`RouteTable.changed_since`, `rerouted_since`), and
+at those map entries only, the maps' sizes kept with the tables (`maps.map_sizes`): a change
+costs its routes, not the table. Otherwise it compares the whole tables; both give the same plan.
+
 `reconcile` is the same for what HAProxy really serves (its server states and maps) against the table
 the edge applied: nothing should differ, and whatever does is put back. Pure: no I/O.
 """
@@ -30,8 +36,21 @@ from dataclasses import dataclass, replace
 
 from edge.haproxy.capabilities import Capabilities
 from edge.routing import dynamic, growth
-from edge.routing.maps import OPTIONAL_MAPS, access, host_maps, map_commands, mapped, router_maps, table_maps
-from edge.routing.routers import HTTP
+from edge.routing.maps import (
+    HOST_MAPS,
+    MAPPED,
+    OPTIONAL_MAPS,
+    SWAPPED_MAPS,
+    access,
+    changed_maps,
+    host_maps,
+    map_commands,
+    mapped,
+    router_maps,
+    swapped,
+    table_maps,
+)
+from edge.routing.routers import HTTP, Router
 from edge.routing.spares import NO_POOL, SPARE_PREFIX, SparePool
 from edge.routing.table import Route, RouteTable, slot_name
 
@@ -65,8 +84,17 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     if live is None:
         return Plan(reasons=("initial sync",), changes=_all_servers(desired))
     reasons: list[str] = []
-    added = sorted(desired.by_name.keys() - live.by_name.keys())
-    removed = sorted(live.by_name.keys() - desired.by_name.keys())
+    # The routes that may differ: those `desired` says changed since `live` (update_table, the
+    # spares' and dynamic steps), so a change costs its routes, not the table; else every route.
+    names = desired.changed_since(live)
+    if names is None:
+        routes = desired.routes
+        added = sorted(desired.by_name.keys() - live.by_name.keys())
+        removed = sorted(live.by_name.keys() - desired.by_name.keys())
+    else:
+        routes = [r for n in sorted(names) if (r := desired.get(n)) is not None]
+        added = [r.name for r in routes if live.get(r.name) is None]
+        removed = [n for n in sorted(names) if desired.get(n) is None and live.get(n) is not None]
     own = [n for n in added if not desired.get(n).spare and not desired.get(n).dynamic]
     if own:
         exhausted = [n for n in own if pool.size and pool.fits(desired.get(n))]
@@ -82,11 +110,12 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
     drain: list[str] = []      # removed routes' spares emptied: after their map entries are gone
     deletions: list[tuple[str, tuple[str, ...]]] = []
     changes: list[str] = []
-    unchanged = set(map(id, live.routes))   # update_table reuses the objects of untouched routes
+    # update_table reuses the objects of untouched routes
+    unchanged = set(map(id, live.routes)) if names is None else {id(live.get(n)) for n in names}
     # A route that takes or leaves a backend at runtime (a spare, its own retired one) moves map
     # entries, whether or not it has a healthy instance (then `fill` or `drain` is empty).
     remap = False
-    for route in desired.routes:
+    for route in routes:
         if id(route) in unchanged:
             continue
         old = live.get(route.name)
@@ -149,19 +178,37 @@ def make_plan(live: RouteTable | None, desired: RouteTable, domains: tuple[str, 
             remap = True
     live_maps: dict[str, dict[str, str]] = {}
     desired_maps: dict[str, dict[str, str]] = {}
+    old_routers, new_routers, others = live.routers, desired.routers, False
+    scoped, sizes = None, None
+    matches = desired.rerouted_since(live) if names is not None else None
+    if matches is not None:
+        # Only the map entries of the changed routes and the routers of the matches resolved again
+        # or pointing at a changed route; the maps' sizes (kept with the tables) say whether a
+        # change is swapped (a swap sends the whole map) and whether other routers use the maps.
+        matches = sorted(matches | {m for n in names for t in (live, desired) for m in t.matches_to(n)})
+        old_routers = [r for m in matches for r in live.resolved.get(m, ((), ()))[0]]
+        new_routers = [r for m in matches for r in desired.resolved.get(m, ((), ()))[0]]
+        old_maps, new_maps, before, sizes = changed_maps(
+            live, desired, domains, (r for n in names for r in (live.get(n), desired.get(n)) if r is not None),
+            old_routers, new_routers)
+        others = before[MAPPED] > len(mapped(old_routers))
+        scoped = old_maps, new_maps
+        if caps.atomic_maps and any(swapped(old_maps[m], new_maps[m], sizes[m]) for m in SWAPPED_MAPS):
+            old_routers, new_routers, others, scoped, sizes = live.routers, desired.routers, False, None, None
     if remap:
-        live_maps.update(host_maps(live, domains))
-        desired_maps.update(host_maps(desired, domains))
+        live_maps.update(host_maps(live, domains) if scoped is None else {m: scoped[0][m] for m in HOST_MAPS})
+        desired_maps.update(host_maps(desired, domains) if scoped is None else {m: scoped[1][m] for m in HOST_MAPS})
     if live.routers is not desired.routers or remap:
-        reasons.extend(_stream_reasons(live, desired))
-        router_changes, reason = _router_changes(live, desired)
+        reasons.extend(_stream_reasons(old_routers, new_routers))
+        router_changes, reason = _router_changes(old_routers, new_routers, others)
         changes.extend(router_changes)
         reasons.extend([reason] if reason else [])
-        live_maps.update(router_maps(live.routers, live.backend_of))
-        desired_maps.update(router_maps(desired.routers, desired.backend_of))
+        live_maps.update(router_maps(old_routers, live.backend_of))
+        desired_maps.update(router_maps(new_routers, desired.backend_of))
     if reasons:
         return Plan(reasons=tuple(reasons), changes=tuple(changes))
-    return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps, caps.atomic_maps) + drain),
+    return Plan(commands=tuple(fill + commands + map_commands(live_maps, desired_maps, caps.atomic_maps, sizes)
+                               + drain),
                 changes=tuple(changes), deletions=tuple(deletions))
 
 
@@ -210,10 +257,11 @@ def _slot_commands(old: Route, new: Route) -> tuple[list[str], list[str]]:
     return commands, changes
 
 
-def _stream_reasons(live: RouteTable, desired: RouteTable) -> list[str]:
-    """TCP and SNI routers are listeners and rules in the configuration: any change is a reload."""
-    old = {r.match: r for r in live.routers if r.kind != HTTP}
-    new = {r.match: r for r in desired.routers if r.kind != HTTP}
+def _stream_reasons(live: Iterable[Router], desired: Iterable[Router]) -> list[str]:
+    """TCP and SNI routers are listeners and rules in the configuration: any change is a reload.
+    `live`, `desired`: the routers of the two tables (or of the same matches in each)."""
+    old = {r.match: r for r in live if r.kind != HTTP}
+    new = {r.match: r for r in desired if r.kind != HTTP}
     added = sorted(new[m].describe() for m in new.keys() - old.keys())
     removed = sorted(old[m].describe() for m in old.keys() - new.keys())
     changed = sorted(new[m].describe() for m in new.keys() & old.keys() if new[m] != old[m])
@@ -222,20 +270,22 @@ def _stream_reasons(live: RouteTable, desired: RouteTable) -> list[str]:
         ([f"TCP/SNI router changed: {', '.join(changed)}"] if changed else [])
 
 
-def _router_changes(live: RouteTable, desired: RouteTable) -> tuple[list[str], str]:
-    """A line for each router that changed, and a reason to reload instead of changing the maps."""
-    old = {r.match: r for r in mapped(live.routers)}
-    new = {r.match: r for r in mapped(desired.routers)}
+def _router_changes(live: list[Router], desired: list[Router], others: bool) -> tuple[list[str], str]:
+    """A line for each router that changed, and a reason to reload instead of changing the maps.
+    `live`, `desired`: the routers of the two tables, or of the same matches in each while the
+    others are the same in both (`others`: some of those use the router maps)."""
+    old = {r.match: r for r in mapped(live)}
+    new = {r.match: r for r in mapped(desired)}
     changes = [f"{'-' if new.get(m) is None else '~' if m in old else '+'} router {(new.get(m) or old[m]).describe()}"
                f"{f' -> {new[m].backend}' if m in new else ''}"
                for m in sorted(old.keys() | new.keys()) if old.get(m) != new.get(m)]
-    if bool(old) != bool(new):
+    if not others and bool(old) != bool(new):
         return changes, "the first HTTP router (the frontend gains its lookups)" if new else \
             "no HTTP router left (the frontend drops its lookups)"
-    rules = {rid: (r.allow, r.deny, r.users) for rid, r in access(live.routers).items()}
-    wanted = {rid: (r.allow, r.deny, r.users) for rid, r in access(desired.routers).items()}
+    rules = {rid: (r.allow, r.deny, r.users) for rid, r in access(live).items()}
+    wanted = {rid: (r.allow, r.deny, r.users) for rid, r in access(desired).items()}
     if rules != wanted:
-        routers = access(live.routers) | access(desired.routers)
+        routers = access(live) | access(desired)
         which = sorted(routers[rid].describe() for rid in rules.keys() | wanted.keys()
                        if rules.get(rid) != wanted.get(rid))
         return changes, f"access rules (allow, deny, basic auth) changed: {', '.join(which)}"

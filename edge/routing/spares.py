@@ -51,7 +51,7 @@ class SparePool:
 
     def free(self, table: RouteTable) -> tuple[int, ...]:
         """The spares no route of `table` occupies, lowest first."""
-        used = {r.spare for r in table.routes}
+        used = table.spares
         return tuple(k for k in range(1, self.size + 1) if k not in used)
 
     def fits(self, route: Route) -> bool:
@@ -84,23 +84,38 @@ def running_low(pool: SparePool, table: RouteTable | None) -> str | None:
     return None
 
 
+def new_routes(live: RouteTable, desired: RouteTable) -> list[Route]:
+    """The routes of `desired` that `live` lacks, in table order: of the routes `desired` says
+    changed since `live` when it can say (update_table, `with_routes`), else of them all."""
+    names = desired.changed_since(live)
+    routes = desired.routes if names is None else [r for n in sorted(names) if (r := desired.get(n)) is not None]
+    return [r for r in routes if live.get(r.name) is None]
+
+
+def gone_routes(live: RouteTable, desired: RouteTable) -> list[Route]:
+    """The routes of `live` that `desired` lacks, in table order (as `new_routes`)."""
+    names = desired.changed_since(live)
+    routes = live.routes if names is None else [r for n in sorted(names) if (r := live.get(n)) is not None]
+    return [r for r in routes if desired.get(r.name) is None]
+
+
 def assign(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> RouteTable:
     """`desired` with a free spare for every new route (not in `live`) that fits one, as long as
     the pool lasts; routes keep the spare they occupy (the table carries it over). Unchanged
     (the same object) when there is nothing to assign."""
     if live is None or pool.size == 0:
         return desired
-    new = [r for r in desired.routes if live.get(r.name) is None and not r.spare and not r.dynamic and pool.fits(r)]
+    new = [r for r in new_routes(live, desired) if not r.spare and not r.dynamic and pool.fits(r)]
     if not new:
         return desired
     # Not a spare `live` still has either: a route removed in the same change empties it only
     # after the maps have left it.
-    free = [k for k in pool.free(desired) if k not in {r.spare for r in live.routes}]
+    held = live.spares
+    free = [k for k in pool.free(desired) if k not in held]
     taken = {r.name: free.pop(0) for r in new if free}
     if not taken:
         return desired
-    return replace(desired, routes=tuple(replace(r, spare=taken[r.name]) if r.name in taken else r
-                                         for r in desired.routes))
+    return desired.with_routes(replace(r, spare=taken[r.name]) for r in new if r.name in taken)
 
 
 def retire(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> RouteTable:
@@ -111,13 +126,12 @@ def retire(live: RouteTable | None, desired: RouteTable, pool: SparePool) -> Rou
     Unchanged (the same object) when there is nothing to keep."""
     if live is None or pool.size == 0:
         return desired
-    kept = [r for r in live.routes if desired.get(r.name) is None and (not r.spare or len(r.slots) > pool.slots)
+    kept = [r for r in gone_routes(live, desired) if (not r.spare or len(r.slots) > pool.slots)
             and (r.retired or (not r.tcp and r.options == BackendOptions()))]
     if not kept:
         return desired
-    gone = [r if r.retired else replace(r, hosts=(), slots=(None,) * len(r.slots), instances=0, services=(),
-                                        vhost=False, retired=True) for r in kept]
-    return replace(desired, routes=tuple(sorted(desired.routes + tuple(gone), key=lambda r: r.name)))
+    return desired.with_routes(r if r.retired else replace(r, hosts=(), slots=(None,) * len(r.slots), instances=0,
+                                                           services=(), vhost=False, retired=True) for r in kept)
 
 
 def release(table: RouteTable) -> RouteTable:
