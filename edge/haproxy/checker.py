@@ -60,7 +60,6 @@ class Checker:
         self._wake = threading.Event()
         self._request: tuple[RouteTable, str] | None = None
         self._result: Checked | None = None
-        self.busy = False                    # a request taken and not yet answered
 
     def request(self, table: RouteTable, why: str) -> None:
         """Check HAProxy against `table` (latest request wins)."""
@@ -80,11 +79,10 @@ class Checker:
             self._wake.clear()
             with self._lock:
                 request, self._request = self._request, None
-                self.busy = request is not None
             if request is None:
                 continue
             result = check(self.haproxy, self.listeners, *request)
-            with self._lock:
-                self._result, self.busy = result or self._result, False
             if result is not None:
+                with self._lock:
+                    self._result = result
                 self.done.set()
